@@ -1,0 +1,101 @@
+"""The reference forward pass: plain PyTorch, readable, the oracle every fast path is tested against.
+
+It computes what Hugging Face transformers computes, in the same dtype and with the same rounding
+points (norms in fp32 then cast, residual stream in the model dtype), over a static KV cache.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models.spec import ModelSpec, rope_inv_freq
+from ..models.weights import PackedWeights
+
+
+class KVCache:
+    """Static cache: k, v of shape (L, B, KVH, S, D) in the model dtype; the megakernel uses the same layout."""
+
+    def __init__(self, spec: ModelSpec, batch: int, max_seq: int, dtype: torch.dtype, device):
+        shape = (spec.num_layers, batch, spec.num_kv_heads, max_seq, spec.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def max_seq(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """positions (B, T) int -> cos, sin (B, T, D) in `dtype` (angles in fp32, as transformers)."""
+    angles = positions.float()[..., None] * inv_freq.to(positions.device)[None, None, :]  # (B, T, D/2)
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, nh, T, D); cos/sin (B, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class ReferenceModel:
+    """Forward over a batch of sequences, each at its own position, writing new K/V into the cache."""
+
+    def __init__(self, weights: PackedWeights):
+        self.w = weights
+        self.spec = weights.spec
+        self.inv_freq = rope_inv_freq(self.spec).to(weights.device)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, start_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens (B, T) long, start_pos (B,) long: token t of sequence b sits at position start_pos[b] + t.
+
+        Returns logits (B, T, V) in fp32. Query (b, t) attends to cache positions <= start_pos[b] + t, so
+        rows padded past a sequence's end write junk only where later steps overwrite or mask it."""
+        s, w = self.spec, self.w
+        B, T = tokens.shape
+        D, G = s.head_dim, s.group_size
+        positions = start_pos[:, None] + torch.arange(T, device=tokens.device)[None, :]  # (B, T)
+        kv_len = int(positions.max()) + 1
+        cos, sin = rope_cos_sin(self.inv_freq, positions, w.dtype)
+        # mask (B, 1, T, kv_len): True where the key may be attended
+        mask = torch.arange(kv_len, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
+        batch_idx = torch.arange(B, device=tokens.device)[:, None].expand(B, T)
+
+        x = F.embedding(tokens, w.embed)  # (B, T, H)
+        for layer in range(s.num_layers):
+            h = rms_norm(x, w.attn_norm[layer], s.rms_norm_eps)
+            qkv = F.linear(h, w.w_qkv[layer], None if w.b_qkv is None else w.b_qkv[layer])
+            q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
+            q = q.view(B, T, s.num_heads, D).transpose(1, 2)       # (B, nh, T, D)
+            k = k.view(B, T, s.num_kv_heads, D).transpose(1, 2)    # (B, nkv, T, D)
+            v = v.view(B, T, s.num_kv_heads, D).transpose(1, 2)
+            if s.qk_norm:
+                q = rms_norm(q, w.q_norm[layer], s.rms_norm_eps)
+                k = rms_norm(k, w.k_norm[layer], s.rms_norm_eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # scatter the new K/V at each sequence's own positions
+            cache.k[layer][batch_idx, :, positions] = k.transpose(1, 2)
+            cache.v[layer][batch_idx, :, positions] = v.transpose(1, 2)
+            keys = cache.k[layer, :, :, :kv_len].repeat_interleave(G, dim=1)    # (B, nh, kv_len, D)
+            values = cache.v[layer, :, :, :kv_len].repeat_interleave(G, dim=1)
+            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            att = att.transpose(1, 2).reshape(B, T, s.q_size)
+            x = x + F.linear(att, w.w_o[layer])
+
+            h = rms_norm(x, w.mlp_norm[layer], s.rms_norm_eps)
+            gu = F.linear(h, w.w_gu[layer])
+            x = x + F.linear(F.silu(gu[..., 0::2]) * gu[..., 1::2], w.w_down[layer])
+        x = rms_norm(x, w.final_norm, s.rms_norm_eps)
+        return F.linear(x, w.lm_head).float()
