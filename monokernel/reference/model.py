@@ -5,6 +5,8 @@ points (norms in fp32 then cast, residual stream in the model dtype), over a sta
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +51,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention in fp32, output in the input dtype. Written out rather than through
+    F.scaled_dot_product_attention: its CUDA memory-efficient path gave wrong rows for batch
+    entries > 0 with a boolean mask whose length is not a multiple of 16 (seen on an H100)."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])   # (B, nh, T, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
 class ReferenceModel:
     """Forward over a batch of sequences, each at its own position, writing new K/V into the cache."""
 
@@ -90,8 +101,7 @@ class ReferenceModel:
             cache.v[layer][batch_idx, :, positions] = v.transpose(1, 2)
             keys = cache.k[layer, :, :, :kv_len].repeat_interleave(G, dim=1)    # (B, nh, kv_len, D)
             values = cache.v[layer, :, :, :kv_len].repeat_interleave(G, dim=1)
-            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-            att = att.transpose(1, 2).reshape(B, T, s.q_size)
+            att = attention(q, keys, values, mask).transpose(1, 2).reshape(B, T, s.q_size)
             x = x + F.linear(att, w.w_o[layer])
 
             h = rms_norm(x, w.mlp_norm[layer], s.rms_norm_eps)

@@ -1,0 +1,39 @@
+"""Renders the CUDA source of one megakernel: a generated constants/struct header followed by the
+hand-written per-op templates, as one translation unit."""
+from __future__ import annotations
+
+import math
+from importlib import resources
+
+import jinja2
+
+from ..schedule.config import KernelConfig
+from ..schedule.tasks import GEMV_OPS, TASK_FIELDS, Op
+from .params import PARAMS
+
+TEMPLATE_ORDER = ("pipeline.cuh", "numerics.cuh", "input.cuh", "gemv.cuh", "attention.cuh", "megakernel.cu")
+KERNEL_NAME = "monokernel_decode_step"
+_CTYPE = {"bf16": "__nv_bfloat16", "fp16": "__half"}
+
+
+def _template(name: str) -> str:
+    return resources.files(__package__).joinpath("templates", name).read_text()
+
+
+def render_source(cfg: KernelConfig) -> str:
+    s = cfg.spec
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    header = env.from_string(_template("config.cuh.j2")).render(
+        model=s.name, batch=cfg.batch, dtype=cfg.dtype, arch=cfg.gpu.arch, ctype=_CTYPE[cfg.dtype],
+        hidden=s.hidden_size, q_size=s.q_size, kv_size=s.kv_size, qkv_size=s.qkv_size,
+        inter=s.intermediate_size, vocab=s.vocab_size, layers=s.num_layers, heads=s.num_heads,
+        kv_heads=s.num_kv_heads, head_dim=s.head_dim, max_seq=cfg.max_seq, kv_splits=cfg.kv_splits,
+        eps=repr(float(s.rms_norm_eps)), attn_scale=repr(1.0 / math.sqrt(s.head_dim)),
+        qkv_bias=s.qkv_bias, qk_norm=s.qk_norm, consumer_warps=cfg.consumer_warps,
+        ring_stages=cfg.ring_stages, slot_bytes=cfg.slot_bytes, input_len=cfg.input_len,
+        input_in_smem=cfg.input_in_smem, smem_bytes=cfg.smem_bytes,
+        ops=[(op.name, int(op)) for op in Op],
+        gemv=[dict(op=op.name, **cfg.gemv(op).__dict__) for op in GEMV_OPS],
+        task_fields=TASK_FIELDS, params=PARAMS)
+    body = "\n".join(f"// ---- {n} ----\n{_template(n)}" for n in TEMPLATE_ORDER)
+    return header + "\n#include <type_traits>\n" + body

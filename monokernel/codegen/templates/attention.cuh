@@ -1,0 +1,134 @@
+// One flash-decoding task: sequence b, kv head kvh, split s of the keys [0, pos]. It prepares the
+// group's queries and the new key (q/k RMSNorm, RoPE with the reference's rounding points), appends
+// the new K/V to the cache if its split holds position pos, and writes an unnormalised partial
+// (o, running max m, sum l) per query head for the log-sum-exp combine in the O projection.
+namespace mk {
+
+// Rounded rotary embedding of one head row held in `row` (float values of model-dtype numbers):
+// out = rnd(rnd(x * cos) + rnd(rotate_half(x) * sin)), with cos/sin rounded as the reference does.
+__device__ __forceinline__ void rope_row(const float* row, float* out, int pos, const float* inv_freq) {
+  const int lane = threadIdx.x % 32;
+  for (int d = lane; d < D; d += 32) {
+    const int j = d % (D / 2);
+    const float ang = static_cast<float>(pos) * inv_freq[j];
+    const float c = rnd(cosf(ang)), s = rnd(sinf(ang));
+    const float rot = d < D / 2 ? -row[d + D / 2] : row[d - D / 2];
+    out[d] = rnd(rnd(row[d] * c) + rnd(rot * s));
+  }
+}
+
+__device__ bool attention_task(const Params& p, const Task& t, float* sm) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int b = t.arg0 / NKV, kvh = t.arg0 % NKV, split = t.arg1, l = t.layer;
+  const int pos = p.positions[b];
+  float* q = sm;                       // G x D
+  float* kn = q + G * D;               // D
+  float* vn = kn + D;                  // D
+  float* part = vn + D;                // NCW x G x (D + 2): per-warp o, m, l
+  const T* qkv = p.qkv + ((size_t)l * B + b) * QKV;
+
+  // rows 0..G-1: query heads of this group, G: the new key, G+1: the new value
+  for (int row = warp; row < G + 2; row += NCW) {
+    const T* src = row < G ? qkv + (kvh * G + row) * D
+                 : row == G ? qkv + QSIZE + kvh * D : qkv + QSIZE + KVSIZE + kvh * D;
+    float* tmp = part + warp * D;
+    float vals[DPL];
+#pragma unroll
+    for (int j = 0; j < DPL; ++j) vals[j] = (lane + 32 * j < D) ? ld_act(src + lane + 32 * j) : 0.f;
+    if (HAS_QK_NORM && row <= G) {
+      float ss = 0.f;
+#pragma unroll
+      for (int j = 0; j < DPL; ++j) ss = fmaf(vals[j], vals[j], ss);
+      const float r = rsqrtf(warp_sum(ss) / D + EPS);
+      const T* w = (row < G ? p.q_norm : p.k_norm) + (size_t)l * D;
+#pragma unroll
+      for (int j = 0; j < DPL; ++j)
+        if (lane + 32 * j < D) vals[j] = rnd(to_f(w[lane + 32 * j]) * rnd(vals[j] * r));
+    }
+    float* dst = row < G ? q + row * D : row == G ? kn : vn;
+#pragma unroll
+    for (int j = 0; j < DPL; ++j)
+      if (lane + 32 * j < D) (row <= G ? tmp : dst)[lane + 32 * j] = vals[j];
+    __syncwarp();
+    if (row <= G) rope_row(tmp, dst, pos, p.inv_freq);
+    __syncwarp();
+  }
+  consumer_sync();
+
+  const int n = pos + 1;
+  const int chunk = (n + KV_SPLITS - 1) / KV_SPLITS;
+  const int lo = split * chunk, hi = min(n, lo + chunk);
+  const size_t cache_base = (((size_t)l * B + b) * NKV + kvh) * MAX_SEQ;
+  if (lo <= pos && pos < hi) {
+    for (int d = threadIdx.x; d < D; d += NCT) {
+      p.k_cache[(cache_base + pos) * D + d] = from_f(kn[d]);
+      p.v_cache[(cache_base + pos) * D + d] = from_f(vn[d]);
+    }
+  }
+
+  float m[G], lsum[G], acc[G][DPL];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY; lsum[g] = 0.f;
+#pragma unroll
+    for (int j = 0; j < DPL; ++j) acc[g][j] = 0.f;
+  }
+  for (int key = lo + warp; key < hi; key += NCW) {
+    float kv[DPL], vv[DPL];
+#pragma unroll
+    for (int j = 0; j < DPL; ++j) {
+      const int d = lane + 32 * j;
+      if (d < D) {
+        kv[j] = key == pos ? kn[d] : to_f(p.k_cache[(cache_base + key) * D + d]);
+        vv[j] = key == pos ? vn[d] : to_f(p.v_cache[(cache_base + key) * D + d]);
+      } else {
+        kv[j] = vv[j] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float s = 0.f;
+#pragma unroll
+      for (int j = 0; j < DPL; ++j)
+        if (lane + 32 * j < D) s = fmaf(q[g * D + lane + 32 * j], kv[j], s);
+      s = warp_sum(s) * ATTN_SCALE;
+      const float mn = fmaxf(m[g], s);
+      const float corr = expf(m[g] - mn), e = expf(s - mn);
+      lsum[g] = lsum[g] * corr + e;
+#pragma unroll
+      for (int j = 0; j < DPL; ++j) acc[g][j] = acc[g][j] * corr + e * vv[j];
+      m[g] = mn;
+    }
+  }
+  consumer_sync();                       // the prep rows in `part` are no longer read
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    float* pw = part + (warp * G + g) * (D + 2);
+#pragma unroll
+    for (int j = 0; j < DPL; ++j)
+      if (lane + 32 * j < D) pw[lane + 32 * j] = acc[g][j];
+    if (lane == 0) { pw[D] = m[g]; pw[D + 1] = lsum[g]; }
+  }
+  consumer_sync();
+  const size_t out = ((((size_t)l * B + b) * NKV + kvh) * KV_SPLITS + split) * G;
+  for (int i = threadIdx.x; i < G * D; i += NCT) {
+    const int g = i / D, d = i % D;
+    float mx = -INFINITY;
+    for (int w = 0; w < NCW; ++w) mx = fmaxf(mx, part[(w * G + g) * (D + 2) + D]);
+    float o = 0.f, den = 0.f;
+    if (mx != -INFINITY) {
+      for (int w = 0; w < NCW; ++w) {
+        const float* pw = part + (w * G + g) * (D + 2);
+        if (pw[D] == -INFINITY) continue;
+        const float c = expf(pw[D] - mx);
+        o = fmaf(c, pw[d], o);
+        den = fmaf(c, pw[D + 1], den);
+      }
+    }
+    p.attn_o[(out + g) * D + d] = o;
+    if (d == 0) { p.attn_m[out + g] = mx; p.attn_l[out + g] = den; }
+  }
+  return true;
+}
+
+}  // namespace mk

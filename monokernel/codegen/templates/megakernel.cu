@@ -1,0 +1,123 @@
+// The whole decode step in one launch. Block i runs tasks [task_offsets[i], task_offsets[i+1]) of the
+// table in order. Warp NCW is the producer: it walks the same tasks and streams every weight tile
+// through the shared-memory ring, held back only by free slots, so the next op's (and the next
+// layer's) weights are in flight while the consumers still wait on activations.
+namespace mk {
+
+__device__ __forceinline__ bool is_gemv(int op) {
+  return op == OP_QKV || op == OP_OPROJ || op == OP_GATEUP || op == OP_DOWN || op == OP_LMHEAD;
+}
+
+// Weight rows of a task as one contiguous byte range (matrices are row-major, stacked over layers).
+__device__ __forceinline__ const unsigned char* weight_rows(const Params& p, const Task& t, uint32_t& row_bytes, int& chunk_rows) {
+  const T* base;
+  int k;
+  switch (t.op) {
+    case OP_QKV: base = p.w_qkv + (size_t)t.layer * QKV * H; k = H; chunk_rows = Gemv<OP_QKV>::CR; break;
+    case OP_OPROJ: base = p.w_o + (size_t)t.layer * H * QSIZE; k = QSIZE; chunk_rows = Gemv<OP_OPROJ>::CR; break;
+    case OP_GATEUP: base = p.w_gu + (size_t)t.layer * 2 * ISIZE * H; k = H; chunk_rows = Gemv<OP_GATEUP>::CR; break;
+    case OP_DOWN: base = p.w_down + (size_t)t.layer * H * ISIZE; k = ISIZE; chunk_rows = Gemv<OP_DOWN>::CR; break;
+    default: base = p.lm_head; k = H; chunk_rows = Gemv<OP_LMHEAD>::CR; break;
+  }
+  row_bytes = k * sizeof(T);
+  return reinterpret_cast<const unsigned char*>(base) + (size_t)t.arg0 * row_bytes;
+}
+
+__device__ void producer(const Params& p, int t0, int t1, unsigned char* ring, uint64_t* full, uint64_t* empty) {
+  Deadline dl(p);
+  uint32_t it = 0;
+  for (int ti = t0; ti < t1; ++ti) {
+    const Task t = p.tasks[ti];
+    if (!is_gemv(t.op)) continue;
+    uint32_t row_bytes;
+    int cr;
+    const unsigned char* src = weight_rows(p, t, row_bytes, cr);
+    for (int r = 0; r < t.arg1; r += cr, ++it) {
+      const uint32_t bytes = min(cr, t.arg1 - r) * row_bytes;
+      const int slot = it % NST;
+      // the slot's previous contents (use it - NST) must have been released by every consumer warp
+      while (!mbar_try_wait(&empty[slot], ((it / NST) & 1) ^ 1))
+        if (!dl.alive(ERR_RING_TIMEOUT)) return;
+      mbar_arrive_expect_tx(&full[slot], bytes);
+      bulk_copy_g2s(ring + (size_t)slot * SLOT_BYTES, src + (size_t)r * row_bytes, bytes, &full[slot]);
+    }
+  }
+}
+
+__device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, uint64_t* full, uint64_t* empty) {
+  Deadline dl(p);
+  const unsigned char* ring = smem + RING_OFFSET;
+  T* in = INPUT_IN_SMEM ? reinterpret_cast<T*>(smem + INPUT_OFFSET) : p.scratch + (size_t)blockIdx.x * B * INPUT_LEN;
+  float* sm = reinterpret_cast<float*>(smem + SCRATCH_OFFSET);
+  volatile int* abort_flag = reinterpret_cast<volatile int*>(smem + 512);
+  uint32_t it = 0;
+  int staged = -1;                       // which (op, layer) input `in` holds
+  for (int ti = t0; ti < t1; ++ti) {
+    const Task t = p.tasks[ti];
+    if (t.wait_counter >= 0) {
+      if (threadIdx.x == 0) {
+        const bool ok = wait_counter(p.counters + t.wait_counter, p.epoch * (uint32_t)t.wait_count, dl);
+        __threadfence();
+        *abort_flag = ok ? 0 : 1;
+      }
+      consumer_sync();
+      if (*abort_flag) return;
+    }
+    const int l = t.layer;
+    const int tag = t.op * (L + 1) + l;
+    if (is_gemv(t.op) && tag != staged) {
+      switch (t.op) {
+        case OP_QKV: stage_rmsnorm(in, p.x + (size_t)l * B * H, p.attn_norm + (size_t)l * H, H); break;
+        case OP_OPROJ: stage_attention(in, p, l); break;
+        case OP_GATEUP: stage_rmsnorm(in, p.x_mid + (size_t)l * B * H, p.mlp_norm + (size_t)l * H, H); break;
+        case OP_DOWN: stage_copy(in, p.act + (size_t)l * B * ISIZE, ISIZE); break;
+        default: stage_rmsnorm(in, p.x + (size_t)L * B * H, p.final_norm, H); break;
+      }
+      staged = tag;
+      consumer_sync();
+    }
+    bool ok = true;
+    switch (t.op) {
+      case OP_EMBED:
+        for (int i = threadIdx.x; i < B * H; i += NCT)
+          p.x[i] = p.embed[(size_t)p.tokens[i / H] * H + i % H];
+        break;
+      case OP_QKV: ok = gemv_task<OP_QKV>(p, t, in, ring, full, empty, it, sm, dl); break;
+      case OP_ATTN: ok = attention_task(p, t, sm); break;
+      case OP_OPROJ: ok = gemv_task<OP_OPROJ>(p, t, in, ring, full, empty, it, sm, dl); break;
+      case OP_GATEUP: ok = gemv_task<OP_GATEUP>(p, t, in, ring, full, empty, it, sm, dl); break;
+      case OP_DOWN: ok = gemv_task<OP_DOWN>(p, t, in, ring, full, empty, it, sm, dl); break;
+      case OP_LMHEAD:
+        ok = gemv_task<OP_LMHEAD>(p, t, in, ring, full, empty, it, sm, dl);
+        if (ok) lm_tile_max(p, t);
+        break;
+      case OP_ARGMAX: final_argmax(p, t.wait_count); break;
+    }
+    if (!ok) return;   // all consumer threads see the same failed wait on the ring
+    consumer_sync();   // every thread's writes of this task precede the signal
+    if (threadIdx.x == 0 && t.signal_counter >= 0) {
+      __threadfence();
+      red_release(p.counters + t.signal_counter, 1u);
+    }
+  }
+}
+
+}  // namespace mk
+
+extern "C" __global__ void __launch_bounds__(mk::THREADS, 1) monokernel_decode_step(const __grid_constant__ mk::Params p) {
+  using namespace mk;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem);
+  uint64_t* empty = full + NST;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < NST; ++s) { mbar_init(&full[s], 1); mbar_init(&empty[s], NCW); }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  const int t0 = p.task_offsets[blockIdx.x], t1 = p.task_offsets[blockIdx.x + 1];
+  if (threadIdx.x / 32 == NCW) {
+    if (threadIdx.x % 32 == 0) producer(p, t0, t1, smem + RING_OFFSET, full, empty);
+    return;
+  }
+  consumer(p, t0, t1, smem, full, empty);
+}

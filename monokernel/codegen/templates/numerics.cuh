@@ -1,0 +1,58 @@
+// Conversions and the rounding points of the reference: every value the PyTorch reference holds in
+// the model dtype is rounded to it here too, so both compute the same function up to summation order.
+namespace mk {
+
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+
+template <class U> __device__ U cast_from_f(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 cast_from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half cast_from_f<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ T from_f(float v) { return cast_from_f<T>(v); }
+__device__ __forceinline__ float rnd(float v) { return to_f(from_f(v)); }
+
+// Two packed elements -> float2.
+template <class U> __device__ float2 pair_as_f2(uint32_t u);
+template <> __device__ __forceinline__ float2 pair_as_f2<__nv_bfloat16>(uint32_t u) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
+}
+template <> __device__ __forceinline__ float2 pair_as_f2<__half>(uint32_t u) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&u));
+}
+__device__ __forceinline__ float2 pair_to_f2(uint32_t u) { return pair_as_f2<T>(u); }
+
+// Dot product of 8 weights with 8 inputs (each a 16-byte vector), accumulated in fp32.
+__device__ __forceinline__ float dot8(const uint4& w, const uint4& x, float acc) {
+  float2 a = pair_to_f2(w.x), b = pair_to_f2(x.x);
+  acc = fmaf(a.x, b.x, acc); acc = fmaf(a.y, b.y, acc);
+  a = pair_to_f2(w.y); b = pair_to_f2(x.y);
+  acc = fmaf(a.x, b.x, acc); acc = fmaf(a.y, b.y, acc);
+  a = pair_to_f2(w.z); b = pair_to_f2(x.z);
+  acc = fmaf(a.x, b.x, acc); acc = fmaf(a.y, b.y, acc);
+  a = pair_to_f2(w.w); b = pair_to_f2(x.w);
+  acc = fmaf(a.x, b.x, acc); acc = fmaf(a.y, b.y, acc);
+  return acc;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Activations written by other blocks in this launch are read through L2 (ld.global.cg): a stale
+// L1 line from an earlier read must never be seen after a counter wait.
+__device__ __forceinline__ float ld_act(const T* p) {
+  unsigned short bits = __ldcg(reinterpret_cast<const unsigned short*>(p));
+  return to_f(*reinterpret_cast<const T*>(&bits));
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+}  // namespace mk

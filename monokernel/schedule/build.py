@@ -1,0 +1,108 @@
+"""Builds the decode step's task DAG and assigns it to the persistent blocks.
+
+Order is the deadlock argument: tasks are appended phase by phase (embed, then per layer qkv, attn,
+o, gate/up, down, then LM head and argmax), every task waits only on an earlier phase, and each
+block runs its queue in that global order. The earliest unfinished task therefore always has its
+inputs ready, so a grid whose blocks are all resident always makes progress.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import KernelConfig
+from .tasks import LAYER_OPS, NO_COUNTER, TASK_DTYPE, Op, Task
+
+
+def counter_of(op: Op, layer: int, num_layers: int) -> int:
+    if op == Op.EMBED:
+        return 0
+    if op == Op.LMHEAD:
+        return 1 + len(LAYER_OPS) * num_layers
+    return 1 + len(LAYER_OPS) * layer + LAYER_OPS.index(op)
+
+
+@dataclass
+class Schedule:
+    config: KernelConfig
+    blocks: list[list[Task]]
+    num_counters: int
+    lm_tiles: int
+
+    @property
+    def tasks(self) -> list[Task]:
+        """All tasks in global (phase) order."""
+        return sorted((t for q in self.blocks for t in q), key=_phase_key)
+
+    def task_table(self) -> tuple[np.ndarray, np.ndarray]:
+        offsets = np.zeros(len(self.blocks) + 1, dtype=np.int32)
+        records = []
+        for i, q in enumerate(self.blocks):
+            offsets[i + 1] = offsets[i] + len(q)
+            records += [t.record() for t in q]
+        return offsets, np.array(records, dtype=TASK_DTYPE)
+
+    def bytes_per_block(self) -> np.ndarray:
+        """Weight bytes each block streams per phase: (blocks, phases)."""
+        cfg = self.config
+        phases = 2 + len(LAYER_OPS) * cfg.spec.num_layers
+        out = np.zeros((len(self.blocks), phases), dtype=np.int64)
+        for b, q in enumerate(self.blocks):
+            for t in q:
+                if t.op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD):
+                    out[b, counter_of(t.op, t.layer, cfg.spec.num_layers)] += t.arg1 * cfg.gemv(t.op).cols * cfg.elt
+        return out
+
+
+def _phase_key(t: Task):
+    order = {Op.EMBED: (-1, 0), Op.LMHEAD: (1 << 20, 0), Op.ARGMAX: (1 << 20, 1)}
+    return order.get(t.op, (t.layer, LAYER_OPS.index(t.op) if t.op in LAYER_OPS else 0))
+
+
+def build_schedule(cfg: KernelConfig) -> Schedule:
+    spec = cfg.spec
+    L = spec.num_layers
+    nb = cfg.num_blocks
+    blocks: list[list[Task]] = [[] for _ in range(nb)]
+    load = np.zeros(nb, dtype=np.int64)
+
+    def assign(tasks: list[Task], cost: list[int]):
+        # Largest first onto the block least loaded in this phase (ties: least loaded overall) keeps each
+        # phase level, which is what the per-phase counters wait on, and the running total level too.
+        phase = np.zeros(nb, dtype=np.int64)
+        for i in sorted(range(len(tasks)), key=lambda i: -cost[i]):
+            b = int(np.lexsort((load, phase))[0])
+            blocks[b].append(tasks[i])
+            phase[b] += cost[i]
+            load[b] += cost[i]
+
+    def gemv_tasks(op: Op, layer: int, wait: tuple[int, int]) -> int:
+        g = cfg.gemv(op)
+        tasks, cost = [], []
+        for tile, r0 in enumerate(range(0, g.rows, g.tile_rows)):
+            n = min(g.tile_rows, g.rows - r0)
+            tasks.append(Task(op, layer, r0, n, tile, wait[0], wait[1], counter_of(op, layer, L)))
+            cost.append(n * g.cols * cfg.elt)
+        assign(tasks, cost)
+        return len(tasks)
+
+    blocks[0].append(Task(Op.EMBED, signal_counter=counter_of(Op.EMBED, 0, L)))
+    prev = (counter_of(Op.EMBED, 0, L), 1)
+    n_attn = cfg.batch * spec.num_kv_heads * cfg.kv_splits
+    for layer in range(L):
+        n = gemv_tasks(Op.QKV, layer, prev)
+        wait = (counter_of(Op.QKV, layer, L), n)
+        attn = [Task(Op.ATTN, layer, bh, s, 0, *wait, counter_of(Op.ATTN, layer, L))
+                for bh in range(cfg.batch * spec.num_kv_heads) for s in range(cfg.kv_splits)]
+        # Cost of a split: its share of the KV bytes at full context (balances long contexts).
+        assign(attn, [2 * spec.head_dim * cfg.elt * cfg.max_seq // cfg.kv_splits] * n_attn)
+        n = gemv_tasks(Op.OPROJ, layer, (counter_of(Op.ATTN, layer, L), n_attn))
+        n = gemv_tasks(Op.GATEUP, layer, (counter_of(Op.OPROJ, layer, L), n))
+        n = gemv_tasks(Op.DOWN, layer, (counter_of(Op.GATEUP, layer, L), n))
+        prev = (counter_of(Op.DOWN, layer, L), n)
+    lm_tiles = gemv_tasks(Op.LMHEAD, 0, prev)
+    blocks[0].append(Task(Op.ARGMAX, wait_counter=counter_of(Op.LMHEAD, 0, L), wait_count=lm_tiles))
+    for q in blocks:
+        q.sort(key=_phase_key)
+    return Schedule(config=cfg, blocks=blocks, num_counters=counter_of(Op.LMHEAD, 0, L) + 1, lm_tiles=lm_tiles)

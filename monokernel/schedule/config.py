@@ -1,0 +1,154 @@
+"""KernelConfig: every compile-time choice of one generated kernel, derived from the model, the batch
+size and the GPU, and recorded so that a kernel can be reproduced and explained."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..errors import UnsupportedModelError
+from ..models.spec import ModelSpec
+from .tasks import Op
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2}
+MAX_BATCH = 16
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str = "H100"
+    sm_count: int = 132
+    smem_per_block: int = 227 * 1024   # opt-in dynamic shared memory per block on sm_90
+    arch: str = "sm_90a"
+
+
+@dataclass(frozen=True)
+class GemvShape:
+    rows: int             # N: output rows of the whole matrix
+    cols: int             # K: the input length
+    tile_rows: int        # rows per task
+    chunk_rows: int       # rows per shared-memory ring slot
+    warps_per_row: int    # consumer warps that split one row's K range
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.rows // self.tile_rows)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    spec: ModelSpec
+    batch: int
+    max_seq: int
+    dtype: str = "bf16"
+    gpu: GpuInfo = field(default_factory=GpuInfo)
+    consumer_warps: int = 8
+    slot_bytes: int = 0          # 0: derived
+    kv_splits: int = 0           # 0: derived
+
+    def __post_init__(self):
+        if self.dtype not in DTYPE_BYTES:
+            raise UnsupportedModelError(f"kernel dtype {self.dtype!r} not supported (use bf16 or fp16)")
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise UnsupportedModelError(f"batch {self.batch} out of range: the megakernel takes 1..{MAX_BATCH}")
+        if self.max_seq > self.spec.max_position_embeddings or self.max_seq < 1:
+            raise UnsupportedModelError(
+                f"max_seq={self.max_seq} must be in 1..max_position_embeddings={self.spec.max_position_embeddings}")
+        s = self.spec
+        for name, k in (("hidden_size", s.hidden_size), ("q_size", s.q_size), ("intermediate_size", s.intermediate_size)):
+            if k % 8:
+                raise UnsupportedModelError(f"{name}={k} must be a multiple of 8 for 16-byte weight loads")
+        if self.resolved_slot_bytes == 0:
+            object.__setattr__(self, "slot_bytes", self._derive_slot_bytes())
+        if self.kv_splits == 0:
+            per = self.batch * s.num_kv_heads
+            object.__setattr__(self, "kv_splits", max(1, min(64, math.ceil(self.gpu.sm_count / per))))
+        if self.ring_stages < 2:
+            raise UnsupportedModelError(
+                f"shared memory too small: {self.smem_bytes_fixed} bytes fixed leave room for {self.ring_stages} ring slots")
+
+    @property
+    def resolved_slot_bytes(self) -> int:
+        return self.slot_bytes
+
+    @property
+    def elt(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gpu.sm_count
+
+    @property
+    def threads(self) -> int:
+        return (self.consumer_warps + 1) * 32   # + one producer warp
+
+    def _derive_slot_bytes(self) -> int:
+        # A slot must hold one full row of the widest matrix (two for gate/up pairs); 32 KiB otherwise keeps
+        # 6 or so slots in flight, enough bytes to cover HBM latency on one SM.
+        need = max(self.spec.intermediate_size, 2 * self.spec.hidden_size, self.spec.q_size) * self.elt
+        return max(32 * 1024, -(-need // 1024) * 1024)
+
+    # --- matrix-vector shapes, one per op ---------------------------------------------------
+    def gemv(self, op: Op) -> GemvShape:
+        s = self.spec
+        rows, cols = {
+            Op.QKV: (s.qkv_size, s.hidden_size),
+            Op.OPROJ: (s.hidden_size, s.q_size),
+            Op.GATEUP: (2 * s.intermediate_size, s.hidden_size),
+            Op.DOWN: (s.hidden_size, s.intermediate_size),
+            Op.LMHEAD: (s.vocab_size, s.hidden_size),
+        }[op]
+        row_bytes = cols * self.elt
+        chunk = max(1, self.slot_bytes // row_bytes)
+        tile = -(-rows // self.num_blocks)
+        if op == Op.GATEUP:       # gate/up pairs never straddle a tile or a chunk
+            tile += tile % 2
+            chunk -= chunk % 2
+        chunk = min(chunk, tile)
+        wpr = 1 if chunk >= self.consumer_warps else self.consumer_warps // chunk
+        return GemvShape(rows=rows, cols=cols, tile_rows=tile, chunk_rows=chunk, warps_per_row=wpr)
+
+    # --- shared memory layout (bytes) ----------------------------------------------------------
+    @property
+    def input_len(self) -> int:
+        s = self.spec
+        return max(s.hidden_size, s.q_size, s.intermediate_size)
+
+    @property
+    def input_in_smem(self) -> bool:
+        # The normalised input vector lives in shared memory when it fits beside a useful ring; larger
+        # batches stage it in a per-block global (L2-resident) scratch instead.
+        return self.batch * self.input_len * self.elt <= 96 * 1024
+
+    @property
+    def result_floats(self) -> int:
+        return max(self.gemv(op).chunk_rows * self.gemv(op).warps_per_row for op in
+                   (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)) * self.batch
+
+    @property
+    def attn_floats(self) -> int:
+        s = self.spec
+        g, d = s.group_size, s.head_dim
+        # q (G x D), new k and v (2 x D), per-warp partial (G x (D + 2))
+        return g * d + 2 * d + self.consumer_warps * g * (d + 2)
+
+    @property
+    def smem_bytes_fixed(self) -> int:
+        inp = self.batch * self.input_len * self.elt if self.input_in_smem else 0
+        scratch = max(self.result_floats, self.attn_floats) * 4
+        return 1024 + inp + scratch      # 1 KiB: barriers, flags and alignment padding
+
+    @property
+    def ring_stages(self) -> int:
+        return min(8, (self.gpu.smem_per_block - self.smem_bytes_fixed) // self.slot_bytes)
+
+    @property
+    def smem_bytes(self) -> int:
+        return self.smem_bytes_fixed + self.ring_stages * self.slot_bytes
+
+    def summary(self) -> dict:
+        return {"model": self.spec.name, "batch": self.batch, "max_seq": self.max_seq, "dtype": self.dtype,
+                "gpu": self.gpu.name, "blocks": self.num_blocks, "threads": self.threads,
+                "slot_bytes": self.slot_bytes, "ring_stages": self.ring_stages, "smem_bytes": self.smem_bytes,
+                "input_in_smem": self.input_in_smem, "kv_splits": self.kv_splits,
+                "gemv": {op.name: self.gemv(op).__dict__ for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)}}

@@ -1,0 +1,152 @@
+"""CPU simulator of a schedule: runs one decode step task by task, in a random order that respects only
+the declared counter waits, with the same per-task math as the kernel.
+
+Intermediate buffers start as NaN each step, so a task that runs before the data it needs was written
+poisons the logits: a missing dependency shows up as a mismatch with the reference engine.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..models.weights import PackedWeights
+from ..reference.model import KVCache, apply_rope, rms_norm, rope_cos_sin
+from ..models.spec import rope_inv_freq
+from .build import Schedule
+from .tasks import NO_COUNTER, Op, Task
+
+
+@dataclass
+class _Buffers:
+    x: torch.Tensor        # (L+1, B, H)
+    x_mid: torch.Tensor    # (L, B, H)
+    qkv: torch.Tensor      # (L, B, QKV)
+    attn_o: torch.Tensor   # (L, B, KVH, S, G, D) fp32, unnormalised
+    attn_m: torch.Tensor   # (L, B, KVH, S, G) fp32
+    attn_l: torch.Tensor   # (L, B, KVH, S, G) fp32
+    act: torch.Tensor      # (L, B, I)
+    logits: torch.Tensor   # (B, V) fp32
+    lm_max: torch.Tensor   # (tiles, B) fp32
+    lm_idx: torch.Tensor   # (tiles, B) long
+    out: torch.Tensor      # (B,) long
+
+
+class Simulator:
+    def __init__(self, schedule: Schedule, weights: PackedWeights):
+        self.sched, self.w = schedule, weights
+        self.cfg = schedule.config
+        self.spec = weights.spec
+        self.inv_freq = rope_inv_freq(self.spec)
+
+    def _buffers(self) -> _Buffers:
+        s, c, dt = self.spec, self.cfg, self.w.dtype
+        L, B, S = s.num_layers, c.batch, c.kv_splits
+        nan = lambda *shape, dtype=dt: torch.full(shape, float("nan"), dtype=dtype)
+        return _Buffers(
+            x=nan(L + 1, B, s.hidden_size), x_mid=nan(L, B, s.hidden_size), qkv=nan(L, B, s.qkv_size),
+            attn_o=nan(L, B, s.num_kv_heads, S, s.group_size, s.head_dim, dtype=torch.float32),
+            attn_m=nan(L, B, s.num_kv_heads, S, s.group_size, dtype=torch.float32),
+            attn_l=nan(L, B, s.num_kv_heads, S, s.group_size, dtype=torch.float32),
+            act=nan(L, B, s.intermediate_size), logits=nan(B, s.vocab_size, dtype=torch.float32),
+            lm_max=nan(self.sched.lm_tiles, B, dtype=torch.float32),
+            lm_idx=torch.full((self.sched.lm_tiles, B), -1, dtype=torch.long),
+            out=torch.full((B,), -1, dtype=torch.long))
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rng: random.Random,
+             tasks: list[Task] | None = None):
+        """Runs every task once in a random dependency-respecting order; returns (next_tokens, logits)."""
+        buf = self._buffers()
+        tasks = list(self.sched.tasks if tasks is None else tasks)
+        counters = [0] * self.sched.num_counters
+        pending = tasks
+        while pending:
+            ready = [t for t in pending if t.wait_counter == NO_COUNTER or counters[t.wait_counter] >= t.wait_count]
+            if not ready:
+                raise RuntimeError("schedule deadlocks: no task is ready")
+            t = rng.choice(ready)
+            pending.remove(t)
+            self._run(t, buf, tokens, positions, cache)
+            if t.signal_counter != NO_COUNTER:
+                counters[t.signal_counter] += 1
+        return buf.out, buf.logits
+
+    # --- per-task math ---------------------------------------------------------------------
+    def _run(self, t: Task, buf: _Buffers, tokens, positions, cache):
+        s, w, L = self.spec, self.w, self.spec.num_layers
+        rows = slice(t.arg0, t.arg0 + t.arg1)
+        if t.op == Op.EMBED:
+            buf.x[0] = w.embed[tokens]
+        elif t.op == Op.QKV:
+            h = rms_norm(buf.x[t.layer], w.attn_norm[t.layer], s.rms_norm_eps)
+            bias = None if w.b_qkv is None else w.b_qkv[t.layer, rows]
+            buf.qkv[t.layer][:, rows] = F.linear(h, w.w_qkv[t.layer, rows], bias)
+        elif t.op == Op.ATTN:
+            self._attention(t, buf, positions, cache)
+        elif t.op == Op.OPROJ:
+            att = self._combine(buf, t.layer)
+            buf.x_mid[t.layer][:, rows] = buf.x[t.layer][:, rows] + F.linear(att, w.w_o[t.layer, rows])
+        elif t.op == Op.GATEUP:
+            h = rms_norm(buf.x_mid[t.layer], w.mlp_norm[t.layer], s.rms_norm_eps)
+            gu = F.linear(h, w.w_gu[t.layer, rows])
+            buf.act[t.layer][:, t.arg0 // 2:(t.arg0 + t.arg1) // 2] = F.silu(gu[:, 0::2]) * gu[:, 1::2]
+        elif t.op == Op.DOWN:
+            buf.x[t.layer + 1][:, rows] = buf.x_mid[t.layer][:, rows] + F.linear(buf.act[t.layer], w.w_down[t.layer, rows])
+        elif t.op == Op.LMHEAD:
+            h = rms_norm(buf.x[L], w.final_norm, s.rms_norm_eps)
+            logits = F.linear(h, w.lm_head[rows]).float()
+            buf.logits[:, rows] = logits
+            m, i = logits.max(dim=1)   # first index of the maximum, as torch.argmax
+            buf.lm_max[t.tile], buf.lm_idx[t.tile] = m, i + t.arg0
+        elif t.op == Op.ARGMAX:
+            best = buf.lm_max.argmax(dim=0)     # earliest tile wins ties, so the smallest index overall
+            buf.out[:] = buf.lm_idx.gather(0, best[None])[0]
+        else:
+            raise ValueError(t.op)
+
+    def _attention(self, t: Task, buf: _Buffers, positions, cache):
+        s, w, c = self.spec, self.w, self.cfg
+        D, G = s.head_dim, s.group_size
+        b, kvh = divmod(t.arg0, s.num_kv_heads)
+        split, layer = t.arg1, t.layer
+        pos = int(positions[b])
+        qkv = buf.qkv[layer, b]
+        q = qkv[kvh * G * D:(kvh + 1) * G * D].view(1, G, 1, D)
+        k = qkv[s.q_size + kvh * D:s.q_size + (kvh + 1) * D].view(1, 1, 1, D)
+        v = qkv[s.q_size + s.kv_size + kvh * D:s.q_size + s.kv_size + (kvh + 1) * D]
+        if s.qk_norm:
+            q = rms_norm(q, w.q_norm[layer], s.rms_norm_eps)
+            k = rms_norm(k, w.k_norm[layer], s.rms_norm_eps)
+        cos, sin = rope_cos_sin(self.inv_freq, torch.tensor([[pos]]), q.dtype)
+        q, k = apply_rope(q, cos, sin).view(G, D), apply_rope(k, cos, sin).view(D)
+        n_keys = pos + 1
+        chunk = -(-n_keys // c.kv_splits)
+        lo, hi = split * chunk, min(n_keys, (split + 1) * chunk)
+        if lo >= hi:
+            buf.attn_o[layer, b, kvh, split] = 0.0
+            buf.attn_m[layer, b, kvh, split] = -math.inf
+            buf.attn_l[layer, b, kvh, split] = 0.0
+            return
+        keys = cache.k[layer, b, kvh, lo:hi].clone()
+        vals = cache.v[layer, b, kvh, lo:hi].clone()
+        if lo <= pos < hi:       # the split that holds the new position appends it to the cache
+            cache.k[layer, b, kvh, pos], cache.v[layer, b, kvh, pos] = k, v
+            keys[pos - lo], vals[pos - lo] = k, v
+        scores = (q.float() @ keys.float().T) / math.sqrt(D)           # (G, n)
+        m = scores.max(dim=1).values
+        p = torch.exp(scores - m[:, None])
+        buf.attn_o[layer, b, kvh, split] = p @ vals.float()
+        buf.attn_m[layer, b, kvh, split] = m
+        buf.attn_l[layer, b, kvh, split] = p.sum(dim=1)
+
+    def _combine(self, buf: _Buffers, layer: int) -> torch.Tensor:
+        """Log-sum-exp combine of the KV splits -> attention output (B, q_size) in the model dtype."""
+        m, l, o = buf.attn_m[layer], buf.attn_l[layer], buf.attn_o[layer]   # (B, KVH, S, G[, D])
+        mx = m.max(dim=2, keepdim=True).values
+        scale = torch.exp(m - mx)
+        out = (o * scale[..., None]).sum(dim=2) / (l * scale).sum(dim=2)[..., None]   # (B, KVH, G, D)
+        return out.reshape(out.shape[0], -1).to(self.w.dtype)

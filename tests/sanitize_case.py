@@ -1,0 +1,24 @@
+"""A few megakernel steps on a tiny config, run under compute-sanitizer by test_sanitizer_gpu.py."""
+import sys
+
+import torch
+
+from megakernel_cases import TINY_SPECS, prefilled
+from monokernel.models.weights import random_weights
+from monokernel.reference.model import ReferenceModel
+from monokernel.runtime.mega import MegaDecoder
+
+spec = TINY_SPECS[sys.argv[1] if len(sys.argv) > 1 else "qwen3"]
+w = random_weights(spec, torch.bfloat16, "cuda", seed=11)
+ref = ReferenceModel(w)
+c_ref, c_mk = prefilled(ref, 3, 64, [3, 17, 40], torch.Generator().manual_seed(2))
+mk = MegaDecoder(w, c_mk, timeout_s=0)     # no timeout: the sanitizer slows every wait down
+tok, pos = torch.tensor([4, 5, 6], device="cuda"), torch.tensor([3, 17, 40], device="cuda")
+for _ in range(3):
+    nxt, logits = mk.step(tok, pos)
+    expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
+    err = float((logits - expect).norm() / expect.norm())
+    assert err < 2e-2, err
+    tok, pos = expect.argmax(-1), pos + 1
+torch.cuda.synchronize()
+print("sanitize case ok")
