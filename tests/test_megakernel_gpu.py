@@ -79,20 +79,20 @@ def test_greedy_tokens_match_reference_on_presets(name):
         assert [r[0] for r in rows] == [r[1] for r in rows]
         return
     # Untied random LM head (std 1/sqrt(H)): logits ~ N(0, 1) over 128k tokens, so the top two are often
-    # within one bf16 step (1/32 at 4.5) and exact ties occur. Where the reference's margin exceeds
-    # the bf16 noise of 32 layers, the tokens must be identical; at near-ties the kernel's pick must be
-    # one of the tied tokens.
+    # within the bf16 noise of 32 layers (one bf16 step is 1/32 at 4.5) and exact ties occur. So: teacher-
+    # forced, the kernel's token must be the reference's wherever the reference's margin exceeds that noise,
+    # and a token whose reference logit is within the noise of the maximum everywhere else.
     rows = _greedy_runs(w, 64, teacher_forced=True)
-    tol = 0.25
-    near_ties = 0
+    tol = 0.1
+    exact = 0
     for got, expect, logits in rows:
         top2 = logits.topk(2).values
+        exact += got == expect
         if top2[0] - top2[1] > tol:
             assert got == expect
         else:
-            near_ties += 1
             assert logits[got] >= top2[0] - tol
-    assert near_ties < len(rows) // 2
+    assert exact >= len(rows) * 3 // 4, exact
 
 
 def test_greedy_tokens_match_reference_on_default_model():

@@ -57,8 +57,7 @@ __device__ bool gemv_task(const Params& p, const Task& t, const T* in, const uns
         if (lane == 0) res[(seg * CR + row) * B + b] = s;
       }
     }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[slot]);     // this warp is done reading the slot
+    mbar_arrive(&empty[slot]);     // every consumer thread releases the slot after its own last read
     ++it;
     consumer_sync();
     if constexpr (OP == OP_GATEUP) {

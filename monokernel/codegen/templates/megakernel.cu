@@ -35,7 +35,7 @@ __device__ void producer(const Params& p, int t0, int t1, unsigned char* ring, u
     for (int r = 0; r < t.arg1; r += cr, ++it) {
       const uint32_t bytes = min(cr, t.arg1 - r) * row_bytes;
       const int slot = it % NST;
-      // the slot's previous contents (use it - NST) must have been released by every consumer warp
+      // the slot's previous contents (use it - NST) must have been released by every consumer thread
       while (!mbar_try_wait(&empty[slot], ((it / NST) & 1) ^ 1))
         if (!dl.alive(ERR_RING_TIMEOUT)) return;
       mbar_arrive_expect_tx(&full[slot], bytes);
@@ -110,7 +110,7 @@ extern "C" __global__ void __launch_bounds__(mk::THREADS, 1) monokernel_decode_s
   uint64_t* full = reinterpret_cast<uint64_t*>(smem);
   uint64_t* empty = full + NST;
   if (threadIdx.x == 0) {
-    for (int s = 0; s < NST; ++s) { mbar_init(&full[s], 1); mbar_init(&empty[s], NCW); }
+    for (int s = 0; s < NST; ++s) { mbar_init(&full[s], 1); mbar_init(&empty[s], NCT); }
     mbar_init_fence();
   }
   __syncthreads();
