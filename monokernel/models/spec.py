@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import UnsupportedModelError
 
 # Architecture name (config.json "architectures"[0]) -> (qkv bias, q/k RMSNorm).
-# Llama may carry attention_bias; Qwen2 always has q/k/v bias; Qwen3 has per-head q/k norm.
+# Qwen2 always has q/k/v bias; Qwen3 has per-head q/k norm.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
@@ -136,10 +136,11 @@ class ModelSpec:
         theta, scaling = _rope_from_config(cfg)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-        if arch == "Qwen2ForCausalLM":
-            qkv_bias = True
-        else:
-            qkv_bias = bool(cfg.get("attention_bias", False))
+        # Qwen2 always has q/k/v bias and no o_proj bias; elsewhere attention_bias also adds an o_proj
+        # bias, which the packed layout and the kernel have no place for.
+        if arch != "Qwen2ForCausalLM" and cfg.get("attention_bias", False):
+            raise UnsupportedModelError(f"config field attention_bias=true is not supported for {arch}")
+        qkv_bias = arch == "Qwen2ForCausalLM"
         return cls(
             name=name or cfg.get("_name_or_path", "") or arch,
             arch=arch,

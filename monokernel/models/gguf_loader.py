@@ -1,0 +1,167 @@
+"""Loads a llama.cpp GGUF file: metadata -> ModelSpec, tensors dequantised -> PackedWeights, and the tokenizer.
+
+The engine computes in bf16/fp32, so quantised tensors (Q4_1, Q8_0, K-quants, ...) are dequantised once
+at load time; the model then equals the one llama.cpp runs, up to the engine's own arithmetic.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import CheckpointError, UnsupportedModelError
+from .spec import ModelSpec, RopeScaling, rope_inv_freq
+from .tokenizer import Tokenizer, gguf_field
+from .weights import PackedWeights, pack_from_hf
+
+# GGUF tensor names (llama.cpp's) -> Hugging Face state-dict names, which pack_from_hf takes.
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+_LAYER_NAMES = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+                "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+                "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+                "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+                "attn_v.bias": "self_attn.v_proj.bias", "ffn_gate.weight": "mlp.gate_proj.weight",
+                "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight"}
+# Llama-3 frequency scaling is baked into this tensor (one divisor per frequency), not into metadata.
+_ROPE_FREQS = "rope_freqs.weight"
+
+
+def load_gguf_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
+                         ) -> tuple[ModelSpec, PackedWeights, Tokenizer]:
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path} could not be read as a GGUF file ({e}); it may be truncated or corrupt "
+                              "(re-download it), or written by a newer llama.cpp (upgrade the gguf package)") from None
+    tensors = {t.name: t for t in reader.tensors}
+    spec = _spec_from_metadata(reader, tensors, name=path.stem)
+    hf_to_gguf = _hf_names(spec, tensors)
+
+    def get(name: str) -> torch.Tensor:
+        gguf_name = hf_to_gguf.get(name)
+        if gguf_name is None:
+            raise CheckpointError(f"{path} lacks the tensor that holds {name!r}")
+        w = _dequantize(tensors[gguf_name])
+        # convert_hf_to_gguf.py interleaves the two rotary halves of every q/k head (llama.cpp's rope
+        # rotates adjacent pairs, HF's rotates halves); undo it so the rows are in the HF layout again.
+        if gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
+            w = _unpermute_rotary(w, spec.num_heads)
+        elif gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
+            w = _unpermute_rotary(w, spec.num_kv_heads)
+        return w
+
+    layers = tqdm(range(spec.num_layers), desc=f"loading {spec.name}", unit="layer", file=sys.stderr,
+                  disable=not sys.stderr.isatty(), leave=False)
+    weights = pack_from_hf(spec, get, dtype, device, progress=layers)
+    return spec, weights, Tokenizer.from_gguf_metadata(reader)
+
+
+def _spec_from_metadata(reader, tensors: dict, name: str) -> ModelSpec:
+    def meta(key, default=None):
+        return gguf_field(reader, key, default)
+
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise UnsupportedModelError(f"GGUF general.architecture={arch!r} is not supported (only 'llama')")
+    if (meta("llama.expert_count") or 0) > 0:
+        raise UnsupportedModelError(f"GGUF llama.expert_count={meta('llama.expert_count')}: "
+                                    "mixture-of-experts models are not supported")
+
+    def need(key):
+        value = meta(key)
+        if value is None:
+            raise CheckpointError(f"GGUF metadata lacks {key!r}; the file is incomplete")
+        return value
+
+    hidden, heads = int(need("llama.embedding_length")), int(need("llama.attention.head_count"))
+    head_dim = int(meta("llama.attention.key_length", hidden // heads))
+    rot_dims = int(meta("llama.rope.dimension_count", head_dim))
+    if rot_dims != head_dim:
+        raise UnsupportedModelError(f"GGUF llama.rope.dimension_count={rot_dims} with head_dim={head_dim}: "
+                                    "partial rotary embeddings are not supported")
+    scaling_type = meta("llama.rope.scaling.type", "none")
+    if scaling_type != "none" and not (scaling_type == "linear" and meta("llama.rope.scaling.factor", 1.0) == 1.0):
+        raise UnsupportedModelError(f"GGUF llama.rope.scaling.type={scaling_type!r} is not supported "
+                                    "(supported: none, and Llama-3 scaling given as rope_freqs.weight)")
+    # Older files have no llama.vocab_size; the embedding's row count is then the vocabulary size.
+    embed = tensors.get("token_embd.weight")
+    vocab = meta("llama.vocab_size") or (int(embed.shape[-1]) if embed is not None else 0)
+    eos = [meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    spec = ModelSpec(
+        name=name, arch="LlamaForCausalLM", vocab_size=int(vocab), hidden_size=hidden,
+        intermediate_size=int(need("llama.feed_forward_length")), num_layers=int(need("llama.block_count")),
+        num_heads=heads, num_kv_heads=int(meta("llama.attention.head_count_kv", heads)), head_dim=head_dim,
+        rms_norm_eps=float(need("llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(meta("llama.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(need("llama.context_length")),
+        # llama.cpp writes no output.weight when the LM head is the embedding matrix.
+        tie_word_embeddings="output.weight" not in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        bos_token_id=meta("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)))
+    if _ROPE_FREQS in tensors:
+        spec = spec.with_(rope_scaling=_llama3_scaling(spec, _dequantize(tensors[_ROPE_FREQS]).float()))
+    return spec
+
+
+def _llama3_scaling(spec: ModelSpec, factors: torch.Tensor) -> RopeScaling:
+    """Recovers the Llama-3 scaling parameters that produce llama.cpp's per-frequency divisors.
+
+    The file keeps only the divisors; every Llama-3.x model uses low/high_freq_factor 1/4 and an original
+    context of 8192 with the largest divisor as the factor, so that candidate is checked, not assumed."""
+    candidate = RopeScaling(factor=float(factors.max()), low_freq_factor=1.0, high_freq_factor=4.0,
+                            original_max_position_embeddings=8192)
+    plain = rope_inv_freq(spec.with_(rope_scaling=None))
+    scaled = rope_inv_freq(spec.with_(rope_scaling=candidate))
+    if factors.shape != plain.shape or not torch.allclose(plain / factors, scaled, rtol=1e-5):
+        raise UnsupportedModelError(f"GGUF {_ROPE_FREQS} does not match Llama-3 rope scaling "
+                                    "(factor, 1, 4, 8192); other rope scalings are not supported")
+    return candidate
+
+
+def _hf_names(spec: ModelSpec, tensors: dict) -> dict[str, str]:
+    """HF name -> GGUF name for every tensor in the file; a tensor we do not know would be silently
+    dropped, changing the model, so it is an error."""
+    out = {}
+    for gguf_name in tensors:
+        if gguf_name in _GLOBAL_NAMES:
+            out[_GLOBAL_NAMES[gguf_name]] = gguf_name
+            continue
+        if gguf_name == _ROPE_FREQS:
+            continue
+        parts = gguf_name.split(".", 2)
+        if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+            out[f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"] = gguf_name
+            continue
+        raise UnsupportedModelError(f"GGUF tensor {gguf_name!r} has no counterpart in a Llama model; "
+                                    "this variant of the architecture is not supported")
+    return out
+
+
+def _dequantize(t) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    try:
+        arr = dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise UnsupportedModelError(f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, which the gguf "
+                                    "package cannot dequantise; use a file quantised differently (e.g. Q8_0, Q4_K)") from None
+    # GGUF lists dimensions innermost first; numpy wants them outermost first.
+    arr = arr.reshape(tuple(int(d) for d in reversed(t.shape)))
+    if not arr.flags.writeable:  # F32 data is a view of the read-only memory map
+        arr = arr.copy()
+    return torch.from_numpy(arr)
+
+
+def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    # convert_hf_to_gguf's permute viewed each head's rows as (2, D/2) and swapped to (D/2, 2); swap back.
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
