@@ -92,7 +92,7 @@ class MegaDecoder:
                  logits=ptr(self.logits), lm_max=ptr(self.lm_max), lm_idx=ptr(self.lm_idx),
                  inv_freq=ptr(self.inv_freq), tokens=ptr(self.tokens), positions=ptr(self.positions),
                  out_tokens=ptr(self.out_tokens), counters=ptr(self.counters), error=ptr(self.error),
-                 tasks=ptr(self.tasks), task_offsets=ptr(self.task_offsets), epoch=0, pad0=0,
+                 tasks=ptr(self.tasks), task_offsets=ptr(self.task_offsets), profile=0, epoch=0, pad0=0,
                  timeout_ns=int(timeout_s * 1e9))
 
     def launch(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
@@ -104,6 +104,28 @@ class MegaDecoder:
         self.epoch += 1
         self.params.epoch = self.epoch & 0xFFFFFFFF
         self.kernel.launch(self.config.num_blocks, self.params, torch.cuda.current_stream(self.w.device))
+
+    def enable_profile(self, on: bool = True) -> None:
+        """Per-task timestamps (globaltimer ns) of the following launches: see `profile_summary`."""
+        if on and getattr(self, "profile_buf", None) is None:
+            self.profile_buf = torch.zeros(self.tasks.numel() // 8, 3, dtype=torch.int64, device=self.w.device)
+        self.params.profile = self.profile_buf.data_ptr() if on else 0
+
+    def profile_summary(self) -> dict:
+        """Of the last profiled launch: per op, the summed time blocks spent waiting on counters and
+        working, in microseconds, and the step's span."""
+        from ..schedule.tasks import Op
+        prof = self.profile_buf.cpu()
+        ops = self.tasks.view(-1, 8)[:, 0].cpu()
+        t0 = int(prof[:, 0].min())
+        out = {"span_us": (int(prof[:, 2].max()) - t0) / 1e3, "blocks": self.config.num_blocks}
+        for op in Op:
+            sel = ops == int(op)
+            if sel.any():
+                p = prof[sel].double()
+                out[op.name] = {"wait_us": float((p[:, 1] - p[:, 0]).sum()) / 1e3,
+                                "work_us": float((p[:, 2] - p[:, 1]).sum()) / 1e3, "tasks": int(sel.sum())}
+        return out
 
     def check(self) -> None:
         code = int(self.error.item())

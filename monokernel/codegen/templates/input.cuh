@@ -1,44 +1,112 @@
 // Staging of a matrix-vector op's input vector (B x K, model dtype) into `in`: RMSNorm is recomputed
-// by every block from the L2-resident residual rather than adding a grid-wide barrier.
+// by every block from the L2-resident residual rather than adding a grid-wide barrier. All consumer
+// threads share the work with 16-byte loads: this runs once per (block, op, layer), on the critical
+// path between a counter wait and the first use of the already-streamed weights.
 namespace mk {
 
+__device__ __forceinline__ uint4 ld_act16(const T* p) { return __ldcg(reinterpret_cast<const uint4*>(p)); }
+
+__device__ __forceinline__ void unpack8(const uint4& u, float* f) {
+  float2 a = pair_to_f2(u.x), b = pair_to_f2(u.y), c = pair_to_f2(u.z), d = pair_to_f2(u.w);
+  f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y; f[4] = c.x; f[5] = c.y; f[6] = d.x; f[7] = d.y;
+}
+
+__device__ __forceinline__ uint4 pack8(const float* f) {
+  uint4 u;
+  T* t = reinterpret_cast<T*>(&u);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) t[i] = from_f(f[i]);
+  return u;
+}
+
 // in[b][k] = w[k] * rnd(x[b][k] * rsqrt(mean(x[b]^2) + eps)), as the reference's RMSNorm.
-__device__ void stage_rmsnorm(T* in, const T* x, const T* w, int len) {
+// `red` holds NCW x B floats of shared scratch.
+__device__ void stage_rmsnorm(T* in, const T* x, const T* w, int len, float* red) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int b = warp; b < B; b += NCW) {
-    const T* xb = x + (size_t)b * len;
-    float ss = 0.f;
-    for (int k = lane; k < len; k += 32) { float v = ld_act(xb + k); ss = fmaf(v, v, ss); }
-    const float r = rsqrtf(warp_sum(ss) / len + EPS);
-    for (int k = lane; k < len; k += 32)
-      in[b * INPUT_LEN + k] = from_f(to_f(w[k]) * rnd(ld_act(xb + k) * r));
+  const int nvec = len / 8;
+  float ss[B];
+#pragma unroll
+  for (int b = 0; b < B; ++b) ss[b] = 0.f;
+  for (int v = threadIdx.x; v < nvec; v += NCT) {
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      float f[8];
+      unpack8(ld_act16(x + (size_t)b * len + v * 8), f);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ss[b] = fmaf(f[i], f[i], ss[b]);
+    }
+  }
+#pragma unroll
+  for (int b = 0; b < B; ++b) {
+    const float s = warp_sum(ss[b]);
+    if (lane == 0) red[warp * B + b] = s;
+  }
+  consumer_sync();
+  float r[B];
+#pragma unroll
+  for (int b = 0; b < B; ++b) {
+    float s = 0.f;
+    for (int i = 0; i < NCW; ++i) s += red[i * B + b];
+    r[b] = rsqrtf(s / len + EPS);
+  }
+  for (int v = threadIdx.x; v < nvec; v += NCT) {
+    float wf[8];
+    unpack8(*reinterpret_cast<const uint4*>(w + v * 8), wf);
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      float f[8];
+      unpack8(ld_act16(x + (size_t)b * len + v * 8), f);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) f[i] = wf[i] * rnd(f[i] * r[b]);
+      *reinterpret_cast<uint4*>(in + b * INPUT_LEN + v * 8) = pack8(f);
+    }
   }
 }
 
 __device__ void stage_copy(T* in, const T* src, int len) {
-  for (int i = threadIdx.x; i < B * len; i += NCT) {
-    const int b = i / len, k = i % len;
-    in[b * INPUT_LEN + k] = from_f(ld_act(src + i));
+  const int nvec = len / 8;
+  for (int i = threadIdx.x; i < B * nvec; i += NCT) {
+    const int b = i / nvec, v = i % nvec;
+    *reinterpret_cast<uint4*>(in + b * INPUT_LEN + v * 8) = ld_act16(src + (size_t)b * len + v * 8);
   }
 }
 
-// Log-sum-exp combine of the KV splits of layer `layer` -> attention output (B x QSIZE).
-__device__ void stage_attention(T* in, const Params& p, int layer) {
-  for (int i = threadIdx.x; i < B * QSIZE; i += NCT) {
-    const int b = i / QSIZE, hq = (i % QSIZE) / D, d = i % D;
-    const int kvh = hq / G, g = hq % G;
+// Log-sum-exp combine of the KV splits of layer `layer` -> attention output (B x QSIZE). One warp per
+// (sequence, query head): lanes first turn the splits' (m, l) into weights, then sum the partial
+// outputs with coalesced loads, every split's load independent of the others.
+// `cw` holds NCW x KV_SPLITS floats of shared scratch.
+__device__ void stage_attention(T* in, const Params& p, int layer, float* cw) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* c = cw + warp * KV_SPLITS;
+  for (int row = warp; row < B * NH; row += NCW) {
+    const int b = row / NH, hq = row % NH, kvh = hq / G, g = hq % G;
     const size_t base = (((size_t)layer * B + b) * NKV + kvh) * KV_SPLITS;   // (s, g) follow
     float m = -INFINITY;
-    for (int s = 0; s < KV_SPLITS; ++s) m = fmaxf(m, __ldcg(p.attn_m + (base + s) * G + g));
-    float num = 0.f, den = 0.f;
-    for (int s = 0; s < KV_SPLITS; ++s) {
+    for (int s = lane; s < KV_SPLITS; s += 32) m = fmaxf(m, __ldcg(p.attn_m + (base + s) * G + g));
+    m = warp_max(m);
+    float den = 0.f;
+    for (int s = lane; s < KV_SPLITS; s += 32) {
       const float ms = __ldcg(p.attn_m + (base + s) * G + g);
-      if (ms == -INFINITY) continue;       // an empty split
-      const float c = expf(ms - m);
-      den = fmaf(c, __ldcg(p.attn_l + (base + s) * G + g), den);
-      num = fmaf(c, __ldcg(p.attn_o + ((base + s) * G + g) * D + d), num);
+      const float cs = ms == -INFINITY ? 0.f : expf(ms - m);      // an empty split weighs nothing
+      c[s] = cs;
+      den = fmaf(cs, __ldcg(p.attn_l + (base + s) * G + g), den);
     }
-    in[b * INPUT_LEN + hq * D + d] = from_f(num / den);
+    den = warp_sum(den);
+    __syncwarp();
+    float num[DPL];
+#pragma unroll
+    for (int j = 0; j < DPL; ++j) num[j] = 0.f;
+    for (int s = 0; s < KV_SPLITS; ++s) {
+      const float cs = c[s];
+      const float* o = p.attn_o + ((base + s) * G + g) * D;
+#pragma unroll
+      for (int j = 0; j < DPL; ++j)
+        if (lane + 32 * j < D) num[j] = fmaf(cs, __ldcg(o + lane + 32 * j), num[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < DPL; ++j)
+      if (lane + 32 * j < D) in[b * INPUT_LEN + hq * D + lane + 32 * j] = from_f(num[j] / den);
+    __syncwarp();
   }
 }
 

@@ -54,6 +54,8 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
   int staged = -1;                       // which (op, layer) input `in` holds
   for (int ti = t0; ti < t1; ++ti) {
     const Task t = p.tasks[ti];
+    uint64_t* prof = p.profile ? p.profile + (size_t)ti * 3 : nullptr;
+    if (prof && threadIdx.x == 0) prof[0] = global_ns();
     if (t.wait_counter >= 0) {
       if (threadIdx.x == 0) {
         const bool ok = wait_counter(p.counters + t.wait_counter, p.epoch * (uint32_t)t.wait_count, dl);
@@ -63,15 +65,16 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
       consumer_sync();
       if (*abort_flag) return;
     }
+    if (prof && threadIdx.x == 0) prof[1] = global_ns();
     const int l = t.layer;
     const int tag = t.op * (L + 1) + l;
     if (is_gemv(t.op) && tag != staged) {
       switch (t.op) {
-        case OP_QKV: stage_rmsnorm(in, p.x + (size_t)l * B * H, p.attn_norm + (size_t)l * H, H); break;
-        case OP_OPROJ: stage_attention(in, p, l); break;
-        case OP_GATEUP: stage_rmsnorm(in, p.x_mid + (size_t)l * B * H, p.mlp_norm + (size_t)l * H, H); break;
+        case OP_QKV: stage_rmsnorm(in, p.x + (size_t)l * B * H, p.attn_norm + (size_t)l * H, H, sm); break;
+        case OP_OPROJ: stage_attention(in, p, l, sm); break;
+        case OP_GATEUP: stage_rmsnorm(in, p.x_mid + (size_t)l * B * H, p.mlp_norm + (size_t)l * H, H, sm); break;
         case OP_DOWN: stage_copy(in, p.act + (size_t)l * B * ISIZE, ISIZE); break;
-        default: stage_rmsnorm(in, p.x + (size_t)L * B * H, p.final_norm, H); break;
+        default: stage_rmsnorm(in, p.x + (size_t)L * B * H, p.final_norm, H, sm); break;
       }
       staged = tag;
       consumer_sync();
@@ -99,6 +102,7 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
       __threadfence();
       red_release(p.counters + t.signal_counter, 1u);
     }
+    if (prof && threadIdx.x == 0) prof[2] = global_ns();
   }
 }
 
