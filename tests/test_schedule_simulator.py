@@ -26,7 +26,7 @@ def _setup(name: str, batch: int, blocks: int = 7, seed: int = 0):
     ref = ReferenceModel(w)
     lengths = [int(x) for x in torch.randint(1, MAX_SEQ - 4, (batch,), generator=gen)]
     c_ref, c_sim = prefilled(ref, batch, MAX_SEQ, lengths, gen)
-    sched = build_schedule(KernelConfig(spec, batch, MAX_SEQ, gpu=GpuInfo(sm_count=blocks)))
+    sched = build_schedule(KernelConfig(spec, batch, MAX_SEQ, gpu=GpuInfo(sm_count=blocks), min_kv_chunk=4))
     tok = torch.randint(0, spec.vocab_size, (batch,), generator=gen)
     return ref, Simulator(sched, w), c_ref, c_sim, tok, torch.tensor(lengths)
 

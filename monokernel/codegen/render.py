@@ -27,7 +27,7 @@ def render_source(cfg: KernelConfig) -> str:
         model=s.name, batch=cfg.batch, dtype=cfg.dtype, arch=cfg.gpu.arch, ctype=_CTYPE[cfg.dtype],
         hidden=s.hidden_size, q_size=s.q_size, kv_size=s.kv_size, qkv_size=s.qkv_size,
         inter=s.intermediate_size, vocab=s.vocab_size, layers=s.num_layers, heads=s.num_heads,
-        kv_heads=s.num_kv_heads, head_dim=s.head_dim, max_seq=cfg.max_seq, kv_splits=cfg.kv_splits,
+        kv_heads=s.num_kv_heads, head_dim=s.head_dim, max_seq=cfg.max_seq, kv_splits=cfg.kv_splits, min_kv_chunk=cfg.min_kv_chunk,
         eps=repr(float(s.rms_norm_eps)), attn_scale=repr(1.0 / math.sqrt(s.head_dim)),
         qkv_bias=s.qkv_bias, qk_norm=s.qk_norm, consumer_warps=cfg.consumer_warps,
         ring_stages=cfg.ring_stages, slot_bytes=cfg.slot_bytes, input_len=cfg.input_len,

@@ -29,14 +29,15 @@ def gpu_info(device: torch.device) -> GpuInfo:
                    smem_per_block=prop.shared_memory_per_block_optin, arch=arch)
 
 
-def kernel_config(weights: PackedWeights, batch: int, max_seq: int, gpu: GpuInfo) -> KernelConfig:
+def kernel_config(weights: PackedWeights, batch: int, max_seq: int, gpu: GpuInfo, **overrides) -> KernelConfig:
     if weights.dtype not in _DTYPES:
         raise UnsupportedModelError(f"the megakernel runs bf16 or fp16 weights, not {weights.dtype}; use --dtype bf16")
-    return KernelConfig(weights.spec, batch, max_seq, _DTYPES[weights.dtype], gpu)
+    return KernelConfig(weights.spec, batch, max_seq, _DTYPES[weights.dtype], gpu, **overrides)
 
 
 class MegaDecoder:
-    def __init__(self, weights: PackedWeights, cache: KVCache, timeout_s: float = 10.0):
+    def __init__(self, weights: PackedWeights, cache: KVCache, timeout_s: float = 10.0, **config_overrides):
+        """config_overrides: KernelConfig fields (e.g. min_kv_chunk, kv_splits) for tests and tuning."""
         dev = weights.device
         if dev.type != "cuda":
             raise UnsupportedModelError("the megakernel needs the weights on a CUDA device")
@@ -44,7 +45,7 @@ class MegaDecoder:
         if not gpu.arch.startswith("sm_9"):
             raise UnsupportedModelError(f"the megakernel targets Hopper (sm_90); this GPU is {gpu.arch}")
         self.w, self.cache = weights, cache
-        self.config = kernel_config(weights, cache.batch, cache.max_seq, gpu)
+        self.config = kernel_config(weights, cache.batch, cache.max_seq, gpu, **config_overrides)
         self.schedule: Schedule = build_schedule(self.config)
         self.source = render_source(self.config)
         self.compiled: CompiledKernel = compile_kernel(self.source, gpu.arch, name=_entry_name(self.config))

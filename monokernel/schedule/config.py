@@ -44,6 +44,9 @@ class KernelConfig:
     consumer_warps: int = 8
     slot_bytes: int = 0          # 0: derived
     kv_splits: int = 0           # 0: derived
+    # Keys per split at least this many: short contexts then use few splits, and the combine and the
+    # empty split tasks cost nothing for the rest (the split count adapts per step and sequence).
+    min_kv_chunk: int = 32
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES:
@@ -65,6 +68,10 @@ class KernelConfig:
         if self.ring_stages < 2:
             raise UnsupportedModelError(
                 f"shared memory too small: {self.smem_bytes_fixed} bytes fixed leave room for {self.ring_stages} ring slots")
+
+    def kv_chunk(self, n_keys: int) -> int:
+        """Keys per split for a sequence with n_keys keys; the kernel computes the same."""
+        return max(self.min_kv_chunk, -(-n_keys // self.kv_splits))
 
     @property
     def resolved_slot_bytes(self) -> int:

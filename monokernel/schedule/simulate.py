@@ -88,7 +88,7 @@ class Simulator:
         elif t.op == Op.ATTN:
             self._attention(t, buf, positions, cache)
         elif t.op == Op.OPROJ:
-            att = self._combine(buf, t.layer)
+            att = self._combine(buf, t.layer, positions)
             buf.x_mid[t.layer][:, rows] = buf.x[t.layer][:, rows] + F.linear(att, w.w_o[t.layer, rows])
         elif t.op == Op.GATEUP:
             h = rms_norm(buf.x_mid[t.layer], w.mlp_norm[t.layer], s.rms_norm_eps)
@@ -124,12 +124,9 @@ class Simulator:
         cos, sin = rope_cos_sin(self.inv_freq, torch.tensor([[pos]]), q.dtype)
         q, k = apply_rope(q, cos, sin).view(G, D), apply_rope(k, cos, sin).view(D)
         n_keys = pos + 1
-        chunk = -(-n_keys // c.kv_splits)
+        chunk = c.kv_chunk(n_keys)
         lo, hi = split * chunk, min(n_keys, (split + 1) * chunk)
-        if lo >= hi:
-            buf.attn_o[layer, b, kvh, split] = 0.0
-            buf.attn_m[layer, b, kvh, split] = -math.inf
-            buf.attn_l[layer, b, kvh, split] = 0.0
+        if lo >= hi:          # an inactive split: the combine never reads it
             return
         keys = cache.k[layer, b, kvh, lo:hi].clone()
         vals = cache.v[layer, b, kvh, lo:hi].clone()
@@ -143,10 +140,19 @@ class Simulator:
         buf.attn_m[layer, b, kvh, split] = m
         buf.attn_l[layer, b, kvh, split] = p.sum(dim=1)
 
-    def _combine(self, buf: _Buffers, layer: int) -> torch.Tensor:
-        """Log-sum-exp combine of the KV splits -> attention output (B, q_size) in the model dtype."""
-        m, l, o = buf.attn_m[layer], buf.attn_l[layer], buf.attn_o[layer]   # (B, KVH, S, G[, D])
-        mx = m.max(dim=2, keepdim=True).values
+    def _combine(self, buf: _Buffers, layer: int, positions) -> torch.Tensor:
+        """Log-sum-exp combine of the active KV splits -> attention output (B, q_size) in the model dtype."""
+        outs = []
+        for b in range(self.cfg.batch):
+            n_keys = int(positions[b]) + 1
+            active = -(-n_keys // self.cfg.kv_chunk(n_keys))
+            outs.append(self._combine_one(buf.attn_m[layer, b, :, :active], buf.attn_l[layer, b, :, :active],
+                                          buf.attn_o[layer, b, :, :active]))
+        return torch.stack(outs)
+
+    def _combine_one(self, m, l, o) -> torch.Tensor:
+        """m, l (KVH, S, G); o (KVH, S, G, D) -> (q_size,)"""
+        mx = m.max(dim=1, keepdim=True).values
         scale = torch.exp(m - mx)
-        out = (o * scale[..., None]).sum(dim=2) / (l * scale).sum(dim=2)[..., None]   # (B, KVH, G, D)
-        return out.reshape(out.shape[0], -1).to(self.w.dtype)
+        out = (o * scale[..., None]).sum(dim=1) / (l * scale).sum(dim=1)[..., None]   # (KVH, G, D)
+        return out.reshape(-1).to(self.w.dtype)

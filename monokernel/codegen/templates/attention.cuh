@@ -21,6 +21,10 @@ __device__ bool attention_task(const Params& p, const Task& t, float* sm) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = t.arg0 / NKV, kvh = t.arg0 % NKV, split = t.arg1, l = t.layer;
   const int pos = p.positions[b];
+  const int n = pos + 1;
+  const int chunk = kv_chunk(n);
+  const int lo = split * chunk, hi = min(n, lo + chunk);
+  if (lo >= hi) return true;           // an inactive split: the combine never reads it
   float* q = sm;                       // G x D
   float* kn = q + G * D;               // D
   float* vn = kn + D;                  // D
@@ -55,9 +59,6 @@ __device__ bool attention_task(const Params& p, const Task& t, float* sm) {
   }
   consumer_sync();
 
-  const int n = pos + 1;
-  const int chunk = (n + KV_SPLITS - 1) / KV_SPLITS;
-  const int lo = split * chunk, hi = min(n, lo + chunk);
   const size_t cache_base = (((size_t)l * B + b) * NKV + kvh) * MAX_SEQ;
   if (lo <= pos && pos < hi) {
     for (int d = threadIdx.x; d < D; d += NCT) {

@@ -71,7 +71,7 @@ __device__ void stage_copy(T* in, const T* src, int len) {
   }
 }
 
-// Log-sum-exp combine of the KV splits of layer `layer` -> attention output (B x QSIZE). One warp per
+// Log-sum-exp combine of the active KV splits of layer `layer` -> attention output (B x QSIZE). One warp per
 // (sequence, query head): lanes first turn the splits' (m, l) into weights, then sum the partial
 // outputs with coalesced loads, every split's load independent of the others.
 // `cw` holds NCW x KV_SPLITS floats of shared scratch.
@@ -80,12 +80,14 @@ __device__ void stage_attention(T* in, const Params& p, int layer, float* cw) {
   float* c = cw + warp * KV_SPLITS;
   for (int row = warp; row < B * NH; row += NCW) {
     const int b = row / NH, hq = row % NH, kvh = hq / G, g = hq % G;
+    const int n = p.positions[b] + 1;
+    const int active = (n + kv_chunk(n) - 1) / kv_chunk(n);
     const size_t base = (((size_t)layer * B + b) * NKV + kvh) * KV_SPLITS;   // (s, g) follow
     float m = -INFINITY;
-    for (int s = lane; s < KV_SPLITS; s += 32) m = fmaxf(m, __ldcg(p.attn_m + (base + s) * G + g));
+    for (int s = lane; s < active; s += 32) m = fmaxf(m, __ldcg(p.attn_m + (base + s) * G + g));
     m = warp_max(m);
     float den = 0.f;
-    for (int s = lane; s < KV_SPLITS; s += 32) {
+    for (int s = lane; s < active; s += 32) {
       const float ms = __ldcg(p.attn_m + (base + s) * G + g);
       const float cs = ms == -INFINITY ? 0.f : expf(ms - m);      // an empty split weighs nothing
       c[s] = cs;
@@ -96,7 +98,7 @@ __device__ void stage_attention(T* in, const Params& p, int layer, float* cw) {
     float num[DPL];
 #pragma unroll
     for (int j = 0; j < DPL; ++j) num[j] = 0.f;
-    for (int s = 0; s < KV_SPLITS; ++s) {
+    for (int s = 0; s < active; ++s) {
       const float cs = c[s];
       const float* o = p.attn_o + ((base + s) * G + g) * D;
 #pragma unroll

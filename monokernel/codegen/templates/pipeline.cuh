@@ -54,6 +54,10 @@ __device__ __forceinline__ uint64_t global_ns() {
   return t;
 }
 
+// Keys per KV split for a sequence with n keys (schedule.config.KernelConfig.kv_chunk computes the same):
+// at least MIN_KV_CHUNK, so short contexts leave the later splits inactive.
+__device__ __forceinline__ int kv_chunk(int n) { return max(MIN_KV_CHUNK, (n + KV_SPLITS - 1) / KV_SPLITS); }
+
 enum Error : int { ERR_NONE = 0, ERR_COUNTER_TIMEOUT = 1, ERR_RING_TIMEOUT = 2 };
 
 // Spin guard: true while waiting may go on. Past the deadline, or once another block has failed,
