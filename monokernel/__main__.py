@@ -1,0 +1,6 @@
+"""`python -m monokernel` = the `monokernel` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

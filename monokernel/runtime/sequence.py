@@ -1,0 +1,71 @@
+"""One sequence's generation state: its tokens, its streamed text and why it stopped.
+
+Text is produced incrementally (a StreamDecoder per sequence) and released in deltas; while the text
+ends with the beginning of a stop string the ambiguous tail is held back, so a stop string never leaks
+into the stream and the concatenated deltas always equal the final `Generation.text`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..models.tokenizer import StreamDecoder
+
+
+@dataclass
+class Generation:
+    text: str                    # the continuation only, special tokens and any stop string removed
+    token_ids: list[int]         # generated ids, including the eos or stop-completing token
+    prompt_token_ids: list[int]
+    finish_reason: str           # "eos", "stop" (a stop string) or "length" (max_new_tokens)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    index: int                   # which sequence of the batch
+    token_id: int
+    text: str                    # text released by this token (may be empty)
+    finish_reason: str | None    # set on the sequence's last event
+
+
+class Sequence:
+    def __init__(self, index: int, prompt_ids: list[int], max_new_tokens: int, eos_ids: frozenset[int],
+                 stop: tuple[str, ...], detok: StreamDecoder | None):
+        self.index, self.prompt_ids, self.max_new_tokens = index, prompt_ids, max_new_tokens
+        self.eos_ids, self.stop, self.detok = eos_ids, stop, detok
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.emitted = 0             # characters of self.text already released
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token_id: int) -> TokenEvent:
+        self.token_ids.append(token_id)
+        before = len(self.text)
+        reason = "eos" if token_id in self.eos_ids else ("length" if len(self.token_ids) >= self.max_new_tokens else None)
+        if self.detok is not None:
+            self.text += self.detok.push(token_id)
+            if reason is not None:
+                self.text += self.detok.flush()
+        cut = self._find_stop(before)
+        if cut is not None:
+            self.text, reason = self.text[:cut], "stop"
+        self.finish_reason = reason
+        end = len(self.text) if reason else len(self.text) - self._held_back()
+        delta, self.emitted = self.text[self.emitted:end], max(self.emitted, end)
+        return TokenEvent(self.index, token_id, delta, reason)
+
+    def _find_stop(self, before: int) -> int | None:
+        # earlier text was searched already: a new match must end inside the new characters
+        hits = [i for s in self.stop if (i := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
+        return min(hits) if hits else None
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that could still grow into a stop string."""
+        return max((k for s in self.stop for k in range(min(len(s) - 1, len(self.text)), 0, -1)
+                    if self.text.endswith(s[:k])), default=0)
+
+    def result(self) -> Generation:
+        return Generation(self.text, list(self.token_ids), list(self.prompt_ids), self.finish_reason or "length")

@@ -1,0 +1,216 @@
+"""Engine, sampling and per-sequence bookkeeping on a tiny random model (CPU, fp32, reference engine)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers
+
+from monokernel.errors import InputError, MonokernelError
+from monokernel.models.spec import ModelSpec
+from monokernel.models.tokenizer import Tokenizer
+from monokernel.models.weights import random_weights
+from monokernel.reference.model import KVCache, ReferenceModel
+from monokernel.runtime import engine as engine_module
+from monokernel.runtime.engine import Engine
+from monokernel.runtime.sampling import sample
+
+VOCAB = 61   # odd on purpose
+SPEC = ModelSpec(name="tiny", arch="LlamaForCausalLM", vocab_size=VOCAB, hidden_size=48, intermediate_size=80,
+                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 max_position_embeddings=96)
+PROMPTS = [[3, 17, 9, 44, 5, 21, 8], [30], [12, 7, 7, 58, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
+
+
+def word_tokenizer(eos: tuple[int, ...] = ()) -> Tokenizer:
+    """Token i is the word "w{i}": text and ids map one to one, so stop-string tests can be exact."""
+    tok = HFTokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return Tokenizer(tok, eos_token_ids=eos, chat_template="<{% for m in messages %}{{ m['content'] }}{% endfor %}>")
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return random_weights(SPEC, torch.float32, "cpu", seed=3)
+
+
+@pytest.fixture
+def engine(weights):
+    return Engine.from_weights(weights)
+
+
+@pytest.fixture
+def text_engine(weights):
+    return Engine.from_weights(weights, word_tokenizer())
+
+
+def greedy_by_recompute(weights, prompt: list[int], n: int) -> list[int]:
+    """The slow obvious way: rerun the whole sequence through a fresh cache for every token."""
+    model, ids = ReferenceModel(weights), list(prompt)
+    for _ in range(n):
+        cache = KVCache(SPEC, 1, len(ids), torch.float32, "cpu")
+        ids.append(int(model.forward(torch.tensor([ids]), torch.zeros(1, dtype=torch.long), cache)[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+# ---- generation ------------------------------------------------------------------------------------
+def test_greedy_matches_recompute_and_is_deterministic(engine, weights):
+    first = engine.generate_ids(PROMPTS, max_new_tokens=12)
+    again = engine.generate_ids(PROMPTS, max_new_tokens=12)
+    for b, p in enumerate(PROMPTS):
+        assert first[b].token_ids == greedy_by_recompute(weights, p, 12)
+        assert first[b].token_ids == again[b].token_ids
+        assert first[b].prompt_token_ids == p and first[b].finish_reason == "length"
+
+
+def test_batched_equals_one_at_a_time(engine):
+    batched = engine.generate_ids(PROMPTS, max_new_tokens=20)
+    for b, p in enumerate(PROMPTS):
+        assert engine.generate_ids([p], max_new_tokens=20)[0].token_ids == batched[b].token_ids
+
+
+def test_chunked_prefill_matches(engine, monkeypatch):
+    long_prompt = [(7 * i + 3) % VOCAB for i in range(40)]
+    whole = engine.generate_ids([long_prompt, PROMPTS[1]], max_new_tokens=6)
+    monkeypatch.setattr(engine_module, "PREFILL_LOGITS_BYTES", 1)   # -> chunks of 16 positions
+    chunked = engine.generate_ids([long_prompt, PROMPTS[1]], max_new_tokens=6)
+    assert [g.token_ids for g in chunked] == [g.token_ids for g in whole]
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    run = lambda seed: [g.token_ids for g in engine.generate_ids(PROMPTS, max_new_tokens=24, temperature=1.0, seed=seed)]
+    assert run(5) == run(5)
+    assert run(5) != run(6)
+    assert run(5) != [g.token_ids for g in engine.generate_ids(PROMPTS, max_new_tokens=24)]
+
+
+@pytest.mark.parametrize("opts", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4)])
+def test_degenerate_sampling_equals_greedy(engine, opts):
+    greedy = engine.generate_ids(PROMPTS, max_new_tokens=16)
+    sampled = engine.generate_ids(PROMPTS, max_new_tokens=16, **{"temperature": 1.5, "seed": 0, **opts})
+    assert [g.token_ids for g in sampled] == [g.token_ids for g in greedy]
+
+
+def test_stream_events_add_up_to_generate(text_engine):
+    prompts = ["w3 w5 w8", "w1", "w40 w2 w2 w9"]
+    gens = text_engine.generate(prompts, max_new_tokens=9)
+    events = list(text_engine.stream(prompts, max_new_tokens=9))
+    for b, g in enumerate(gens):
+        mine = [e for e in events if e.index == b]
+        assert [e.token_id for e in mine] == g.token_ids
+        assert "".join(e.text for e in mine) == g.text
+        assert [e.finish_reason for e in mine] == [None] * 8 + ["length"]
+        assert g.text == " ".join(f"w{t}" for t in g.token_ids)
+    assert text_engine.last_stats.new_tokens == 27 and text_engine.last_stats.tokens_per_s > 0
+
+
+def test_eos_stops_one_sequence_only(weights):
+    ref = Engine.from_weights(weights).generate_ids(PROMPTS, max_new_tokens=10)
+    eos = ref[0].token_ids[3]
+    eng = Engine.from_weights(weights)
+    eng.eos_token_ids = (eos,)
+    gens = eng.generate_ids(PROMPTS, max_new_tokens=10)
+    for g, r in zip(gens, ref):
+        if eos in r.token_ids:   # stops at the first eos, which is kept in token_ids
+            cut = r.token_ids.index(eos) + 1
+            assert (g.token_ids, g.finish_reason) == (r.token_ids[:cut], "eos")
+        else:   # the others run on undisturbed next to it
+            assert (g.token_ids, g.finish_reason) == (r.token_ids, "length")
+    assert gens[0].finish_reason == "eos" and len(gens[0].token_ids) <= 4
+
+
+def test_running_ahead_changes_nothing(weights):
+    """The GPU path queues steps ahead of the host; the same logic on the CPU must give the same outputs,
+    and stop no later than the host sees every sequence finish (plus the queued steps)."""
+    plain = Engine.from_weights(weights)
+    ahead = Engine.from_weights(weights)
+    ahead.lookahead = 3
+    eos = tuple(g.token_ids[b + 1] for b, g in enumerate(plain.generate_ids(PROMPTS, max_new_tokens=10)))
+    for eng in (plain, ahead):
+        eng.eos_token_ids = eos   # every sequence stops by its 4th token
+    want = plain.generate_ids(PROMPTS, max_new_tokens=10)
+    got = ahead.generate_ids(PROMPTS, max_new_tokens=10)
+    assert [(g.token_ids, g.finish_reason) for g in got] == [(g.token_ids, g.finish_reason) for g in want]
+    assert {g.finish_reason for g in want} == {"eos"} and plain.last_stats.decode_steps <= 3
+    assert ahead.last_stats.decode_steps == plain.last_stats.decode_steps + 3
+
+
+def test_stop_string_truncates_and_never_streams(text_engine):
+    ref = text_engine.generate("w3 w5 w8", max_new_tokens=12)[0]
+    stop = f" w{ref.token_ids[4]} w"      # spans a token boundary and ends mid-word
+    events = list(text_engine.stream("w3 w5 w8", max_new_tokens=12, stop=[stop, "never"]))
+    text = "".join(e.text for e in events)
+    cut = ref.text.index(stop)
+    assert text == ref.text[:cut] and stop not in text
+    assert events[-1].finish_reason == "stop"
+    gen = text_engine.generate("w3 w5 w8", max_new_tokens=12, stop=stop)[0]
+    assert gen.text == text and gen.finish_reason == "stop"
+
+
+def test_chat_uses_template(text_engine):
+    with_chat = text_engine.generate("w4 w6", max_new_tokens=3, chat=True)[0]
+    assert with_chat.prompt_token_ids == text_engine.tokenizer.encode("<w4 w6>", add_special_tokens=False)
+
+
+def test_max_seq_limits_context(weights):
+    eng = Engine.from_weights(weights, max_seq=20)
+    assert len(eng.generate_ids([list(range(1, 11))], max_new_tokens=10)[0].token_ids) == 10   # exactly fits
+    with pytest.raises(InputError, match="prompt 0 has 11 tokens.*max_new_tokens=10.*21 positions.*20"):
+        eng.generate_ids([list(range(1, 12))], max_new_tokens=10)
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("call, message", [
+    (lambda e: e.generate(""), "prompt 0 is empty"),
+    (lambda e: e.generate(["w1", ""]), "prompt 1 is empty"),
+    (lambda e: e.generate([]), "non-empty list"),
+    (lambda e: e.generate_ids([[1], []]), "prompt 1 is empty"),
+    (lambda e: e.generate_ids([[1, VOCAB]]), f"token id {VOCAB}, outside the vocabulary 0..{VOCAB - 1}"),
+    (lambda e: e.generate_ids([[-1]]), "token id -1"),
+    (lambda e: e.generate_ids([[1.5]]), "token id 1.5"),
+    (lambda e: e.generate_ids([[1] * 90], max_new_tokens=10), "prompt 0 has 90 tokens"),
+    (lambda e: e.generate_ids([[1]], max_new_tokens=0), "max_new_tokens=0"),
+    (lambda e: e.generate_ids([[1]], temperature=-0.5), "temperature=-0.5"),
+    (lambda e: e.generate_ids([[1]], temperature=math.nan), "temperature=nan"),
+    (lambda e: e.generate_ids([[1]], temperature=1.0, top_p=0.0), "top_p=0.0"),
+    (lambda e: e.generate_ids([[1]], temperature=1.0, top_p=1.5), "top_p=1.5"),
+    (lambda e: e.generate_ids([[1]], temperature=1.0, top_k=0), "top_k=0"),
+    (lambda e: e.generate_ids([[1]], seed="x"), "seed='x'"),
+    (lambda e: e.generate_ids([[1]], stop=[""]), "non-empty strings"),
+    (lambda e: e.stream("w1", max_new_tokens=-1), "max_new_tokens=-1"),   # raised at the call, not at next()
+])
+def test_bad_input_is_named(text_engine, call, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(".", r"\.").replace("*", ".*")):
+        call(text_engine)
+
+
+def test_errors_without_tokenizer(engine):
+    with pytest.raises(InputError, match="no tokenizer"):
+        engine.generate("hello")
+    with pytest.raises(InputError, match="stop strings need a tokenizer"):
+        engine.generate_ids([[1]], stop="x")
+
+
+def test_bad_engine_arguments(weights):
+    with pytest.raises(InputError, match="engine 'fast'"):
+        Engine.from_weights(weights, engine="fast")
+    with pytest.raises(InputError, match="max_seq=97"):
+        Engine.from_weights(weights, max_seq=97)
+    with pytest.raises(MonokernelError, match="needs a CUDA device"):
+        Engine.from_weights(weights, engine="mega")
+    auto = Engine(weights, engine="auto")
+    assert auto.engine == "reference" and "no CUDA device" in auto.notice
+
+
+# ---- sampling --------------------------------------------------------------------------------------
+def test_sample_respects_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.05, 0.3, 0.1]])).repeat(4000, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample(logits, 1.0, top_k=2, generator=gen).tolist()) == {1, 3}
+    assert set(sample(logits, 1.0, top_p=0.75, generator=gen).tolist()) == {1, 3}   # 0.5 < 0.75 <= 0.8
+    assert set(sample(logits, 1.0, top_p=0.85, generator=gen).tolist()) == {1, 3, 4}
+    counts = torch.bincount(sample(logits, 1.0, generator=gen), minlength=5).float() / 4000
+    assert torch.allclose(counts, logits[0].exp(), atol=0.03)
+    assert torch.equal(sample(logits[:2], 0.0), torch.tensor([1, 1]))
