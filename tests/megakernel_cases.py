@@ -28,11 +28,15 @@ TINY_SPECS = {
 JUNK = 3.0e4   # unused KV slots: an out-of-bounds read changes the answer instead of hiding
 
 
-def prefilled(model: ReferenceModel, batch: int, max_seq: int, lengths: list[int], gen: torch.Generator):
-    """Two identical caches prefilled with random prompts of the given lengths (junk beyond)."""
+def prefilled(model: ReferenceModel, batch: int, max_seq: int, lengths: list[int], gen: torch.Generator,
+              prompt: torch.Tensor | None = None):
+    """Two identical caches prefilled with the prompt (default: random tokens) up to the given lengths,
+    junk beyond."""
     spec, w = model.spec, model.w
     caches = []
-    prompt = torch.randint(0, spec.vocab_size, (batch, max(lengths)), generator=gen).to(w.device)
+    if prompt is None:
+        prompt = torch.randint(0, spec.vocab_size, (batch, max(lengths)), generator=gen)
+    prompt = prompt.to(w.device)
     for _ in range(2):
         c = KVCache(spec, batch, max_seq, w.dtype, w.device)
         c.k.fill_(JUNK)

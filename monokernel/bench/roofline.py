@@ -1,0 +1,56 @@
+"""Bytes a decode step must move at least, and the time that takes at the measured copy bandwidth.
+
+A step reads every weight once (ModelSpec.weight_bytes_per_step: the layer matrices, the norms and the LM
+head; the few embedding rows are left out), reads the K and V of every cached position of every sequence,
+and writes the new position's K and V. Activations stay on chip or in L2 and are not counted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.spec import ModelSpec
+
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return DTYPE_BYTES[dtype]
+
+
+@dataclass(frozen=True)
+class StepBytes:
+    weights: int
+    kv_read: int
+    kv_written: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_read + self.kv_written
+
+
+def kv_bytes_per_position(spec: ModelSpec, batch: int, elt: int) -> int:
+    """K and V of one position, all layers, all sequences."""
+    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * elt * batch
+
+
+def step_bytes(spec: ModelSpec, batch: int, context: int, dtype: torch.dtype) -> StepBytes:
+    """One decode step of `batch` sequences that each hold `context` cached positions."""
+    elt = dtype_bytes(dtype)
+    per_pos = kv_bytes_per_position(spec, batch, elt)
+    return StepBytes(weights=spec.weight_bytes_per_step(elt), kv_read=context * per_pos, kv_written=per_pos)
+
+
+def bytes_per_step(spec: ModelSpec, batch: int, context: int, dtype: torch.dtype) -> int:
+    return step_bytes(spec, batch, context, dtype).total
+
+
+def roofline_ms(nbytes: int, bandwidth_TBps: float) -> float:
+    """Milliseconds to move `nbytes` at a copy bandwidth that counts bytes read plus bytes written."""
+    return nbytes / (bandwidth_TBps * 1e12) * 1e3
+
+
+def roofline_fraction(nbytes: int, bandwidth_TBps: float, ms_per_step: float) -> float:
+    """(bytes / bandwidth) / measured time: 1.0 runs at the copy bandwidth."""
+    return roofline_ms(nbytes, bandwidth_TBps) / ms_per_step

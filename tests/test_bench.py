@@ -1,0 +1,278 @@
+"""The benchmark on CPU: roofline byte counts by hand, the two baselines against ReferenceModel, and the
+runner end to end (JSON / Markdown / PNG) on a tiny random model.
+
+The baselines are only honest if they compute what the reference computes: in fp32 both differ from it
+only in summation order (~1e-7 relative, measured), so 1e-4 catches any real mistake (a wrong head
+grouping, RoPE table or mask shows up at 1e-2 or more)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from monokernel.baselines.hf import HFDecoder
+from monokernel.baselines.torch_compile import TorchCompileDecoder
+from monokernel.bench import cli, report, roofline
+from monokernel.bench.bandwidth import copy_bandwidth_TBps
+from monokernel.bench.runner import BenchConfig, _agreement, run_benchmark
+from monokernel.bench.timing import time_steps
+from monokernel.errors import InputError
+from monokernel.models.presets import PRESETS, preset
+from monokernel.models.spec import ModelSpec, RopeScaling
+from monokernel.models.weights import random_weights
+from monokernel.reference.model import KVCache, ReferenceModel
+
+TOL = 1e-4
+_BASE = dict(name="tiny", arch="LlamaForCausalLM", vocab_size=101, hidden_size=64, intermediate_size=88, num_layers=2,
+             num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+             max_position_embeddings=256)
+SPECS = {
+    "llama": {},
+    "llama3-rope-tied-mqa": dict(rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64), tie_word_embeddings=True, num_kv_heads=1),
+    "qwen2-bias": dict(arch="Qwen2ForCausalLM", qkv_bias=True),
+    "qwen3-qknorm": dict(arch="Qwen3ForCausalLM", qk_norm=True, head_dim=24, tie_word_embeddings=True),
+}
+TINY = ModelSpec(**_BASE)
+
+
+def _spec(case: str) -> ModelSpec:
+    return ModelSpec(**{**_BASE, "name": case, **SPECS[case]})
+
+
+def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours - ref).abs().max() / ref.abs().max())
+
+
+def _prefilled(spec: ModelSpec, batch: int, lengths: list[int], max_seq: int, seed: int = 0):
+    """Weights, reference model and a reference cache prefilled with prompts of the given lengths."""
+    w = random_weights(spec, torch.float32, "cpu", seed)
+    ref = ReferenceModel(w)
+    cache = KVCache(spec, batch, max_seq, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(seed + 1)
+    prompts = torch.randint(0, spec.vocab_size, (batch, max(lengths)), generator=gen)
+    ref.forward(prompts, torch.zeros(batch, dtype=torch.long), cache)   # right-padded: junk past each length
+    return w, ref, cache, prompts, gen
+
+
+# ---- roofline -------------------------------------------------------------------------------------
+def test_roofline_bytes_by_hand():
+    s = preset("llama-3.1-8b")   # H 4096, I 14336, 32 layers, 32 q heads, 8 kv heads, D 128, V 128256, untied
+    per_layer = (4096 + 2 * 1024) * 4096 + 4096 * 4096 + 3 * 4096 * 14336 + 2 * 4096   # qkv, o, gate/up/down, norms
+    weights = 32 * per_layer + 128256 * 4096 + 4096                                      # + LM head + final norm
+    assert per_layer == 218_112_000 and weights == 7_504_924_672
+    kv_per_position = 2 * 32 * 8 * 128 * 2                                              # K and V, bf16, one sequence
+    b = roofline.step_bytes(s, batch=4, context=8192, dtype=torch.bfloat16)
+    assert b.weights == 2 * weights == 15_009_849_344
+    assert b.kv_read == 8192 * 4 * kv_per_position == 4_294_967_296
+    assert b.kv_written == 4 * kv_per_position == 524_288
+    assert roofline.bytes_per_step(s, 4, 8192, torch.bfloat16) == 15_009_849_344 + 4_294_967_296 + 524_288
+    assert roofline.bytes_per_step(s, 4, 8192, torch.float32) == 2 * b.total            # dtype-aware
+    # tied embeddings (llama-3.2-1b: H 2048, I 8192, 16 layers, q 2048, kv 512): the LM head is the embedding
+    per_layer = (2048 + 2 * 512) * 2048 + 2048 * 2048 + 3 * 2048 * 8192 + 2 * 2048
+    assert roofline.step_bytes(preset("llama-3.2-1b"), 1, 0, torch.bfloat16).weights == \
+        2 * (16 * per_layer + 128256 * 2048 + 2048) == 2_471_628_800
+    # DESIGN.md's rooflines at 3.01 TB/s: 0.82 ms (1B) and 4.98 ms (8B)
+    assert roofline.roofline_ms(2_471_628_800, 3.01) == pytest.approx(0.82, abs=0.005)
+    assert roofline.roofline_ms(15_009_849_344, 3.01) == pytest.approx(4.98, abs=0.01)
+    # 3 TB/s moves 1.5 GB in 0.5 ms; measured 1 ms is half of the roofline
+    assert roofline.roofline_ms(1_500_000_000, 3.0) == pytest.approx(0.5)
+    assert roofline.roofline_fraction(1_500_000_000, 3.0, 1.0) == pytest.approx(0.5)
+
+
+def test_timing_and_bandwidth_on_cpu():
+    calls = []
+    t = time_steps(calls.append, steps=7, warmup=3, device="cpu")
+    assert calls == list(range(10)) and t.steps == 7 and t.clock == "perf-counter"
+    assert 0 <= t.min_ms <= t.median_ms <= t.max_ms
+    assert copy_bandwidth_TBps("cpu", nbytes=1 << 20, reps=3) > 0
+
+
+# ---- baselines against the reference ------------------------------------------------------------
+@pytest.mark.parametrize("attention", ["math", "sdpa"])
+@pytest.mark.parametrize("case", list(SPECS))
+def test_torch_compile_baseline_matches_reference(case, attention):
+    spec, B, S = _spec(case), 3, 48
+    w, ref, cache, prompts, gen = _prefilled(spec, B, [12], S)
+    dec = TorchCompileDecoder(w, B, S, compile=False, attention=attention)
+    assert dec.model.w_gu.data_ptr() == w.w_gu.data_ptr() and dec.model.embed.data_ptr() == w.embed.data_ptr()
+    dec.fill_cache_from(cache)
+    positions = torch.tensor([12, 3, 7])     # a position per sequence
+    for t in range(6):
+        tokens = torch.randint(0, spec.vocab_size, (B,), generator=gen)
+        greedy, logits = dec.step(tokens, positions + t)
+        expect = ref.forward(tokens[:, None], positions + t, cache)[:, 0]
+        assert _rel(logits, expect) <= TOL, f"{case}/{attention}: step {t} differs by {_rel(logits, expect):.2e}"
+        assert torch.equal(greedy, expect.argmax(-1))
+    # its own prefill gives the reference's prefill logits
+    fresh = TorchCompileDecoder(w, B, S, compile=False, attention=attention)
+    last = fresh.prefill(prompts, chunk=5)
+    ref_cache = KVCache(spec, B, S, torch.float32, "cpu")
+    expect = ref.forward(prompts, torch.zeros(B, dtype=torch.long), ref_cache)[:, -1]
+    assert _rel(last, expect) <= TOL
+    assert torch.allclose(fresh.caches[1].k[:, :, :12], ref_cache.k[1, :, :, :12], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(SPECS))
+def test_hf_baseline_matches_reference(case):
+    spec, B, S = _spec(case), 2, 48
+    w, ref, cache, _, gen = _prefilled(spec, B, [10], S, seed=3)
+    dec = HFDecoder(w, B, S, compile=False)
+    layer0 = dec.model.model.layers[0]
+    assert layer0.mlp.up_proj.weight.data_ptr() == w.w_gu[0, 1].data_ptr()      # views, no copies
+    dec.fill_cache_from(cache)
+    for t in range(5):
+        tokens = torch.randint(0, spec.vocab_size, (B,), generator=gen)
+        pos = torch.full((B,), 10 + t)
+        greedy, logits = dec.step(tokens, pos)
+        expect = ref.forward(tokens[:, None], pos, cache)[:, 0]
+        assert _rel(logits, expect) <= TOL, f"{case}: step {t} differs by {_rel(logits, expect):.2e}"
+        assert torch.equal(greedy, expect.argmax(-1))
+    # jumping back to an earlier position rewinds transformers' write position too
+    tokens = torch.randint(0, spec.vocab_size, (B,), generator=gen)
+    _, logits = dec.step(tokens, torch.full((B,), 11))
+    assert _rel(logits, ref.forward(tokens[:, None], torch.full((B,), 11), cache)[:, 0]) <= TOL
+    with pytest.raises(InputError, match="one position"):
+        dec.step(tokens, torch.tensor([11, 12]))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
+def test_torch_compile_baseline_compiles_once():
+    """The compiled decode step is one graph for every position (positions are tensors), still exact."""
+    from torch._dynamo.utils import counters
+
+    saved = torch._inductor.config.save_config()     # the decoder sets gpt-fast's options process-wide
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        w, ref, cache, _, gen = _prefilled(TINY, 2, [9], 40)
+        dec = TorchCompileDecoder(w, 2, 40, compile=True)
+        assert dec.inductor_settings["coordinate_descent_tuning"] is True
+        dec.fill_cache_from(cache)
+        for t in range(4):
+            tokens = torch.randint(0, TINY.vocab_size, (2,), generator=gen)
+            pos = torch.tensor([9 + t, 2 * t])
+            _, logits = dec.step(tokens, pos)
+            assert _rel(logits, ref.forward(tokens[:, None], pos, cache)[:, 0]) <= TOL
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+        torch._inductor.config.load_config(saved)
+
+
+# ---- the runner ---------------------------------------------------------------------------------------
+def _check_result(result: dict) -> None:
+    for k in report.TOP_FIELDS:
+        assert k in result
+    assert isinstance(result["copy_bandwidth_TBps"], float) and result["copy_bandwidth_TBps"] > 0
+    for r in result["rows"]:
+        for k in report.ROW_FIELDS:
+            assert k in r, k
+        assert r["engine"] in ("monokernel", "torch-compile", "hf")
+        assert isinstance(r["batch"], int) and isinstance(r["context"], int) and isinstance(r["bytes_per_step"], int)
+        assert r["ms_per_step"] > 0 and r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["ms_per_step"])
+        expect = r["bytes_per_step"] / (r["copy_bandwidth_TBps"] * 1e12) * 1e3 / r["ms_per_step"]
+        assert r["roofline_fraction"] == pytest.approx(expect)
+
+
+def test_runner_end_to_end_on_cpu(tmp_path):
+    cfg = BenchConfig(models=[TINY], engines=["monokernel", "torch-compile", "hf"], batches=[1, 2],
+                      contexts=[8, 40, 300], dtype=torch.float32, steps=3, warmup=1, agreement_steps=4,
+                      device="cpu", compile=False, bandwidth_bytes=1 << 20, progress=False, command="pytest")
+    result = run_benchmark(cfg)
+    _check_result(result)
+    rows = result["rows"]
+    assert {(r["engine"], r["batch"], r["context"]) for r in rows} == {
+        (e, b, c) for e in ("torch-compile", "hf") for b in (1, 2) for c in (8, 40)}
+    for r in rows:
+        a = r["agreement"]
+        assert a["steps"] == 4 and a["tokens"] == 4 * r["batch"] and a["argmax_inconsistent"] == 0
+        if r["engine"] == "torch-compile":
+            assert a["reference"] and r["speedup_vs_torch_compile"] == 1.0
+        else:     # fp32: the baselines agree on every greedy token
+            assert a["mismatches"] == 0 and a["max_rel_logit_diff"] < TOL
+            assert r["speedup_vs_torch_compile"] > 0
+        # the timed steps' caches hold context + agreement + warm-up + 1 positions on average (steps = 3)
+        assert r["kv_positions_read"] == r["context"] + 4 + 1 + 1
+        assert r["bytes_per_step"] == roofline.bytes_per_step(TINY, r["batch"], r["context"] + 6, torch.float32)
+    skipped = result["skipped"]
+    assert {(s["engine"], s["batch"], s["context"]) for s in skipped} == {
+        ("monokernel", b, c) for b in (1, 2) for c in (8, 40, 300)} | {
+        (e, b, 300) for e in ("torch-compile", "hf") for b in (1, 2)}
+    for s in skipped:
+        assert ("CUDA" if s["engine"] == "monokernel" else "exceed the model's 256 positions") in s["reason"]
+
+    paths = report.output_paths(tmp_path, result, append=False)
+    written = report.write_reports(result, paths)
+    assert set(written) == {"json", "md", "png"}
+    loaded = json.loads(written["json"].read_text())
+    _check_result(loaded)
+    assert loaded["rows"] == json.loads(json.dumps(rows))
+    md = written["md"].read_text()
+    assert md.count("\n| tiny |") == len(rows) + len(skipped) and "Skipped" in md
+    assert written["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+    assert matplotlib.image.imread(written["png"]).shape[0] > 100
+
+
+def test_runner_skips_a_failing_engine(monkeypatch):
+    import monokernel.bench.runner as runner
+
+    real = runner.build_engine
+
+    def flaky(name, *a, **k):
+        if name == "hf":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(runner, "build_engine", flaky)
+    cfg = BenchConfig(models=[TINY, "preset:no-such-model"], engines=["hf", "torch-compile"], batches=[1],
+                      contexts=[8], dtype=torch.float32, steps=2, warmup=0, agreement_steps=2, device="cpu",
+                      compile=False, bandwidth_bytes=1 << 20, progress=False)
+    result = run_benchmark(cfg)
+    assert [r["engine"] for r in result["rows"]] == ["torch-compile"]
+    reasons = {(s["model"], s["engine"]): s["reason"] for s in result["skipped"]}
+    assert reasons[("tiny", "hf")].startswith("out of memory")
+    assert "unknown preset" in reasons[("preset:no-such-model", "hf")]
+
+
+def test_agreement_counts_mismatches():
+    ref_logits = torch.tensor([[[0.0, 2.0, 1.0]], [[3.0, 0.0, 2.9]]])          # (steps 2, B 1, V 3)
+    ref = {"label": "ref", "greedy": ref_logits.argmax(-1), "logits": ref_logits}
+    other = torch.tensor([[[0.0, 2.0, 1.0]], [[2.9, 0.0, 3.0]]])               # flips the near tie at step 1
+    a = _agreement(ref, other.argmax(-1), other)
+    assert a["mismatches"] == 1 and a["first_mismatch_step"] == 1
+    assert a["max_mismatch_logit_gap"] == pytest.approx(0.1)
+    assert a["max_rel_logit_diff"] == pytest.approx(0.1 / 3.0)
+
+
+def test_merge_replaces_rows_of_the_same_configuration():
+    row = lambda e, ms: {"engine": e, "variant": "v", "model": "m", "dtype": "bf16", "batch": 1, "context": 8,
+                         "ms_per_step": ms}
+    old = {"command": "a", "rows": [row("hf", 5.0), row("monokernel", 1.0)], "skipped": [], "notices": ["x"]}
+    new = {"command": "b", "rows": [row("hf", 4.0)], "skipped": [], "notices": ["x", "y"]}
+    m = report.merge(old, new)
+    assert sorted((r["engine"], r["ms_per_step"]) for r in m["rows"]) == [("hf", 4.0), ("monokernel", 1.0)]
+    assert m["command"] == "a ; b" and m["notices"] == ["x", "y"]
+    assert report.gpu_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3" and report.gpu_slug("cpu (x86_64)") == "cpu"
+
+
+def test_cli_writes_and_appends(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(PRESETS, "tiny", TINY)
+    base = ["--model", "preset:tiny", "--engines", "torch-compile,hf", "--batch", "1", "--context", "8",
+            "--dtype", "fp32", "--steps", "2", "--warmup", "0", "--agreement-steps", "2", "--device", "cpu",
+            "--no-compile", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(base) == 0
+    first = sorted(p.name for p in tmp_path.iterdir())
+    assert len(first) == 3 and first[0].endswith("-cpu.json")
+    assert cli.main(base + ["--context", "16", "--append"]) == 0          # merged into the same file
+    result = json.loads((tmp_path / first[0]).read_text())
+    _check_result(result)
+    assert sorted({r["context"] for r in result["rows"]}) == [8, 16]
+    assert cli.main(base) == 0                                             # a new run does not overwrite
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    assert "| tiny | 1 | 8 | torch-compile |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["--engines", "nope"])
