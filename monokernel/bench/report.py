@@ -104,6 +104,9 @@ def plot(result: dict, path: Path) -> bool:
         for j, batch in enumerate(batches):
             ax = axes[i][j]
             sel = [r for r in rows if (r["model"], r["dtype"], r["batch"]) == (model, dtype, batch)]
+            if not sel:          # a combination the run did not measure
+                ax.set_axis_off()
+                continue
             for label in sorted({f"{r['engine']} ({r.get('variant', '')})" for r in sel}):
                 pts = sorted((r["context"], r["ms_per_step"]) for r in sel
                              if f"{r['engine']} ({r.get('variant', '')})" == label)
