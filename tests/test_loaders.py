@@ -200,6 +200,17 @@ def test_wrong_shape_tensor(tmp_path, llama_dir):
         load_safetensors_checkpoint(path, torch.float32, "cpu")
 
 
+def test_a_tensor_without_a_place_is_refused(tmp_path, llama_dir):
+    from safetensors.torch import load_file, save_file
+
+    path = _copy(llama_dir, tmp_path / "m")
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.self_attn.o_proj.bias"] = torch.randn(tensors["model.norm.weight"].shape)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UnsupportedModelError, match=r"no place for: model\.layers\.0\.self_attn\.o_proj\.bias"):
+        load_safetensors_checkpoint(path, torch.float32, "cpu")
+
+
 def test_llama_attention_bias_is_refused(tmp_path):
     _hf_model("llama-bias").save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match=r"attention_bias=true"):
