@@ -42,8 +42,10 @@ def cache_root() -> Path:
 
 @lru_cache(maxsize=None)
 def find_nvcc() -> str:
-    nvcc = shutil.which("nvcc") or next((str(p) for p in (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc",)
-                                        if p.exists()), None)
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+        nvcc = str(home) if home.exists() else None
     if nvcc is None:
         raise CompileError("nvcc not found: install the CUDA toolkit (12.4 or newer) or put nvcc on PATH")
     return nvcc

@@ -56,6 +56,7 @@ class MegaDecoder:
                 f"{self.compiled.registers} registers x {self.config.threads} threads)")
         self._alloc(dev)
         self.epoch = 0
+        self._broken = False      # set once a step fails: counters are then out of step with the epoch
         self.params = self._params(timeout_s)
 
     def _alloc(self, dev):
@@ -98,7 +99,7 @@ class MegaDecoder:
 
     def launch(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         """Enqueues one decode step (no host synchronisation): tokens/positions (B,) on the device."""
-        if self.error.device.type == "cuda" and getattr(self, "_broken", False):
+        if self._broken:
             raise KernelRuntimeError("this decoder failed earlier; create a new one")
         self.tokens.copy_(tokens, non_blocking=True)
         self.positions.copy_(positions, non_blocking=True)

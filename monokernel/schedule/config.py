@@ -60,7 +60,7 @@ class KernelConfig:
         for name, k in (("hidden_size", s.hidden_size), ("q_size", s.q_size), ("intermediate_size", s.intermediate_size)):
             if k % 8:
                 raise UnsupportedModelError(f"{name}={k} must be a multiple of 8 for 16-byte weight loads")
-        if self.resolved_slot_bytes == 0:
+        if self.slot_bytes == 0:
             object.__setattr__(self, "slot_bytes", self._derive_slot_bytes())
         if self.kv_splits == 0:
             per = self.batch * s.num_kv_heads
@@ -72,10 +72,6 @@ class KernelConfig:
     def kv_chunk(self, n_keys: int) -> int:
         """Keys per split for a sequence with n_keys keys; the kernel computes the same."""
         return max(self.min_kv_chunk, -(-n_keys // self.kv_splits))
-
-    @property
-    def resolved_slot_bytes(self) -> int:
-        return self.slot_bytes
 
     @property
     def elt(self) -> int:
