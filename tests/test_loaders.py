@@ -178,35 +178,33 @@ def test_truncated_file(tmp_path, llama_dir, keep):
         load_safetensors_checkpoint(path, torch.float32, "cpu")
 
 
-def test_tensor_missing_from_all_shards(tmp_path, llama_dir):
+def _edited_copy(llama_dir, dst, put: dict | None = None, drop: tuple[str, ...] = ()):
+    """A copy of the good checkpoint with tensors added or replaced (`put`) and removed (`drop`)."""
     from safetensors.torch import load_file, save_file
 
-    path = _copy(llama_dir, tmp_path / "m")
+    path = _copy(llama_dir, dst)
     tensors = load_file(path / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.weight"]
-    save_file(tensors, path / "model.safetensors")
+    for name in drop:
+        del tensors[name]
+    tensors.update(put or {})
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_tensor_missing_from_all_shards(tmp_path, llama_dir):
+    path = _edited_copy(llama_dir, tmp_path / "m", drop=("model.layers.1.mlp.up_proj.weight",))
     with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' is in none"):
         load_safetensors_checkpoint(path, torch.float32, "cpu")
 
 
 def test_wrong_shape_tensor(tmp_path, llama_dir):
-    from safetensors.torch import load_file, save_file
-
-    path = _copy(llama_dir, tmp_path / "m")
-    tensors = load_file(path / "model.safetensors")
-    tensors["model.layers.0.self_attn.k_proj.weight"] = torch.randn(48, 64)
-    save_file(tensors, path / "model.safetensors")
+    path = _edited_copy(llama_dir, tmp_path / "m", put={"model.layers.0.self_attn.k_proj.weight": torch.randn(48, 64)})
     with pytest.raises(CheckpointError, match=r"k_proj\.weight' has shape \(48, 64\).*\(32, 64\)"):
         load_safetensors_checkpoint(path, torch.float32, "cpu")
 
 
 def test_a_tensor_without_a_place_is_refused(tmp_path, llama_dir):
-    from safetensors.torch import load_file, save_file
-
-    path = _copy(llama_dir, tmp_path / "m")
-    tensors = load_file(path / "model.safetensors")
-    tensors["model.layers.0.self_attn.o_proj.bias"] = torch.randn(tensors["model.norm.weight"].shape)
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    path = _edited_copy(llama_dir, tmp_path / "m", put={"model.layers.0.self_attn.o_proj.bias": torch.randn(64)})
     with pytest.raises(UnsupportedModelError, match=r"no place for: model\.layers\.0\.self_attn\.o_proj\.bias"):
         load_safetensors_checkpoint(path, torch.float32, "cpu")
 
