@@ -1,31 +1,83 @@
-"""Times the megakernel (batch 1, context 512, random bf16 weights) and prints where each block spends
-the step, per op, from the kernel's own per-task timestamps. Usage: profile_megakernel.py MODELS OUT.json"""
-import sys, torch, json
+"""Times the megakernel on random bf16 weights and prints where each block spends the step, per op, from
+the kernel's own per-task timestamps. Each --variant is a set of KernelConfig overrides timed in turn on
+the same weights and cache, so variants are compared within one run.
+
+  python scripts/profile_megakernel.py --models llama-3.2-1b,llama-3.1-8b --context 512 \
+      --variant "" --variant prefetch_kv=0 --json out.json
+"""
+import argparse
+import json
+
+import torch
+
 from monokernel.models.presets import preset
 from monokernel.models.weights import random_weights
 from monokernel.reference.model import KVCache
 from monokernel.runtime.mega import MegaDecoder
-out = {}
-for name in sys.argv[1].split(","):
-    for batch in (1,):
+
+
+def overrides(text: str) -> dict:
+    return {k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)}   # bools as 0/1
+
+
+def time_steps(mk: MegaDecoder, tok, pos, steps: int) -> float:
+    for _ in range(10):
+        mk.launch(tok, pos)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    ev[0].record()
+    for i in range(steps):
+        mk.launch(tok, pos)
+        ev[i + 1].record()
+    torch.cuda.synchronize()
+    mk.check()
+    return sorted(ev[i].elapsed_time(ev[i + 1]) for i in range(steps))[steps // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b")
+    ap.add_argument("--batch", default="1")
+    ap.add_argument("--context", default="512")
+    ap.add_argument("--variant", action="append", default=None, help="k=v,k=v KernelConfig overrides ('' = defaults)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = []
+    for name in args.models.split(","):
         spec = preset(name)
         w = random_weights(spec, torch.bfloat16, "cuda", seed=0)
-        cache = KVCache(spec, batch, 528, torch.bfloat16, "cuda"); cache.k.normal_(); cache.v.normal_()
-        mk = MegaDecoder(w, cache)
-        tok = torch.randint(0, spec.vocab_size, (batch,), device="cuda"); pos = torch.full((batch,), 512, device="cuda")
-        for _ in range(10): mk.launch(tok, pos)
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-        ev[0].record()
-        for _ in range(50): mk.launch(tok, pos)
-        ev[1].record(); torch.cuda.synchronize(); mk.check()
-        ms = ev[0].elapsed_time(ev[1]) / 50
-        mk.enable_profile(); mk.launch(tok, pos); torch.cuda.synchronize()
-        s = mk.profile_summary()
-        nb = s["blocks"]
-        print(f"{name} b{batch}: {ms:.3f} ms/step (mean of 50), profiled span {s['span_us']:.0f} us")
-        for k, v in s.items():
-            if isinstance(v, dict):
-                print(f"  {k:7s} tasks {v['tasks']:5d}  wait/block {v['wait_us']/nb:8.1f} us  work/block {v['work_us']/nb:8.1f} us")
-        out[name] = dict(ms=ms, profile=s)
-        del mk, w, cache; torch.cuda.empty_cache()
-json.dump(out, open(sys.argv[2], "w"), indent=1)
+        for batch in map(int, args.batch.split(",")):
+            for ctx in map(int, args.context.split(",")):
+                cache = KVCache(spec, batch, ctx + 64, torch.bfloat16, "cuda")
+                cache.k.normal_()
+                cache.v.normal_()
+                tok = torch.randint(0, spec.vocab_size, (batch,), device="cuda")
+                pos = torch.full((batch,), ctx, device="cuda")
+                for var in args.variant or [""]:
+                    mk = MegaDecoder(w, cache, **overrides(var))
+                    ms = time_steps(mk, tok, pos, args.steps)
+                    mk.enable_profile()
+                    mk.launch(tok, pos)
+                    torch.cuda.synchronize()
+                    s = mk.profile_summary()
+                    nb = s["blocks"]
+                    print(f"{name} b{batch} ctx{ctx} [{var or 'default'}] splits={mk.config.kv_splits} "
+                          f"ring={mk.config.ring_stages}: {ms:.3f} ms/step (median of {args.steps}), "
+                          f"profiled span {s['span_us']:.0f} us", flush=True)
+                    for k, v in s.items():
+                        if isinstance(v, dict):
+                            print(f"  {k:7s} tasks {v['tasks']:5d}  wait/block {v['wait_us'] / nb:8.1f} us"
+                                  f"  work/block {v['work_us'] / nb:8.1f} us")
+                    rows.append(dict(model=name, batch=batch, context=ctx, variant=var, ms=ms,
+                                     config=mk.config.summary(), profile=s))
+                    del mk
+                del cache
+                torch.cuda.empty_cache()
+        del w
+        torch.cuda.empty_cache()
+    if args.json:
+        json.dump(rows, open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

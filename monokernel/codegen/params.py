@@ -28,6 +28,8 @@ PARAMS: tuple[tuple[str, str, str], ...] = (
     ("float*", "attn_o", "(L, B, NKV, KV_SPLITS, G, D) unnormalised partial outputs"),
     ("float*", "attn_m", "(L, B, NKV, KV_SPLITS, G) running max"),
     ("float*", "attn_l", "(L, B, NKV, KV_SPLITS, G) softmax denominators"),
+    ("T*", "attn_out", "(L, B, QSIZE) attention output, combined by each head group's last split"),
+    ("uint32_t*", "attn_done", "(L, B, NKV) splits finished this step; wraps to 0 after the last"),
     ("float*", "logits", "(B, V)"),
     ("float*", "lm_max", "(LM tiles, B)"),
     ("int*", "lm_idx", "(LM tiles, B)"),

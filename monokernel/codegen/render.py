@@ -33,7 +33,8 @@ def render_source(cfg: KernelConfig) -> str:
         ring_stages=cfg.ring_stages, slot_bytes=cfg.slot_bytes, input_len=cfg.input_len,
         input_in_smem=cfg.input_in_smem, smem_bytes=cfg.smem_bytes,
         ops=[(op.name, int(op)) for op in Op],
-        gemv=[dict(op=op.name, **cfg.gemv(op).__dict__) for op in GEMV_OPS],
+        gemv=[dict(op=op.name, flush_chunks=cfg.flush_chunks(op), **cfg.gemv(op).__dict__) for op in GEMV_OPS],
+        prefetch_kv=cfg.prefetch_kv,
         task_fields=TASK_FIELDS, params=PARAMS)
     body = "\n".join(f"// ---- {n} ----\n{_template(n)}" for n in TEMPLATE_ORDER)
     return header + "\n#include <type_traits>\n" + body

@@ -70,6 +70,8 @@ class MegaDecoder:
         part = (L, B, s.num_kv_heads, c.kv_splits, s.group_size)
         self.attn_o = e(*part, s.head_dim, dtype=torch.float32)
         self.attn_m, self.attn_l = e(*part, dtype=torch.float32), e(*part, dtype=torch.float32)
+        self.attn_out = e(L, B, s.q_size)
+        self.attn_done = torch.zeros(L, B, s.num_kv_heads, dtype=torch.int32, device=dev)
         self.logits = e(B, s.vocab_size, dtype=torch.float32)
         self.lm_max = e(sched.lm_tiles, B, dtype=torch.float32)
         self.lm_idx = e(sched.lm_tiles, B, dtype=torch.int32)
@@ -91,6 +93,7 @@ class MegaDecoder:
                  w_down=ptr(w.w_down), k_cache=ptr(self.cache.k), v_cache=ptr(self.cache.v), x=ptr(self.x),
                  x_mid=ptr(self.x_mid), qkv=ptr(self.qkv), act=ptr(self.act), scratch=ptr(self.scratch),
                  attn_o=ptr(self.attn_o), attn_m=ptr(self.attn_m), attn_l=ptr(self.attn_l),
+                 attn_out=ptr(self.attn_out), attn_done=ptr(self.attn_done),
                  logits=ptr(self.logits), lm_max=ptr(self.lm_max), lm_idx=ptr(self.lm_idx),
                  inv_freq=ptr(self.inv_freq), tokens=ptr(self.tokens), positions=ptr(self.positions),
                  out_tokens=ptr(self.out_tokens), counters=ptr(self.counters), error=ptr(self.error),

@@ -47,6 +47,10 @@ class KernelConfig:
     # Keys per split at least this many: short contexts then use few splits, and the combine and the
     # empty split tasks cost nothing for the rest (the split count adapts per step and sequence).
     min_kv_chunk: int = 32
+    # The producer may warm L2 with each attention task's KV rows when its walk passes the task (a ring's
+    # depth ahead of the consumers). Off: on the H100 it measured slower (8B, 8k context: 6.52 -> 6.68 ms),
+    # as did an L2 prefetch of the weights ahead of the ring (perf notes 5).
+    prefetch_kv: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES:
@@ -63,8 +67,11 @@ class KernelConfig:
         if self.slot_bytes == 0:
             object.__setattr__(self, "slot_bytes", self._derive_slot_bytes())
         if self.kv_splits == 0:
+            # no more attention tasks than blocks: one block running two would hold up the whole phase
             per = self.batch * s.num_kv_heads
-            object.__setattr__(self, "kv_splits", max(1, min(64, math.ceil(self.gpu.sm_count / per))))
+            object.__setattr__(self, "kv_splits", max(1, min(64, self.gpu.sm_count // per)))
+        if s.head_dim % 32:
+            raise UnsupportedModelError(f"head_dim={s.head_dim} must be a multiple of 32 (one warp spans a head)")
         if self.ring_stages < 2:
             raise UnsupportedModelError(
                 f"shared memory too small: {self.smem_bytes_fixed} bytes fixed leave room for {self.ring_stages} ring slots")
@@ -123,10 +130,22 @@ class KernelConfig:
         # batches stage it in a per-block global (L2-resident) scratch instead.
         return self.batch * self.input_len * self.elt <= 96 * 1024
 
+    def flush_chunks(self, op: Op) -> int:
+        """Ring chunks whose row results collect in shared memory before one epilogue writes them: the
+        epilogue (a barrier and, for residual ops, an L2 round trip) then runs once per task, not per chunk."""
+        g = self.gemv(op)
+        per_chunk = g.warps_per_row * g.chunk_rows * self.batch * 4
+        return max(1, min(-(-g.tile_rows // g.chunk_rows), self.result_budget // per_chunk))
+
+    @property
+    def result_budget(self) -> int:
+        # the attention partials need this much scratch anyway; results may use as much (at least 8 KiB)
+        return max(8 * 1024, self.attn_floats * 4)
+
     @property
     def result_floats(self) -> int:
-        return max(self.gemv(op).chunk_rows * self.gemv(op).warps_per_row for op in
-                   (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)) * self.batch
+        return max(self.gemv(op).chunk_rows * self.gemv(op).warps_per_row * self.flush_chunks(op)
+                   for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)) * self.batch
 
     @property
     def attn_floats(self) -> int:
@@ -156,4 +175,6 @@ class KernelConfig:
                 "gpu": self.gpu.name, "blocks": self.num_blocks, "threads": self.threads,
                 "slot_bytes": self.slot_bytes, "ring_stages": self.ring_stages, "smem_bytes": self.smem_bytes,
                 "input_in_smem": self.input_in_smem, "kv_splits": self.kv_splits,
-                "gemv": {op.name: self.gemv(op).__dict__ for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)}}
+                "prefetch_kv": self.prefetch_kv,
+                "gemv": {op.name: dict(self.gemv(op).__dict__, flush_chunks=self.flush_chunks(op))
+                         for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)}}

@@ -28,6 +28,8 @@ class _Buffers:
     attn_o: torch.Tensor   # (L, B, KVH, S, G, D) fp32, unnormalised
     attn_m: torch.Tensor   # (L, B, KVH, S, G) fp32
     attn_l: torch.Tensor   # (L, B, KVH, S, G) fp32
+    attn_out: torch.Tensor  # (L, B, q_size): combined by the last split of each (layer, b, kv head)
+    arrived: dict           # (layer, b, kv head) -> splits finished
     act: torch.Tensor      # (L, B, I)
     logits: torch.Tensor   # (B, V) fp32
     lm_max: torch.Tensor   # (tiles, B) fp32
@@ -51,6 +53,7 @@ class Simulator:
             attn_o=nan(L, B, s.num_kv_heads, S, s.group_size, s.head_dim, dtype=torch.float32),
             attn_m=nan(L, B, s.num_kv_heads, S, s.group_size, dtype=torch.float32),
             attn_l=nan(L, B, s.num_kv_heads, S, s.group_size, dtype=torch.float32),
+            attn_out=nan(L, B, s.q_size), arrived={},
             act=nan(L, B, s.intermediate_size), logits=nan(B, s.vocab_size, dtype=torch.float32),
             lm_max=nan(self.sched.lm_tiles, B, dtype=torch.float32),
             lm_idx=torch.full((self.sched.lm_tiles, B), -1, dtype=torch.long),
@@ -88,7 +91,7 @@ class Simulator:
         elif t.op == Op.ATTN:
             self._attention(t, buf, positions, cache)
         elif t.op == Op.OPROJ:
-            att = self._combine(buf, t.layer, positions)
+            att = buf.attn_out[t.layer]
             buf.x_mid[t.layer][:, rows] = buf.x[t.layer][:, rows] + F.linear(att, w.w_o[t.layer, rows])
         elif t.op == Op.GATEUP:
             h = rms_norm(buf.x_mid[t.layer], w.mlp_norm[t.layer], s.rms_norm_eps)
@@ -139,20 +142,17 @@ class Simulator:
         buf.attn_o[layer, b, kvh, split] = p @ vals.float()
         buf.attn_m[layer, b, kvh, split] = m
         buf.attn_l[layer, b, kvh, split] = p.sum(dim=1)
-
-    def _combine(self, buf: _Buffers, layer: int, positions) -> torch.Tensor:
-        """Log-sum-exp combine of the active KV splits -> attention output (B, q_size) in the model dtype."""
-        outs = []
-        for b in range(self.cfg.batch):
-            n_keys = int(positions[b]) + 1
-            active = -(-n_keys // self.cfg.kv_chunk(n_keys))
-            outs.append(self._combine_one(buf.attn_m[layer, b, :, :active], buf.attn_l[layer, b, :, :active],
-                                          buf.attn_o[layer, b, :, :active]))
-        return torch.stack(outs)
+        key = (layer, b, kvh)
+        buf.arrived[key] = buf.arrived.get(key, 0) + 1
+        active = -(-n_keys // chunk)
+        if buf.arrived[key] == active:      # the last split to finish combines them all
+            heads = slice(kvh * G * D, (kvh + 1) * G * D)
+            buf.attn_out[layer, b, heads] = self._combine_one(
+                buf.attn_m[layer, b, kvh, :active], buf.attn_l[layer, b, kvh, :active], buf.attn_o[layer, b, kvh, :active])
 
     def _combine_one(self, m, l, o) -> torch.Tensor:
-        """m, l (KVH, S, G); o (KVH, S, G, D) -> (q_size,)"""
-        mx = m.max(dim=1, keepdim=True).values
+        """Log-sum-exp combine of one kv head's active splits: m, l (S, G); o (S, G, D) -> (G * D,)"""
+        mx = m.max(dim=0, keepdim=True).values
         scale = torch.exp(m - mx)
-        out = (o * scale[..., None]).sum(dim=1) / (l * scale).sum(dim=1)[..., None]   # (KVH, G, D)
+        out = (o * scale[..., None]).sum(dim=0) / (l * scale).sum(dim=0)[..., None]   # (G, D)
         return out.reshape(-1).to(self.w.dtype)

@@ -1,7 +1,7 @@
 // One flash-decoding task: sequence b, kv head kvh, split s of the keys [0, pos]. It prepares the
 // group's queries and the new key (q/k RMSNorm, RoPE with the reference's rounding points), appends
 // the new K/V to the cache if its split holds position pos, and writes an unnormalised partial
-// (o, running max m, sum l) per query head for the log-sum-exp combine in the O projection.
+// (o, running max m, sum l) per query head; the last split to finish combines them.
 namespace mk {
 
 // Rounded rotary embedding of one head row held in `row` (float values of model-dtype numbers):
@@ -67,6 +67,10 @@ __device__ bool attention_task(const Params& p, const Task& t, float* sm) {
     }
   }
 
+  // Each warp walks every NCW-th key of the split, KU keys at a time: all KU key and value rows are
+  // loaded before the first is used, so KU memory round trips overlap instead of queueing behind the
+  // online-softmax update. Lane l holds head dims [l * DPL, (l + 1) * DPL) (8-byte loads for D = 128).
+  constexpr int KU = 4;
   float m[G], lsum[G], acc[G][DPL];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -74,31 +78,40 @@ __device__ bool attention_task(const Params& p, const Task& t, float* sm) {
 #pragma unroll
     for (int j = 0; j < DPL; ++j) acc[g][j] = 0.f;
   }
-  for (int key = lo + warp; key < hi; key += NCW) {
-    float kv[DPL], vv[DPL];
+  const T* kc = p.k_cache + cache_base * D + lane * DPL;
+  const T* vc = p.v_cache + cache_base * D + lane * DPL;
+  for (int k0 = lo + warp; k0 < hi; k0 += NCW * KU) {
+    uint32_t kw[KU][DW], vw[KU][DW];
 #pragma unroll
-    for (int j = 0; j < DPL; ++j) {
-      const int d = lane + 32 * j;
-      if (d < D) {
-        kv[j] = key == pos ? kn[d] : to_f(p.k_cache[(cache_base + key) * D + d]);
-        vv[j] = key == pos ? vn[d] : to_f(p.v_cache[(cache_base + key) * D + d]);
-      } else {
-        kv[j] = vv[j] = 0.f;
+    for (int u = 0; u < KU; ++u) {
+      const int key = k0 + u * NCW;
+      if (key < hi && key != pos) {
+        ld_dims(kc + (size_t)key * D, kw[u]);
+        ld_dims(vc + (size_t)key * D, vw[u]);
+      } else {                           // the new key comes from shared memory (exact: it is rounded)
+        pack_dims(kn + lane * DPL, kw[u]);
+        pack_dims(vn + lane * DPL, vw[u]);
       }
     }
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float s = 0.f;
+    for (int u = 0; u < KU; ++u) {
+      if (k0 + u * NCW >= hi) break;
+      float kf[DPL], vf[DPL];
+      unpack_dims(kw[u], kf);
+      unpack_dims(vw[u], vf);
 #pragma unroll
-      for (int j = 0; j < DPL; ++j)
-        if (lane + 32 * j < D) s = fmaf(q[g * D + lane + 32 * j], kv[j], s);
-      s = warp_sum(s) * ATTN_SCALE;
-      const float mn = fmaxf(m[g], s);
-      const float corr = expf(m[g] - mn), e = expf(s - mn);
-      lsum[g] = lsum[g] * corr + e;
+      for (int g = 0; g < G; ++g) {
+        float s = 0.f;
 #pragma unroll
-      for (int j = 0; j < DPL; ++j) acc[g][j] = acc[g][j] * corr + e * vv[j];
-      m[g] = mn;
+        for (int j = 0; j < DPL; ++j) s = fmaf(q[g * D + lane * DPL + j], kf[j], s);
+        s = warp_sum(s) * ATTN_SCALE;
+        const float mn = fmaxf(m[g], s);
+        const float corr = expf(m[g] - mn), e = expf(s - mn);
+        lsum[g] = lsum[g] * corr + e;
+#pragma unroll
+        for (int j = 0; j < DPL; ++j) acc[g][j] = acc[g][j] * corr + e * vf[j];
+        m[g] = mn;
+      }
     }
   }
   consumer_sync();                       // the prep rows in `part` are no longer read
@@ -106,12 +119,12 @@ __device__ bool attention_task(const Params& p, const Task& t, float* sm) {
   for (int g = 0; g < G; ++g) {
     float* pw = part + (warp * G + g) * (D + 2);
 #pragma unroll
-    for (int j = 0; j < DPL; ++j)
-      if (lane + 32 * j < D) pw[lane + 32 * j] = acc[g][j];
+    for (int j = 0; j < DPL; ++j) pw[lane * DPL + j] = acc[g][j];
     if (lane == 0) { pw[D] = m[g]; pw[D + 1] = lsum[g]; }
   }
   consumer_sync();
-  const size_t out = ((((size_t)l * B + b) * NKV + kvh) * KV_SPLITS + split) * G;
+  const size_t slots = (((size_t)l * B + b) * NKV + kvh) * KV_SPLITS;   // this (layer, b, kv head)'s splits
+  const size_t out = (slots + split) * G;
   for (int i = threadIdx.x; i < G * D; i += NCT) {
     const int g = i / D, d = i % D;
     float mx = -INFINITY;
@@ -128,6 +141,62 @@ __device__ bool attention_task(const Params& p, const Task& t, float* sm) {
     }
     p.attn_o[(out + g) * D + d] = o;
     if (d == 0) { p.attn_m[out + g] = mx; p.attn_l[out + g] = den; }
+  }
+
+  // The last split of this (layer, b, kv head) to finish combines all of them (log-sum-exp) into the
+  // attention output, so the O projection stages a plain vector instead of every block re-reading
+  // every split's partials. atomicInc wraps the arrival count back to 0 for the next step.
+  const int active = (n + chunk - 1) / chunk;
+  volatile int* last = reinterpret_cast<volatile int*>(part);
+  consumer_sync();                       // every partial store of this block precedes the fence below
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const unsigned old = atomicInc(p.attn_done + ((size_t)l * B + b) * NKV + kvh, (unsigned)(active - 1));
+    __threadfence();
+    *last = old == (unsigned)(active - 1);
+  }
+  consumer_sync();
+  if (!*last) return true;
+  // One warp per query head turns the splits' (m, l) into weights, lanes across splits (one L2 round
+  // trip); then every output element sums its splits' partials, CU loads in flight at a time.
+  float* cw = part + 1;                  // G x KV_SPLITS split weights, then G denominators
+  float* den = cw + G * KV_SPLITS;
+  for (int g = warp; g < G; g += NCW) {
+    float ms[SPL], ls[SPL];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < SPL; ++j) {
+      const int s = lane + 32 * j;
+      ms[j] = s < active ? __ldcg(p.attn_m + (slots + s) * G + g) : -INFINITY;
+      ls[j] = s < active ? __ldcg(p.attn_l + (slots + s) * G + g) : 0.f;
+      mx = fmaxf(mx, ms[j]);
+    }
+    mx = warp_max(mx);
+    float dsum = 0.f;
+#pragma unroll
+    for (int j = 0; j < SPL; ++j) {
+      const float cs = ms[j] == -INFINITY ? 0.f : expf(ms[j] - mx);   // a split with no keys weighs nothing
+      if (lane + 32 * j < KV_SPLITS) cw[g * KV_SPLITS + lane + 32 * j] = cs;
+      dsum = fmaf(cs, ls[j], dsum);
+    }
+    dsum = warp_sum(dsum);
+    if (lane == 0) den[g] = dsum;
+  }
+  consumer_sync();
+  constexpr int CU = 8;
+  T* dst = p.attn_out + ((size_t)l * B + b) * QSIZE + kvh * G * D;
+  for (int i = threadIdx.x; i < G * D; i += NCT) {
+    const int g = i / D, d = i % D;
+    float num = 0.f;
+    for (int s0 = 0; s0 < active; s0 += CU) {
+      float o[CU];
+#pragma unroll
+      for (int u = 0; u < CU; ++u)
+        o[u] = s0 + u < active ? __ldcg(p.attn_o + ((slots + s0 + u) * G + g) * D + d) : 0.f;
+#pragma unroll
+      for (int u = 0; u < CU; ++u) num = fmaf(cw[g * KV_SPLITS + min(s0 + u, KV_SPLITS - 1)], o[u], num);
+    }
+    dst[i] = from_f(num / den[g]);
   }
   return true;
 }

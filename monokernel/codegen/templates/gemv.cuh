@@ -6,8 +6,7 @@ namespace mk {
 // Per-row results in the model dtype where the reference rounds, then the op's own epilogue.
 template <int OP>
 __device__ __forceinline__ void epilogue(const Params& p, const Task& t, int row, int b, const float* res_row, int stride) {
-  constexpr int CR = Gemv<OP>::CR, WPR = Gemv<OP>::WPR;
-  (void)CR;
+  constexpr int WPR = Gemv<OP>::WPR;
   float v = 0.f;
 #pragma unroll
   for (int s = 0; s < WPR; ++s) v += res_row[s * stride];
@@ -29,57 +28,66 @@ __device__ __forceinline__ void epilogue(const Params& p, const Task& t, int row
 template <int OP>
 __device__ bool gemv_task(const Params& p, const Task& t, const T* in, const unsigned char* ring,
                           uint64_t* full, uint64_t* empty, uint32_t& it, float* res, Deadline& dl) {
-  constexpr int K = Gemv<OP>::K, CR = Gemv<OP>::CR, WPR = Gemv<OP>::WPR;
+  constexpr int K = Gemv<OP>::K, CR = Gemv<OP>::CR, WPR = Gemv<OP>::WPR, FC = Gemv<OP>::FC;
   constexpr int KV8 = K / 8;                       // 16-byte vectors per row
   constexpr int SEG = (KV8 + WPR - 1) / WPR;       // vectors per K-segment
+  constexpr int RR = CR * FC;                      // rows whose results one epilogue writes
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int r0 = 0; r0 < t.arg1; r0 += CR) {
-    const int nr = min(CR, t.arg1 - r0);
-    const int slot = it % NST;
-    if (!wait_full(&full[slot], (it / NST) & 1, dl)) return false;
-    const uint4* w = reinterpret_cast<const uint4*>(ring + (size_t)slot * SLOT_BYTES);
-    for (int u = warp; u < nr * WPR; u += NCW) {
-      const int row = u / WPR, seg = u % WPR;
-      float acc[B];
+  uint32_t ok = 1;
+  for (int f0 = 0; f0 < t.arg1; f0 += RR) {
+    const int fr = min(RR, t.arg1 - f0);
+    // No block barrier per chunk: each warp takes its units of a slot as soon as the slot is full and
+    // releases it after its own reads, so warps drift apart by up to a slot and the ring drains at the
+    // speed of the shared-memory reads, not of barrier round trips.
+    for (int r0 = 0; r0 < fr; r0 += CR) {
+      const int nr = min(CR, fr - r0);
+      const int slot = it % NST;
+      if (ok) ok = wait_slot(&full[slot], (it / NST) & 1, dl);
+      const uint4* w = reinterpret_cast<const uint4*>(ring + (size_t)slot * SLOT_BYTES);
+      for (int u = warp; u < nr * WPR; u += NCW) {
+        const int row = u / WPR, seg = u % WPR;
+        float acc[B];
 #pragma unroll
-      for (int b = 0; b < B; ++b) acc[b] = 0.f;
-      const uint4* wr = w + (size_t)row * KV8;
-      const int end = min(KV8, (seg + 1) * SEG);
-      for (int v = seg * SEG + lane; v < end; v += 32) {
-        const uint4 wv = wr[v];
+        for (int b = 0; b < B; ++b) acc[b] = 0.f;
+        const uint4* wr = w + (size_t)row * KV8;
+        const int end = min(KV8, (seg + 1) * SEG);
+#pragma unroll (B <= 2 ? 4 : 1)   // more loads in flight where registers allow
+        for (int v = seg * SEG + lane; v < end; v += 32) {
+          const uint4 wv = wr[v];
 #pragma unroll
-        for (int b = 0; b < B; ++b)
-          acc[b] = dot8(wv, reinterpret_cast<const uint4*>(in + b * INPUT_LEN)[v], acc[b]);
+          for (int b = 0; b < B; ++b)
+            acc[b] = dot8(wv, reinterpret_cast<const uint4*>(in + b * INPUT_LEN)[v], acc[b]);
+        }
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+          const float s = warp_sum(acc[b]);
+          if (lane == 0) res[(seg * RR + r0 + row) * B + b] = s;
+        }
       }
-#pragma unroll
-      for (int b = 0; b < B; ++b) {
-        const float s = warp_sum(acc[b]);
-        if (lane == 0) res[(seg * CR + row) * B + b] = s;
-      }
+      mbar_arrive(&empty[slot]);     // every consumer thread releases the slot after its own last read
+      ++it;
     }
-    mbar_arrive(&empty[slot]);     // every consumer thread releases the slot after its own last read
-    ++it;
-    consumer_sync();
+    if (!consumer_all(ok)) return false;   // also: every warp's results are in `res`
     if constexpr (OP == OP_GATEUP) {
       // rows alternate gate, up: act = rnd(rnd(silu(rnd(g))) * rnd(u))
-      for (int i = threadIdx.x; i < (nr / 2) * B; i += NCT) {
+      for (int i = threadIdx.x; i < (fr / 2) * B; i += NCT) {
         const int pr = i / B, b = i % B;
         float g = 0.f, up = 0.f;
 #pragma unroll
         for (int s = 0; s < WPR; ++s) {
-          g += res[(s * CR + 2 * pr) * B + b];
-          up += res[(s * CR + 2 * pr + 1) * B + b];
+          g += res[(s * RR + 2 * pr) * B + b];
+          up += res[(s * RR + 2 * pr + 1) * B + b];
         }
-        const int row = (t.arg0 + r0) / 2 + pr;
+        const int row = (t.arg0 + f0) / 2 + pr;
         p.act[((size_t)t.layer * B + b) * ISIZE + row] = from_f(rnd(silu(rnd(g))) * rnd(up));
       }
     } else {
-      for (int i = threadIdx.x; i < nr * B; i += NCT) {
+      for (int i = threadIdx.x; i < fr * B; i += NCT) {
         const int row = i / B, b = i % B;
-        epilogue<OP>(p, t, t.arg0 + r0 + row, b, res + row * B + b, CR * B);
+        epilogue<OP>(p, t, t.arg0 + f0 + row, b, res + row * B + b, RR * B);
       }
     }
-    consumer_sync();
+    consumer_sync();                       // `res` is free again
   }
   return true;
 }

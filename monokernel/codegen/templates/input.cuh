@@ -19,8 +19,9 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
   return u;
 }
 
-// in[b][k] = w[k] * rnd(x[b][k] * rsqrt(mean(x[b]^2) + eps)), as the reference's RMSNorm.
-// `red` holds NCW x B floats of shared scratch.
+// in[b][k] = w[k] * rnd(x[b][k] * rsqrt(mean(x[b]^2) + eps)), as the reference's RMSNorm. x is read
+// from L2 once: the first pass keeps a raw copy in `in`, the second normalises it in place (each thread
+// touches the same vectors in both passes). `red` holds NCW x B floats of shared scratch.
 __device__ void stage_rmsnorm(T* in, const T* x, const T* w, int len, float* red) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int nvec = len / 8;
@@ -28,12 +29,16 @@ __device__ void stage_rmsnorm(T* in, const T* x, const T* w, int len, float* red
 #pragma unroll
   for (int b = 0; b < B; ++b) ss[b] = 0.f;
   for (int v = threadIdx.x; v < nvec; v += NCT) {
+    uint4 raw[B];
+#pragma unroll
+    for (int b = 0; b < B; ++b) raw[b] = ld_act16(x + (size_t)b * len + v * 8);
 #pragma unroll
     for (int b = 0; b < B; ++b) {
       float f[8];
-      unpack8(ld_act16(x + (size_t)b * len + v * 8), f);
+      unpack8(raw[b], f);
 #pragma unroll
       for (int i = 0; i < 8; ++i) ss[b] = fmaf(f[i], f[i], ss[b]);
+      *reinterpret_cast<uint4*>(in + b * INPUT_LEN + v * 8) = raw[b];
     }
   }
 #pragma unroll
@@ -54,11 +59,12 @@ __device__ void stage_rmsnorm(T* in, const T* x, const T* w, int len, float* red
     unpack8(*reinterpret_cast<const uint4*>(w + v * 8), wf);
 #pragma unroll
     for (int b = 0; b < B; ++b) {
+      uint4* dst = reinterpret_cast<uint4*>(in + b * INPUT_LEN + v * 8);
       float f[8];
-      unpack8(ld_act16(x + (size_t)b * len + v * 8), f);
+      unpack8(*dst, f);
 #pragma unroll
       for (int i = 0; i < 8; ++i) f[i] = wf[i] * rnd(f[i] * r[b]);
-      *reinterpret_cast<uint4*>(in + b * INPUT_LEN + v * 8) = pack8(f);
+      *dst = pack8(f);
     }
   }
 }
@@ -68,47 +74,6 @@ __device__ void stage_copy(T* in, const T* src, int len) {
   for (int i = threadIdx.x; i < B * nvec; i += NCT) {
     const int b = i / nvec, v = i % nvec;
     *reinterpret_cast<uint4*>(in + b * INPUT_LEN + v * 8) = ld_act16(src + (size_t)b * len + v * 8);
-  }
-}
-
-// Log-sum-exp combine of the active KV splits of layer `layer` -> attention output (B x QSIZE). One warp per
-// (sequence, query head): lanes first turn the splits' (m, l) into weights, then sum the partial
-// outputs with coalesced loads, every split's load independent of the others.
-// `cw` holds NCW x KV_SPLITS floats of shared scratch.
-__device__ void stage_attention(T* in, const Params& p, int layer, float* cw) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* c = cw + warp * KV_SPLITS;
-  for (int row = warp; row < B * NH; row += NCW) {
-    const int b = row / NH, hq = row % NH, kvh = hq / G, g = hq % G;
-    const int n = p.positions[b] + 1;
-    const int active = (n + kv_chunk(n) - 1) / kv_chunk(n);
-    const size_t base = (((size_t)layer * B + b) * NKV + kvh) * KV_SPLITS;   // (s, g) follow
-    float m = -INFINITY;
-    for (int s = lane; s < active; s += 32) m = fmaxf(m, __ldcg(p.attn_m + (base + s) * G + g));
-    m = warp_max(m);
-    float den = 0.f;
-    for (int s = lane; s < active; s += 32) {
-      const float ms = __ldcg(p.attn_m + (base + s) * G + g);
-      const float cs = ms == -INFINITY ? 0.f : expf(ms - m);      // an empty split weighs nothing
-      c[s] = cs;
-      den = fmaf(cs, __ldcg(p.attn_l + (base + s) * G + g), den);
-    }
-    den = warp_sum(den);
-    __syncwarp();
-    float num[DPL];
-#pragma unroll
-    for (int j = 0; j < DPL; ++j) num[j] = 0.f;
-    for (int s = 0; s < active; ++s) {
-      const float cs = c[s];
-      const float* o = p.attn_o + ((base + s) * G + g) * D;
-#pragma unroll
-      for (int j = 0; j < DPL; ++j)
-        if (lane + 32 * j < D) num[j] = fmaf(cs, __ldcg(o + lane + 32 * j), num[j]);
-    }
-#pragma unroll
-    for (int j = 0; j < DPL; ++j)
-      if (lane + 32 * j < D) in[b * INPUT_LEN + hq * D + lane + 32 * j] = from_f(num[j] / den);
-    __syncwarp();
   }
 }
 

@@ -23,24 +23,62 @@ __device__ __forceinline__ const unsigned char* weight_rows(const Params& p, con
   return reinterpret_cast<const unsigned char*>(base) + (size_t)t.arg0 * row_bytes;
 }
 
+// Walks a block's tasks in the order the consumers read them, one byte range at a time: every ring
+// chunk of weight rows and, for an L2 prefetch only, the K and V cache rows of each attention task.
+struct ChunkCursor {
+  int ti, t1, part = 0;       // part: rows already walked of a matrix task, or K/V of an attention task
+  __device__ ChunkCursor(int t0, int t1_) : ti(t0), t1(t1_) {}
+  // false once the task list is exhausted; to_ring: weights for the ring, else KV rows to prefetch
+  __device__ bool next(const Params& p, const unsigned char*& src, uint32_t& bytes, bool& to_ring) {
+    for (; ti < t1; ++ti, part = 0) {
+      const Task t = p.tasks[ti];
+      if (is_gemv(t.op) && part < t.arg1) {
+        uint32_t row_bytes;
+        int cr;
+        src = weight_rows(p, t, row_bytes, cr) + (size_t)part * row_bytes;
+        bytes = min(cr, t.arg1 - part) * row_bytes;
+        part += cr;
+        to_ring = true;
+        return true;
+      }
+      if (t.op == OP_ATTN && part < 2) {
+        const int b = t.arg0 / NKV, kvh = t.arg0 % NKV;
+        const int pos = __ldg(p.positions + b);     // the cache holds rows [0, pos); row pos is this step's
+        const int chunk = kv_chunk(pos + 1), lo = t.arg1 * chunk, hi = min(pos, lo + chunk);
+        const T* cache = part++ == 0 ? p.k_cache : p.v_cache;
+        if (lo < hi) {
+          src = reinterpret_cast<const unsigned char*>(cache + ((((size_t)t.layer * B + b) * NKV + kvh) * MAX_SEQ + lo) * D);
+          bytes = (hi - lo) * D * sizeof(T);
+          to_ring = false;
+          return true;
+        }
+      }
+    }
+    return false;
+  }
+};
+
 __device__ void producer(const Params& p, int t0, int t1, unsigned char* ring, uint64_t* full, uint64_t* empty) {
   Deadline dl(p);
+  ChunkCursor cur(t0, t1);
   uint32_t it = 0;
-  for (int ti = t0; ti < t1; ++ti) {
-    const Task t = p.tasks[ti];
-    if (!is_gemv(t.op)) continue;
-    uint32_t row_bytes;
-    int cr;
-    const unsigned char* src = weight_rows(p, t, row_bytes, cr);
-    for (int r = 0; r < t.arg1; r += cr, ++it) {
-      const uint32_t bytes = min(cr, t.arg1 - r) * row_bytes;
-      const int slot = it % NST;
-      // the slot's previous contents (use it - NST) must have been released by every consumer thread
-      while (!mbar_try_wait(&empty[slot], ((it / NST) & 1) ^ 1))
-        if (!dl.alive(ERR_RING_TIMEOUT)) return;
-      mbar_arrive_expect_tx(&full[slot], bytes);
-      bulk_copy_g2s(ring + (size_t)slot * SLOT_BYTES, src + (size_t)r * row_bytes, bytes, &full[slot]);
+  const unsigned char* src;
+  uint32_t bytes;
+  bool to_ring;
+  while (cur.next(p, src, bytes, to_ring)) {
+    if (!to_ring) {
+      // KV rows of an attention task this block reaches once the ring's chunks before it are consumed:
+      // warming L2 now turns the task's dependent loads into L2 hits.
+      if (PREFETCH_KV) l2_prefetch(src, bytes);
+      continue;
     }
+    const int slot = it % NST;
+    // the slot's previous contents (use it - NST) must have been released by every consumer thread
+    while (!mbar_try_wait(&empty[slot], ((it / NST) & 1) ^ 1))
+      if (!dl.alive(ERR_RING_TIMEOUT)) return;
+    mbar_arrive_expect_tx(&full[slot], bytes);
+    bulk_copy_g2s(ring + (size_t)slot * SLOT_BYTES, src, bytes, &full[slot]);
+    ++it;
   }
 }
 
@@ -71,7 +109,7 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
     if (is_gemv(t.op) && tag != staged) {
       switch (t.op) {
         case OP_QKV: stage_rmsnorm(in, p.x + (size_t)l * B * H, p.attn_norm + (size_t)l * H, H, sm); break;
-        case OP_OPROJ: stage_attention(in, p, l, sm); break;
+        case OP_OPROJ: stage_copy(in, p.attn_out + (size_t)l * B * QSIZE, QSIZE); break;
         case OP_GATEUP: stage_rmsnorm(in, p.x_mid + (size_t)l * B * H, p.mlp_norm + (size_t)l * H, H, sm); break;
         case OP_DOWN: stage_copy(in, p.act + (size_t)l * B * ISIZE, ISIZE); break;
         default: stage_rmsnorm(in, p.x + (size_t)L * B * H, p.final_norm, H, sm); break;

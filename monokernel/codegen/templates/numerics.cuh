@@ -53,6 +53,41 @@ __device__ __forceinline__ float ld_act(const T* p) {
   return to_f(*reinterpret_cast<const T*>(&bits));
 }
 
+// DPL consecutive head dims of one cache row, kept packed (DW 32-bit words) until used so that several
+// rows fit in registers at once; loaded with the widest access their alignment allows.
+constexpr int DW = (DPL + 1) / 2;
+__device__ __forceinline__ void ld_dims(const T* src, uint32_t* w) {
+  if constexpr (DPL % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < DW; j += 2) {
+      const uint2 u = *reinterpret_cast<const uint2*>(src + 2 * j);
+      w[j] = u.x; w[j + 1] = u.y;
+    }
+  } else if constexpr (DPL % 2 == 0) {
+#pragma unroll
+    for (int j = 0; j < DW; ++j) w[j] = *reinterpret_cast<const uint32_t*>(src + 2 * j);
+  } else {
+    w[0] = *reinterpret_cast<const unsigned short*>(src);
+  }
+}
+
+__device__ __forceinline__ void pack_dims(const float* f, uint32_t* w) {
+#pragma unroll
+  for (int j = 0; j < DW; ++j) {
+    T pair[2] = {from_f(f[2 * j]), from_f(2 * j + 1 < DPL ? f[2 * j + 1] : 0.f)};
+    w[j] = *reinterpret_cast<const uint32_t*>(pair);
+  }
+}
+
+__device__ __forceinline__ void unpack_dims(const uint32_t* w, float* f) {
+#pragma unroll
+  for (int j = 0; j < DW; ++j) {
+    const float2 a = pair_to_f2(w[j]);
+    f[2 * j] = a.x;
+    if (2 * j + 1 < DPL) f[2 * j + 1] = a.y;
+  }
+}
+
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
 }  // namespace mk

@@ -38,6 +38,11 @@ __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32
       ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
 }
 
+// Warms L2 with a byte range (16-byte aligned, a multiple of 16 long); nothing waits for it.
+__device__ __forceinline__ void l2_prefetch(const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+}
+
 __device__ __forceinline__ uint32_t ld_acquire(const uint32_t* p) {
   uint32_t v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -79,12 +84,16 @@ __device__ __forceinline__ void consumer_sync() {
   asm volatile("bar.sync 1, %0;" ::"n"(NCT) : "memory");
 }
 
-// All consumer threads wait for a ring slot; they agree on the outcome (barrier AND-reduction), so a
-// timeout never leaves some threads at a barrier that the others have left.
-__device__ __forceinline__ bool wait_full(uint64_t* bar, uint32_t parity, Deadline& dl) {
-  uint32_t ok = 1;
+// One consumer thread waits for a ring slot to fill; false if it gave up (see consumer_all).
+__device__ __forceinline__ bool wait_slot(uint64_t* bar, uint32_t parity, Deadline& dl) {
   while (!mbar_try_wait(bar, parity))
-    if (!dl.alive(ERR_RING_TIMEOUT)) { ok = 0; break; }
+    if (!dl.alive(ERR_RING_TIMEOUT)) return false;
+  return true;
+}
+
+// Consumer barrier that also ANDs `ok` over all consumer threads: after a timed-out wait every thread
+// agrees to stop, so none is left at a barrier that the others have left.
+__device__ __forceinline__ bool consumer_all(uint32_t ok) {
   uint32_t all;
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.u32 p, %1, 0;\n bar.red.and.pred p, 1, %2, p;\n selp.u32 %0, 1, 0, p;\n}"
