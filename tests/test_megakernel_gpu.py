@@ -9,6 +9,7 @@ import torch
 from monokernel.models.presets import preset
 from monokernel.models.weights import random_weights
 from monokernel.reference.model import ReferenceModel
+from monokernel.schedule.tasks import Op
 
 from megakernel_cases import TINY_SPECS, prefilled
 
@@ -24,10 +25,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+# (batch, overrides): the CUDA-core and tensor-core matrix-vector paths at small and large batch, inputs
+# staged in shared memory and (budget 0) read from global scratch / where other blocks wrote them
+PATHS = [(1, {}), (3, {}), (16, {}), (2, {"gemv_mma": 1}), (5, {"gemv_mma": 0}),
+         (1, {"input_smem_budget": 0}), (9, {"input_smem_budget": 0})]
+
+
 @pytest.mark.parametrize("name", list(TINY_SPECS))
-@pytest.mark.parametrize("batch", [1, 3, 16])
+@pytest.mark.parametrize("batch,overrides", PATHS, ids=[f"b{b}-{o}" for b, o in PATHS])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_logits_match_reference(name, batch, dtype):
+def test_logits_match_reference(name, batch, overrides, dtype):
     spec = TINY_SPECS[name]
     gen = torch.Generator().manual_seed(batch)
     w = random_weights(spec, dtype, "cuda", seed=7 + batch)
@@ -38,7 +45,7 @@ def test_logits_match_reference(name, batch, dtype):
     lengths[0] = 1
     c_ref, c_mk = prefilled(ref, batch, max_seq, lengths, gen)
     # small chunks: many active KV splits, and positions crossing split boundaries
-    mk = _decoder(w, c_mk, min_kv_chunk=8 if dtype == torch.bfloat16 else 128)
+    mk = _decoder(w, c_mk, min_kv_chunk=8 if dtype == torch.bfloat16 else 128, **overrides)
     pos = torch.tensor(lengths, device="cuda")
     tok = torch.randint(0, spec.vocab_size, (batch,), generator=gen).cuda()
     for _ in range(4):
@@ -139,3 +146,27 @@ def test_bitwise_deterministic_over_1000_steps():
     assert torch.equal(runs[0][0], runs[1][0])
     assert torch.equal(runs[0][1], runs[1][1])
     assert torch.equal(runs[0][2], runs[1][2])
+
+
+@pytest.mark.parametrize("batch", [8, 16])
+def test_large_batch_preset_matches_reference(batch):
+    """llama-3.2-1b at batch 8/16: tensor cores, the down projection's input read from global memory."""
+    w = random_weights(preset("llama-3.2-1b"), torch.bfloat16, "cuda", seed=2)
+    ref = ReferenceModel(w)
+    gen = torch.Generator().manual_seed(batch)
+    lengths = [int(x) for x in torch.randint(1, 200, (batch,), generator=gen)]
+    c_ref, c_mk = prefilled(ref, batch, 256, lengths, gen)
+    mk = _decoder(w, c_mk)
+    assert mk.config.gemv_mma and not mk.config.op_input_in_smem(Op.DOWN)
+    pos = torch.tensor(lengths, device="cuda")
+    tok = torch.randint(0, w.spec.vocab_size, (batch,), generator=gen).cuda()
+    for _ in range(6):
+        mk.logits.fill_(float("nan"))
+        nxt, logits = mk.step(tok, pos)
+        expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
+        assert torch.isfinite(logits).all() and _rel(logits, expect) < 2e-2
+        for b in range(batch):
+            top2 = expect[b].topk(2).values
+            if top2[0] - top2[1] > _near_tie_tol(float(top2[0])):
+                assert int(nxt[b]) == int(expect[b].argmax()), b
+        tok, pos = expect.argmax(-1), pos + 1

@@ -24,7 +24,7 @@ PARAMS: tuple[tuple[str, str, str], ...] = (
     ("T*", "x_mid", "(L, B, H) residual after attention"),
     ("T*", "qkv", "(L, B, QKV)"),
     ("T*", "act", "(L, B, ISIZE) silu(gate) * up"),
-    ("T*", "scratch", "(blocks, B, INPUT_LEN) staged inputs when they do not fit in shared memory"),
+    ("T*", "scratch", "(blocks, B, SCRATCH_LEN) RMSNorm inputs that do not fit in shared memory"),
     ("float*", "attn_o", "(L, B, NKV, KV_SPLITS, G, D) unnormalised partial outputs"),
     ("float*", "attn_m", "(L, B, NKV, KV_SPLITS, G) running max"),
     ("float*", "attn_l", "(L, B, NKV, KV_SPLITS, G) softmax denominators"),

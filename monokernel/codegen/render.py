@@ -31,10 +31,12 @@ def render_source(cfg: KernelConfig) -> str:
         eps=repr(float(s.rms_norm_eps)), attn_scale=repr(1.0 / math.sqrt(s.head_dim)),
         qkv_bias=s.qkv_bias, qk_norm=s.qk_norm, consumer_warps=cfg.consumer_warps,
         ring_stages=cfg.ring_stages, slot_bytes=cfg.slot_bytes, input_len=cfg.input_len,
-        input_in_smem=cfg.input_in_smem, smem_bytes=cfg.smem_bytes,
+        scratch_len=cfg.scratch_len, smem_bytes=cfg.smem_bytes,
         ops=[(op.name, int(op)) for op in Op],
-        gemv=[dict(op=op.name, flush_chunks=cfg.flush_chunks(op), **cfg.gemv(op).__dict__) for op in GEMV_OPS],
-        prefetch_kv=cfg.prefetch_kv,
+        gemv=[dict(op=op.name, flush_chunks=cfg.flush_chunks(op), in_smem=cfg.op_input_in_smem(op), **cfg.gemv(op).__dict__)
+              for op in GEMV_OPS],
+        prefetch_kv=cfg.prefetch_kv, gemv_mma=cfg.gemv_mma, mma_kseg=cfg.mma_kseg,
+        mma_row_stride=cfg.mma_row_stride,
         task_fields=TASK_FIELDS, params=PARAMS)
     body = "\n".join(f"// ---- {n} ----\n{_template(n)}" for n in TEMPLATE_ORDER)
     return header + "\n#include <type_traits>\n" + body

@@ -66,7 +66,7 @@ class MegaDecoder:
         e = lambda *shape, dtype=dt: torch.empty(shape, dtype=dtype, device=dev)
         self.x, self.x_mid = e(L + 1, B, s.hidden_size), e(L, B, s.hidden_size)
         self.qkv, self.act = e(L, B, s.qkv_size), e(L, B, s.intermediate_size)
-        self.scratch = e(1 if c.input_in_smem else c.num_blocks * B * c.input_len)
+        self.scratch = e(max(1, c.num_blocks * B * c.scratch_len))
         part = (L, B, s.num_kv_heads, c.kv_splits, s.group_size)
         self.attn_o = e(*part, s.head_dim, dtype=torch.float32)
         self.attn_m, self.attn_l = e(*part, dtype=torch.float32), e(*part, dtype=torch.float32)

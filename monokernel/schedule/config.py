@@ -51,6 +51,11 @@ class KernelConfig:
     # depth ahead of the consumers). Off: on the H100 it measured slower (8B, 8k context: 6.52 -> 6.68 ms),
     # as did an L2 prefetch of the weights ahead of the ring (perf notes 5).
     prefetch_kv: bool = False
+    # Matrix-vector products on tensor cores (mma.sync m16n8k16, the batch as the M side) instead of CUDA
+    # cores; -1: derived (from batch 3 on: at batch 8 the CUDA-core path is compute-bound, 4x too slow).
+    gemv_mma: int = -1
+    # Shared memory an op's staged input may take (bytes); larger inputs are read from global memory.
+    input_smem_budget: int = 96 * 1024
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES:
@@ -64,6 +69,8 @@ class KernelConfig:
         for name, k in (("hidden_size", s.hidden_size), ("q_size", s.q_size), ("intermediate_size", s.intermediate_size)):
             if k % 8:
                 raise UnsupportedModelError(f"{name}={k} must be a multiple of 8 for 16-byte weight loads")
+        if self.gemv_mma < 0:
+            object.__setattr__(self, "gemv_mma", int(self.batch > 2))
         if self.slot_bytes == 0:
             object.__setattr__(self, "slot_bytes", self._derive_slot_bytes())
         if self.kv_splits == 0:
@@ -92,7 +99,26 @@ class KernelConfig:
     def threads(self) -> int:
         return (self.consumer_warps + 1) * 32   # + one producer warp
 
+    # --- tensor-core path: a ring chunk is MMA_ROWS weight rows x one K segment --------------------
+    MMA_ROWS = 8     # the N side of m16n8k16
+
+    @property
+    def mma_kseg(self) -> int:
+        """Elements of one row per chunk (a multiple of 32: one warp step covers 32 of K)."""
+        s = self.spec
+        kmax = max(s.hidden_size, s.q_size, s.intermediate_size)
+        return min(2048, -(-kmax // 32) * 32)
+
+    @property
+    def mma_row_stride(self) -> int:
+        # Rows sit 64 bytes off a multiple of 128 apart, so the two rows an 8-lane phase of 16-byte loads
+        # touches fall in different banks.
+        b = self.mma_kseg * self.elt
+        return b + (64 if b % 128 == 0 else 0)
+
     def _derive_slot_bytes(self) -> int:
+        if self.gemv_mma:
+            return self.MMA_ROWS * self.mma_row_stride
         # A slot must hold one full row of the widest matrix (two for gate/up pairs); 32 KiB otherwise keeps
         # 6 or so slots in flight, enough bytes to cover HBM latency on one SM.
         need = max(self.spec.intermediate_size, 2 * self.spec.hidden_size, self.spec.q_size) * self.elt
@@ -109,8 +135,11 @@ class KernelConfig:
             Op.LMHEAD: (s.vocab_size, s.hidden_size),
         }[op]
         row_bytes = cols * self.elt
-        chunk = max(1, self.slot_bytes // row_bytes)
         tile = -(-rows // self.num_blocks)
+        if self.gemv_mma:       # chunks are row groups x K segments; results reduce across warps per group
+            tile += tile % 2
+            return GemvShape(rows=rows, cols=cols, tile_rows=tile, chunk_rows=self.MMA_ROWS, warps_per_row=1)
+        chunk = max(1, self.slot_bytes // row_bytes)
         if op == Op.GATEUP:       # gate/up pairs never straddle a tile or a chunk
             tile += tile % 2
             chunk -= chunk % 2
@@ -119,23 +148,39 @@ class KernelConfig:
         return GemvShape(rows=rows, cols=cols, tile_rows=tile, chunk_rows=chunk, warps_per_row=wpr)
 
     # --- shared memory layout (bytes) ----------------------------------------------------------
+    def op_input_in_smem(self, op: Op) -> bool:
+        """An op's input (B x K) lives in shared memory when it fits beside a useful ring. Otherwise the
+        RMSNorm ops stage it in a per-block global (L2-resident) scratch, and the O projection and the down
+        projection read the attention output and the activations where other blocks wrote them."""
+        return self.batch * self.gemv(op).cols * self.elt <= self.input_smem_budget
+
     @property
     def input_len(self) -> int:
-        s = self.spec
-        return max(s.hidden_size, s.q_size, s.intermediate_size)
+        """Row stride of the shared-memory input: the widest input that lives there (0: none does)."""
+        return max((self.gemv(op).cols for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)
+                    if self.op_input_in_smem(op)), default=0)
 
     @property
     def input_in_smem(self) -> bool:
-        # The normalised input vector lives in shared memory when it fits beside a useful ring; larger
-        # batches stage it in a per-block global (L2-resident) scratch instead.
-        return self.batch * self.input_len * self.elt <= 96 * 1024
+        return self.input_len > 0
+
+    @property
+    def scratch_len(self) -> int:
+        """Row stride of the global scratch for RMSNorm inputs that do not fit in shared memory (0: none)."""
+        return 0 if self.op_input_in_smem(Op.QKV) else self.spec.hidden_size
 
     def flush_chunks(self, op: Op) -> int:
         """Ring chunks whose row results collect in shared memory before one epilogue writes them: the
         epilogue (a barrier and, for residual ops, an L2 round trip) then runs once per task, not per chunk."""
         g = self.gemv(op)
         per_chunk = g.warps_per_row * g.chunk_rows * self.batch * 4
-        return max(1, min(-(-g.tile_rows // g.chunk_rows), self.result_budget // per_chunk))
+        budget = self.result_budget - (self.mma_part_floats * 4 if self.gemv_mma else 0)
+        return max(1, min(-(-g.tile_rows // g.chunk_rows), budget // per_chunk))
+
+    @property
+    def mma_part_floats(self) -> int:
+        # two buffers (alternate row groups) of every warp's 16 x 8 accumulator tile
+        return 2 * self.consumer_warps * 16 * self.MMA_ROWS
 
     @property
     def result_budget(self) -> int:
@@ -144,8 +189,9 @@ class KernelConfig:
 
     @property
     def result_floats(self) -> int:
-        return max(self.gemv(op).chunk_rows * self.gemv(op).warps_per_row * self.flush_chunks(op)
-                   for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)) * self.batch
+        res = max(self.gemv(op).chunk_rows * self.gemv(op).warps_per_row * self.flush_chunks(op)
+                  for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)) * self.batch
+        return res + (self.mma_part_floats if self.gemv_mma else 0)
 
     @property
     def attn_floats(self) -> int:
@@ -174,7 +220,7 @@ class KernelConfig:
         return {"model": self.spec.name, "batch": self.batch, "max_seq": self.max_seq, "dtype": self.dtype,
                 "gpu": self.gpu.name, "blocks": self.num_blocks, "threads": self.threads,
                 "slot_bytes": self.slot_bytes, "ring_stages": self.ring_stages, "smem_bytes": self.smem_bytes,
-                "input_in_smem": self.input_in_smem, "kv_splits": self.kv_splits,
-                "prefetch_kv": self.prefetch_kv,
+                "input_len": self.input_len, "scratch_len": self.scratch_len, "kv_splits": self.kv_splits,
+                "prefetch_kv": self.prefetch_kv, "gemv_mma": bool(self.gemv_mma),
                 "gemv": {op.name: dict(self.gemv(op).__dict__, flush_chunks=self.flush_chunks(op))
                          for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)}}

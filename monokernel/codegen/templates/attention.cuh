@@ -70,7 +70,7 @@ __device__ bool attention_task(const Params& p, const Task& t, float* sm) {
   // Each warp walks every NCW-th key of the split, KU keys at a time: all KU key and value rows are
   // loaded before the first is used, so KU memory round trips overlap instead of queueing behind the
   // online-softmax update. Lane l holds head dims [l * DPL, (l + 1) * DPL) (8-byte loads for D = 128).
-  constexpr int KU = 4;
+  constexpr int KU = B > 2 ? 2 : 4;   // fewer at larger batch: registers
   float m[G], lsum[G], acc[G][DPL];
 #pragma unroll
   for (int g = 0; g < G; ++g) {

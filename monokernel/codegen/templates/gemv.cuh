@@ -5,11 +5,7 @@ namespace mk {
 
 // Per-row results in the model dtype where the reference rounds, then the op's own epilogue.
 template <int OP>
-__device__ __forceinline__ void epilogue(const Params& p, const Task& t, int row, int b, const float* res_row, int stride) {
-  constexpr int WPR = Gemv<OP>::WPR;
-  float v = 0.f;
-#pragma unroll
-  for (int s = 0; s < WPR; ++s) v += res_row[s * stride];
+__device__ __forceinline__ void epilogue(const Params& p, const Task& t, int row, int b, float v) {
   const int l = t.layer;
   if constexpr (OP == OP_QKV) {
     if constexpr (HAS_QKV_BIAS) v += to_f(p.b_qkv[(size_t)l * QKV + row]);
@@ -23,6 +19,11 @@ __device__ __forceinline__ void epilogue(const Params& p, const Task& t, int row
   } else if constexpr (OP == OP_LMHEAD) {
     p.logits[(size_t)b * V + row] = rnd(v);
   }
+}
+
+// Gate/up rows alternate: act = rnd(rnd(silu(rnd(g))) * rnd(u)) for the pair starting at matrix row `row`.
+__device__ __forceinline__ void gateup_epilogue(const Params& p, const Task& t, int row, int b, float g, float up) {
+  p.act[((size_t)t.layer * B + b) * ISIZE + row / 2] = from_f(rnd(silu(rnd(g))) * rnd(up));
 }
 
 template <int OP>
@@ -56,7 +57,7 @@ __device__ bool gemv_task(const Params& p, const Task& t, const T* in, const uns
           const uint4 wv = wr[v];
 #pragma unroll
           for (int b = 0; b < B; ++b)
-            acc[b] = dot8(wv, reinterpret_cast<const uint4*>(in + b * INPUT_LEN)[v], acc[b]);
+            acc[b] = dot8(wv, ld_in<OP>(in + (size_t)b * Gemv<OP>::IN_STRIDE + v * 8), acc[b]);
         }
 #pragma unroll
         for (int b = 0; b < B; ++b) {
@@ -78,18 +79,118 @@ __device__ bool gemv_task(const Params& p, const Task& t, const T* in, const uns
           g += res[(s * RR + 2 * pr) * B + b];
           up += res[(s * RR + 2 * pr + 1) * B + b];
         }
-        const int row = (t.arg0 + f0) / 2 + pr;
-        p.act[((size_t)t.layer * B + b) * ISIZE + row] = from_f(rnd(silu(rnd(g))) * rnd(up));
+        gateup_epilogue(p, t, t.arg0 + f0 + 2 * pr, b, g, up);
       }
     } else {
       for (int i = threadIdx.x; i < fr * B; i += NCT) {
         const int row = i / B, b = i % B;
-        epilogue<OP>(p, t, t.arg0 + f0 + row, b, res + row * B + b, RR * B);
+        float v = 0.f;
+#pragma unroll
+        for (int s = 0; s < WPR; ++s) v += res[(s * RR + row) * B + b];
+        epilogue<OP>(p, t, t.arg0 + f0 + row, b, v);
       }
     }
     consumer_sync();                       // `res` is free again
   }
   return true;
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// Tensor-core matrix-vector task: D (16 sequences x 8 weight rows) += In (16 x 16 of K) x W^T per mma, the
+// batch padded to 16 on the M side. A dot product does not care which K positions meet in which mma, so
+// lane (g = lane / 4, c = lane % 4) loads 8 consecutive elements (16 bytes) at K offset 32 j + 8 c of weight
+// row g and of sequences g and g + 8, and feeds elements 0-3 to one mma and 4-7 to the next: the mma's
+// K slots {2c, 2c+1, 2c+8, 2c+9} then hold the same K positions in both operands. Warps split a chunk's
+// K range; their accumulators meet in shared memory once per row group.
+template <int OP>
+__device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, const unsigned char* ring,
+                              uint64_t* full, uint64_t* empty, uint32_t& it, float* sm, Deadline& dl) {
+  constexpr int K = Gemv<OP>::K;
+  constexpr int KSEG = MMA_KSEG < K ? MMA_KSEG : K;
+  constexpr int NSEG = (K + KSEG - 1) / KSEG;
+  constexpr int RR = 8 * Gemv<OP>::FC;             // rows whose results one epilogue writes
+  float* part = sm;                                // 2 x NCW x 16 x 8: accumulators, alternate groups
+  float* res = sm + 2 * NCW * 128;                 // RR x B
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  uint32_t ok = 1;
+  int group = 0;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for (int f0 = 0; f0 < t.arg1; f0 += RR) {
+    const int fr = min(RR, t.arg1 - f0);
+    for (int g0 = 0; g0 < fr; g0 += 8, ++group) {
+      float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};   // two chains: half the mma latency
+#pragma unroll 1
+      for (int seg = 0; seg < NSEG; ++seg) {
+        const int k0 = seg * KSEG, klen = min(KSEG, K - k0);
+        const int slot = it % NST;
+        if (ok) ok = wait_slot(&full[slot], (it / NST) & 1, dl);
+        const unsigned char* w = ring + (size_t)slot * SLOT_BYTES + g * MMA_RSTRIDE;
+        const T* x0 = in + (size_t)g * Gemv<OP>::IN_STRIDE + k0;
+        const T* x1 = in + (size_t)(g + 8) * Gemv<OP>::IN_STRIDE + k0;
+#pragma unroll 4
+        for (int kb = warp * 32 + c * 8; kb < klen + c * 8; kb += NCW * 32) {
+          const bool kin = kb < klen;            // K tails are multiples of 8: whole lanes drop out
+          const uint4 wv = kin ? *reinterpret_cast<const uint4*>(w + kb * sizeof(T)) : zero;
+          const uint4 a0 = kin && g < B ? ld_in<OP>(x0 + kb) : zero;
+          const uint4 a1 = B > 8 && kin && g + 8 < B ? ld_in<OP>(x1 + kb) : zero;
+          mma_bf16_16816(d, a0.x, a1.x, a0.y, a1.y, wv.x, wv.y);
+          mma_bf16_16816(e, a0.z, a1.z, a0.w, a1.w, wv.z, wv.w);
+        }
+        mbar_arrive(&empty[slot]);
+        ++it;
+      }
+      // d0, d1: sequence g, rows 2c, 2c+1; d2, d3: sequence g + 8
+#pragma unroll
+      for (int j = 0; j < 4; ++j) d[j] += e[j];
+      float* pw = part + ((group & 1) * NCW + warp) * 128;
+      pw[g * 8 + 2 * c] = d[0];
+      pw[g * 8 + 2 * c + 1] = d[1];
+      pw[(g + 8) * 8 + 2 * c] = d[2];
+      pw[(g + 8) * 8 + 2 * c + 1] = d[3];
+      if (!consumer_all(ok)) return false;
+      // The buffer just written is read below; the next group writes the other one, and the group after
+      // that only starts once every thread has passed the next group's barrier, i.e. finished reading.
+      const float* pb = part + (group & 1) * NCW * 128;
+      for (int i = threadIdx.x; i < 8 * B; i += NCT) {
+        const int r = i / B, b = i % B;
+        float v = 0.f;
+#pragma unroll
+        for (int w2 = 0; w2 < NCW; ++w2) v += pb[w2 * 128 + b * 8 + r];
+        res[(g0 + r) * B + b] = v;
+      }
+    }
+    consumer_sync();                       // `res` complete
+    if constexpr (OP == OP_GATEUP) {
+      for (int i = threadIdx.x; i < (fr / 2) * B; i += NCT) {
+        const int pr = i / B, b = i % B;
+        gateup_epilogue(p, t, t.arg0 + f0 + 2 * pr, b, res[2 * pr * B + b], res[(2 * pr + 1) * B + b]);
+      }
+    } else {
+      for (int i = threadIdx.x; i < fr * B; i += NCT)
+        epilogue<OP>(p, t, t.arg0 + f0 + i / B, i % B, res[i]);
+    }
+    consumer_sync();                       // `res` is free again
+  }
+  return true;
+}
+
+template <int OP>
+__device__ __forceinline__ bool gemv(const Params& p, const Task& t, const T* in, const unsigned char* ring,
+                                     uint64_t* full, uint64_t* empty, uint32_t& it, float* sm, Deadline& dl) {
+  if constexpr (MMA) return gemv_mma_task<OP>(p, t, in, ring, full, empty, it, sm, dl);
+  else return gemv_task<OP>(p, t, in, ring, full, empty, it, sm, dl);
 }
 
 // Per-tile (max, first index) of the logits this block just wrote, one warp per sequence.

@@ -1,4 +1,4 @@
-// Staging of a matrix-vector op's input vector (B x K, model dtype) into `in`: RMSNorm is recomputed
+// Staging of a matrix-vector op's input vector (B x K, model dtype) into `in` (row stride `stride`): RMSNorm is recomputed
 // by every block from the L2-resident residual rather than adding a grid-wide barrier. All consumer
 // threads share the work with 16-byte loads: this runs once per (block, op, layer), on the critical
 // path between a counter wait and the first use of the already-streamed weights.
@@ -22,23 +22,21 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
 // in[b][k] = w[k] * rnd(x[b][k] * rsqrt(mean(x[b]^2) + eps)), as the reference's RMSNorm. x is read
 // from L2 once: the first pass keeps a raw copy in `in`, the second normalises it in place (each thread
 // touches the same vectors in both passes). `red` holds NCW x B floats of shared scratch.
-__device__ void stage_rmsnorm(T* in, const T* x, const T* w, int len, float* red) {
+__device__ void stage_rmsnorm(T* in, int stride, const T* x, const T* w, int len, float* red) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int nvec = len / 8;
   float ss[B];
 #pragma unroll
   for (int b = 0; b < B; ++b) ss[b] = 0.f;
   for (int v = threadIdx.x; v < nvec; v += NCT) {
-    uint4 raw[B];
-#pragma unroll
-    for (int b = 0; b < B; ++b) raw[b] = ld_act16(x + (size_t)b * len + v * 8);
 #pragma unroll
     for (int b = 0; b < B; ++b) {
+      const uint4 raw = ld_act16(x + (size_t)b * len + v * 8);
       float f[8];
-      unpack8(raw[b], f);
+      unpack8(raw, f);
 #pragma unroll
       for (int i = 0; i < 8; ++i) ss[b] = fmaf(f[i], f[i], ss[b]);
-      *reinterpret_cast<uint4*>(in + b * INPUT_LEN + v * 8) = raw[b];
+      *reinterpret_cast<uint4*>(in + b * stride + v * 8) = raw;
     }
   }
 #pragma unroll
@@ -59,7 +57,7 @@ __device__ void stage_rmsnorm(T* in, const T* x, const T* w, int len, float* red
     unpack8(*reinterpret_cast<const uint4*>(w + v * 8), wf);
 #pragma unroll
     for (int b = 0; b < B; ++b) {
-      uint4* dst = reinterpret_cast<uint4*>(in + b * INPUT_LEN + v * 8);
+      uint4* dst = reinterpret_cast<uint4*>(in + b * stride + v * 8);
       float f[8];
       unpack8(*dst, f);
 #pragma unroll
@@ -69,12 +67,33 @@ __device__ void stage_rmsnorm(T* in, const T* x, const T* w, int len, float* red
   }
 }
 
-__device__ void stage_copy(T* in, const T* src, int len) {
+__device__ void stage_copy(T* in, int stride, const T* src, int len) {
   const int nvec = len / 8;
   for (int i = threadIdx.x; i < B * nvec; i += NCT) {
     const int b = i / nvec, v = i % nvec;
-    *reinterpret_cast<uint4*>(in + b * INPUT_LEN + v * 8) = ld_act16(src + (size_t)b * len + v * 8);
+    *reinterpret_cast<uint4*>(in + b * stride + v * 8) = ld_act16(src + (size_t)b * len + v * 8);
   }
+}
+
+}  // namespace mk
+
+namespace mk {
+
+// An op's input rows as the matrix-vector code reads them: staged in shared memory, staged in the block's
+// global scratch (RMSNorm ops at large batch), or where other blocks wrote them (O and down projections
+// at large batch; read through L2 after the counter wait, never through a possibly stale L1 line).
+template <int OP>
+__device__ __forceinline__ const T* input_rows(const Params& p, int l, const T* smem_in, const T* scratch_in) {
+  if constexpr (Gemv<OP>::IN_SMEM) return smem_in;
+  else if constexpr (OP == OP_OPROJ) return p.attn_out + (size_t)l * B * QSIZE;
+  else if constexpr (OP == OP_DOWN) return p.act + (size_t)l * B * ISIZE;
+  else return scratch_in;
+}
+
+template <int OP>
+__device__ __forceinline__ uint4 ld_in(const T* ptr) {
+  if constexpr (Gemv<OP>::IN_SMEM) return *reinterpret_cast<const uint4*>(ptr);
+  else return __ldcg(reinterpret_cast<const uint4*>(ptr));
 }
 
 }  // namespace mk

@@ -58,7 +58,35 @@ struct ChunkCursor {
   }
 };
 
+// Tensor-core path: a chunk is up to MMA_ROWS rows x one K segment, each row its own bulk copy into a
+// row of the slot (MMA_RSTRIDE apart); the consumers walk row groups, then segments, in the same order.
+__device__ void producer_mma(const Params& p, int t0, int t1, unsigned char* ring, uint64_t* full, uint64_t* empty) {
+  Deadline dl(p);
+  uint32_t it = 0;
+  for (int ti = t0; ti < t1; ++ti) {
+    const Task t = p.tasks[ti];
+    if (!is_gemv(t.op)) continue;
+    uint32_t row_bytes;
+    int cr;
+    const unsigned char* src = weight_rows(p, t, row_bytes, cr);
+    const uint32_t seg_bytes = min((uint32_t)MMA_KSEG * (uint32_t)sizeof(T), row_bytes);
+    for (int g0 = 0; g0 < t.arg1; g0 += 8) {
+      const int nv = min(8, t.arg1 - g0);
+      for (uint32_t k0 = 0; k0 < row_bytes; k0 += seg_bytes, ++it) {
+        const uint32_t len = min(seg_bytes, row_bytes - k0);
+        const int slot = it % NST;
+        while (!mbar_try_wait(&empty[slot], ((it / NST) & 1) ^ 1))
+          if (!dl.alive(ERR_RING_TIMEOUT)) return;
+        mbar_arrive_expect_tx(&full[slot], nv * len);
+        for (int r = 0; r < nv; ++r)
+          bulk_copy_g2s(ring + (size_t)slot * SLOT_BYTES + r * MMA_RSTRIDE, src + (size_t)(g0 + r) * row_bytes + k0, len, &full[slot]);
+      }
+    }
+  }
+}
+
 __device__ void producer(const Params& p, int t0, int t1, unsigned char* ring, uint64_t* full, uint64_t* empty) {
+  if constexpr (MMA) { producer_mma(p, t0, t1, ring, full, empty); return; }
   Deadline dl(p);
   ChunkCursor cur(t0, t1);
   uint32_t it = 0;
@@ -85,7 +113,8 @@ __device__ void producer(const Params& p, int t0, int t1, unsigned char* ring, u
 __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, uint64_t* full, uint64_t* empty) {
   Deadline dl(p);
   const unsigned char* ring = smem + RING_OFFSET;
-  T* in = INPUT_IN_SMEM ? reinterpret_cast<T*>(smem + INPUT_OFFSET) : p.scratch + (size_t)blockIdx.x * B * INPUT_LEN;
+  T* in_smem = reinterpret_cast<T*>(smem + INPUT_OFFSET);
+  T* in_scratch = p.scratch + (size_t)blockIdx.x * B * SCRATCH_LEN;
   float* sm = reinterpret_cast<float*>(smem + SCRATCH_OFFSET);
   volatile int* abort_flag = reinterpret_cast<volatile int*>(smem + 512);
   uint32_t it = 0;
@@ -107,12 +136,19 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
     const int l = t.layer;
     const int tag = t.op * (L + 1) + l;
     if (is_gemv(t.op) && tag != staged) {
+      // RMSNorm ops share one placement (same K); a copy op that does not fit is read in place
+      T* norm_in = Gemv<OP_QKV>::IN_SMEM ? in_smem : in_scratch;
+      constexpr int NS = Gemv<OP_QKV>::IN_STRIDE;
       switch (t.op) {
-        case OP_QKV: stage_rmsnorm(in, p.x + (size_t)l * B * H, p.attn_norm + (size_t)l * H, H, sm); break;
-        case OP_OPROJ: stage_copy(in, p.attn_out + (size_t)l * B * QSIZE, QSIZE); break;
-        case OP_GATEUP: stage_rmsnorm(in, p.x_mid + (size_t)l * B * H, p.mlp_norm + (size_t)l * H, H, sm); break;
-        case OP_DOWN: stage_copy(in, p.act + (size_t)l * B * ISIZE, ISIZE); break;
-        default: stage_rmsnorm(in, p.x + (size_t)L * B * H, p.final_norm, H, sm); break;
+        case OP_QKV: stage_rmsnorm(norm_in, NS, p.x + (size_t)l * B * H, p.attn_norm + (size_t)l * H, H, sm); break;
+        case OP_OPROJ:
+          if (Gemv<OP_OPROJ>::IN_SMEM) stage_copy(in_smem, INPUT_LEN, p.attn_out + (size_t)l * B * QSIZE, QSIZE);
+          break;
+        case OP_GATEUP: stage_rmsnorm(norm_in, NS, p.x_mid + (size_t)l * B * H, p.mlp_norm + (size_t)l * H, H, sm); break;
+        case OP_DOWN:
+          if (Gemv<OP_DOWN>::IN_SMEM) stage_copy(in_smem, INPUT_LEN, p.act + (size_t)l * B * ISIZE, ISIZE);
+          break;
+        default: stage_rmsnorm(norm_in, NS, p.x + (size_t)L * B * H, p.final_norm, H, sm); break;
       }
       staged = tag;
       consumer_sync();
@@ -123,13 +159,13 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
         for (int i = threadIdx.x; i < B * H; i += NCT)
           p.x[i] = p.embed[(size_t)p.tokens[i / H] * H + i % H];
         break;
-      case OP_QKV: ok = gemv_task<OP_QKV>(p, t, in, ring, full, empty, it, sm, dl); break;
+      case OP_QKV: ok = gemv<OP_QKV>(p, t, input_rows<OP_QKV>(p, l, in_smem, in_scratch), ring, full, empty, it, sm, dl); break;
       case OP_ATTN: ok = attention_task(p, t, sm); break;
-      case OP_OPROJ: ok = gemv_task<OP_OPROJ>(p, t, in, ring, full, empty, it, sm, dl); break;
-      case OP_GATEUP: ok = gemv_task<OP_GATEUP>(p, t, in, ring, full, empty, it, sm, dl); break;
-      case OP_DOWN: ok = gemv_task<OP_DOWN>(p, t, in, ring, full, empty, it, sm, dl); break;
+      case OP_OPROJ: ok = gemv<OP_OPROJ>(p, t, input_rows<OP_OPROJ>(p, l, in_smem, in_scratch), ring, full, empty, it, sm, dl); break;
+      case OP_GATEUP: ok = gemv<OP_GATEUP>(p, t, input_rows<OP_GATEUP>(p, l, in_smem, in_scratch), ring, full, empty, it, sm, dl); break;
+      case OP_DOWN: ok = gemv<OP_DOWN>(p, t, input_rows<OP_DOWN>(p, l, in_smem, in_scratch), ring, full, empty, it, sm, dl); break;
       case OP_LMHEAD:
-        ok = gemv_task<OP_LMHEAD>(p, t, in, ring, full, empty, it, sm, dl);
+        ok = gemv<OP_LMHEAD>(p, t, input_rows<OP_LMHEAD>(p, l, in_smem, in_scratch), ring, full, empty, it, sm, dl);
         if (ok) lm_tile_max(p, t);
         break;
       case OP_ARGMAX: final_argmax(p, t.wait_count); break;
