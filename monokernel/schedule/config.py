@@ -47,10 +47,6 @@ class KernelConfig:
     # Keys per split at least this many: short contexts then use few splits, and the combine and the
     # empty split tasks cost nothing for the rest (the split count adapts per step and sequence).
     min_kv_chunk: int = 32
-    # The producer may warm L2 with each attention task's KV rows when its walk passes the task (a ring's
-    # depth ahead of the consumers). Off: on the H100 it measured slower (8B, 8k context: 6.52 -> 6.68 ms),
-    # as did an L2 prefetch of the weights ahead of the ring (perf notes 5).
-    prefetch_kv: bool = False
     # Matrix-vector products on tensor cores (mma.sync m16n8k16, the batch as the M side) instead of CUDA
     # cores; -1: derived (from batch 3 on: at batch 8 the CUDA-core path is compute-bound, 4x too slow).
     gemv_mma: int = -1
@@ -98,6 +94,11 @@ class KernelConfig:
     @property
     def threads(self) -> int:
         return (self.consumer_warps + 1) * 32   # + one producer warp
+
+    @property
+    def attn_keys(self) -> int:
+        """Cached keys per ring slot for attention (their K rows, then their V rows)."""
+        return self.slot_bytes // (2 * self.spec.head_dim * self.elt)
 
     # --- tensor-core path: a ring chunk is MMA_ROWS weight rows x one K segment --------------------
     MMA_ROWS = 8     # the N side of m16n8k16
@@ -221,6 +222,6 @@ class KernelConfig:
                 "gpu": self.gpu.name, "blocks": self.num_blocks, "threads": self.threads,
                 "slot_bytes": self.slot_bytes, "ring_stages": self.ring_stages, "smem_bytes": self.smem_bytes,
                 "input_len": self.input_len, "scratch_len": self.scratch_len, "kv_splits": self.kv_splits,
-                "prefetch_kv": self.prefetch_kv, "gemv_mma": bool(self.gemv_mma),
+                "attn_keys": self.attn_keys, "gemv_mma": bool(self.gemv_mma),
                 "gemv": {op.name: dict(self.gemv(op).__dict__, flush_chunks=self.flush_chunks(op))
                          for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)}}

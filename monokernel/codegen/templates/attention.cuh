@@ -17,13 +17,70 @@ __device__ __forceinline__ void rope_row(const float* row, float* out, int pos, 
   }
 }
 
-__device__ bool attention_task(const Params& p, const Task& t, float* sm) {
+// Keys of an attention task: [lo, hi) of [0, pos]; [lo, old_hi) come from the cache (written by earlier
+// steps), through the ring; row pos is this step's own. Producer and consumers compute the same range.
+struct KeyRange {
+  int lo, hi, old_hi, pos;
+  __device__ KeyRange(const Params& p, const Task& t) {
+    pos = __ldg(p.positions + t.arg0 / NKV);
+    const int chunk = kv_chunk(pos + 1);
+    lo = t.arg1 * chunk;
+    hi = min(pos + 1, lo + chunk);
+    old_hi = min(hi, pos);
+  }
+};
+
+__device__ __forceinline__ size_t cache_row(const Task& t, int key) {
+  const int b = t.arg0 / NKV, kvh = t.arg0 % NKV;
+  return ((((size_t)t.layer * B + b) * NKV + kvh) * MAX_SEQ + key) * D;
+}
+
+// Online-softmax update of a warp's G query heads with up to KU keys (rows packed in registers): the
+// KU x G scores are reduced across the warp independently of each other before the serial updates.
+template <int KU>
+__device__ __forceinline__ void attend_keys(const uint32_t (&kw)[KU][DW], const uint32_t (&vw)[KU][DW], int nk,
+                                            const float* q, float* m, float* lsum, float (&acc)[G][DPL]) {
+  const int lane = threadIdx.x % 32;
+  float sc[KU][G];
+#pragma unroll
+  for (int u = 0; u < KU; ++u) {
+    float kf[DPL];
+    unpack_dims(kw[u], kf);
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float s = 0.f;
+#pragma unroll
+      for (int j = 0; j < DPL; ++j) s = fmaf(q[g * D + lane * DPL + j], kf[j], s);
+      sc[u][g] = s;
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < KU; ++u)
+#pragma unroll
+    for (int g = 0; g < G; ++g) sc[u][g] = warp_sum(sc[u][g]) * ATTN_SCALE;
+#pragma unroll
+  for (int u = 0; u < KU; ++u) {
+    if (u >= nk) break;
+    float vf[DPL];
+    unpack_dims(vw[u], vf);
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float mn = fmaxf(m[g], sc[u][g]);
+      const float corr = expf(m[g] - mn), e = expf(sc[u][g] - mn);
+      lsum[g] = lsum[g] * corr + e;
+#pragma unroll
+      for (int j = 0; j < DPL; ++j) acc[g][j] = acc[g][j] * corr + e * vf[j];
+      m[g] = mn;
+    }
+  }
+}
+
+__device__ bool attention_task(const Params& p, const Task& t, const unsigned char* ring, uint64_t* full,
+                               uint64_t* empty, uint32_t& it, float* sm, Deadline& dl) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = t.arg0 / NKV, kvh = t.arg0 % NKV, split = t.arg1, l = t.layer;
-  const int pos = p.positions[b];
-  const int n = pos + 1;
-  const int chunk = kv_chunk(n);
-  const int lo = split * chunk, hi = min(n, lo + chunk);
+  const KeyRange kr(p, t);
+  const int pos = kr.pos, n = pos + 1, chunk = kv_chunk(n), lo = kr.lo, hi = kr.hi;
   if (lo >= hi) return true;           // an inactive split: the combine never reads it
   float* q = sm;                       // G x D
   float* kn = q + G * D;               // D
@@ -59,18 +116,16 @@ __device__ bool attention_task(const Params& p, const Task& t, float* sm) {
   }
   consumer_sync();
 
-  const size_t cache_base = (((size_t)l * B + b) * NKV + kvh) * MAX_SEQ;
   if (lo <= pos && pos < hi) {
     for (int d = threadIdx.x; d < D; d += NCT) {
-      p.k_cache[(cache_base + pos) * D + d] = from_f(kn[d]);
-      p.v_cache[(cache_base + pos) * D + d] = from_f(vn[d]);
+      p.k_cache[cache_row(t, pos) + d] = from_f(kn[d]);
+      p.v_cache[cache_row(t, pos) + d] = from_f(vn[d]);
     }
   }
 
-  // Each warp walks every NCW-th key of the split, KU keys at a time: all KU key and value rows are
-  // loaded before the first is used, so KU memory round trips overlap instead of queueing behind the
-  // online-softmax update. Lane l holds head dims [l * DPL, (l + 1) * DPL) (8-byte loads for D = 128).
-  constexpr int KU = B > 2 ? 2 : 4;   // fewer at larger batch: registers
+  // The cached keys arrive through the ring, ATTN_KEYS a slot (K rows, then V rows). Each warp takes
+  // every NCW-th key of a slot, KU at a time; lane l holds head dims [l * DPL, (l + 1) * DPL).
+  constexpr int KU = 4;
   float m[G], lsum[G], acc[G][DPL];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -78,43 +133,33 @@ __device__ bool attention_task(const Params& p, const Task& t, float* sm) {
 #pragma unroll
     for (int j = 0; j < DPL; ++j) acc[g][j] = 0.f;
   }
-  const T* kc = p.k_cache + cache_base * D + lane * DPL;
-  const T* vc = p.v_cache + cache_base * D + lane * DPL;
-  for (int k0 = lo + warp; k0 < hi; k0 += NCW * KU) {
-    uint32_t kw[KU][DW], vw[KU][DW];
+  uint32_t ok = 1;
+  for (int k0 = lo; k0 < kr.old_hi; k0 += ATTN_KEYS) {
+    const int nk = min(ATTN_KEYS, kr.old_hi - k0);
+    const int slot = it % NST;
+    if (ok) ok = wait_slot(&full[slot], (it / NST) & 1, dl);
+    const T* ks = reinterpret_cast<const T*>(ring + (size_t)slot * SLOT_BYTES) + lane * DPL;
+    const T* vs = ks + ATTN_KEYS * D;
+    for (int j0 = warp; j0 < nk; j0 += NCW * KU) {
+      uint32_t kw[KU][DW], vw[KU][DW];
 #pragma unroll
-    for (int u = 0; u < KU; ++u) {
-      const int key = k0 + u * NCW;
-      if (key < hi && key != pos) {
-        ld_dims(kc + (size_t)key * D, kw[u]);
-        ld_dims(vc + (size_t)key * D, vw[u]);
-      } else {                           // the new key comes from shared memory (exact: it is rounded)
-        pack_dims(kn + lane * DPL, kw[u]);
-        pack_dims(vn + lane * DPL, vw[u]);
+      for (int u = 0; u < KU; ++u) {
+        const int j = min(j0 + u * NCW, nk - 1);   // past the end: a valid row, never used
+        ld_dims(ks + j * D, kw[u]);
+        ld_dims(vs + j * D, vw[u]);
       }
+      attend_keys<KU>(kw, vw, (nk - j0 + NCW - 1) / NCW, q, m, lsum, acc);
     }
-#pragma unroll
-    for (int u = 0; u < KU; ++u) {
-      if (k0 + u * NCW >= hi) break;
-      float kf[DPL], vf[DPL];
-      unpack_dims(kw[u], kf);
-      unpack_dims(vw[u], vf);
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        float s = 0.f;
-#pragma unroll
-        for (int j = 0; j < DPL; ++j) s = fmaf(q[g * D + lane * DPL + j], kf[j], s);
-        s = warp_sum(s) * ATTN_SCALE;
-        const float mn = fmaxf(m[g], s);
-        const float corr = expf(m[g] - mn), e = expf(s - mn);
-        lsum[g] = lsum[g] * corr + e;
-#pragma unroll
-        for (int j = 0; j < DPL; ++j) acc[g][j] = acc[g][j] * corr + e * vf[j];
-        m[g] = mn;
-      }
-    }
+    mbar_arrive(&empty[slot]);
+    ++it;
   }
-  consumer_sync();                       // the prep rows in `part` are no longer read
+  if (lo <= pos && pos < hi && warp == (pos - lo) % NCW) {     // the new key, from shared memory
+    uint32_t kw[1][DW], vw[1][DW];
+    pack_dims(kn + lane * DPL, kw[0]);
+    pack_dims(vn + lane * DPL, vw[0]);
+    attend_keys<1>(kw, vw, 1, q, m, lsum, acc);
+  }
+  if (!consumer_all(ok)) return false;   // also: the prep rows in `part` are no longer read
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     float* pw = part + (warp * G + g) * (D + 2);

@@ -1,7 +1,7 @@
 // The whole decode step in one launch. Block i runs tasks [task_offsets[i], task_offsets[i+1]) of the
 // table in order. Warp NCW is the producer: it walks the same tasks and streams every weight tile
-// through the shared-memory ring, held back only by free slots, so the next op's (and the next
-// layer's) weights are in flight while the consumers still wait on activations.
+// (and every attention task's KV rows) through the shared-memory ring, held back only by free slots,
+// so the next op's (and the next layer's) bytes are in flight while the consumers still wait.
 namespace mk {
 
 __device__ __forceinline__ bool is_gemv(int op) {
@@ -23,90 +23,69 @@ __device__ __forceinline__ const unsigned char* weight_rows(const Params& p, con
   return reinterpret_cast<const unsigned char*>(base) + (size_t)t.arg0 * row_bytes;
 }
 
-// Walks a block's tasks in the order the consumers read them, one byte range at a time: every ring
-// chunk of weight rows and, for an L2 prefetch only, the K and V cache rows of each attention task.
-struct ChunkCursor {
-  int ti, t1, part = 0;       // part: rows already walked of a matrix task, or K/V of an attention task
-  __device__ ChunkCursor(int t0, int t1_) : ti(t0), t1(t1_) {}
-  // false once the task list is exhausted; to_ring: weights for the ring, else KV rows to prefetch
-  __device__ bool next(const Params& p, const unsigned char*& src, uint32_t& bytes, bool& to_ring) {
-    for (; ti < t1; ++ti, part = 0) {
-      const Task t = p.tasks[ti];
-      if (is_gemv(t.op) && part < t.arg1) {
-        uint32_t row_bytes;
-        int cr;
-        src = weight_rows(p, t, row_bytes, cr) + (size_t)part * row_bytes;
-        bytes = min(cr, t.arg1 - part) * row_bytes;
-        part += cr;
-        to_ring = true;
-        return true;
-      }
-      if (t.op == OP_ATTN && part < 2) {
-        const int b = t.arg0 / NKV, kvh = t.arg0 % NKV;
-        const int pos = __ldg(p.positions + b);     // the cache holds rows [0, pos); row pos is this step's
-        const int chunk = kv_chunk(pos + 1), lo = t.arg1 * chunk, hi = min(pos, lo + chunk);
-        const T* cache = part++ == 0 ? p.k_cache : p.v_cache;
-        if (lo < hi) {
-          src = reinterpret_cast<const unsigned char*>(cache + ((((size_t)t.layer * B + b) * NKV + kvh) * MAX_SEQ + lo) * D);
-          bytes = (hi - lo) * D * sizeof(T);
-          to_ring = false;
-          return true;
-        }
-      }
-    }
-    return false;
+// The producer's side of the ring: claims the next slot once every consumer thread has released its
+// previous contents (use it - NST), announces the bytes, and issues the bulk copies into it.
+struct RingWriter {
+  unsigned char* ring;
+  uint64_t* full;
+  uint64_t* empty;
+  uint32_t it = 0;
+  Deadline dl;
+  __device__ RingWriter(const Params& p, unsigned char* r, uint64_t* f, uint64_t* e) : ring(r), full(f), empty(e), dl(p) {}
+  // the claimed slot's address, or null after a timeout
+  __device__ unsigned char* claim(uint32_t bytes) {
+    const int slot = it % NST;
+    while (!mbar_try_wait(&empty[slot], ((it / NST) & 1) ^ 1))
+      if (!dl.alive(ERR_RING_TIMEOUT)) return nullptr;
+    mbar_arrive_expect_tx(&full[slot], bytes);
+    return ring + (size_t)slot * SLOT_BYTES;
   }
+  __device__ void copy(unsigned char* dst, const void* src, uint32_t bytes) { bulk_copy_g2s(dst, src, bytes, &full[it % NST]); }
+  __device__ void next() { ++it; }
 };
 
-// Tensor-core path: a chunk is up to MMA_ROWS rows x one K segment, each row its own bulk copy into a
-// row of the slot (MMA_RSTRIDE apart); the consumers walk row groups, then segments, in the same order.
-__device__ void producer_mma(const Params& p, int t0, int t1, unsigned char* ring, uint64_t* full, uint64_t* empty) {
-  Deadline dl(p);
-  uint32_t it = 0;
+// Walks the block's tasks in the consumers' order and streams everything they read from HBM through the
+// ring: weight chunks of the matrix-vector tasks and the K/V cache rows of the attention tasks (up to
+// ATTN_KEYS keys a slot, K rows then V rows). It is held back only by free slots, never by activations.
+__device__ void producer(const Params& p, int t0, int t1, unsigned char* ring, uint64_t* full, uint64_t* empty) {
+  RingWriter rw(p, ring, full, empty);
   for (int ti = t0; ti < t1; ++ti) {
     const Task t = p.tasks[ti];
+    if (t.op == OP_ATTN) {
+      const KeyRange kr(p, t);
+      for (int k0 = kr.lo; k0 < kr.old_hi; k0 += ATTN_KEYS, rw.next()) {
+        const uint32_t bytes = min(ATTN_KEYS, kr.old_hi - k0) * D * (uint32_t)sizeof(T);
+        unsigned char* dst = rw.claim(2 * bytes);
+        if (!dst) return;
+        rw.copy(dst, p.k_cache + cache_row(t, k0), bytes);
+        rw.copy(dst + ATTN_KEYS * D * sizeof(T), p.v_cache + cache_row(t, k0), bytes);
+      }
+      continue;
+    }
     if (!is_gemv(t.op)) continue;
     uint32_t row_bytes;
     int cr;
     const unsigned char* src = weight_rows(p, t, row_bytes, cr);
-    const uint32_t seg_bytes = min((uint32_t)MMA_KSEG * (uint32_t)sizeof(T), row_bytes);
-    for (int g0 = 0; g0 < t.arg1; g0 += 8) {
-      const int nv = min(8, t.arg1 - g0);
-      for (uint32_t k0 = 0; k0 < row_bytes; k0 += seg_bytes, ++it) {
-        const uint32_t len = min(seg_bytes, row_bytes - k0);
-        const int slot = it % NST;
-        while (!mbar_try_wait(&empty[slot], ((it / NST) & 1) ^ 1))
-          if (!dl.alive(ERR_RING_TIMEOUT)) return;
-        mbar_arrive_expect_tx(&full[slot], nv * len);
-        for (int r = 0; r < nv; ++r)
-          bulk_copy_g2s(ring + (size_t)slot * SLOT_BYTES + r * MMA_RSTRIDE, src + (size_t)(g0 + r) * row_bytes + k0, len, &full[slot]);
+    if constexpr (MMA) {
+      // a chunk is up to 8 rows x one K segment, each row its own copy into a row of the slot
+      const uint32_t seg_bytes = min((uint32_t)MMA_KSEG * (uint32_t)sizeof(T), row_bytes);
+      for (int g0 = 0; g0 < t.arg1; g0 += 8) {
+        const int nv = min(8, t.arg1 - g0);
+        for (uint32_t k0 = 0; k0 < row_bytes; k0 += seg_bytes, rw.next()) {
+          const uint32_t len = min(seg_bytes, row_bytes - k0);
+          unsigned char* dst = rw.claim(nv * len);
+          if (!dst) return;
+          for (int r = 0; r < nv; ++r) rw.copy(dst + r * MMA_RSTRIDE, src + (size_t)(g0 + r) * row_bytes + k0, len);
+        }
+      }
+    } else {
+      for (int r = 0; r < t.arg1; r += cr, rw.next()) {
+        const uint32_t bytes = min(cr, t.arg1 - r) * row_bytes;
+        unsigned char* dst = rw.claim(bytes);
+        if (!dst) return;
+        rw.copy(dst, src + (size_t)r * row_bytes, bytes);
       }
     }
-  }
-}
-
-__device__ void producer(const Params& p, int t0, int t1, unsigned char* ring, uint64_t* full, uint64_t* empty) {
-  if constexpr (MMA) { producer_mma(p, t0, t1, ring, full, empty); return; }
-  Deadline dl(p);
-  ChunkCursor cur(t0, t1);
-  uint32_t it = 0;
-  const unsigned char* src;
-  uint32_t bytes;
-  bool to_ring;
-  while (cur.next(p, src, bytes, to_ring)) {
-    if (!to_ring) {
-      // KV rows of an attention task this block reaches once the ring's chunks before it are consumed:
-      // warming L2 now turns the task's dependent loads into L2 hits.
-      if (PREFETCH_KV) l2_prefetch(src, bytes);
-      continue;
-    }
-    const int slot = it % NST;
-    // the slot's previous contents (use it - NST) must have been released by every consumer thread
-    while (!mbar_try_wait(&empty[slot], ((it / NST) & 1) ^ 1))
-      if (!dl.alive(ERR_RING_TIMEOUT)) return;
-    mbar_arrive_expect_tx(&full[slot], bytes);
-    bulk_copy_g2s(ring + (size_t)slot * SLOT_BYTES, src, bytes, &full[slot]);
-    ++it;
   }
 }
 
@@ -160,7 +139,7 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
           p.x[i] = p.embed[(size_t)p.tokens[i / H] * H + i % H];
         break;
       case OP_QKV: ok = gemv<OP_QKV>(p, t, input_rows<OP_QKV>(p, l, in_smem, in_scratch), ring, full, empty, it, sm, dl); break;
-      case OP_ATTN: ok = attention_task(p, t, sm); break;
+      case OP_ATTN: ok = attention_task(p, t, ring, full, empty, it, sm, dl); break;
       case OP_OPROJ: ok = gemv<OP_OPROJ>(p, t, input_rows<OP_OPROJ>(p, l, in_smem, in_scratch), ring, full, empty, it, sm, dl); break;
       case OP_GATEUP: ok = gemv<OP_GATEUP>(p, t, input_rows<OP_GATEUP>(p, l, in_smem, in_scratch), ring, full, empty, it, sm, dl); break;
       case OP_DOWN: ok = gemv<OP_DOWN>(p, t, input_rows<OP_DOWN>(p, l, in_smem, in_scratch), ring, full, empty, it, sm, dl); break;
