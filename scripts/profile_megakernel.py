@@ -3,7 +3,7 @@ the kernel's own per-task timestamps. Each --variant is a set of KernelConfig ov
 the same weights and cache, so variants are compared within one run.
 
   python scripts/profile_megakernel.py --models llama-3.2-1b,llama-3.1-8b --context 512 \
-      --variant "" --variant prefetch_kv=0 --json out.json
+      --variant "" --variant gemv_mma=1 --json out.json
 """
 import argparse
 import json

@@ -30,7 +30,7 @@ def _compile(model: str, batch: int, capsys) -> dict:
 
 @needs_nvcc
 @pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"])
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("batch", [1, 8, 16])
 def test_presets_compile_without_spills(name, batch, capsys):
     r = _compile(f"preset:{name}", batch, capsys)
     assert r["spill_bytes"] == 0 and r["stack_bytes"] <= 64

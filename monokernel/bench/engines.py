@@ -47,6 +47,9 @@ class MonokernelEngine:
 
         self.cache = KVCache(weights.spec, batch, max_seq, weights.dtype, weights.device)
         self.decoder = MegaDecoder(weights, self.cache)
+        # which generated kernel ran (its cache entry: model, batch, dtype and the source hash), so rows
+        # appended by different runs can be told apart
+        self.identity = {"kernel": self.decoder.compiled.path.parent.name}
 
     def write_kv(self, layer, k, v):
         T = k.shape[2]

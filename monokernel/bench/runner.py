@@ -278,6 +278,7 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
             logits.append(lg.float().cpu())
         setup_s = time.perf_counter() - t0
         variant = engine.variant
+        identity = getattr(engine, "identity", {})
         label = f"{engine.engine} ({variant})"
         agreement, ref_out = {"steps": 0}, None
         if n_agree:
@@ -317,7 +318,7 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
            "roofline_ms": roofline.roofline_ms(nbytes, bandwidth), "copy_bandwidth_TBps": bandwidth,
            "ms_per_step_mean": timing.mean_ms, "ms_per_step_min": timing.min_ms, "ms_per_step_max": timing.max_ms,
            "steps": timing.steps, "warmup": cfg.warmup, "clock": timing.clock, "max_seq": max_seq,
-           "kv_positions_read": mean_positions, "setup_s": setup_s, "agreement": agreement}
+           "kv_positions_read": mean_positions, "setup_s": setup_s, "agreement": agreement, **identity}
     return row, ref_out
 
 
