@@ -113,7 +113,8 @@ def plot(result: dict, path: Path) -> bool:
                 ax.plot(*zip(*pts), marker="o", label=label)
             roof = sorted({(r["context"], r["roofline_ms"]) for r in sel if "roofline_ms" in r})
             if roof:
-                ax.plot(*zip(*roof), "k--", label="roofline (copy bandwidth)")
+                # a marker too: a panel with one context has no line to draw
+                ax.plot(*zip(*roof), "k--", marker="_", markersize=14, label="roofline (copy bandwidth)")
             ax.set_xscale("log", base=2)
             ax.set_title(f"{model} {dtype}, batch {batch}", fontsize=9)
             ax.set_xlabel("context (cached positions)")
