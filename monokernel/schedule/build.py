@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import KernelConfig
-from .tasks import LAYER_OPS, NO_COUNTER, TASK_DTYPE, Op, Task
+from .tasks import GEMV_OPS, LAYER_OPS, NO_COUNTER, TASK_DTYPE, Op, Task
 
 
 def counter_of(op: Op, layer: int, num_layers: int) -> int:
@@ -50,7 +50,7 @@ class Schedule:
         out = np.zeros((len(self.blocks), phases), dtype=np.int64)
         for b, q in enumerate(self.blocks):
             for t in q:
-                if t.op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD):
+                if t.op in GEMV_OPS:
                     out[b, counter_of(t.op, t.layer, cfg.spec.num_layers)] += t.arg1 * cfg.gemv(t.op).cols * cfg.elt
         return out
 

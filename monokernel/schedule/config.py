@@ -2,12 +2,11 @@
 size and the GPU, and recorded so that a kernel can be reproduced and explained."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from ..errors import UnsupportedModelError
 from ..models.spec import ModelSpec
-from .tasks import Op
+from .tasks import GEMV_OPS, Op
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2}
 MAX_BATCH = 16
@@ -158,12 +157,8 @@ class KernelConfig:
     @property
     def input_len(self) -> int:
         """Row stride of the shared-memory input: the widest input that lives there (0: none does)."""
-        return max((self.gemv(op).cols for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)
+        return max((self.gemv(op).cols for op in GEMV_OPS
                     if self.op_input_in_smem(op)), default=0)
-
-    @property
-    def input_in_smem(self) -> bool:
-        return self.input_len > 0
 
     @property
     def scratch_len(self) -> int:
@@ -191,7 +186,7 @@ class KernelConfig:
     @property
     def result_floats(self) -> int:
         res = max(self.gemv(op).chunk_rows * self.gemv(op).warps_per_row * self.flush_chunks(op)
-                  for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)) * self.batch
+                  for op in GEMV_OPS) * self.batch
         return res + (self.mma_part_floats if self.gemv_mma else 0)
 
     @property
@@ -203,7 +198,7 @@ class KernelConfig:
 
     @property
     def smem_bytes_fixed(self) -> int:
-        inp = self.batch * self.input_len * self.elt if self.input_in_smem else 0
+        inp = self.batch * self.input_len * self.elt
         # one scratch area, used in turn by: matrix-vector results, attention partials, the RMSNorm
         # reduction (NCW x B) and the split-combine weights (NCW x splits)
         scratch = max(self.result_floats, self.attn_floats, self.consumer_warps * max(self.batch, self.kv_splits)) * 4
@@ -224,4 +219,4 @@ class KernelConfig:
                 "input_len": self.input_len, "scratch_len": self.scratch_len, "kv_splits": self.kv_splits,
                 "attn_keys": self.attn_keys, "gemv_mma": bool(self.gemv_mma),
                 "gemv": {op.name: dict(self.gemv(op).__dict__, flush_chunks=self.flush_chunks(op))
-                         for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)}}
+                         for op in GEMV_OPS}}

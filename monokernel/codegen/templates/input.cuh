@@ -1,7 +1,7 @@
-// Staging of a matrix-vector op's input vector (B x K, model dtype) into `in` (row stride `stride`): RMSNorm is recomputed
-// by every block from the L2-resident residual rather than adding a grid-wide barrier. All consumer
-// threads share the work with 16-byte loads: this runs once per (block, op, layer), on the critical
-// path between a counter wait and the first use of the already-streamed weights.
+// Staging of a matrix-vector op's input vector (B x K, model dtype) into `in` (row stride `stride`):
+// RMSNorm is recomputed by every block from the L2-resident residual rather than a grid-wide barrier.
+// All consumer threads share the work with 16-byte loads: this runs once per (block, op, layer), on the
+// critical path between a counter wait and the first use of the already-streamed weights.
 namespace mk {
 
 __device__ __forceinline__ uint4 ld_act16(const T* p) { return __ldcg(reinterpret_cast<const uint4*>(p)); }
@@ -74,10 +74,6 @@ __device__ void stage_copy(T* in, int stride, const T* src, int len) {
     *reinterpret_cast<uint4*>(in + b * stride + v * 8) = ld_act16(src + (size_t)b * len + v * 8);
   }
 }
-
-}  // namespace mk
-
-namespace mk {
 
 // An op's input rows as the matrix-vector code reads them: staged in shared memory, staged in the block's
 // global scratch (RMSNorm ops at large batch), or where other blocks wrote them (O and down projections
