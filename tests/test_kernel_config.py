@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from monokernel.errors import UnsupportedModelError
 from monokernel.models.presets import preset
 from monokernel.schedule.build import build_schedule
 from monokernel.schedule.config import KernelConfig
@@ -42,3 +43,9 @@ def test_bytes_stay_balanced_across_blocks(batch):
     per = sched.bytes_per_block()
     busy = per[:, per.sum(axis=0) > 0]
     assert (busy.max(axis=0) <= 1.15 * busy.mean(axis=0)).all()
+
+
+def test_head_dim_not_a_multiple_of_32_is_refused():
+    spec = preset("llama-3.2-1b").with_(head_dim=48)
+    with pytest.raises(UnsupportedModelError, match="head_dim=48 must be a multiple of 32"):
+        KernelConfig(spec, 1, 4096)
