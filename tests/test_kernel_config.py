@@ -49,3 +49,12 @@ def test_head_dim_not_a_multiple_of_32_is_refused():
     spec = preset("llama-3.2-1b").with_(head_dim=48)
     with pytest.raises(UnsupportedModelError, match="head_dim=48 must be a multiple of 32"):
         KernelConfig(spec, 1, 4096)
+
+
+def test_attention_key_batch_is_derived_from_the_batch_and_checked():
+    spec = preset("llama-3.1-8b")
+    assert KernelConfig(spec, 1, 4096).attn_key_batch == 2
+    assert KernelConfig(spec, 8, 4096).attn_key_batch == 1
+    assert KernelConfig(spec, 8, 4096, attn_key_batch=3).summary()["attn_key_batch"] == 3
+    with pytest.raises(UnsupportedModelError, match="attn_pv_unroll=0 must be at least 1"):
+        KernelConfig(spec, 1, 4096, attn_pv_unroll=0)

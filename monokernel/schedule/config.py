@@ -51,6 +51,13 @@ class KernelConfig:
     gemv_mma: int = -1
     # Shared memory an op's staged input may take (bytes); larger inputs are read from global memory.
     input_smem_budget: int = 96 * 1024
+    # Attention key walk: key groups per warp and softmax update (a group scores 4 keys at head_dim 64
+    # or 128), -1: derived (2 at batch 1-2, where 8k-32k contexts make tasks of 512-2048 keys; 1 from
+    # batch 3 on, where tasks are short and the tensor-core kernel is measured a little faster with it);
+    # and how far P.V unrolls over a group's keys (more in flight, more registers: at batch 16 the
+    # kernel sits at the 168-register cap of 9 warps).
+    attn_key_batch: int = -1
+    attn_pv_unroll: int = 1
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES:
@@ -72,6 +79,11 @@ class KernelConfig:
             # no more attention tasks than blocks: one block running two would hold up the whole phase
             per = self.batch * s.num_kv_heads
             object.__setattr__(self, "kv_splits", max(1, min(64, self.gpu.sm_count // per)))
+        if self.attn_key_batch < 0:
+            object.__setattr__(self, "attn_key_batch", 2 if self.batch <= 2 else 1)
+        if self.attn_key_batch < 1 or self.attn_pv_unroll < 1:
+            raise UnsupportedModelError(f"attn_key_batch={self.attn_key_batch} and attn_pv_unroll="
+                                        f"{self.attn_pv_unroll} must be at least 1")
         if s.head_dim % 32:
             raise UnsupportedModelError(f"head_dim={s.head_dim} must be a multiple of 32 (one warp spans a head)")
         if self.ring_stages < 2:
@@ -217,6 +229,7 @@ class KernelConfig:
                 "gpu": self.gpu.name, "blocks": self.num_blocks, "threads": self.threads,
                 "slot_bytes": self.slot_bytes, "ring_stages": self.ring_stages, "smem_bytes": self.smem_bytes,
                 "input_len": self.input_len, "scratch_len": self.scratch_len, "kv_splits": self.kv_splits,
-                "attn_keys": self.attn_keys, "gemv_mma": bool(self.gemv_mma),
+                "attn_keys": self.attn_keys, "attn_key_batch": self.attn_key_batch,
+                "attn_pv_unroll": self.attn_pv_unroll, "gemv_mma": bool(self.gemv_mma),
                 "gemv": {op.name: dict(self.gemv(op).__dict__, flush_chunks=self.flush_chunks(op))
                          for op in GEMV_OPS}}

@@ -4,8 +4,26 @@
 // (o, running max m, sum l) per query head; the last split to finish combines them.
 namespace mk {
 
+// The key walk. Scores first: the lanes of a warp form KPW groups of LPK lanes, one key per group, and
+// lane (kg, sub) holds the 8-element chunks sub + LPK * c (c < NCH) of the query heads and of its key, so
+// a key's dot products need log2(LPK) shuffles and the 16-byte key loads of an 8-lane phase hit distinct
+// banks. Then one online-softmax update per batch of AKU * KPW keys (one max, one correction), and P.V
+// with lanes across head dims (DPL each), the probabilities broadcast from their key's group.
+constexpr int LPK = D % 64 == 0 ? 8 : 4;
+constexpr int KPW = 32 / LPK;
+constexpr int NCH = D / (8 * LPK);
+constexpr int AKU = ATTN_KEY_BATCH;
+constexpr int KSTRIDE = NCW * KPW;          // keys between two key groups of one warp
+// Where element d of a query head sits in shared memory: lane sub reads its chunks' elements as 16-byte
+// vectors (c, half hh) that the 8 lanes of a phase find side by side, so the loads hit distinct banks.
+__host__ __device__ constexpr int q_slot(int d) {
+  return (((d / 8 / LPK) * 2 + d % 8 / 4) * LPK + d / 8 % LPK) * 4 + d % 4;
+}
+
+
 // Rounded rotary embedding of one head row held in `row` (float values of model-dtype numbers):
 // out = rnd(rnd(x * cos) + rnd(rotate_half(x) * sin)), with cos/sin rounded as the reference does.
+template <bool QUERY>
 __device__ __forceinline__ void rope_row(const float* row, float* out, int pos, const float* inv_freq) {
   const int lane = threadIdx.x % 32;
   for (int d = lane; d < D; d += 32) {
@@ -13,7 +31,7 @@ __device__ __forceinline__ void rope_row(const float* row, float* out, int pos, 
     const float ang = static_cast<float>(pos) * inv_freq[j];
     const float c = rnd(cosf(ang)), s = rnd(sinf(ang));
     const float rot = d < D / 2 ? -row[d + D / 2] : row[d - D / 2];
-    out[d] = rnd(rnd(row[d] * c) + rnd(rot * s));
+    out[QUERY ? q_slot(d) : d] = rnd(rnd(row[d] * c) + rnd(rot * s));
   }
 }
 
@@ -35,42 +53,85 @@ __device__ __forceinline__ size_t cache_row(const Task& t, int key) {
   return ((((size_t)t.layer * B + b) * NKV + kvh) * MAX_SEQ + key) * D;
 }
 
-// Online-softmax update of a warp's G query heads with up to KU keys (rows packed in registers): the
-// KU x G scores are reduced across the warp independently of each other before the serial updates.
-template <int KU>
-__device__ __forceinline__ void attend_keys(const uint32_t (&kw)[KU][DW], const uint32_t (&vw)[KU][DW], int nk,
-                                            const float* q, float* m, float* lsum, float (&acc)[G][DPL]) {
-  const int lane = threadIdx.x % 32;
-  float sc[KU][G];
+struct AttnAcc {
+  float m[G], lsum[G], acc[G][DPL];   // lsum: this lane's key group's share, summed at the end
+};
+
+// Keys 0..nk-1 of rows ks (K) and vs (V), each row D elements; every warp calls it, warp w takes the
+// keys w * KPW + kg (+ multiples of KSTRIDE).
+__device__ __forceinline__ void attend_rows(const T* ks, const T* vs, int nk, const float* q,
+                                            AttnAcc& a) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, kg = lane / LPK, sub = lane % LPK;
+  for (int j0 = warp * KPW; j0 < nk; j0 += KSTRIDE * AKU) {
+    float s[AKU][G];
 #pragma unroll
-  for (int u = 0; u < KU; ++u) {
-    float kf[DPL];
-    unpack_dims(kw[u], kf);
+    for (int u = 0; u < AKU; ++u)
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float s = 0.f;
+      for (int g = 0; g < G; ++g) s[u][g] = 0.f;
 #pragma unroll
-      for (int j = 0; j < DPL; ++j) s = fmaf(q[g * D + lane * DPL + j], kf[j], s);
-      sc[u][g] = s;
+    for (int c = 0; c < NCH; ++c) {
+      uint4 kv[AKU];
+#pragma unroll
+      for (int u = 0; u < AKU; ++u)
+        kv[u] = reinterpret_cast<const uint4*>(ks + (size_t)min(j0 + u * KSTRIDE + kg, nk - 1) * D)[sub + LPK * c];
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float4 qf = reinterpret_cast<const float4*>(q + g * D)[(c * 2 + hh) * LPK + sub];
+#pragma unroll
+          for (int u = 0; u < AKU; ++u) {
+            const float2 k0 = pair_to_f2((&kv[u].x)[2 * hh]), k1 = pair_to_f2((&kv[u].x)[2 * hh + 1]);
+            s[u][g] = fmaf(qf.x, k0.x, s[u][g]);
+            s[u][g] = fmaf(qf.y, k0.y, s[u][g]);
+            s[u][g] = fmaf(qf.z, k1.x, s[u][g]);
+            s[u][g] = fmaf(qf.w, k1.y, s[u][g]);
+          }
+        }
+      }
     }
-  }
-#pragma unroll
-  for (int u = 0; u < KU; ++u)
-#pragma unroll
-    for (int g = 0; g < G; ++g) sc[u][g] = warp_sum(sc[u][g]) * ATTN_SCALE;
-#pragma unroll
-  for (int u = 0; u < KU; ++u) {
-    if (u >= nk) break;
-    float vf[DPL];
-    unpack_dims(vw[u], vf);
+    float mx[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      const float mn = fmaxf(m[g], sc[u][g]);
-      const float corr = expf(m[g] - mn), e = expf(sc[u][g] - mn);
-      lsum[g] = lsum[g] * corr + e;
+      mx[g] = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < DPL; ++j) acc[g][j] = acc[g][j] * corr + e * vf[j];
-      m[g] = mn;
+      for (int u = 0; u < AKU; ++u) {
+#pragma unroll
+        for (int o = 1; o < LPK; o <<= 1) s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], o);
+        s[u][g] = j0 + u * KSTRIDE + kg < nk ? s[u][g] * ATTN_SCALE : -INFINITY;
+        mx[g] = fmaxf(mx[g], s[u][g]);
+      }
+#pragma unroll
+      for (int o = LPK; o < 32; o <<= 1) mx[g] = fmaxf(mx[g], __shfl_xor_sync(0xffffffffu, mx[g], o));
+      const float mn = fmaxf(a.m[g], mx[g]);   // finite: key j0 of group 0 is valid
+      const float corr = expf(a.m[g] - mn);
+      a.m[g] = mn;
+      a.lsum[g] *= corr;
+#pragma unroll
+      for (int u = 0; u < AKU; ++u) {
+        s[u][g] = expf(s[u][g] - mn);          // masked keys: exp(-inf) = 0
+        a.lsum[g] += s[u][g];
+      }
+#pragma unroll
+      for (int j = 0; j < DPL; ++j) a.acc[g][j] *= corr;
+    }
+#pragma unroll
+    for (int u = 0; u < AKU; ++u) {
+#pragma unroll ATTN_PV_UNROLL
+      for (int k = 0; k < KPW; ++k) {
+        const int j = j0 + u * KSTRIDE + k;
+        if (j >= nk) break;
+        uint32_t vw[DW];
+        float vf[DPL];
+        ld_dims(vs + (size_t)j * D + lane * DPL, vw);
+        unpack_dims(vw, vf);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float e = __shfl_sync(0xffffffffu, s[u][g], k * LPK);
+#pragma unroll
+          for (int d = 0; d < DPL; ++d) a.acc[g][d] = fmaf(e, vf[d], a.acc[g][d]);
+        }
+      }
     }
   }
 }
@@ -111,61 +172,56 @@ __device__ bool attention_task(const Params& p, const Task& t, const unsigned ch
     for (int j = 0; j < DPL; ++j)
       if (lane + 32 * j < D) (row <= G ? tmp : dst)[lane + 32 * j] = vals[j];
     __syncwarp();
-    if (row <= G) rope_row(tmp, dst, pos, p.inv_freq);
+    if (row < G) rope_row<true>(tmp, dst, pos, p.inv_freq);
+    else if (row == G) rope_row<false>(tmp, dst, pos, p.inv_freq);
     __syncwarp();
   }
   consumer_sync();
 
+  // The new key and value as cache rows: into the cache, and for warp 0 (the one that attends to them,
+  // after the cached keys) into `part`, which nobody else touches before consumer_all below.
+  T* knt = reinterpret_cast<T*>(part);
   if (lo <= pos && pos < hi) {
     for (int d = threadIdx.x; d < D; d += NCT) {
       p.k_cache[cache_row(t, pos) + d] = from_f(kn[d]);
       p.v_cache[cache_row(t, pos) + d] = from_f(vn[d]);
     }
+    if (warp == 0) {
+      for (int d = lane; d < D; d += 32) { knt[d] = from_f(kn[d]); knt[D + d] = from_f(vn[d]); }
+      __syncwarp();
+    }
   }
 
-  // The cached keys arrive through the ring, ATTN_KEYS a slot (K rows, then V rows). Each warp takes
-  // every NCW-th key of a slot, KU at a time; lane l holds head dims [l * DPL, (l + 1) * DPL).
-  constexpr int KU = 4;
-  float m[G], lsum[G], acc[G][DPL];
+  // The cached keys arrive through the ring, ATTN_KEYS a slot (K rows, then V rows); the new key and
+  // value follow from shared memory, rounded to the model dtype like the cache copy.
+  AttnAcc a;
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    m[g] = -INFINITY; lsum[g] = 0.f;
+    a.m[g] = -INFINITY; a.lsum[g] = 0.f;
 #pragma unroll
-    for (int j = 0; j < DPL; ++j) acc[g][j] = 0.f;
+    for (int j = 0; j < DPL; ++j) a.acc[g][j] = 0.f;
   }
   uint32_t ok = 1;
   for (int k0 = lo; k0 < kr.old_hi; k0 += ATTN_KEYS) {
-    const int nk = min(ATTN_KEYS, kr.old_hi - k0);
     const int slot = it % NST;
     if (ok) ok = wait_slot(&full[slot], (it / NST) & 1, dl);
-    const T* ks = reinterpret_cast<const T*>(ring + (size_t)slot * SLOT_BYTES) + lane * DPL;
-    const T* vs = ks + ATTN_KEYS * D;
-    for (int j0 = warp; j0 < nk; j0 += NCW * KU) {
-      uint32_t kw[KU][DW], vw[KU][DW];
-#pragma unroll
-      for (int u = 0; u < KU; ++u) {
-        const int j = min(j0 + u * NCW, nk - 1);   // past the end: a valid row, never used
-        ld_dims(ks + j * D, kw[u]);
-        ld_dims(vs + j * D, vw[u]);
-      }
-      attend_keys<KU>(kw, vw, (nk - j0 + NCW - 1) / NCW, q, m, lsum, acc);
-    }
+    const T* ks = reinterpret_cast<const T*>(ring + (size_t)slot * SLOT_BYTES);
+    attend_rows(ks, ks + ATTN_KEYS * D, min(ATTN_KEYS, kr.old_hi - k0), q, a);
     mbar_arrive(&empty[slot]);
     ++it;
   }
-  if (lo <= pos && pos < hi && warp == (pos - lo) % NCW) {     // the new key, from shared memory
-    uint32_t kw[1][DW], vw[1][DW];
-    pack_dims(kn + lane * DPL, kw[0]);
-    pack_dims(vn + lane * DPL, vw[0]);
-    attend_keys<1>(kw, vw, 1, q, m, lsum, acc);
-  }
+  if (lo <= pos && pos < hi && warp == 0) attend_rows(knt, knt + D, 1, q, a);
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int o = LPK; o < 32; o <<= 1) a.lsum[g] += __shfl_xor_sync(0xffffffffu, a.lsum[g], o);
   if (!consumer_all(ok)) return false;   // also: the prep rows in `part` are no longer read
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     float* pw = part + (warp * G + g) * (D + 2);
 #pragma unroll
-    for (int j = 0; j < DPL; ++j) pw[lane * DPL + j] = acc[g][j];
-    if (lane == 0) { pw[D] = m[g]; pw[D + 1] = lsum[g]; }
+    for (int j = 0; j < DPL; ++j) pw[lane * DPL + j] = a.acc[g][j];
+    if (lane == 0) { pw[D] = a.m[g]; pw[D + 1] = a.lsum[g]; }
   }
   consumer_sync();
   const size_t slots = (((size_t)l * B + b) * NKV + kvh) * KV_SPLITS;   // this (layer, b, kv head)'s splits

@@ -1,0 +1,44 @@
+"""Builds, into the kernel cache, the kernels a profile_megakernel.py run will ask for, on many cores at
+once, so that a run on a lent GPU spends its time running rather than compiling. The GPU is described,
+not queried (H100 SXM by default): an entry is reused only if the source rendered there is identical.
+
+  MONOKERNEL_CACHE_DIR=.carry/mkc python scripts/precompile_kernels.py --models llama-3.1-8b \
+      --batch 1,8 --context 512,8192 --variant "" --variant attn_key_batch=1
+"""
+import argparse
+from concurrent.futures import ProcessPoolExecutor
+
+from monokernel.codegen.compile import compile_kernel
+from monokernel.codegen.render import render_source
+from monokernel.models.presets import preset
+from monokernel.schedule.config import GpuInfo, KernelConfig
+
+
+def build(job):
+    name, batch, max_seq, var, gpu = job
+    overrides = {k: int(v) for k, v in (kv.split("=") for kv in var.split(",") if kv)}
+    cfg = KernelConfig(preset(name), batch, max_seq, "bf16", gpu, **overrides)
+    ck = compile_kernel(render_source(cfg), gpu.arch, name=f"{cfg.spec.name.replace('/', '_')}-b{batch}-bf16")
+    return f"{name} b{batch} max_seq {max_seq} [{var}]: {ck.registers} registers, {ck.spill_bytes} B spilled"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b")
+    ap.add_argument("--batch", default="1")
+    ap.add_argument("--context", default="512")
+    ap.add_argument("--variant", action="append", default=None)
+    ap.add_argument("--extra-seq", type=int, default=64, help="cache positions past the context (as the profile script)")
+    ap.add_argument("--gpu-name", default="NVIDIA H100 80GB HBM3")
+    ap.add_argument("--jobs", type=int, default=8)
+    args = ap.parse_args()
+    gpu = GpuInfo(name=args.gpu_name)
+    jobs = [(m, b, c + args.extra_seq, v, gpu) for m in args.models.split(",") for b in map(int, args.batch.split(","))
+            for c in map(int, args.context.split(",")) for v in (args.variant or [""])]
+    with ProcessPoolExecutor(args.jobs) as ex:
+        for line in ex.map(build, jobs):
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
