@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--append", action="store_true",
                    help="merge into today's <date>-<gpu>.json there instead of writing a new -N file")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--devices", default=None, metavar="all|cuda:0,cuda:1,...",
+                   help="run the (model, batch, context) rows in parallel, one process per GPU at a time, "
+                        "merged into one result (a full table in the time of its slowest rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tc-attention", choices=["math", "sdpa"], default="math",
                    help="torch-compile baseline's attention: written out for inductor (gpt-fast) or SDPA")
@@ -74,8 +77,16 @@ def _models(values: list[str] | None) -> list[str]:
     return out
 
 
-def _command() -> str:
-    argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
+def _child_args(args: argparse.Namespace) -> list[str]:
+    """The flags every per-row process of a --devices run gets (model, batch, context, device: its own)."""
+    out = ["--engines", ",".join(args.engines), "--dtype", args.dtype, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--agreement-steps", str(args.agreement_steps), "--seed", str(args.seed),
+           "--tc-attention", args.tc_attention]
+    return out + (["--no-compile"] if args.no_compile else [])
+
+
+def _command(given: list[str] | None = None) -> str:
+    argv = given if given is not None else sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
     return "monokernel bench " + shlex.join(argv)
 
 
@@ -89,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                       dtype=DTYPES[args.dtype], steps=args.steps, warmup=args.warmup,
                       agreement_steps=args.agreement_steps, device=args.device, seed=args.seed,
                       compile=not args.no_compile, tc_attention=args.tc_attention, progress=not args.no_progress,
-                      command=_command())
+                      command=_command(getattr(args, "argv", None)))
     out_dir = Path(args.out)
     state: dict = {}
 
@@ -101,8 +112,17 @@ def run(args: argparse.Namespace) -> int:
         merged = result if state["base"] is None else report.merge(state["base"], result)
         report.write_reports(merged, state["paths"], with_plot=False)
 
-    result = run_benchmark(cfg, checkpoint=checkpoint)
-    checkpoint(result)
+    if args.devices:
+        if args.device:
+            raise MonokernelError("give --device (one device) or --devices (several), not both")
+        from .parallel import Job, parse_devices, run_parallel
+
+        jobs = [Job(m, b, c) for m in cfg.models for b in cfg.batches for c in cfg.contexts]
+        result = run_parallel(jobs, parse_devices(args.devices), _child_args(args), cfg.command, checkpoint,
+                              lambda msg: print(msg, file=sys.stderr, flush=True))
+    else:
+        result = run_benchmark(cfg, checkpoint=checkpoint)
+        checkpoint(result)
     merged = result if state["base"] is None else report.merge(state["base"], result)
     written = report.write_reports(merged, state["paths"])
     print(report.markdown(merged))
@@ -115,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="monokernel bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
     try:
-        return run(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+        args.argv = argv          # the command recorded in the results
+        return run(args)
     except MonokernelError as e:
         print(f"monokernel bench: error: {e}", file=sys.stderr)
         return 2
