@@ -19,6 +19,16 @@ constexpr int KSTRIDE = NCW * KPW;          // keys between two key groups of on
 __host__ __device__ constexpr int q_slot(int d) {
   return (((d / 8 / LPK) * 2 + d % 8 / 4) * LPK + d / 8 % LPK) * 4 + d % 4;
 }
+constexpr bool q_slot_is_a_permutation() {
+  for (int d = 0; d < D; ++d) {
+    if (q_slot(d) < 0 || q_slot(d) >= D) return false;
+    for (int e = 0; e < d; ++e)
+      if (q_slot(e) == q_slot(d)) return false;
+  }
+  return true;
+}
+static_assert(D % (8 * LPK) == 0, "a key group must cover a head in 16-byte chunks");
+static_assert(q_slot_is_a_permutation(), "the queries' shared-memory order must hold every head dim once");
 
 
 // Rounded rotary embedding of one head row held in `row` (float values of model-dtype numbers):
