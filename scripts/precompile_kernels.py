@@ -9,16 +9,16 @@ import argparse
 from concurrent.futures import ProcessPoolExecutor
 
 from monokernel.codegen.compile import compile_kernel
-from monokernel.codegen.render import render_source
+from monokernel.codegen.render import kernel_entry_name, render_source
 from monokernel.models.presets import preset
 from monokernel.schedule.config import GpuInfo, KernelConfig
+from profile_megakernel import EXTRA_SEQ, overrides   # the same configurations as the profile run
 
 
 def build(job):
     name, batch, max_seq, var, gpu = job
-    overrides = {k: int(v) for k, v in (kv.split("=") for kv in var.split(",") if kv)}
-    cfg = KernelConfig(preset(name), batch, max_seq, "bf16", gpu, **overrides)
-    ck = compile_kernel(render_source(cfg), gpu.arch, name=f"{cfg.spec.name.replace('/', '_')}-b{batch}-bf16")
+    cfg = KernelConfig(preset(name), batch, max_seq, "bf16", gpu, **overrides(var))
+    ck = compile_kernel(render_source(cfg), gpu.arch, name=kernel_entry_name(cfg))
     return f"{name} b{batch} max_seq {max_seq} [{var}]: {ck.registers} registers, {ck.spill_bytes} B spilled"
 
 
@@ -28,12 +28,11 @@ def main():
     ap.add_argument("--batch", default="1")
     ap.add_argument("--context", default="512")
     ap.add_argument("--variant", action="append", default=None)
-    ap.add_argument("--extra-seq", type=int, default=64, help="cache positions past the context (as the profile script)")
     ap.add_argument("--gpu-name", default="NVIDIA H100 80GB HBM3")
     ap.add_argument("--jobs", type=int, default=8)
     args = ap.parse_args()
     gpu = GpuInfo(name=args.gpu_name)
-    jobs = [(m, b, c + args.extra_seq, v, gpu) for m in args.models.split(",") for b in map(int, args.batch.split(","))
+    jobs = [(m, b, c + EXTRA_SEQ, v, gpu) for m in args.models.split(",") for b in map(int, args.batch.split(","))
             for c in map(int, args.context.split(",")) for v in (args.variant or [""])]
     with ProcessPoolExecutor(args.jobs) as ex:
         for line in ex.map(build, jobs):

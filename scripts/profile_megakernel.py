@@ -16,6 +16,9 @@ from monokernel.reference.model import KVCache
 from monokernel.runtime.mega import MegaDecoder
 
 
+EXTRA_SEQ = 64   # cache positions past the context
+
+
 def overrides(text: str) -> dict:
     return {k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)}   # bools as 0/1
 
@@ -48,7 +51,7 @@ def main():
         w = random_weights(spec, torch.bfloat16, "cuda", seed=0)
         for batch in map(int, args.batch.split(",")):
             for ctx in map(int, args.context.split(",")):
-                cache = KVCache(spec, batch, ctx + 64, torch.bfloat16, "cuda")
+                cache = KVCache(spec, batch, ctx + EXTRA_SEQ, torch.bfloat16, "cuda")
                 cache.k.normal_()
                 cache.v.normal_()
                 tok = torch.randint(0, spec.vocab_size, (batch,), device="cuda")

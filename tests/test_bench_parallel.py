@@ -75,7 +75,8 @@ def test_device_lists():
         parse_devices("gpu1")
     with pytest.raises(MonokernelError, match="no CUDA device"):
         parse_devices("all", cuda_count=0)
-
+    with pytest.raises(MonokernelError, match="no device given"):
+        parse_devices(" , ")
 
 
 def test_device_and_devices_together_are_refused(capsys):

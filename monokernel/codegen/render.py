@@ -20,6 +20,11 @@ def _template(name: str) -> str:
     return resources.files(__package__).joinpath("templates", name).read_text()
 
 
+def kernel_entry_name(cfg: KernelConfig) -> str:
+    """The readable part of the kernel's cache entry name (the source hash follows it)."""
+    return f"{cfg.spec.name.replace('/', '_')}-b{cfg.batch}-{cfg.dtype}"
+
+
 def render_source(cfg: KernelConfig) -> str:
     s = cfg.spec
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)

@@ -9,7 +9,7 @@ import torch
 
 from ..codegen.compile import CompiledKernel, compile_kernel
 from ..codegen.params import params_struct
-from ..codegen.render import KERNEL_NAME, render_source
+from ..codegen.render import KERNEL_NAME, kernel_entry_name, render_source
 from ..errors import KernelRuntimeError, UnsupportedModelError
 from ..models.spec import rope_inv_freq
 from ..models.weights import PackedWeights
@@ -48,7 +48,7 @@ class MegaDecoder:
         self.config = kernel_config(weights, cache.batch, cache.max_seq, gpu, **config_overrides)
         self.schedule: Schedule = build_schedule(self.config)
         self.source = render_source(self.config)
-        self.compiled: CompiledKernel = compile_kernel(self.source, gpu.arch, name=_entry_name(self.config))
+        self.compiled: CompiledKernel = compile_kernel(self.source, gpu.arch, name=kernel_entry_name(self.config))
         self.kernel = LoadedKernel(self.compiled.cubin, KERNEL_NAME, self.config.smem_bytes, self.config.threads, dev)
         if self.kernel.blocks_per_sm < 1:
             raise KernelRuntimeError(
@@ -146,10 +146,6 @@ class MegaDecoder:
         self.launch(tokens, positions)
         self.check()
         return self.out_tokens.long(), self.logits
-
-
-def _entry_name(cfg: KernelConfig) -> str:
-    return f"{cfg.spec.name.replace('/', '_')}-b{cfg.batch}-{cfg.dtype}"
 
 
 __all__ = ["MegaDecoder", "gpu_info", "kernel_config"]

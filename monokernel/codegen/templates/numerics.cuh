@@ -71,14 +71,6 @@ __device__ __forceinline__ void ld_dims(const T* src, uint32_t* w) {
   }
 }
 
-__device__ __forceinline__ void pack_dims(const float* f, uint32_t* w) {
-#pragma unroll
-  for (int j = 0; j < DW; ++j) {
-    T pair[2] = {from_f(f[2 * j]), from_f(2 * j + 1 < DPL ? f[2 * j + 1] : 0.f)};
-    w[j] = *reinterpret_cast<const uint32_t*>(pair);
-  }
-}
-
 __device__ __forceinline__ void unpack_dims(const uint32_t* w, float* f) {
 #pragma unroll
   for (int j = 0; j < DW; ++j) {
