@@ -211,9 +211,9 @@ class KernelConfig:
     @property
     def smem_bytes_fixed(self) -> int:
         inp = self.batch * self.input_len * self.elt
-        # one scratch area, used in turn by: matrix-vector results, attention partials, the RMSNorm
-        # reduction (NCW x B) and the split-combine weights (NCW x splits)
-        scratch = max(self.result_floats, self.attn_floats, self.consumer_warps * max(self.batch, self.kv_splits)) * 4
+        # one scratch area, used in turn by: matrix-vector results, attention partials and the RMSNorm
+        # reduction (NCW x B)
+        scratch = max(self.result_floats, self.attn_floats, self.consumer_warps * self.batch) * 4
         return 1024 + inp + scratch      # 1 KiB: barriers, flags and alignment padding
 
     @property

@@ -48,10 +48,10 @@ __device__ __forceinline__ void rope_row(const float* row, float* out, int pos, 
 // Keys of an attention task: [lo, hi) of [0, pos]; [lo, old_hi) come from the cache (written by earlier
 // steps), through the ring; row pos is this step's own. Producer and consumers compute the same range.
 struct KeyRange {
-  int lo, hi, old_hi, pos;
+  int lo, hi, old_hi, pos, chunk;
   __device__ KeyRange(const Params& p, const Task& t) {
     pos = __ldg(p.positions + t.arg0 / NKV);
-    const int chunk = kv_chunk(pos + 1);
+    chunk = kv_chunk(pos + 1);
     lo = t.arg1 * chunk;
     hi = min(pos + 1, lo + chunk);
     old_hi = min(hi, pos);
@@ -146,12 +146,11 @@ __device__ __forceinline__ void attend_rows(const T* ks, const T* vs, int nk, co
   }
 }
 
-__device__ bool attention_task(const Params& p, const Task& t, const unsigned char* ring, uint64_t* full,
-                               uint64_t* empty, uint32_t& it, float* sm, Deadline& dl) {
+__device__ bool attention_task(const Params& p, const Task& t, RingReader& rd, float* sm) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = t.arg0 / NKV, kvh = t.arg0 % NKV, split = t.arg1, l = t.layer;
   const KeyRange kr(p, t);
-  const int pos = kr.pos, n = pos + 1, chunk = kv_chunk(n), lo = kr.lo, hi = kr.hi;
+  const int pos = kr.pos, n = pos + 1, lo = kr.lo, hi = kr.hi;
   if (lo >= hi) return true;           // an inactive split: the combine never reads it
   float* q = sm;                       // G x D
   float* kn = q + G * D;               // D
@@ -211,21 +210,17 @@ __device__ bool attention_task(const Params& p, const Task& t, const unsigned ch
 #pragma unroll
     for (int j = 0; j < DPL; ++j) a.acc[g][j] = 0.f;
   }
-  uint32_t ok = 1;
   for (int k0 = lo; k0 < kr.old_hi; k0 += ATTN_KEYS) {
-    const int slot = it % NST;
-    if (ok) ok = wait_slot(&full[slot], (it / NST) & 1, dl);
-    const T* ks = reinterpret_cast<const T*>(ring + (size_t)slot * SLOT_BYTES);
+    const T* ks = reinterpret_cast<const T*>(rd.wait());
     attend_rows(ks, ks + ATTN_KEYS * D, min(ATTN_KEYS, kr.old_hi - k0), q, a);
-    mbar_arrive(&empty[slot]);
-    ++it;
+    rd.release();
   }
   if (lo <= pos && pos < hi && warp == 0) attend_rows(knt, knt + D, 1, q, a);
 #pragma unroll
   for (int g = 0; g < G; ++g)
 #pragma unroll
     for (int o = LPK; o < 32; o <<= 1) a.lsum[g] += __shfl_xor_sync(0xffffffffu, a.lsum[g], o);
-  if (!consumer_all(ok)) return false;   // also: the prep rows in `part` are no longer read
+  if (!rd.all_ok()) return false;   // also: the prep rows in `part` are no longer read
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     float* pw = part + (warp * G + g) * (D + 2);
@@ -256,58 +251,48 @@ __device__ bool attention_task(const Params& p, const Task& t, const unsigned ch
 
   // The last split of this (layer, b, kv head) to finish combines all of them (log-sum-exp) into the
   // attention output, so the O projection stages a plain vector instead of every block re-reading
-  // every split's partials. atomicInc wraps the arrival count back to 0 for the next step.
-  const int active = (n + chunk - 1) / chunk;
+  // every split's partials. The increment wraps the arrival count back to 0 for the next step.
+  const int active = (n + kr.chunk - 1) / kr.chunk;
   volatile int* last = reinterpret_cast<volatile int*>(part);
   consumer_sync();                       // every partial store of this block precedes the fence below
-  if (threadIdx.x == 0) {
-    __threadfence();
-    const unsigned old = atomicInc(p.attn_done + ((size_t)l * B + b) * NKV + kvh, (unsigned)(active - 1));
-    __threadfence();
-    *last = old == (unsigned)(active - 1);
-  }
+  if (threadIdx.x == 0)
+    *last = atom_inc_acq_rel(p.attn_done + ((size_t)l * B + b) * NKV + kvh, active - 1) == (uint32_t)(active - 1);
   consumer_sync();
   if (!*last) return true;
-  // One warp per query head turns the splits' (m, l) into weights, lanes across splits (one L2 round
-  // trip); then every output element sums its splits' partials, CU loads in flight at a time.
-  float* cw = part + 1;                  // G x KV_SPLITS split weights, then G denominators
-  float* den = cw + G * KV_SPLITS;
-  for (int g = warp; g < G; g += NCW) {
-    float ms[SPL], ls[SPL];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < SPL; ++j) {
-      const int s = lane + 32 * j;
-      ms[j] = s < active ? __ldcg(p.attn_m + (slots + s) * G + g) : -INFINITY;
-      ls[j] = s < active ? __ldcg(p.attn_l + (slots + s) * G + g) : 0.f;
-      mx = fmaxf(mx, ms[j]);
-    }
-    mx = warp_max(mx);
-    float dsum = 0.f;
-#pragma unroll
-    for (int j = 0; j < SPL; ++j) {
-      const float cs = ms[j] == -INFINITY ? 0.f : expf(ms[j] - mx);   // a split with no keys weighs nothing
-      if (lane + 32 * j < KV_SPLITS) cw[g * KV_SPLITS + lane + 32 * j] = cs;
-      dsum = fmaf(cs, ls[j], dsum);
-    }
-    dsum = warp_sum(dsum);
-    if (lane == 0) den[g] = dsum;
-  }
-  consumer_sync();
-  constexpr int CU = 8;
+  // Every output element weighs its splits' partials by exp(m_s - max) (log-sum-exp). All of a chunk's
+  // (m, l, o) loads are in flight at once with a running max, so at up to CU splits the combine is one
+  // L2 round trip and needs no block barrier.
+  constexpr int CU = KV_SPLITS < 16 ? KV_SPLITS : 16;
   T* dst = p.attn_out + ((size_t)l * B + b) * QSIZE + kvh * G * D;
   for (int i = threadIdx.x; i < G * D; i += NCT) {
     const int g = i / D, d = i % D;
-    float num = 0.f;
+    float mx = -INFINITY, num = 0.f, den = 0.f;
     for (int s0 = 0; s0 < active; s0 += CU) {
-      float o[CU];
+      float ms[CU], ls[CU], os[CU];
 #pragma unroll
-      for (int u = 0; u < CU; ++u)
-        o[u] = s0 + u < active ? __ldcg(p.attn_o + ((slots + s0 + u) * G + g) * D + d) : 0.f;
+      for (int u = 0; u < CU; ++u) {
+        const bool in = s0 + u < active;
+        const size_t j = (slots + s0 + u) * G + g;
+        ms[u] = in ? __ldcg(p.attn_m + j) : -INFINITY;
+        ls[u] = in ? __ldcg(p.attn_l + j) : 0.f;
+        os[u] = in ? __ldcg(p.attn_o + j * D + d) : 0.f;
+      }
+      float cm = mx;
 #pragma unroll
-      for (int u = 0; u < CU; ++u) num = fmaf(cw[g * KV_SPLITS + min(s0 + u, KV_SPLITS - 1)], o[u], num);
+      for (int u = 0; u < CU; ++u) cm = fmaxf(cm, ms[u]);
+      if (cm == -INFINITY) continue;     // no split with keys yet
+      const float c = expf(mx - cm);     // 0 before the first split with keys
+      num *= c;
+      den *= c;
+#pragma unroll
+      for (int u = 0; u < CU; ++u) {
+        const float w = ms[u] == -INFINITY ? 0.f : expf(ms[u] - cm);   // a split with no keys weighs nothing
+        num = fmaf(w, os[u], num);
+        den = fmaf(w, ls[u], den);
+      }
+      mx = cm;
     }
-    dst[i] = from_f(num / den[g]);
+    dst[i] = from_f(num / den);
   }
   return true;
 }

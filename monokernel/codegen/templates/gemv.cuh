@@ -3,19 +3,40 @@
 // (row, K-segment) unit at a time; WPR warps share a row when a slot holds fewer rows than warps.
 namespace mk {
 
+// The residual that row `row` of sequence b adds its result to (O and down projections; 0 for the others).
+// It was written phases before the task's own wait, so a task loads its first epilogue's residuals at its
+// start and their L2 round trip overlaps the weight stream instead of delaying the task's signal.
+template <int OP>
+__device__ __forceinline__ float residual(const Params& p, const Task& t, int row, int b) {
+  const size_t i = ((size_t)t.layer * B + b) * H + row;
+  if constexpr (OP == OP_OPROJ) return ld_act(p.x + i);
+  else if constexpr (OP == OP_DOWN) return ld_act(p.x_mid + i);
+  else return 0.f;
+}
+
+// Epilogue element i of the task's rows from f0 on (row i / B, sequence i % B): its residual, preloaded by
+// this thread (`pre`) if it is its first element.
+template <int OP>
+__device__ __forceinline__ float residual_at(const Params& p, const Task& t, int f0, int i, float pre) {
+  return f0 == 0 && i == (int)threadIdx.x ? pre : residual<OP>(p, t, t.arg0 + f0 + i / B, i % B);
+}
+
+template <int OP, int RR>
+__device__ __forceinline__ float preload_residual(const Params& p, const Task& t) {
+  return (int)threadIdx.x < min(RR, t.arg1) * B ? residual<OP>(p, t, t.arg0 + threadIdx.x / B, threadIdx.x % B) : 0.f;
+}
+
 // Per-row results in the model dtype where the reference rounds, then the op's own epilogue.
 template <int OP>
-__device__ __forceinline__ void epilogue(const Params& p, const Task& t, int row, int b, float v) {
+__device__ __forceinline__ void epilogue(const Params& p, const Task& t, int row, int b, float v, float resid) {
   const int l = t.layer;
   if constexpr (OP == OP_QKV) {
     if constexpr (HAS_QKV_BIAS) v += to_f(p.b_qkv[(size_t)l * QKV + row]);
     p.qkv[((size_t)l * B + b) * QKV + row] = from_f(v);
   } else if constexpr (OP == OP_OPROJ) {
-    const size_t i = ((size_t)l * B + b) * H + row;
-    p.x_mid[i] = from_f(ld_act(p.x + i) + rnd(v));
+    p.x_mid[((size_t)l * B + b) * H + row] = from_f(resid + rnd(v));
   } else if constexpr (OP == OP_DOWN) {
-    const size_t i = ((size_t)l * B + b) * H + row;
-    p.x[i + (size_t)B * H] = from_f(ld_act(p.x_mid + i) + rnd(v));
+    p.x[((size_t)(l + 1) * B + b) * H + row] = from_f(resid + rnd(v));
   } else if constexpr (OP == OP_LMHEAD) {
     p.logits[(size_t)b * V + row] = rnd(v);
   }
@@ -27,14 +48,13 @@ __device__ __forceinline__ void gateup_epilogue(const Params& p, const Task& t, 
 }
 
 template <int OP>
-__device__ bool gemv_task(const Params& p, const Task& t, const T* in, const unsigned char* ring,
-                          uint64_t* full, uint64_t* empty, uint32_t& it, float* res, Deadline& dl) {
+__device__ bool gemv_task(const Params& p, const Task& t, const T* in, RingReader& rd, float* res) {
   constexpr int K = Gemv<OP>::K, CR = Gemv<OP>::CR, WPR = Gemv<OP>::WPR, FC = Gemv<OP>::FC;
   constexpr int KV8 = K / 8;                       // 16-byte vectors per row
   constexpr int SEG = (KV8 + WPR - 1) / WPR;       // vectors per K-segment
   constexpr int RR = CR * FC;                      // rows whose results one epilogue writes
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  uint32_t ok = 1;
+  const float pre = preload_residual<OP, RR>(p, t);
   for (int f0 = 0; f0 < t.arg1; f0 += RR) {
     const int fr = min(RR, t.arg1 - f0);
     // No block barrier per chunk: each warp takes its units of a slot as soon as the slot is full and
@@ -42,9 +62,7 @@ __device__ bool gemv_task(const Params& p, const Task& t, const T* in, const uns
     // speed of the shared-memory reads, not of barrier round trips.
     for (int r0 = 0; r0 < fr; r0 += CR) {
       const int nr = min(CR, fr - r0);
-      const int slot = it % NST;
-      if (ok) ok = wait_slot(&full[slot], (it / NST) & 1, dl);
-      const uint4* w = reinterpret_cast<const uint4*>(ring + (size_t)slot * SLOT_BYTES);
+      const uint4* w = reinterpret_cast<const uint4*>(rd.wait());
       for (int u = warp; u < nr * WPR; u += NCW) {
         const int row = u / WPR, seg = u % WPR;
         float acc[B];
@@ -65,10 +83,9 @@ __device__ bool gemv_task(const Params& p, const Task& t, const T* in, const uns
           if (lane == 0) res[(seg * RR + r0 + row) * B + b] = s;
         }
       }
-      mbar_arrive(&empty[slot]);     // every consumer thread releases the slot after its own last read
-      ++it;
+      rd.release();                  // every consumer thread releases the slot after its own last read
     }
-    if (!consumer_all(ok)) return false;   // also: every warp's results are in `res`
+    if (!rd.all_ok()) return false;   // also: every warp's results are in `res`
     if constexpr (OP == OP_GATEUP) {
       // rows alternate gate, up: act = rnd(rnd(silu(rnd(g))) * rnd(u))
       for (int i = threadIdx.x; i < (fr / 2) * B; i += NCT) {
@@ -87,7 +104,7 @@ __device__ bool gemv_task(const Params& p, const Task& t, const T* in, const uns
         float v = 0.f;
 #pragma unroll
         for (int s = 0; s < WPR; ++s) v += res[(s * RR + row) * B + b];
-        epilogue<OP>(p, t, t.arg0 + f0 + row, b, v);
+        epilogue<OP>(p, t, t.arg0 + f0 + row, b, v, residual_at<OP>(p, t, f0, i, pre));
       }
     }
     consumer_sync();                       // `res` is free again
@@ -115,8 +132,7 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, uint32_t a0, uint32_t a
 // K slots {2c, 2c+1, 2c+8, 2c+9} then hold the same K positions in both operands. Warps split a chunk's
 // K range; their accumulators meet in shared memory once per row group.
 template <int OP>
-__device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, const unsigned char* ring,
-                              uint64_t* full, uint64_t* empty, uint32_t& it, float* sm, Deadline& dl) {
+__device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, RingReader& rd, float* sm) {
   constexpr int K = Gemv<OP>::K;
   constexpr int KSEG = MMA_KSEG < K ? MMA_KSEG : K;
   constexpr int NSEG = (K + KSEG - 1) / KSEG;
@@ -124,7 +140,7 @@ __device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, const
   float* part = sm;                                // 2 x NCW x 16 x 8: accumulators, alternate groups
   float* res = sm + 2 * NCW * 128;                 // RR x B
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  uint32_t ok = 1;
+  const float pre = preload_residual<OP, RR>(p, t);
   int group = 0;
   const uint4 zero = make_uint4(0, 0, 0, 0);
   for (int f0 = 0; f0 < t.arg1; f0 += RR) {
@@ -134,9 +150,7 @@ __device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, const
 #pragma unroll 1
       for (int seg = 0; seg < NSEG; ++seg) {
         const int k0 = seg * KSEG, klen = min(KSEG, K - k0);
-        const int slot = it % NST;
-        if (ok) ok = wait_slot(&full[slot], (it / NST) & 1, dl);
-        const unsigned char* w = ring + (size_t)slot * SLOT_BYTES + g * MMA_RSTRIDE;
+        const unsigned char* w = rd.wait() + g * MMA_RSTRIDE;
         const T* x0 = in + (size_t)g * Gemv<OP>::IN_STRIDE + k0;
         const T* x1 = in + (size_t)(g + 8) * Gemv<OP>::IN_STRIDE + k0;
 #pragma unroll 4
@@ -148,8 +162,7 @@ __device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, const
           mma_bf16_16816(d, a0.x, a1.x, a0.y, a1.y, wv.x, wv.y);
           mma_bf16_16816(e, a0.z, a1.z, a0.w, a1.w, wv.z, wv.w);
         }
-        mbar_arrive(&empty[slot]);
-        ++it;
+        rd.release();
       }
       // d0, d1: sequence g, rows 2c, 2c+1; d2, d3: sequence g + 8
 #pragma unroll
@@ -159,7 +172,7 @@ __device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, const
       pw[g * 8 + 2 * c + 1] = d[1];
       pw[(g + 8) * 8 + 2 * c] = d[2];
       pw[(g + 8) * 8 + 2 * c + 1] = d[3];
-      if (!consumer_all(ok)) return false;
+      if (!rd.all_ok()) return false;
       // The buffer just written is read below; the next group writes the other one, and the group after
       // that only starts once every thread has passed the next group's barrier, i.e. finished reading.
       const float* pb = part + (group & 1) * NCW * 128;
@@ -179,7 +192,7 @@ __device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, const
       }
     } else {
       for (int i = threadIdx.x; i < fr * B; i += NCT)
-        epilogue<OP>(p, t, t.arg0 + f0 + i / B, i % B, res[i]);
+        epilogue<OP>(p, t, t.arg0 + f0 + i / B, i % B, res[i], residual_at<OP>(p, t, f0, i, pre));
     }
     consumer_sync();                       // `res` is free again
   }
@@ -187,10 +200,9 @@ __device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, const
 }
 
 template <int OP>
-__device__ __forceinline__ bool gemv(const Params& p, const Task& t, const T* in, const unsigned char* ring,
-                                     uint64_t* full, uint64_t* empty, uint32_t& it, float* sm, Deadline& dl) {
-  if constexpr (MMA) return gemv_mma_task<OP>(p, t, in, ring, full, empty, it, sm, dl);
-  else return gemv_task<OP>(p, t, in, ring, full, empty, it, sm, dl);
+__device__ __forceinline__ bool gemv(const Params& p, const Task& t, const T* in, RingReader& rd, float* sm) {
+  if constexpr (MMA) return gemv_mma_task<OP>(p, t, in, rd, sm);
+  else return gemv_task<OP>(p, t, in, rd, sm);
 }
 
 // Per-tile (max, first index) of the logits this block just wrote, one warp per sequence.

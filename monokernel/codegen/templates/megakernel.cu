@@ -23,27 +23,6 @@ __device__ __forceinline__ const unsigned char* weight_rows(const Params& p, con
   return reinterpret_cast<const unsigned char*>(base) + (size_t)t.arg0 * row_bytes;
 }
 
-// The producer's side of the ring: claims the next slot once every consumer thread has released its
-// previous contents (use it - NST), announces the bytes, and issues the bulk copies into it.
-struct RingWriter {
-  unsigned char* ring;
-  uint64_t* full;
-  uint64_t* empty;
-  uint32_t it = 0;
-  Deadline dl;
-  __device__ RingWriter(const Params& p, unsigned char* r, uint64_t* f, uint64_t* e) : ring(r), full(f), empty(e), dl(p) {}
-  // the claimed slot's address, or null after a timeout
-  __device__ unsigned char* claim(uint32_t bytes) {
-    const int slot = it % NST;
-    while (!mbar_try_wait(&empty[slot], ((it / NST) & 1) ^ 1))
-      if (!dl.alive(ERR_RING_TIMEOUT)) return nullptr;
-    mbar_arrive_expect_tx(&full[slot], bytes);
-    return ring + (size_t)slot * SLOT_BYTES;
-  }
-  __device__ void copy(unsigned char* dst, const void* src, uint32_t bytes) { bulk_copy_g2s(dst, src, bytes, &full[it % NST]); }
-  __device__ void next() { ++it; }
-};
-
 // Walks the block's tasks in the consumers' order and streams everything they read from HBM through the
 // ring: weight chunks of the matrix-vector tasks and the K/V cache rows of the attention tasks (up to
 // ATTN_KEYS keys a slot, K rows then V rows). It is held back only by free slots, never by activations.
@@ -91,12 +70,11 @@ __device__ void producer(const Params& p, int t0, int t1, unsigned char* ring, u
 
 __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, uint64_t* full, uint64_t* empty) {
   Deadline dl(p);
-  const unsigned char* ring = smem + RING_OFFSET;
+  RingReader rd(smem + RING_OFFSET, full, empty, dl);
   T* in_smem = reinterpret_cast<T*>(smem + INPUT_OFFSET);
   T* in_scratch = p.scratch + (size_t)blockIdx.x * B * SCRATCH_LEN;
   float* sm = reinterpret_cast<float*>(smem + SCRATCH_OFFSET);
   volatile int* abort_flag = reinterpret_cast<volatile int*>(smem + 512);
-  uint32_t it = 0;
   int staged = -1;                       // which (op, layer) input `in` holds
   for (int ti = t0; ti < t1; ++ti) {
     const Task t = p.tasks[ti];
@@ -105,7 +83,6 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
     if (t.wait_counter >= 0) {
       if (threadIdx.x == 0) {
         const bool ok = wait_counter(p.counters + t.wait_counter, p.epoch * (uint32_t)t.wait_count, dl);
-        __threadfence();
         *abort_flag = ok ? 0 : 1;
       }
       consumer_sync();
@@ -138,23 +115,20 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
         for (int i = threadIdx.x; i < B * H; i += NCT)
           p.x[i] = p.embed[(size_t)p.tokens[i / H] * H + i % H];
         break;
-      case OP_QKV: ok = gemv<OP_QKV>(p, t, input_rows<OP_QKV>(p, l, in_smem, in_scratch), ring, full, empty, it, sm, dl); break;
-      case OP_ATTN: ok = attention_task(p, t, ring, full, empty, it, sm, dl); break;
-      case OP_OPROJ: ok = gemv<OP_OPROJ>(p, t, input_rows<OP_OPROJ>(p, l, in_smem, in_scratch), ring, full, empty, it, sm, dl); break;
-      case OP_GATEUP: ok = gemv<OP_GATEUP>(p, t, input_rows<OP_GATEUP>(p, l, in_smem, in_scratch), ring, full, empty, it, sm, dl); break;
-      case OP_DOWN: ok = gemv<OP_DOWN>(p, t, input_rows<OP_DOWN>(p, l, in_smem, in_scratch), ring, full, empty, it, sm, dl); break;
+      case OP_QKV: ok = gemv<OP_QKV>(p, t, input_rows<OP_QKV>(p, l, in_smem, in_scratch), rd, sm); break;
+      case OP_ATTN: ok = attention_task(p, t, rd, sm); break;
+      case OP_OPROJ: ok = gemv<OP_OPROJ>(p, t, input_rows<OP_OPROJ>(p, l, in_smem, in_scratch), rd, sm); break;
+      case OP_GATEUP: ok = gemv<OP_GATEUP>(p, t, input_rows<OP_GATEUP>(p, l, in_smem, in_scratch), rd, sm); break;
+      case OP_DOWN: ok = gemv<OP_DOWN>(p, t, input_rows<OP_DOWN>(p, l, in_smem, in_scratch), rd, sm); break;
       case OP_LMHEAD:
-        ok = gemv<OP_LMHEAD>(p, t, input_rows<OP_LMHEAD>(p, l, in_smem, in_scratch), ring, full, empty, it, sm, dl);
+        ok = gemv<OP_LMHEAD>(p, t, input_rows<OP_LMHEAD>(p, l, in_smem, in_scratch), rd, sm);
         if (ok) lm_tile_max(p, t);
         break;
       case OP_ARGMAX: final_argmax(p, t.wait_count); break;
     }
     if (!ok) return;   // all consumer threads see the same failed wait on the ring
     consumer_sync();   // every thread's writes of this task precede the signal
-    if (threadIdx.x == 0 && t.signal_counter >= 0) {
-      __threadfence();
-      red_release(p.counters + t.signal_counter, 1u);
-    }
+    if (threadIdx.x == 0 && t.signal_counter >= 0) red_release(p.counters + t.signal_counter, 1u);
     if (prof && threadIdx.x == 0) prof[2] = global_ns();
   }
 }

@@ -44,8 +44,20 @@ __device__ __forceinline__ uint32_t ld_acquire(const uint32_t* p) {
   return v;
 }
 
+// A block's writes reach other blocks through one of these: the writing threads meet at a block barrier,
+// then one thread releases (barriers order memory among the block's threads, and a release at gpu scope
+// carries what its thread has observed), and the reader's one thread acquires before its block barrier.
+// No separate fence is needed on either side.
 __device__ __forceinline__ void red_release(uint32_t* p, uint32_t v) {
   asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// atomicInc (wraps to 0 past `limit`) with acquire and release at gpu scope: the arrival that publishes
+// this block's partial results is also the one that sees every earlier arrival's.
+__device__ __forceinline__ uint32_t atom_inc_acq_rel(uint32_t* p, uint32_t limit) {
+  uint32_t old;
+  asm volatile("atom.acq_rel.gpu.global.inc.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(limit) : "memory");
+  return old;
 }
 
 __device__ __forceinline__ uint64_t global_ns() {
@@ -105,5 +117,49 @@ __device__ __forceinline__ bool wait_counter(const uint32_t* ctr, uint32_t targe
   }
   return true;
 }
+
+// The producer's side of the ring: claims the next slot once every consumer thread has released its
+// previous contents (use it - NST), announces the bytes, and issues the bulk copies into it.
+struct RingWriter {
+  unsigned char* ring;
+  uint64_t* full;
+  uint64_t* empty;
+  uint32_t it = 0;
+  Deadline dl;
+  __device__ RingWriter(const Params& p, unsigned char* r, uint64_t* f, uint64_t* e) : ring(r), full(f), empty(e), dl(p) {}
+  // the claimed slot's address, or null after a timeout
+  __device__ unsigned char* claim(uint32_t bytes) {
+    const int slot = it % NST;
+    while (!mbar_try_wait(&empty[slot], ((it / NST) & 1) ^ 1))
+      if (!dl.alive(ERR_RING_TIMEOUT)) return nullptr;
+    mbar_arrive_expect_tx(&full[slot], bytes);
+    return ring + (size_t)slot * SLOT_BYTES;
+  }
+  __device__ void copy(unsigned char* dst, const void* src, uint32_t bytes) { bulk_copy_g2s(dst, src, bytes, &full[it % NST]); }
+  __device__ void next() { ++it; }
+};
+
+// The consumers' side of the ring: every consumer thread waits for the slot it reads next and releases it
+// after its own last read (the slot's empty barrier counts NCT arrivals). After a timed-out wait `ok` is
+// 0 for good; a task then ends at its next all_ok(), where every consumer thread agrees to stop.
+struct RingReader {
+  const unsigned char* ring;
+  uint64_t* full;
+  uint64_t* empty;
+  Deadline* dl;
+  uint32_t it = 0;
+  uint32_t ok = 1;
+  __device__ RingReader(const unsigned char* r, uint64_t* f, uint64_t* e, Deadline& d) : ring(r), full(f), empty(e), dl(&d) {}
+  __device__ const unsigned char* wait() {
+    const uint32_t slot = it % NST;
+    if (ok) ok = wait_slot(&full[slot], (it / NST) & 1, *dl);
+    return ring + (size_t)slot * SLOT_BYTES;
+  }
+  __device__ void release() {
+    mbar_arrive(&empty[it % NST]);
+    ++it;
+  }
+  __device__ bool all_ok() { return consumer_all(ok); }   // also a consumer barrier
+};
 
 }  // namespace mk
