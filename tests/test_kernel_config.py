@@ -56,5 +56,16 @@ def test_attention_key_batch_is_derived_from_the_batch_and_checked():
     assert KernelConfig(spec, 1, 4096).attn_key_batch == 2
     assert KernelConfig(spec, 8, 4096).attn_key_batch == 1
     assert KernelConfig(spec, 8, 4096, attn_key_batch=3).summary()["attn_key_batch"] == 3
-    with pytest.raises(UnsupportedModelError, match="attn_pv_unroll=0 must be at least 1"):
+    with pytest.raises(UnsupportedModelError, match="attn_pv_unroll=0 and min_kv_chunk=64 must be at least 1"):
         KernelConfig(spec, 1, 4096, attn_pv_unroll=0)
+
+
+def test_min_kv_chunk_is_one_pass_of_the_key_walk():
+    # 8 consumer warps x 4 key groups (8 lanes each at head_dim 128) x key batch: a shorter split idles warps
+    spec = preset("llama-3.1-8b")
+    assert KernelConfig(spec, 1, 4096).min_kv_chunk == 8 * 4 * 2
+    assert KernelConfig(spec, 8, 4096).min_kv_chunk == 8 * 4 * 1
+    assert KernelConfig(spec, 1, 4096, min_kv_chunk=16).kv_chunk(100) == 16
+    assert KernelConfig(spec, 1, 4096).kv_chunk(8192) == 8192 // KernelConfig(spec, 1, 4096).kv_splits
+    with pytest.raises(UnsupportedModelError, match="min_kv_chunk=0 must be at least 1"):
+        KernelConfig(spec, 1, 4096, min_kv_chunk=0)

@@ -45,7 +45,8 @@ class KernelConfig:
     kv_splits: int = 0           # 0: derived
     # Keys per split at least this many: short contexts then use few splits, and the combine and the
     # empty split tasks cost nothing for the rest (the split count adapts per step and sequence).
-    min_kv_chunk: int = 32
+    # -1: derived, the keys one pass of every warp's key groups takes (a shorter split idles warps).
+    min_kv_chunk: int = -1
     # Matrix-vector products on tensor cores (mma.sync m16n8k16, the batch as the M side) instead of CUDA
     # cores; -1: derived (from batch 3 on: at batch 8 the CUDA-core path is compute-bound, 4x too slow).
     gemv_mma: int = -1
@@ -81,9 +82,11 @@ class KernelConfig:
             object.__setattr__(self, "kv_splits", max(1, min(64, self.gpu.sm_count // per)))
         if self.attn_key_batch < 0:
             object.__setattr__(self, "attn_key_batch", 2 if self.batch <= 2 else 1)
-        if self.attn_key_batch < 1 or self.attn_pv_unroll < 1:
-            raise UnsupportedModelError(f"attn_key_batch={self.attn_key_batch} and attn_pv_unroll="
-                                        f"{self.attn_pv_unroll} must be at least 1")
+        if self.min_kv_chunk < 0:
+            object.__setattr__(self, "min_kv_chunk", self.attn_keys_per_pass)
+        if self.attn_key_batch < 1 or self.attn_pv_unroll < 1 or self.min_kv_chunk < 1:
+            raise UnsupportedModelError(f"attn_key_batch={self.attn_key_batch}, attn_pv_unroll="
+                                        f"{self.attn_pv_unroll} and min_kv_chunk={self.min_kv_chunk} must be at least 1")
         if s.head_dim % 32:
             raise UnsupportedModelError(f"head_dim={s.head_dim} must be a multiple of 32 (one warp spans a head)")
         if self.ring_stages < 2:
@@ -105,6 +108,16 @@ class KernelConfig:
     @property
     def threads(self) -> int:
         return (self.consumer_warps + 1) * 32   # + one producer warp
+
+    @property
+    def attn_lanes_per_key(self) -> int:
+        """Lanes that score one key together: 16-byte chunks, 8 lanes where a head splits into 8 of them."""
+        return 8 if self.spec.head_dim % 64 == 0 else 4
+
+    @property
+    def attn_keys_per_pass(self) -> int:
+        """Keys all consumer warps score in one pass of the key walk (one softmax update each)."""
+        return self.consumer_warps * (32 // self.attn_lanes_per_key) * self.attn_key_batch
 
     @property
     def attn_keys(self) -> int:
@@ -229,7 +242,7 @@ class KernelConfig:
                 "gpu": self.gpu.name, "blocks": self.num_blocks, "threads": self.threads,
                 "slot_bytes": self.slot_bytes, "ring_stages": self.ring_stages, "smem_bytes": self.smem_bytes,
                 "input_len": self.input_len, "scratch_len": self.scratch_len, "kv_splits": self.kv_splits,
-                "attn_keys": self.attn_keys, "attn_key_batch": self.attn_key_batch,
+                "attn_keys": self.attn_keys, "attn_key_batch": self.attn_key_batch, "min_kv_chunk": self.min_kv_chunk,
                 "attn_pv_unroll": self.attn_pv_unroll, "gemv_mma": bool(self.gemv_mma),
                 "gemv": {op.name: dict(self.gemv(op).__dict__, flush_chunks=self.flush_chunks(op))
                          for op in GEMV_OPS}}

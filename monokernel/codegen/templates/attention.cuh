@@ -9,7 +9,7 @@ namespace mk {
 // a key's dot products need log2(LPK) shuffles and the 16-byte key loads of an 8-lane phase hit distinct
 // banks. Then one online-softmax update per batch of AKU * KPW keys (one max, one correction), and P.V
 // with lanes across head dims (DPL each), the probabilities broadcast from their key's group.
-constexpr int LPK = D % 64 == 0 ? 8 : 4;
+constexpr int LPK = ATTN_LPK;
 constexpr int KPW = 32 / LPK;
 constexpr int NCH = D / (8 * LPK);
 constexpr int AKU = ATTN_KEY_BATCH;

@@ -19,19 +19,22 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
   return u;
 }
 
-// in[b][k] = w[k] * rnd(x[b][k] * rsqrt(mean(x[b]^2) + eps)), as the reference's RMSNorm. x is read
-// from L2 once: the first pass keeps a raw copy in `in`, the second normalises it in place (each thread
-// touches the same vectors in both passes). `red` holds NCW x B floats of shared scratch.
-__device__ void stage_rmsnorm(T* in, int stride, const T* x, const T* w, int len, float* red) {
+// in[b][k] = w[k] * rnd(x[b][k] * rsqrt(mean(x[b]^2) + eps)), as the reference's RMSNorm, over the
+// hidden size H. x is read from L2 once: the first pass keeps a raw copy in `in`, the second normalises it
+// in place (each thread touches the same vectors in both passes). The norm weights do not depend on x:
+// the first pass prefetches them into L1 (no registers held across the reduction), so the second pass
+// does not start with an L2 round trip. `red` holds NCW x B floats of shared scratch.
+__device__ void stage_rmsnorm(T* in, int stride, const T* x, const T* w, float* red) {
+  constexpr int NVEC = H / 8;   // 16-byte vectors per row
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int nvec = len / 8;
   float ss[B];
 #pragma unroll
   for (int b = 0; b < B; ++b) ss[b] = 0.f;
-  for (int v = threadIdx.x; v < nvec; v += NCT) {
+  for (int v = threadIdx.x; v < NVEC; v += NCT) {
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(w + v * 8));
 #pragma unroll
     for (int b = 0; b < B; ++b) {
-      const uint4 raw = ld_act16(x + (size_t)b * len + v * 8);
+      const uint4 raw = ld_act16(x + (size_t)b * H + v * 8);
       float f[8];
       unpack8(raw, f);
 #pragma unroll
@@ -50,9 +53,9 @@ __device__ void stage_rmsnorm(T* in, int stride, const T* x, const T* w, int len
   for (int b = 0; b < B; ++b) {
     float s = 0.f;
     for (int i = 0; i < NCW; ++i) s += red[i * B + b];
-    r[b] = rsqrtf(s / len + EPS);
+    r[b] = rsqrtf(s / H + EPS);
   }
-  for (int v = threadIdx.x; v < nvec; v += NCT) {
+  for (int v = threadIdx.x; v < NVEC; v += NCT) {
     float wf[8];
     unpack8(*reinterpret_cast<const uint4*>(w + v * 8), wf);
 #pragma unroll

@@ -96,15 +96,15 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
       T* norm_in = Gemv<OP_QKV>::IN_SMEM ? in_smem : in_scratch;
       constexpr int NS = Gemv<OP_QKV>::IN_STRIDE;
       switch (t.op) {
-        case OP_QKV: stage_rmsnorm(norm_in, NS, p.x + (size_t)l * B * H, p.attn_norm + (size_t)l * H, H, sm); break;
+        case OP_QKV: stage_rmsnorm(norm_in, NS, p.x + (size_t)l * B * H, p.attn_norm + (size_t)l * H, sm); break;
         case OP_OPROJ:
           if (Gemv<OP_OPROJ>::IN_SMEM) stage_copy(in_smem, INPUT_LEN, p.attn_out + (size_t)l * B * QSIZE, QSIZE);
           break;
-        case OP_GATEUP: stage_rmsnorm(norm_in, NS, p.x_mid + (size_t)l * B * H, p.mlp_norm + (size_t)l * H, H, sm); break;
+        case OP_GATEUP: stage_rmsnorm(norm_in, NS, p.x_mid + (size_t)l * B * H, p.mlp_norm + (size_t)l * H, sm); break;
         case OP_DOWN:
           if (Gemv<OP_DOWN>::IN_SMEM) stage_copy(in_smem, INPUT_LEN, p.act + (size_t)l * B * ISIZE, ISIZE);
           break;
-        default: stage_rmsnorm(norm_in, NS, p.x + (size_t)L * B * H, p.final_norm, H, sm); break;
+        default: stage_rmsnorm(norm_in, NS, p.x + (size_t)L * B * H, p.final_norm, sm); break;
       }
       staged = tag;
       consumer_sync();
