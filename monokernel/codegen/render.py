@@ -11,7 +11,7 @@ from ..schedule.config import KernelConfig
 from ..schedule.tasks import GEMV_OPS, TASK_FIELDS, Op
 from .params import PARAMS
 
-TEMPLATE_ORDER = ("pipeline.cuh", "numerics.cuh", "input.cuh", "gemv.cuh", "attention.cuh", "producer.cuh", "megakernel.cu")
+TEMPLATE_ORDER = ("pipeline.cuh", "numerics.cuh", "input.cuh", "gemv.cuh", "attention.cuh", "megakernel.cu")
 KERNEL_NAME = "monokernel_decode_step"
 _CTYPE = {"bf16": "__nv_bfloat16", "fp16": "__half"}
 
@@ -41,7 +41,7 @@ def render_source(cfg: KernelConfig) -> str:
         gemv=[dict(op=op.name, flush_chunks=cfg.flush_chunks(op), in_smem=cfg.op_input_in_smem(op), **cfg.gemv(op).__dict__)
               for op in GEMV_OPS],
         attn_keys=cfg.attn_keys, attn_lanes_per_key=cfg.attn_lanes_per_key, attn_key_batch=cfg.attn_key_batch, attn_pv_unroll=cfg.attn_pv_unroll, gemv_mma=cfg.gemv_mma, mma_kseg=cfg.mma_kseg,
-        mma_row_stride=cfg.mma_row_stride, prefetch_ahead=cfg.prefetch_ahead,
+        mma_row_stride=cfg.mma_row_stride,
         task_fields=TASK_FIELDS, params=PARAMS)
     body = "\n".join(f"// ---- {n} ----\n{_template(n)}" for n in TEMPLATE_ORDER)
     return header + "\n#include <type_traits>\n" + body

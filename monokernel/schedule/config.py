@@ -59,9 +59,6 @@ class KernelConfig:
     # kernel sits at the 168-register cap of 9 warps).
     attn_key_batch: int = -1
     attn_pv_unroll: int = 1
-    # Ring chunks the producer prefetches into L2 beyond the ring while the consumers wait at a phase
-    # boundary (0: none).
-    prefetch_ahead: int = 4
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES:
@@ -87,8 +84,6 @@ class KernelConfig:
             object.__setattr__(self, "attn_key_batch", 2 if self.batch <= 2 else 1)
         if self.min_kv_chunk < 0:
             object.__setattr__(self, "min_kv_chunk", self.attn_keys_per_pass)
-        if self.prefetch_ahead < 0:
-            raise UnsupportedModelError(f"prefetch_ahead={self.prefetch_ahead} must be at least 0")
         if self.attn_key_batch < 1 or self.attn_pv_unroll < 1 or self.min_kv_chunk < 1:
             raise UnsupportedModelError(f"attn_key_batch={self.attn_key_batch}, attn_pv_unroll="
                                         f"{self.attn_pv_unroll} and min_kv_chunk={self.min_kv_chunk} must be at least 1")
@@ -249,6 +244,5 @@ class KernelConfig:
                 "input_len": self.input_len, "scratch_len": self.scratch_len, "kv_splits": self.kv_splits,
                 "attn_keys": self.attn_keys, "attn_key_batch": self.attn_key_batch, "min_kv_chunk": self.min_kv_chunk,
                 "attn_pv_unroll": self.attn_pv_unroll, "gemv_mma": bool(self.gemv_mma),
-                "prefetch_ahead": self.prefetch_ahead,
                 "gemv": {op.name: dict(self.gemv(op).__dict__, flush_chunks=self.flush_chunks(op))
                          for op in GEMV_OPS}}

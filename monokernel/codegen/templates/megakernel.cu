@@ -1,8 +1,72 @@
 // The whole decode step in one launch. Block i runs tasks [task_offsets[i], task_offsets[i+1]) of the
-// table in order. Warp NCW is the producer (producer.cuh): it walks the same tasks and streams every
-// weight tile (and every attention task's KV rows) through the shared-memory ring, held back only by free
-// slots, so the next op's (and the next layer's) bytes are in flight while the consumers still wait.
+// table in order. Warp NCW is the producer: it walks the same tasks and streams every weight tile
+// (and every attention task's KV rows) through the shared-memory ring, held back only by free slots,
+// so the next op's (and the next layer's) bytes are in flight while the consumers still wait.
 namespace mk {
+
+__device__ __forceinline__ bool is_gemv(int op) {
+  return op == OP_QKV || op == OP_OPROJ || op == OP_GATEUP || op == OP_DOWN || op == OP_LMHEAD;
+}
+
+// Weight rows of a task as one contiguous byte range (matrices are row-major, stacked over layers).
+__device__ __forceinline__ const unsigned char* weight_rows(const Params& p, const Task& t, uint32_t& row_bytes, int& chunk_rows) {
+  const T* base;
+  int k;
+  switch (t.op) {
+    case OP_QKV: base = p.w_qkv + (size_t)t.layer * QKV * H; k = H; chunk_rows = Gemv<OP_QKV>::CR; break;
+    case OP_OPROJ: base = p.w_o + (size_t)t.layer * H * QSIZE; k = QSIZE; chunk_rows = Gemv<OP_OPROJ>::CR; break;
+    case OP_GATEUP: base = p.w_gu + (size_t)t.layer * 2 * ISIZE * H; k = H; chunk_rows = Gemv<OP_GATEUP>::CR; break;
+    case OP_DOWN: base = p.w_down + (size_t)t.layer * H * ISIZE; k = ISIZE; chunk_rows = Gemv<OP_DOWN>::CR; break;
+    default: base = p.lm_head; k = H; chunk_rows = Gemv<OP_LMHEAD>::CR; break;
+  }
+  row_bytes = k * sizeof(T);
+  return reinterpret_cast<const unsigned char*>(base) + (size_t)t.arg0 * row_bytes;
+}
+
+// Walks the block's tasks in the consumers' order and streams everything they read from HBM through the
+// ring: weight chunks of the matrix-vector tasks and the K/V cache rows of the attention tasks (up to
+// ATTN_KEYS keys a slot, K rows then V rows). It is held back only by free slots, never by activations.
+__device__ void producer(const Params& p, int t0, int t1, unsigned char* ring, uint64_t* full, uint64_t* empty) {
+  RingWriter rw(p, ring, full, empty);
+  for (int ti = t0; ti < t1; ++ti) {
+    const Task t = p.tasks[ti];
+    if (t.op == OP_ATTN) {
+      const KeyRange kr(p, t);
+      for (int k0 = kr.lo; k0 < kr.old_hi; k0 += ATTN_KEYS, rw.next()) {
+        const uint32_t bytes = min(ATTN_KEYS, kr.old_hi - k0) * D * (uint32_t)sizeof(T);
+        unsigned char* dst = rw.claim(2 * bytes);
+        if (!dst) return;
+        rw.copy(dst, p.k_cache + cache_row(t, k0), bytes);
+        rw.copy(dst + ATTN_KEYS * D * sizeof(T), p.v_cache + cache_row(t, k0), bytes);
+      }
+      continue;
+    }
+    if (!is_gemv(t.op)) continue;
+    uint32_t row_bytes;
+    int cr;
+    const unsigned char* src = weight_rows(p, t, row_bytes, cr);
+    if constexpr (MMA) {
+      // a chunk is up to 8 rows x one K segment, each row its own copy into a row of the slot
+      const uint32_t seg_bytes = min((uint32_t)MMA_KSEG * (uint32_t)sizeof(T), row_bytes);
+      for (int g0 = 0; g0 < t.arg1; g0 += 8) {
+        const int nv = min(8, t.arg1 - g0);
+        for (uint32_t k0 = 0; k0 < row_bytes; k0 += seg_bytes, rw.next()) {
+          const uint32_t len = min(seg_bytes, row_bytes - k0);
+          unsigned char* dst = rw.claim(nv * len);
+          if (!dst) return;
+          for (int r = 0; r < nv; ++r) rw.copy(dst + r * MMA_RSTRIDE, src + (size_t)(g0 + r) * row_bytes + k0, len);
+        }
+      }
+    } else {
+      for (int r = 0; r < t.arg1; r += cr, rw.next()) {
+        const uint32_t bytes = min(cr, t.arg1 - r) * row_bytes;
+        unsigned char* dst = rw.claim(bytes);
+        if (!dst) return;
+        rw.copy(dst, src + (size_t)r * row_bytes, bytes);
+      }
+    }
+  }
+}
 
 __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, uint64_t* full, uint64_t* empty) {
   Deadline dl(p);
@@ -11,7 +75,6 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
   T* in_scratch = p.scratch + (size_t)blockIdx.x * B * SCRATCH_LEN;
   float* sm = reinterpret_cast<float*>(smem + SCRATCH_OFFSET);
   volatile int* abort_flag = reinterpret_cast<volatile int*>(smem + 512);
-  volatile int* waiting = reinterpret_cast<volatile int*>(smem + WAITING_FLAG_OFFSET);   // read by the producer
   int staged = -1;                       // which (op, layer) input `in` holds
   for (int ti = t0; ti < t1; ++ti) {
     const Task t = p.tasks[ti];
@@ -19,9 +82,7 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
     if (prof && threadIdx.x == 0) prof[0] = global_ns();
     if (t.wait_counter >= 0) {
       if (threadIdx.x == 0) {
-        *waiting = 1;
         const bool ok = wait_counter(p.counters + t.wait_counter, p.epoch * (uint32_t)t.wait_count, dl);
-        *waiting = 0;
         *abort_flag = ok ? 0 : 1;
       }
       consumer_sync();
@@ -81,13 +142,12 @@ extern "C" __global__ void __launch_bounds__(mk::THREADS, 1) monokernel_decode_s
   uint64_t* empty = full + NST;
   if (threadIdx.x == 0) {
     for (int s = 0; s < NST; ++s) { mbar_init(&full[s], 1); mbar_init(&empty[s], NCT); }
-    *reinterpret_cast<volatile int*>(smem + WAITING_FLAG_OFFSET) = 0;
     mbar_init_fence();
   }
   __syncthreads();
   const int t0 = p.task_offsets[blockIdx.x], t1 = p.task_offsets[blockIdx.x + 1];
   if (threadIdx.x / 32 == NCW) {
-    if (threadIdx.x % 32 == 0) producer(p, t0, t1, smem + RING_OFFSET, full, empty, reinterpret_cast<volatile int*>(smem + WAITING_FLAG_OFFSET));
+    if (threadIdx.x % 32 == 0) producer(p, t0, t1, smem + RING_OFFSET, full, empty);
     return;
   }
   consumer(p, t0, t1, smem, full, empty);

@@ -127,14 +127,11 @@ struct RingWriter {
   uint32_t it = 0;
   Deadline dl;
   __device__ RingWriter(const Params& p, unsigned char* r, uint64_t* f, uint64_t* e) : ring(r), full(f), empty(e), dl(p) {}
-  // the claimed slot's address, or null after a timeout; `idle()` runs while the slot is still in use
-  template <class F>
-  __device__ unsigned char* claim(uint32_t bytes, F&& idle) {
+  // the claimed slot's address, or null after a timeout
+  __device__ unsigned char* claim(uint32_t bytes) {
     const int slot = it % NST;
-    while (!mbar_try_wait(&empty[slot], ((it / NST) & 1) ^ 1)) {
-      idle();
+    while (!mbar_try_wait(&empty[slot], ((it / NST) & 1) ^ 1))
       if (!dl.alive(ERR_RING_TIMEOUT)) return nullptr;
-    }
     mbar_arrive_expect_tx(&full[slot], bytes);
     return ring + (size_t)slot * SLOT_BYTES;
   }
