@@ -70,7 +70,8 @@ def main():
                     for k, v in s.items():
                         if isinstance(v, dict):
                             print(f"  {k:7s} tasks {v['tasks']:5d}  wait/block {v['wait_us'] / nb:8.1f} us"
-                                  f"  work/block {v['work_us'] / nb:8.1f} us")
+                                  f"  work/block {v['work_us'] / nb:8.1f} us  straggle {v['straggle_us']:8.1f} us")
+                    print(f"  last to finish a phase (block: times): {s['last_blocks']}")
                     rows.append(dict(model=name, batch=batch, context=ctx, variant=var, ms=ms,
                                      config=mk.config.summary(), profile=s))
                     del mk

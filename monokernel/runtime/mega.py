@@ -117,20 +117,11 @@ class MegaDecoder:
         self.params.profile = self.profile_buf.data_ptr() if on else 0
 
     def profile_summary(self) -> dict:
-        """Of the last profiled launch: per op, the summed time blocks spent waiting on counters and
-        working, in microseconds, and the step's span."""
-        from ..schedule.tasks import Op
-        prof = self.profile_buf.cpu()
-        ops = self.tasks.view(-1, 8)[:, 0].cpu()
-        t0 = int(prof[:, 0].min())
-        out = {"span_us": (int(prof[:, 2].max()) - t0) / 1e3, "blocks": self.config.num_blocks}
-        for op in Op:
-            sel = ops == int(op)
-            if sel.any():
-                p = prof[sel].double()
-                out[op.name] = {"wait_us": float((p[:, 1] - p[:, 0]).sum()) / 1e3,
-                                "work_us": float((p[:, 2] - p[:, 1]).sum()) / 1e3, "tasks": int(sel.sum())}
-        return out
+        """Of the last profiled launch: per op, the summed time blocks spent waiting on counters and working,
+        and how late each phase's last task ended (µs); see `step_profile.summarize_step`."""
+        from .step_profile import summarize_step
+        return summarize_step(self.profile_buf.cpu().numpy(), self.tasks.view(-1, 8).cpu().numpy(),
+                              self.task_offsets.cpu().numpy())
 
     def check(self) -> None:
         code = int(self.error.item())

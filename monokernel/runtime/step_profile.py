@@ -1,0 +1,43 @@
+"""Summary of one profiled megakernel step: the kernel stamps every task with three globaltimer readings
+(start, counter wait done, end), and this turns them into where blocks spend the step.
+
+Per op: the summed wait and work over all tasks, and the straggle: per phase (op, layer) how long after
+the median task the last one ended, summed over the layers. Every block waits for a phase's last task, so
+the straggle is what a phase's slowest block costs everyone; `last_blocks` says which blocks those are
+(a block that is last again and again streams more slowly than the rest, not by chance)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from ..schedule.tasks import TASK_FIELDS, Op
+
+
+def summarize_step(stamps: np.ndarray, records: np.ndarray, offsets: np.ndarray) -> dict:
+    """stamps: (tasks, 3) ns; records: (tasks, 8) int32 task table; offsets: (blocks + 1,) per-block starts."""
+    stamps = np.asarray(stamps, dtype=np.int64)
+    records = np.asarray(records).reshape(-1, len(TASK_FIELDS))
+    blocks = len(offsets) - 1
+    block_of = np.repeat(np.arange(blocks), np.diff(offsets))
+    op_col, layer_col = records[:, TASK_FIELDS.index("op")], records[:, TASK_FIELDS.index("layer")]
+    t0 = int(stamps[:, 0].min())
+    out: dict = {"span_us": (int(stamps[:, 2].max()) - t0) / 1e3, "blocks": blocks}
+    last = Counter()
+    for op in Op:
+        sel = op_col == int(op)
+        if not sel.any():
+            continue
+        wait = (stamps[sel, 1] - stamps[sel, 0]).sum() / 1e3
+        work = (stamps[sel, 2] - stamps[sel, 1]).sum() / 1e3
+        straggle = 0.0
+        for layer in np.unique(layer_col[sel]):
+            idx = np.flatnonzero(sel & (layer_col == layer))
+            ends = stamps[idx, 2]
+            straggle += (ends.max() - np.median(ends)) / 1e3
+            if len(idx) > 1:
+                last[int(block_of[idx[ends.argmax()]])] += 1
+        out[op.name] = {"wait_us": float(wait), "work_us": float(work), "straggle_us": float(straggle),
+                        "tasks": int(sel.sum())}
+    out["last_blocks"] = [[b, n] for b, n in last.most_common(8)]
+    return out

@@ -1,0 +1,37 @@
+"""The profiled-step summary on hand-made timestamps (the kernel side needs a GPU; this is the arithmetic)."""
+import numpy as np
+
+from monokernel.runtime.step_profile import summarize_step
+from monokernel.schedule.tasks import Op, Task
+
+
+def _table(blocks):
+    offsets = np.cumsum([0] + [len(q) for q in blocks])
+    records = np.array([t.record() for q in blocks for t in q], dtype=np.int32)
+    return records, offsets
+
+
+def test_waits_work_straggle_and_last_blocks():
+    blocks = [[Task(Op.EMBED), Task(Op.QKV, 0), Task(Op.QKV, 1)],
+              [Task(Op.QKV, 0), Task(Op.QKV, 1)],
+              [Task(Op.QKV, 0), Task(Op.QKV, 1)]]
+    records, offsets = _table(blocks)
+    us = 1000
+    stamps = np.array([
+        [0, 0, 5 * us],                    # block 0: embed
+        [5 * us, 6 * us, 20 * us],         # block 0: qkv layer 0 (median end)
+        [20 * us, 21 * us, 30 * us],       # block 0: qkv layer 1 (last)
+        [1 * us, 3 * us, 25 * us],         # block 1: qkv layer 0 (last)
+        [25 * us, 26 * us, 28 * us],       # block 1: qkv layer 1 (median end)
+        [2 * us, 2 * us, 10 * us],         # block 2: qkv layer 0
+        [10 * us, 12 * us, 27 * us],       # block 2: qkv layer 1
+    ])
+    s = summarize_step(stamps, records, offsets)
+    assert s["blocks"] == 3 and s["span_us"] == 30
+    assert s["EMBED"] == {"wait_us": 0, "work_us": 5, "straggle_us": 0, "tasks": 1}
+    qkv = s["QKV"]
+    assert qkv["tasks"] == 6
+    assert qkv["wait_us"] == (1 + 1 + 2 + 1 + 0 + 2)
+    assert qkv["work_us"] == (14 + 9 + 22 + 2 + 8 + 15)
+    assert qkv["straggle_us"] == (25 - 20) + (30 - 28)        # last end minus median end, per layer
+    assert s["last_blocks"] == [[1, 1], [0, 1]]               # layer 0: block 1, layer 1: block 0
