@@ -254,7 +254,7 @@ __device__ bool attention_task(const Params& p, const Task& t, RingReader& rd, f
   // every split's partials. The increment wraps the arrival count back to 0 for the next step.
   const int active = (n + kr.chunk - 1) / kr.chunk;
   volatile int* last = reinterpret_cast<volatile int*>(part);
-  consumer_sync();                       // every partial store of this block precedes the fence below
+  consumer_sync();                       // every partial store of this block precedes the release below
   if (threadIdx.x == 0)
     *last = atom_inc_acq_rel(p.attn_done + ((size_t)l * B + b) * NKV + kvh, active - 1) == (uint32_t)(active - 1);
   consumer_sync();

@@ -40,12 +40,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
 // Activations written by other blocks in this launch are read through L2 (ld.global.cg): a stale
 // L1 line from an earlier read must never be seen after a counter wait.
 __device__ __forceinline__ float ld_act(const T* p) {
