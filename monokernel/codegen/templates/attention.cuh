@@ -188,7 +188,7 @@ __device__ bool attention_task(const Params& p, const Task& t, RingReader& rd, f
   consumer_sync();
 
   // The new key and value as cache rows: into the cache, and for warp 0 (the one that attends to them,
-  // after the cached keys) into `part`, which nobody else touches before consumer_all below.
+  // after the cached keys) into `part`, which nobody else touches before rd.all_ok() below.
   T* knt = reinterpret_cast<T*>(part);
   if (lo <= pos && pos < hi) {
     for (int d = threadIdx.x; d < D; d += NCT) {
