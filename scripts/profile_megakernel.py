@@ -7,6 +7,9 @@ the same weights and cache, so variants are compared within one run.
 """
 import argparse
 import json
+import os
+
+import numpy as np
 
 import torch
 
@@ -44,6 +47,7 @@ def main():
     ap.add_argument("--variant", action="append", default=None, help="k=v,k=v KernelConfig overrides ('' = defaults)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--raw", default=None, help="folder for each run's raw stamps (.npz) to analyse offline")
     args = ap.parse_args()
     rows = []
     for name in args.models.split(","):
@@ -71,7 +75,11 @@ def main():
                         if isinstance(v, dict):
                             print(f"  {k:7s} tasks {v['tasks']:5d}  wait/block {v['wait_us'] / nb:8.1f} us"
                                   f"  work/block {v['work_us'] / nb:8.1f} us  straggle {v['straggle_us']:8.1f} us")
-                    print(f"  last to finish a phase (block: times): {s['last_blocks']}")
+                    print(f"  last to finish a phase [block, times, SM]: {s['last_blocks']}")
+                    if args.raw:
+                        os.makedirs(args.raw, exist_ok=True)
+                        tag = f"{name}-b{batch}-ctx{ctx}-{var.replace(',', '_').replace('=', '') or 'default'}"
+                        np.savez_compressed(os.path.join(args.raw, tag + ".npz"), **mk.profile_raw())
                     rows.append(dict(model=name, batch=batch, context=ctx, variant=var, ms=ms,
                                      config=mk.config.summary(), profile=s))
                     del mk

@@ -35,3 +35,11 @@ def test_waits_work_straggle_and_last_blocks():
     assert qkv["work_us"] == (14 + 9 + 22 + 2 + 8 + 15)
     assert qkv["straggle_us"] == (25 - 20) + (30 - 28)        # last end minus median end, per layer
     assert s["last_blocks"] == [[1, 1], [0, 1]]               # layer 0: block 1, layer 1: block 0
+
+
+def test_last_blocks_name_their_sm():
+    blocks = [[Task(Op.QKV, 0)], [Task(Op.QKV, 0)], [Task(Op.QKV, 0)]]
+    records, offsets = _table(blocks)
+    stamps = np.array([[0, 0, 10], [0, 0, 30], [0, 0, 20]]) * 1000
+    s = summarize_step(stamps, records, offsets, sm_ids=np.array([7, 3, 5]))
+    assert s["last_blocks"] == [[1, 1, 3]]

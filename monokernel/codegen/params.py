@@ -41,7 +41,7 @@ PARAMS: tuple[tuple[str, str, str], ...] = (
     ("int*", "error", "0, or the Error code of a failed wait"),
     ("const Task*", "tasks", "task table, block-major"),
     ("const int*", "task_offsets", "(blocks + 1)"),
-    ("uint64_t*", "profile", "(tasks, 3) globaltimer ns: wait start, work start, end; null = off"),
+    ("uint64_t*", "profile", "(tasks, 3) globaltimer ns: wait start, work start, end; then each block's SM; null = off"),
     ("uint32_t", "epoch", "1-based step number: waits target epoch * count"),
     ("uint32_t", "pad0", ""),
     ("uint64_t", "timeout_ns", "a wait longer than this is an error; 0 = wait forever"),

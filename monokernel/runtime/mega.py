@@ -113,15 +113,23 @@ class MegaDecoder:
     def enable_profile(self, on: bool = True) -> None:
         """Per-task timestamps (globaltimer ns) of the following launches: see `profile_summary`."""
         if on and getattr(self, "profile_buf", None) is None:
-            self.profile_buf = torch.zeros(self.tasks.numel() // 8, 3, dtype=torch.int64, device=self.w.device)
+            # (start, wait done, end) per task, then the SM of each block
+            n = self.tasks.numel() // 8 * 3 + self.config.num_blocks
+            self.profile_buf = torch.zeros(n, dtype=torch.int64, device=self.w.device)
         self.params.profile = self.profile_buf.data_ptr() if on else 0
 
     def profile_summary(self) -> dict:
         """Of the last profiled launch: per op, the summed time blocks spent waiting on counters and working,
         and how late each phase's last task ended (µs); see `step_profile.summarize_step`."""
         from .step_profile import summarize_step
-        return summarize_step(self.profile_buf.cpu().numpy(), self.tasks.view(-1, 8).cpu().numpy(),
-                              self.task_offsets.cpu().numpy())
+        return summarize_step(**self.profile_raw())
+
+    def profile_raw(self) -> dict:
+        """Of the last profiled launch, as numpy arrays: stamps (tasks, 3) ns, the task records, the per-block
+        task offsets and the SM each block ran on."""
+        buf, n = self.profile_buf.cpu().numpy(), self.tasks.numel() // 8
+        return dict(stamps=buf[:3 * n].reshape(n, 3), records=self.tasks.view(-1, 8).cpu().numpy(),
+                    offsets=self.task_offsets.cpu().numpy(), sm_ids=buf[3 * n:])
 
     def check(self) -> None:
         code = int(self.error.item())

@@ -4,7 +4,9 @@
 Per op: the summed wait and work over all tasks, and the straggle: per phase (op, layer) how long after
 the median task the last one ended, summed over the layers. Every block waits for a phase's last task, so
 the straggle is what a phase's slowest block costs everyone; `last_blocks` says which blocks those are
-(a block that is last again and again streams more slowly than the rest, not by chance)."""
+(a block that is last again and again streams more slowly than the rest, not by chance), with the SM it
+ran on where `sm_ids` is given: blocks land on SMs afresh each launch, so a slow SM shows as a repeated
+SM, not a repeated block."""
 from __future__ import annotations
 
 from collections import Counter
@@ -14,8 +16,9 @@ import numpy as np
 from ..schedule.tasks import TASK_FIELDS, Op
 
 
-def summarize_step(stamps: np.ndarray, records: np.ndarray, offsets: np.ndarray) -> dict:
-    """stamps: (tasks, 3) ns; records: (tasks, 8) int32 task table; offsets: (blocks + 1,) per-block starts."""
+def summarize_step(stamps: np.ndarray, records: np.ndarray, offsets: np.ndarray, sm_ids=None) -> dict:
+    """stamps: (tasks, 3) ns; records: (tasks, 8) int32 task table; offsets: (blocks + 1,) per-block starts;
+    sm_ids: (blocks,) the SM of each block, or None."""
     stamps = np.asarray(stamps, dtype=np.int64)
     records = np.asarray(records).reshape(-1, len(TASK_FIELDS))
     blocks = len(offsets) - 1
@@ -40,4 +43,6 @@ def summarize_step(stamps: np.ndarray, records: np.ndarray, offsets: np.ndarray)
         out[op.name] = {"wait_us": float(wait), "work_us": float(work), "straggle_us": float(straggle),
                         "tasks": int(sel.sum())}
     out["last_blocks"] = [[b, n] for b, n in last.most_common(8)]
+    if sm_ids is not None:
+        out["last_blocks"] = [[b, n, int(sm_ids[b])] for b, n in out["last_blocks"]]
     return out

@@ -76,6 +76,11 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
   float* sm = reinterpret_cast<float*>(smem + SCRATCH_OFFSET);
   volatile int* abort_flag = reinterpret_cast<volatile int*>(smem + 512);
   int staged = -1;                       // which (op, layer) input `in` holds
+  if (p.profile && threadIdx.x == 0) {   // after the stamps: which SM ran this block
+    uint32_t sm_id;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm_id));
+    p.profile[(size_t)p.task_offsets[gridDim.x] * 3 + blockIdx.x] = sm_id;
+  }
   for (int ti = t0; ti < t1; ++ti) {
     const Task t = p.tasks[ti];
     uint64_t* prof = p.profile ? p.profile + (size_t)ti * 3 : nullptr;
