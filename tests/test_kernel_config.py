@@ -31,10 +31,38 @@ def test_layout_fits_and_attention_tasks_fit_the_grid(name, batch):
     assert (cfg.scratch_len > 0) == (not cfg.op_input_in_smem(Op.QKV))
 
 
-def test_large_batch_reads_the_down_projection_input_in_place():
+def test_large_batch_stages_the_down_projection_input_segment_by_segment():
     cfg = KernelConfig(preset("llama-3.1-8b"), 8, 4096)
     assert cfg.op_input_in_smem(Op.QKV) and not cfg.op_input_in_smem(Op.DOWN)
     assert cfg.input_len == cfg.spec.hidden_size and cfg.scratch_len == 0
+    # one staged K segment of every sequence fits the input area the down projection does not use
+    assert cfg.seg_staged(Op.DOWN) and cfg.mma_kseg <= cfg.input_len
+    assert [op for op in GEMV_OPS if cfg.seg_staged(op)] == [Op.DOWN]
+    assert cfg.flush_chunks(Op.DOWN) * 8 >= cfg.gemv(Op.DOWN).tile_rows   # the input crosses L2 once a task
+    assert not KernelConfig(preset("llama-3.1-8b"), 8, 4096, seg_staging=0).seg_staged(Op.DOWN)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("batch", [1, 3, 8, 16])
+def test_segment_staged_accumulators_fit_the_scratch(name, batch):
+    """A segment-staged task keeps one per-warp accumulator tile per row group of a flush, plus its
+    results, in the scratch area; the other tensor-core ops keep two tiles."""
+    cfg = KernelConfig(preset(name), batch, 4096)
+    scratch = cfg.smem_bytes_fixed - 1024 - cfg.batch * cfg.input_len * cfg.elt
+    for op in GEMV_OPS:
+        if cfg.seg_staged(op):
+            tiles = cfg.flush_chunks(op) * cfg._mma_tile_floats
+            assert (tiles + cfg.flush_chunks(op) * 8 * batch) * 4 <= scratch
+            assert cfg.mma_part_floats >= tiles
+
+
+def test_ring_and_segment_knobs_are_checked():
+    spec = preset("llama-3.1-8b")
+    with pytest.raises(UnsupportedModelError, match="ring_stages_max=1 must be in 2..32"):
+        KernelConfig(spec, 8, 4096, ring_stages_max=1)
+    with pytest.raises(UnsupportedModelError, match="mma_kseg_max=100 must be a positive multiple of 32"):
+        KernelConfig(spec, 8, 4096, mma_kseg_max=100)
+    assert KernelConfig(spec, 8, 4096, mma_kseg_max=1024, ring_stages_max=16).slot_bytes == 8 * (2048 + 64)
 
 
 @pytest.mark.parametrize("batch", [1, 8])

@@ -150,14 +150,15 @@ def test_bitwise_deterministic_over_1000_steps():
 
 @pytest.mark.parametrize("batch", [8, 16])
 def test_large_batch_preset_matches_reference(batch):
-    """llama-3.2-1b at batch 8/16: tensor cores, the down projection's input read from global memory."""
+    """llama-3.2-1b at batch 8/16: tensor cores, the down projection's input staged from global memory one
+    K segment at a time (segment-major chunks, accumulators kept across segments)."""
     w = random_weights(preset("llama-3.2-1b"), torch.bfloat16, "cuda", seed=2)
     ref = ReferenceModel(w)
     gen = torch.Generator().manual_seed(batch)
     lengths = [int(x) for x in torch.randint(1, 200, (batch,), generator=gen)]
     c_ref, c_mk = prefilled(ref, batch, 256, lengths, gen)
     mk = _decoder(w, c_mk)
-    assert mk.config.gemv_mma and not mk.config.op_input_in_smem(Op.DOWN)
+    assert mk.config.gemv_mma and not mk.config.op_input_in_smem(Op.DOWN) and mk.config.seg_staged(Op.DOWN)
     pos = torch.tensor(lengths, device="cuda")
     tok = torch.randint(0, w.spec.vocab_size, (batch,), generator=gen).cuda()
     for _ in range(6):

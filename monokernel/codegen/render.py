@@ -38,7 +38,8 @@ def render_source(cfg: KernelConfig) -> str:
         ring_stages=cfg.ring_stages, slot_bytes=cfg.slot_bytes, input_len=cfg.input_len,
         scratch_len=cfg.scratch_len, smem_bytes=cfg.smem_bytes,
         ops=[(op.name, int(op)) for op in Op],
-        gemv=[dict(op=op.name, flush_chunks=cfg.flush_chunks(op), in_smem=cfg.op_input_in_smem(op), **cfg.gemv(op).__dict__)
+        gemv=[dict(op=op.name, flush_chunks=cfg.flush_chunks(op), in_smem=cfg.op_input_in_smem(op),
+                   seg_staged=cfg.seg_staged(op), **cfg.gemv(op).__dict__)
               for op in GEMV_OPS],
         attn_keys=cfg.attn_keys, attn_lanes_per_key=cfg.attn_lanes_per_key, attn_key_batch=cfg.attn_key_batch, attn_pv_unroll=cfg.attn_pv_unroll, gemv_mma=cfg.gemv_mma, mma_kseg=cfg.mma_kseg,
         mma_row_stride=cfg.mma_row_stride,

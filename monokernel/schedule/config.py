@@ -59,6 +59,12 @@ class KernelConfig:
     # kernel sits at the 168-register cap of 9 warps).
     attn_key_batch: int = -1
     attn_pv_unroll: int = 1
+    # Tensor-core path: at most this many K elements of a row per ring chunk (8 rows a chunk); and at most
+    # this many ring slots (perf note 15: more, smaller slots measured no faster).
+    mma_kseg_max: int = 2048
+    ring_stages_max: int = 8
+    # Tensor-core ops with a global input stage it K segment by K segment in shared memory (see seg_staged).
+    seg_staging: int = 1
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES:
@@ -84,6 +90,10 @@ class KernelConfig:
             object.__setattr__(self, "attn_key_batch", 2 if self.batch <= 2 else 1)
         if self.min_kv_chunk < 0:
             object.__setattr__(self, "min_kv_chunk", self.attn_keys_per_pass)
+        if not 2 <= self.ring_stages_max <= 32:
+            raise UnsupportedModelError(f"ring_stages_max={self.ring_stages_max} must be in 2..32 (barriers: 512 bytes)")
+        if self.mma_kseg_max < 32 or self.mma_kseg_max % 32:
+            raise UnsupportedModelError(f"mma_kseg_max={self.mma_kseg_max} must be a positive multiple of 32")
         if self.attn_key_batch < 1 or self.attn_pv_unroll < 1 or self.min_kv_chunk < 1:
             raise UnsupportedModelError(f"attn_key_batch={self.attn_key_batch}, attn_pv_unroll="
                                         f"{self.attn_pv_unroll} and min_kv_chunk={self.min_kv_chunk} must be at least 1")
@@ -132,7 +142,7 @@ class KernelConfig:
         """Elements of one row per chunk (a multiple of 32: one warp step covers 32 of K)."""
         s = self.spec
         kmax = max(s.hidden_size, s.q_size, s.intermediate_size)
-        return min(2048, -(-kmax // 32) * 32)
+        return min(self.mma_kseg_max, -(-kmax // 32) * 32)
 
     @property
     def mma_row_stride(self) -> int:
@@ -190,18 +200,35 @@ class KernelConfig:
         """Row stride of the global scratch for RMSNorm inputs that do not fit in shared memory (0: none)."""
         return 0 if self.op_input_in_smem(Op.QKV) else self.spec.hidden_size
 
+    def seg_staged(self, op: Op) -> bool:
+        """Tensor-core ops whose input lives in global memory: the producer streams their chunks K segment by
+        K segment (all row groups of a flush per segment) and the consumers stage each input segment once in
+        the shared-memory input area, which the op does not otherwise use, instead of loading the input from
+        L2 inside the mma loop, where each slot waited a round trip."""
+        return bool(self.gemv_mma) and self.seg_staging and not self.op_input_in_smem(op) \
+            and 0 < self.mma_kseg <= self.input_len
+
     def flush_chunks(self, op: Op) -> int:
         """Ring chunks whose row results collect in shared memory before one epilogue writes them: the
-        epilogue (a barrier and, for residual ops, an L2 round trip) then runs once per task, not per chunk."""
+        epilogue (a barrier and, for residual ops, an L2 round trip) then runs once per task, not per chunk.
+        A segment-staged op keeps every row group's per-warp accumulators until its last segment."""
         g = self.gemv(op)
+        chunks = -(-g.tile_rows // g.chunk_rows)
         per_chunk = g.warps_per_row * g.chunk_rows * self.batch * 4
+        if self.seg_staged(op):
+            return max(1, min(chunks, self.result_budget // (self._mma_tile_floats * 4 + per_chunk)))
         budget = self.result_budget - (self.mma_part_floats * 4 if self.gemv_mma else 0)
-        return max(1, min(-(-g.tile_rows // g.chunk_rows), budget // per_chunk))
+        return max(1, min(chunks, budget // per_chunk))
+
+    @property
+    def _mma_tile_floats(self) -> int:
+        return self.consumer_warps * 16 * self.MMA_ROWS    # every warp's 16 x 8 accumulator tile
 
     @property
     def mma_part_floats(self) -> int:
-        # two buffers (alternate row groups) of every warp's 16 x 8 accumulator tile
-        return 2 * self.consumer_warps * 16 * self.MMA_ROWS
+        # two buffers (alternate row groups), or one per row group of a segment-staged op's flush
+        staged = [self.flush_chunks(op) for op in GEMV_OPS if self.seg_staged(op)]
+        return max([2] + staged) * self._mma_tile_floats
 
     @property
     def result_budget(self) -> int:
@@ -231,7 +258,7 @@ class KernelConfig:
 
     @property
     def ring_stages(self) -> int:
-        return min(8, (self.gpu.smem_per_block - self.smem_bytes_fixed) // self.slot_bytes)
+        return min(self.ring_stages_max, (self.gpu.smem_per_block - self.smem_bytes_fixed) // self.slot_bytes)
 
     @property
     def smem_bytes(self) -> int:
@@ -244,5 +271,6 @@ class KernelConfig:
                 "input_len": self.input_len, "scratch_len": self.scratch_len, "kv_splits": self.kv_splits,
                 "attn_keys": self.attn_keys, "attn_key_batch": self.attn_key_batch, "min_kv_chunk": self.min_kv_chunk,
                 "attn_pv_unroll": self.attn_pv_unroll, "gemv_mma": bool(self.gemv_mma),
-                "gemv": {op.name: dict(self.gemv(op).__dict__, flush_chunks=self.flush_chunks(op))
+                "gemv": {op.name: dict(self.gemv(op).__dict__, flush_chunks=self.flush_chunks(op),
+                                       seg_staged=self.seg_staged(op))
                          for op in GEMV_OPS}}

@@ -125,6 +125,20 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, uint32_t a0, uint32_t a
   }
 }
 
+// The results of rows f0 .. f0 + fr of a tensor-core task (res: row-major rows x B) through the op's epilogue.
+template <int OP>
+__device__ __forceinline__ void mma_epilogue(const Params& p, const Task& t, int f0, int fr, const float* res, float pre) {
+  if constexpr (OP == OP_GATEUP) {
+    for (int i = threadIdx.x; i < (fr / 2) * B; i += NCT) {
+      const int pr = i / B, b = i % B;
+      gateup_epilogue(p, t, t.arg0 + f0 + 2 * pr, b, res[2 * pr * B + b], res[(2 * pr + 1) * B + b]);
+    }
+  } else {
+    for (int i = threadIdx.x; i < fr * B; i += NCT)
+      epilogue<OP>(p, t, t.arg0 + f0 + i / B, i % B, res[i], residual_at<OP>(p, t, f0, i, pre));
+  }
+}
+
 // Tensor-core matrix-vector task: D (16 sequences x 8 weight rows) += In (16 x 16 of K) x W^T per mma, the
 // batch padded to 16 on the M side. A dot product does not care which K positions meet in which mma, so
 // lane (g = lane / 4, c = lane % 4) loads 8 consecutive elements (16 bytes) at K offset 32 j + 8 c of weight
@@ -185,23 +199,88 @@ __device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, RingR
       }
     }
     consumer_sync();                       // `res` complete
-    if constexpr (OP == OP_GATEUP) {
-      for (int i = threadIdx.x; i < (fr / 2) * B; i += NCT) {
-        const int pr = i / B, b = i % B;
-        gateup_epilogue(p, t, t.arg0 + f0 + 2 * pr, b, res[2 * pr * B + b], res[(2 * pr + 1) * B + b]);
-      }
-    } else {
-      for (int i = threadIdx.x; i < fr * B; i += NCT)
-        epilogue<OP>(p, t, t.arg0 + f0 + i / B, i % B, res[i], residual_at<OP>(p, t, f0, i, pre));
-    }
+    mma_epilogue<OP>(p, t, f0, fr, res, pre);
     consumer_sync();                       // `res` is free again
   }
   return true;
 }
 
+// Where 16-byte vector j of row b of a staged input segment sits: odd rows swap the two 64-byte halves of
+// each 128 bytes, so the two rows an 8-lane phase of mma operand loads touches fall in different banks.
+__device__ __forceinline__ int seg_vec(int b, int j) { return b * (MMA_KSEG / 8) + (j ^ ((b & 1) << 2)); }
+
+// A tensor-core task whose input lives in global memory (the down projection at batch > 2): the ring brings
+// K segment by K segment every row group of a flush, and each input segment (B x MMA_KSEG) is staged once
+// into the shared-memory input area (one L2 round trip, all copies in flight), so the mma loop reads only
+// shared memory. Loading the input from L2 inside the mma loop cost a round trip or two per ring slot,
+// more than the slot's HBM time at batch 8. Per-warp accumulators of every row group of the flush collect
+// in `part` across the segments.
 template <int OP>
-__device__ __forceinline__ bool gemv(const Params& p, const Task& t, const T* in, RingReader& rd, float* sm) {
-  if constexpr (MMA) return gemv_mma_task<OP>(p, t, in, rd, sm);
+__device__ bool gemv_mma_staged_task(const Params& p, const Task& t, const T* in, T* seg_in, RingReader& rd,
+                                     float* sm) {
+  constexpr int K = Gemv<OP>::K, KSEG = MMA_KSEG, NSEG = (K + KSEG - 1) / KSEG;
+  constexpr int RR = 8 * Gemv<OP>::FC;
+  static_assert(B * KSEG <= B * INPUT_LEN, "a staged segment must fit the input area");
+  float* part = sm;                                // FC x NCW x 16 x 8
+  float* res = sm + Gemv<OP>::FC * NCW * 128;      // RR x B
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const float pre = preload_residual<OP, RR>(p, t);
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  const uint4* xs = reinterpret_cast<const uint4*>(seg_in);
+  for (int f0 = 0; f0 < t.arg1; f0 += RR) {
+    const int fr = min(RR, t.arg1 - f0);
+#pragma unroll 1
+    for (int seg = 0; seg < NSEG; ++seg) {
+      const int k0 = seg * KSEG, klen = min(KSEG, K - k0);
+      consumer_sync();                     // the previous segment's readers are done
+      // asynchronous copies (L2 -> shared, no registers): the whole segment in flight, one round trip
+      for (int i = threadIdx.x; i < B * (klen / 8); i += NCT) {
+        const int b = i / (klen / 8), j = i % (klen / 8);
+        cp_async16(seg_in + seg_vec(b, j) * 8, in + (size_t)b * Gemv<OP>::IN_STRIDE + k0 + j * 8);
+      }
+      cp_async_wait_all();
+      consumer_sync();
+      for (int g0 = 0; g0 < fr; g0 += 8) {
+        float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
+        const unsigned char* w = rd.wait() + g * MMA_RSTRIDE;
+#pragma unroll (B > 8 ? 2 : 4)   // both operand halves' loads in flight cost registers at batch > 8
+        for (int kb = warp * 32 + c * 8; kb < klen + c * 8; kb += NCW * 32) {
+          const bool kin = kb < klen;
+          const uint4 wv = kin ? *reinterpret_cast<const uint4*>(w + kb * sizeof(T)) : zero;
+          const uint4 a0 = kin && g < B ? xs[seg_vec(g, kb / 8)] : zero;
+          const uint4 a1 = B > 8 && kin && g + 8 < B ? xs[seg_vec(g + 8, kb / 8)] : zero;
+          mma_bf16_16816(d, a0.x, a1.x, a0.y, a1.y, wv.x, wv.y);
+          mma_bf16_16816(e, a0.z, a1.z, a0.w, a1.w, wv.z, wv.w);
+        }
+        rd.release();
+        // d0, d1: sequence g, rows 2c, 2c+1; d2, d3: sequence g + 8; each lane adds to its own four floats
+        float* pw = part + ((g0 / 8) * NCW + warp) * 128;
+        const int o[4] = {g * 8 + 2 * c, g * 8 + 2 * c + 1, (g + 8) * 8 + 2 * c, (g + 8) * 8 + 2 * c + 1};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) pw[o[j]] = (seg ? pw[o[j]] : 0.f) + (d[j] + e[j]);
+      }
+    }
+    if (!rd.all_ok()) return false;        // also: every warp's accumulators are in `part`
+    for (int i = threadIdx.x; i < fr * B; i += NCT) {
+      const int r = i / B, b = i % B;
+      const float* pb = part + (r / 8) * NCW * 128;
+      float v = 0.f;
+#pragma unroll
+      for (int w2 = 0; w2 < NCW; ++w2) v += pb[w2 * 128 + b * 8 + r % 8];
+      res[r * B + b] = v;
+    }
+    consumer_sync();                       // `res` complete
+    mma_epilogue<OP>(p, t, f0, fr, res, pre);
+    consumer_sync();                       // `res` and `part` are free again
+  }
+  return true;
+}
+
+template <int OP>
+__device__ __forceinline__ bool gemv(const Params& p, const Task& t, const T* in, T* in_smem, RingReader& rd,
+                                     float* sm) {
+  if constexpr (Gemv<OP>::SEG_STAGED) return gemv_mma_staged_task<OP>(p, t, in, in_smem, rd, sm);
+  else if constexpr (MMA) return gemv_mma_task<OP>(p, t, in, rd, sm);
   else return gemv_task<OP>(p, t, in, rd, sm);
 }
 

@@ -8,16 +8,35 @@ __device__ __forceinline__ bool is_gemv(int op) {
   return op == OP_QKV || op == OP_OPROJ || op == OP_GATEUP || op == OP_DOWN || op == OP_LMHEAD;
 }
 
-// Weight rows of a task as one contiguous byte range (matrices are row-major, stacked over layers).
-__device__ __forceinline__ const unsigned char* weight_rows(const Params& p, const Task& t, uint32_t& row_bytes, int& chunk_rows) {
+__device__ __forceinline__ bool seg_staged(int op) {
+  switch (op) {
+    case OP_QKV: return Gemv<OP_QKV>::SEG_STAGED;
+    case OP_OPROJ: return Gemv<OP_OPROJ>::SEG_STAGED;
+    case OP_GATEUP: return Gemv<OP_GATEUP>::SEG_STAGED;
+    case OP_DOWN: return Gemv<OP_DOWN>::SEG_STAGED;
+    case OP_LMHEAD: return Gemv<OP_LMHEAD>::SEG_STAGED;
+    default: return false;
+  }
+}
+
+template <int OP>
+__device__ __forceinline__ void gemv_shape(int& chunk_rows, int& mma_pass) {
+  chunk_rows = Gemv<OP>::CR;
+  mma_pass = Gemv<OP>::SEG_STAGED ? 8 * Gemv<OP>::FC : 8;   // rows one pass over K covers (tensor cores)
+}
+
+// Weight rows of a task as one contiguous byte range (matrices are row-major, stacked over layers), and
+// the op's chunking: rows per chunk and rows per pass over K on the tensor-core path.
+__device__ __forceinline__ const unsigned char* weight_rows(const Params& p, const Task& t, uint32_t& row_bytes,
+                                                            int& chunk_rows, int& mma_pass) {
   const T* base;
   int k;
   switch (t.op) {
-    case OP_QKV: base = p.w_qkv + (size_t)t.layer * QKV * H; k = H; chunk_rows = Gemv<OP_QKV>::CR; break;
-    case OP_OPROJ: base = p.w_o + (size_t)t.layer * H * QSIZE; k = QSIZE; chunk_rows = Gemv<OP_OPROJ>::CR; break;
-    case OP_GATEUP: base = p.w_gu + (size_t)t.layer * 2 * ISIZE * H; k = H; chunk_rows = Gemv<OP_GATEUP>::CR; break;
-    case OP_DOWN: base = p.w_down + (size_t)t.layer * H * ISIZE; k = ISIZE; chunk_rows = Gemv<OP_DOWN>::CR; break;
-    default: base = p.lm_head; k = H; chunk_rows = Gemv<OP_LMHEAD>::CR; break;
+    case OP_QKV: base = p.w_qkv + (size_t)t.layer * QKV * H; k = H; gemv_shape<OP_QKV>(chunk_rows, mma_pass); break;
+    case OP_OPROJ: base = p.w_o + (size_t)t.layer * H * QSIZE; k = QSIZE; gemv_shape<OP_OPROJ>(chunk_rows, mma_pass); break;
+    case OP_GATEUP: base = p.w_gu + (size_t)t.layer * 2 * ISIZE * H; k = H; gemv_shape<OP_GATEUP>(chunk_rows, mma_pass); break;
+    case OP_DOWN: base = p.w_down + (size_t)t.layer * H * ISIZE; k = ISIZE; gemv_shape<OP_DOWN>(chunk_rows, mma_pass); break;
+    default: base = p.lm_head; k = H; gemv_shape<OP_LMHEAD>(chunk_rows, mma_pass); break;
   }
   row_bytes = k * sizeof(T);
   return reinterpret_cast<const unsigned char*>(base) + (size_t)t.arg0 * row_bytes;
@@ -43,18 +62,22 @@ __device__ void producer(const Params& p, int t0, int t1, unsigned char* ring, u
     }
     if (!is_gemv(t.op)) continue;
     uint32_t row_bytes;
-    int cr;
-    const unsigned char* src = weight_rows(p, t, row_bytes, cr);
+    int cr, pass;
+    const unsigned char* src = weight_rows(p, t, row_bytes, cr, pass);
     if constexpr (MMA) {
-      // a chunk is up to 8 rows x one K segment, each row its own copy into a row of the slot
+      // a chunk is up to 8 rows x one K segment, each row its own copy into a row of the slot; each pass of
+      // `pass` rows walks K, segment by segment, over its row groups
       const uint32_t seg_bytes = min((uint32_t)MMA_KSEG * (uint32_t)sizeof(T), row_bytes);
-      for (int g0 = 0; g0 < t.arg1; g0 += 8) {
-        const int nv = min(8, t.arg1 - g0);
-        for (uint32_t k0 = 0; k0 < row_bytes; k0 += seg_bytes, rw.next()) {
+      for (int f0 = 0; f0 < t.arg1; f0 += pass) {
+        const int f1 = min(f0 + pass, t.arg1);
+        for (uint32_t k0 = 0; k0 < row_bytes; k0 += seg_bytes) {
           const uint32_t len = min(seg_bytes, row_bytes - k0);
-          unsigned char* dst = rw.claim(nv * len);
-          if (!dst) return;
-          for (int r = 0; r < nv; ++r) rw.copy(dst + r * MMA_RSTRIDE, src + (size_t)(g0 + r) * row_bytes + k0, len);
+          for (int g0 = f0; g0 < f1; g0 += 8, rw.next()) {
+            const int nv = min(8, f1 - g0);
+            unsigned char* dst = rw.claim(nv * len);
+            if (!dst) return;
+            for (int r = 0; r < nv; ++r) rw.copy(dst + r * MMA_RSTRIDE, src + (size_t)(g0 + r) * row_bytes + k0, len);
+          }
         }
       }
     } else {
@@ -114,19 +137,20 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
       staged = tag;
       consumer_sync();
     }
+    if (seg_staged(t.op)) staged = -1;    // it overwrites the input area
     bool ok = true;
     switch (t.op) {
       case OP_EMBED:
         for (int i = threadIdx.x; i < B * H; i += NCT)
           p.x[i] = p.embed[(size_t)p.tokens[i / H] * H + i % H];
         break;
-      case OP_QKV: ok = gemv<OP_QKV>(p, t, input_rows<OP_QKV>(p, l, in_smem, in_scratch), rd, sm); break;
+      case OP_QKV: ok = gemv<OP_QKV>(p, t, input_rows<OP_QKV>(p, l, in_smem, in_scratch), in_smem, rd, sm); break;
       case OP_ATTN: ok = attention_task(p, t, rd, sm); break;
-      case OP_OPROJ: ok = gemv<OP_OPROJ>(p, t, input_rows<OP_OPROJ>(p, l, in_smem, in_scratch), rd, sm); break;
-      case OP_GATEUP: ok = gemv<OP_GATEUP>(p, t, input_rows<OP_GATEUP>(p, l, in_smem, in_scratch), rd, sm); break;
-      case OP_DOWN: ok = gemv<OP_DOWN>(p, t, input_rows<OP_DOWN>(p, l, in_smem, in_scratch), rd, sm); break;
+      case OP_OPROJ: ok = gemv<OP_OPROJ>(p, t, input_rows<OP_OPROJ>(p, l, in_smem, in_scratch), in_smem, rd, sm); break;
+      case OP_GATEUP: ok = gemv<OP_GATEUP>(p, t, input_rows<OP_GATEUP>(p, l, in_smem, in_scratch), in_smem, rd, sm); break;
+      case OP_DOWN: ok = gemv<OP_DOWN>(p, t, input_rows<OP_DOWN>(p, l, in_smem, in_scratch), in_smem, rd, sm); break;
       case OP_LMHEAD:
-        ok = gemv<OP_LMHEAD>(p, t, input_rows<OP_LMHEAD>(p, l, in_smem, in_scratch), rd, sm);
+        ok = gemv<OP_LMHEAD>(p, t, input_rows<OP_LMHEAD>(p, l, in_smem, in_scratch), in_smem, rd, sm);
         if (ok) lm_tile_max(p, t);
         break;
       case OP_ARGMAX: final_argmax(p, t.wait_count); break;
