@@ -9,10 +9,12 @@ from monokernel.reference.model import ReferenceModel
 from monokernel.runtime.mega import MegaDecoder
 
 spec = TINY_SPECS[sys.argv[1] if len(sys.argv) > 1 else "qwen3"]
+# optional KernelConfig overrides, "k=v,k=v" (integers)
+overrides = {k: int(v) for k, v in (kv.split("=") for kv in (sys.argv[2] if len(sys.argv) > 2 else "").split(",") if kv)}
 w = random_weights(spec, torch.bfloat16, "cuda", seed=11)
 ref = ReferenceModel(w)
 c_ref, c_mk = prefilled(ref, 3, 64, [3, 17, 40], torch.Generator().manual_seed(2))
-mk = MegaDecoder(w, c_mk, timeout_s=0)     # no timeout: the sanitizer slows every wait down
+mk = MegaDecoder(w, c_mk, timeout_s=0, **overrides)     # no timeout: the sanitizer slows every wait down
 tok, pos = torch.tensor([4, 5, 6], device="cuda"), torch.tensor([3, 17, 40], device="cuda")
 for _ in range(3):
     nxt, logits = mk.step(tok, pos)

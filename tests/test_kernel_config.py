@@ -36,7 +36,7 @@ def test_large_batch_stages_the_down_projection_input_segment_by_segment():
     assert cfg.op_input_in_smem(Op.QKV) and not cfg.op_input_in_smem(Op.DOWN)
     assert cfg.input_len == cfg.spec.hidden_size and cfg.scratch_len == 0
     # one staged K segment of every sequence fits the input area the down projection does not use
-    assert cfg.seg_staged(Op.DOWN) and cfg.mma_kseg <= cfg.input_len
+    assert cfg.seg_staged(Op.DOWN) and cfg.mma_kseg <= cfg.input_len and cfg.mma_kseg % 64 == 0
     assert [op for op in GEMV_OPS if cfg.seg_staged(op)] == [Op.DOWN]
     assert cfg.flush_chunks(Op.DOWN) * 8 >= cfg.gemv(Op.DOWN).tile_rows   # the input crosses L2 once a task
     assert not KernelConfig(preset("llama-3.1-8b"), 8, 4096, seg_staging=0).seg_staged(Op.DOWN)

@@ -26,9 +26,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # (batch, overrides): the CUDA-core and tensor-core matrix-vector paths at small and large batch, inputs
-# staged in shared memory and (budget 0) read from global scratch / where other blocks wrote them
+# staged in shared memory and (budget 0) read from global scratch / where other blocks wrote them; and
+# (budget 2304, segments of 160) the wider inputs read from global memory staged one K segment at a time
 PATHS = [(1, {}), (3, {}), (16, {}), (2, {"gemv_mma": 1}), (5, {"gemv_mma": 0}),
-         (1, {"input_smem_budget": 0}), (9, {"input_smem_budget": 0})]
+         (1, {"input_smem_budget": 0}), (9, {"input_smem_budget": 0}),
+         (3, {"input_smem_budget": 2304, "mma_kseg_max": 160})]
 
 
 @pytest.mark.parametrize("name", list(TINY_SPECS))

@@ -11,8 +11,14 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+# default config; and the O projection's input read from global memory, staged in shared memory one K
+# segment at a time (segments of 160 with a tail: 512 = 3 x 160 + 32)
+CONFIGS = {"default": "", "seg-staged": "input_smem_budget=2304,mma_kseg_max=160"}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
-def test_sanitizer_clean(tool):
+def test_sanitizer_clean(tool, config):
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None:
         pytest.skip("compute-sanitizer not installed")
@@ -20,7 +26,8 @@ def test_sanitizer_clean(tool):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
     # API errors are cuda-python probing the driver for optional entry points at import, not kernel faults
     proc = subprocess.run([sanitizer, f"--tool={tool}", "--report-api-errors", "no", sys.executable,
-                           str(here / "sanitize_case.py")], capture_output=True, text=True, env=env, timeout=600)
+                           str(here / "sanitize_case.py"), "qwen3", CONFIGS[config]],
+                          capture_output=True, text=True, env=env, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "sanitize case ok" in out

@@ -205,8 +205,9 @@ class KernelConfig:
         K segment (all row groups of a flush per segment) and the consumers stage each input segment once in
         the shared-memory input area, which the op does not otherwise use, instead of loading the input from
         L2 inside the mma loop, where each slot waited a round trip."""
+        staged_row = -(-self.mma_kseg // 64) * 64     # the kernel's staged rows are whole 128-byte groups
         return bool(self.gemv_mma) and self.seg_staging and not self.op_input_in_smem(op) \
-            and 0 < self.mma_kseg <= self.input_len
+            and 0 < staged_row <= self.input_len
 
     def flush_chunks(self, op: Op) -> int:
         """Ring chunks whose row results collect in shared memory before one epilogue writes them: the

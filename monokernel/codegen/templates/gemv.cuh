@@ -207,7 +207,9 @@ __device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, RingR
 
 // Where 16-byte vector j of row b of a staged input segment sits: odd rows swap the two 64-byte halves of
 // each 128 bytes, so the two rows an 8-lane phase of mma operand loads touches fall in different banks.
-__device__ __forceinline__ int seg_vec(int b, int j) { return b * (MMA_KSEG / 8) + (j ^ ((b & 1) << 2)); }
+// Rows are whole 128-byte groups apart, so a swapped vector stays in its row.
+constexpr int SEG_ROW_VECS = (MMA_KSEG / 8 + 7) / 8 * 8;
+__device__ __forceinline__ int seg_vec(int b, int j) { return b * SEG_ROW_VECS + (j ^ ((b & 1) << 2)); }
 
 // A tensor-core task whose input lives in global memory (the down projection at batch > 2): the ring brings
 // K segment by K segment every row group of a flush, and each input segment (B x MMA_KSEG) is staged once
@@ -220,7 +222,7 @@ __device__ bool gemv_mma_staged_task(const Params& p, const Task& t, const T* in
                                      float* sm) {
   constexpr int K = Gemv<OP>::K, KSEG = MMA_KSEG, NSEG = (K + KSEG - 1) / KSEG;
   constexpr int RR = 8 * Gemv<OP>::FC;
-  static_assert(B * KSEG <= B * INPUT_LEN, "a staged segment must fit the input area");
+  static_assert(SEG_ROW_VECS * 8 <= INPUT_LEN, "a staged segment must fit the input area");
   float* part = sm;                                // FC x NCW x 16 x 8
   float* res = sm + Gemv<OP>::FC * NCW * 128;      // RR x B
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
