@@ -74,7 +74,8 @@ def main():
                     for k, v in s.items():
                         if isinstance(v, dict):
                             print(f"  {k:7s} tasks {v['tasks']:5d}  wait/block {v['wait_us'] / nb:8.1f} us"
-                                  f"  work/block {v['work_us'] / nb:8.1f} us  straggle {v.get('straggle_us', 0):8.1f} us")
+                                  f"  work/block {v['work_us'] / nb:8.1f} us  path: sight {v.get('sight_us', 0):7.1f}"
+                                  f" median work {v.get('median_work_us', 0):8.1f} straggle {v.get('straggle_us', 0):7.1f} us")
                     print(f"  last to finish a phase [block, times, SM]: {s.get('last_blocks')}")
                     if args.raw:
                         os.makedirs(args.raw, exist_ok=True)

@@ -28,13 +28,18 @@ def test_waits_work_straggle_and_last_blocks():
     ])
     s = summarize_step(stamps, records, offsets)
     assert s["blocks"] == 3 and s["span_us"] == 30
-    assert s["EMBED"] == {"wait_us": 0, "work_us": 5, "straggle_us": 0, "tasks": 1}
+    assert s["EMBED"] == {"wait_us": 0, "work_us": 5, "straggle_us": 0, "tasks": 1, "sight_us": 0,
+                          "median_work_us": 5}
     qkv = s["QKV"]
     assert qkv["tasks"] == 6
     assert qkv["wait_us"] == (1 + 1 + 2 + 1 + 0 + 2)
     assert qkv["work_us"] == (14 + 9 + 22 + 2 + 8 + 15)
     assert qkv["straggle_us"] == (25 - 20) + (30 - 28)        # last end minus median end, per layer
     assert s["last_blocks"] == [[1, 1], [0, 1]]               # layer 0: block 1, layer 1: block 0
+    # phases in order: embed (last end 5), qkv 0 (sights 6, 3, 2: median 3; ends 20, 25, 10: median 20,
+    # last 25), qkv 1 (sights 21, 26, 12: median 21; ends 30, 28, 27: median 28)
+    assert qkv["sight_us"] == (3 - 5) + (21 - 25)
+    assert qkv["median_work_us"] == (20 - 3) + (28 - 21)
 
 
 def test_last_blocks_name_their_sm():

@@ -1,8 +1,10 @@
 """Summary of one profiled megakernel step: the kernel stamps every task with three globaltimer readings
 (start, counter wait done, end), and this turns them into where blocks spend the step.
 
-Per op: the summed wait and work over all tasks, and the straggle: per phase (op, layer) how long after
-the median task the last one ended, summed over the layers. Every block waits for a phase's last task, so
+Per op: the summed wait and work over all tasks, and the phase's critical path summed over the layers:
+`sight_us`, from the previous phase's last end to this phase's median counter sight (signal latency plus
+the previous phase's tail); `median_work_us`, from the median sight to the median end; and the straggle,
+how long after the median task the last one ended. Every block waits for a phase's last task, so
 the straggle is what a phase's slowest block costs everyone; `last_blocks` says which blocks those are
 (a block that is last again and again streams more slowly than the rest, not by chance), with the SM it
 ran on where `sm_ids` is given: blocks land on SMs afresh each launch, so a slow SM shows as a repeated
@@ -13,7 +15,7 @@ from collections import Counter
 
 import numpy as np
 
-from ..schedule.tasks import TASK_FIELDS, Op
+from ..schedule.tasks import LAYER_OPS, TASK_FIELDS, Op
 
 
 def summarize_step(stamps: np.ndarray, records: np.ndarray, offsets: np.ndarray, sm_ids=None) -> dict:
@@ -27,6 +29,7 @@ def summarize_step(stamps: np.ndarray, records: np.ndarray, offsets: np.ndarray,
     t0 = int(stamps[:, 0].min())
     out: dict = {"span_us": (int(stamps[:, 2].max()) - t0) / 1e3, "blocks": blocks}
     last = Counter()
+    phases = {}                            # (op, layer) -> (median sight, median end, last end)
     for op in Op:
         sel = op_col == int(op)
         if not sel.any():
@@ -38,11 +41,28 @@ def summarize_step(stamps: np.ndarray, records: np.ndarray, offsets: np.ndarray,
             idx = np.flatnonzero(sel & (layer_col == layer))
             ends = stamps[idx, 2]
             straggle += (ends.max() - np.median(ends)) / 1e3
+            phases[(op, int(layer))] = (np.median(stamps[idx, 1]), np.median(ends), ends.max())
             if len(idx) > 1:
                 last[int(block_of[idx[ends.argmax()]])] += 1
         out[op.name] = {"wait_us": float(wait), "work_us": float(work), "straggle_us": float(straggle),
-                        "tasks": int(sel.sum())}
+                        "tasks": int(sel.sum()), "sight_us": 0.0, "median_work_us": 0.0}
+    prev_end = None
+    for (op, layer) in sorted(phases, key=_phase_order):
+        go, end, last_end = phases[(op, layer)]
+        out[op.name]["median_work_us"] += float(end - go) / 1e3
+        if prev_end is not None:
+            out[op.name]["sight_us"] += float(go - prev_end) / 1e3
+        prev_end = last_end
     out["last_blocks"] = [[b, n] for b, n in last.most_common(8)]
     if sm_ids is not None:
         out["last_blocks"] = [[b, n, int(sm_ids[b])] for b, n in out["last_blocks"]]
     return out
+
+
+def _phase_order(phase):
+    op, layer = phase
+    if op == Op.EMBED:
+        return (-1, 0)
+    if op in LAYER_OPS:
+        return (layer, LAYER_OPS.index(op))
+    return (1 << 20, int(op))
