@@ -15,7 +15,8 @@ from collections import Counter
 
 import numpy as np
 
-from ..schedule.tasks import LAYER_OPS, TASK_FIELDS, Op
+from ..schedule.build import phase_key
+from ..schedule.tasks import TASK_FIELDS, Op, Task
 
 
 def summarize_step(stamps: np.ndarray, records: np.ndarray, offsets: np.ndarray, sm_ids=None) -> dict:
@@ -47,7 +48,7 @@ def summarize_step(stamps: np.ndarray, records: np.ndarray, offsets: np.ndarray,
         out[op.name] = {"wait_us": float(wait), "work_us": float(work), "straggle_us": float(straggle),
                         "tasks": int(sel.sum()), "sight_us": 0.0, "median_work_us": 0.0}
     prev_end = None
-    for (op, layer) in sorted(phases, key=_phase_order):
+    for (op, layer) in sorted(phases, key=lambda ph: phase_key(Task(*ph))):
         go, end, last_end = phases[(op, layer)]
         out[op.name]["median_work_us"] += float(end - go) / 1e3
         if prev_end is not None:
@@ -58,11 +59,3 @@ def summarize_step(stamps: np.ndarray, records: np.ndarray, offsets: np.ndarray,
         out["last_blocks"] = [[b, n, int(sm_ids[b])] for b, n in out["last_blocks"]]
     return out
 
-
-def _phase_order(phase):
-    op, layer = phase
-    if op == Op.EMBED:
-        return (-1, 0)
-    if op in LAYER_OPS:
-        return (layer, LAYER_OPS.index(op))
-    return (1 << 20, int(op))

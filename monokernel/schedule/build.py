@@ -33,7 +33,7 @@ class Schedule:
     @property
     def tasks(self) -> list[Task]:
         """All tasks in global (phase) order."""
-        return sorted((t for q in self.blocks for t in q), key=_phase_key)
+        return sorted((t for q in self.blocks for t in q), key=phase_key)
 
     def task_table(self) -> tuple[np.ndarray, np.ndarray]:
         offsets = np.zeros(len(self.blocks) + 1, dtype=np.int32)
@@ -55,7 +55,9 @@ class Schedule:
         return out
 
 
-def _phase_key(t: Task):
+def phase_key(t: Task):
+    """Where a task's phase falls in the step: embed, then per layer qkv, attn, o, gate/up, down, then the
+    LM head and the argmax."""
     order = {Op.EMBED: (-1, 0), Op.LMHEAD: (1 << 20, 0), Op.ARGMAX: (1 << 20, 1)}
     return order.get(t.op, (t.layer, LAYER_OPS.index(t.op) if t.op in LAYER_OPS else 0))
 
@@ -104,5 +106,5 @@ def build_schedule(cfg: KernelConfig) -> Schedule:
     lm_tiles = gemv_tasks(Op.LMHEAD, 0, prev)
     blocks[0].append(Task(Op.ARGMAX, wait_counter=counter_of(Op.LMHEAD, 0, L), wait_count=lm_tiles))
     for q in blocks:
-        q.sort(key=_phase_key)
+        q.sort(key=phase_key)
     return Schedule(config=cfg, blocks=blocks, num_counters=counter_of(Op.LMHEAD, 0, L) + 1, lm_tiles=lm_tiles)
