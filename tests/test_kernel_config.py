@@ -42,6 +42,27 @@ def test_large_batch_stages_the_down_projection_input_segment_by_segment():
     assert not KernelConfig(preset("llama-3.1-8b"), 8, 4096, seg_staging=0).seg_staged(Op.DOWN)
 
 
+def test_without_an_input_in_shared_memory_every_tensor_core_op_stages_segments_in_an_area_of_its_own():
+    cfg = KernelConfig(preset("llama-3.1-8b"), 16, 4096)   # every input is over the 96 KiB budget
+    assert not any(cfg.op_input_in_smem(op) for op in GEMV_OPS)
+    assert all(cfg.seg_staged(op) for op in GEMV_OPS)
+    assert cfg.input_len == cfg.mma_kseg == 2048 and cfg.scratch_len == cfg.spec.hidden_size
+    off = KernelConfig(preset("llama-3.1-8b"), 16, 4096, seg_staging=0)
+    assert off.input_len == 0 and not any(off.seg_staged(op) for op in GEMV_OPS)
+    assert off.ring_stages > cfg.ring_stages   # the area costs ring slots; measured worth it (perf note 17)
+    # K segments that are not a multiple of 64 elements still take whole 128-byte rows
+    odd = KernelConfig(preset("llama-3.1-8b"), 16, 4096, mma_kseg_max=160)
+    assert odd.mma_kseg == 160 and odd.input_len == 192
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("batch", [1, 2, 3, 8, 16])
+def test_attention_slots_hold_whole_passes_of_the_key_walk(name, batch):
+    cfg = KernelConfig(preset(name), batch, 4096)
+    assert cfg.attn_keys % cfg.attn_keys_per_pass == 0
+    assert 2 * cfg.attn_keys * cfg.spec.head_dim * cfg.elt <= cfg.slot_bytes
+
+
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("batch", [1, 3, 8, 16])
 def test_segment_staged_accumulators_fit_the_scratch(name, batch):

@@ -26,11 +26,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # (batch, overrides): the CUDA-core and tensor-core matrix-vector paths at small and large batch, inputs
-# staged in shared memory and (budget 0) read from global scratch / where other blocks wrote them; and
-# (budget 2304, segments of 160) the wider inputs read from global memory staged one K segment at a time
+# staged in shared memory and (budget 0) read from global scratch / where other blocks wrote them; inputs
+# in global memory staged one K segment at a time (segments of 160 with tails), in the area of the inputs
+# that fit (budget 2304) or, with none in shared memory, in an area of their own (budget 0: every op, the
+# RMSNorm ones from the global scratch); and the tensor-core path reading its inputs from L2 (no staging)
 PATHS = [(1, {}), (3, {}), (16, {}), (2, {"gemv_mma": 1}), (5, {"gemv_mma": 0}),
          (1, {"input_smem_budget": 0}), (9, {"input_smem_budget": 0}),
-         (3, {"input_smem_budget": 2304, "mma_kseg_max": 160})]
+         (3, {"input_smem_budget": 2304, "mma_kseg_max": 160}),
+         (3, {"input_smem_budget": 0, "mma_kseg_max": 160}), (9, {"input_smem_budget": 0, "seg_staging": 0})]
 
 
 @pytest.mark.parametrize("name", list(TINY_SPECS))

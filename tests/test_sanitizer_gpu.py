@@ -11,9 +11,11 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-# default config; and the O projection's input read from global memory, staged in shared memory one K
-# segment at a time (segments of 160 with a tail: 512 = 3 x 160 + 32)
-CONFIGS = {"default": "", "seg-staged": "input_smem_budget=2304,mma_kseg_max=160"}
+# default config; the O projection's input read from global memory, staged in shared memory one K
+# segment at a time (segments of 160 with a tail: 512 = 3 x 160 + 32); and every op's input staged that
+# way, in an area of its own (no input fits in shared memory), the RMSNorm ones from the global scratch
+CONFIGS = {"default": "", "seg-staged": "input_smem_budget=2304,mma_kseg_max=160",
+           "all-seg-staged": "input_smem_budget=0,mma_kseg_max=160"}
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))

@@ -131,8 +131,11 @@ class KernelConfig:
 
     @property
     def attn_keys(self) -> int:
-        """Cached keys per ring slot for attention (their K rows, then their V rows)."""
-        return self.slot_bytes // (2 * self.spec.head_dim * self.elt)
+        """Cached keys per ring slot for attention (their K rows, then their V rows): whole passes of the
+        key walk where a slot holds one (a tensor-core slot holds 65 keys of head_dim 128, whose 65th key
+        cost a pass of its own)."""
+        keys = self.slot_bytes // (2 * self.spec.head_dim * self.elt)
+        return keys - keys % self.attn_keys_per_pass if keys >= self.attn_keys_per_pass else keys
 
     # --- tensor-core path: a ring chunk is MMA_ROWS weight rows x one K segment --------------------
     MMA_ROWS = 8     # the N side of m16n8k16
@@ -191,9 +194,12 @@ class KernelConfig:
 
     @property
     def input_len(self) -> int:
-        """Row stride of the shared-memory input: the widest input that lives there (0: none does)."""
-        return max((self.gemv(op).cols for op in GEMV_OPS
-                    if self.op_input_in_smem(op)), default=0)
+        """Row stride of the shared-memory input: the widest input that lives there, and at least one K
+        segment where a tensor-core op stages its global input there (0: no input lives there)."""
+        widest = max((self.gemv(op).cols for op in GEMV_OPS if self.op_input_in_smem(op)), default=0)
+        if any(self.seg_staged(op) for op in GEMV_OPS):
+            return max(widest, -(-self.mma_kseg // 64) * 64)   # staged rows are whole 128-byte groups
+        return widest
 
     @property
     def scratch_len(self) -> int:
@@ -203,11 +209,10 @@ class KernelConfig:
     def seg_staged(self, op: Op) -> bool:
         """Tensor-core ops whose input lives in global memory: the producer streams their chunks K segment by
         K segment (all row groups of a flush per segment) and the consumers stage each input segment once in
-        the shared-memory input area, which the op does not otherwise use, instead of loading the input from
-        L2 inside the mma loop, where each slot waited a round trip."""
-        staged_row = -(-self.mma_kseg // 64) * 64     # the kernel's staged rows are whole 128-byte groups
-        return bool(self.gemv_mma) and self.seg_staging and not self.op_input_in_smem(op) \
-            and 0 < staged_row <= self.input_len
+        the shared-memory input area, instead of loading the input from L2 inside the mma loop, where each
+        slot waited a round trip. The area is the one the other ops' inputs use, or, where no input fits in
+        shared memory (8B at batch 16), one segment wide (perf note 17)."""
+        return bool(self.gemv_mma) and bool(self.seg_staging) and not self.op_input_in_smem(op)
 
     def flush_chunks(self, op: Op) -> int:
         """Ring chunks whose row results collect in shared memory before one epilogue writes them: the

@@ -8,17 +8,6 @@ __device__ __forceinline__ bool is_gemv(int op) {
   return op == OP_QKV || op == OP_OPROJ || op == OP_GATEUP || op == OP_DOWN || op == OP_LMHEAD;
 }
 
-__device__ __forceinline__ bool seg_staged(int op) {
-  switch (op) {
-    case OP_QKV: return Gemv<OP_QKV>::SEG_STAGED;
-    case OP_OPROJ: return Gemv<OP_OPROJ>::SEG_STAGED;
-    case OP_GATEUP: return Gemv<OP_GATEUP>::SEG_STAGED;
-    case OP_DOWN: return Gemv<OP_DOWN>::SEG_STAGED;
-    case OP_LMHEAD: return Gemv<OP_LMHEAD>::SEG_STAGED;
-    default: return false;
-  }
-}
-
 template <int OP>
 __device__ __forceinline__ void gemv_shape(int& chunk_rows, int& mma_pass) {
   chunk_rows = Gemv<OP>::CR;
@@ -137,7 +126,6 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
       staged = tag;
       consumer_sync();
     }
-    if (seg_staged(t.op)) staged = -1;    // it overwrites the input area
     bool ok = true;
     switch (t.op) {
       case OP_EMBED:
