@@ -128,10 +128,12 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
     }
     bool ok = true;
     switch (t.op) {
-      case OP_EMBED:
-        for (int i = threadIdx.x; i < B * H; i += NCT)
-          p.x[i] = p.embed[(size_t)p.tokens[i / H] * H + i % H];
+      case OP_EMBED: {   // 16-byte vectors: an element per thread took B x H / NCT dependent round trips
+        constexpr int NV = H / 8;
+        for (int i = threadIdx.x; i < B * NV; i += NCT)
+          reinterpret_cast<uint4*>(p.x)[i] = __ldg(reinterpret_cast<const uint4*>(p.embed + (size_t)__ldg(p.tokens + i / NV) * H) + i % NV);
         break;
+      }
       case OP_QKV: ok = gemv<OP_QKV>(p, t, input_rows<OP_QKV>(p, l, in_smem, in_scratch), in_smem, rd, sm); break;
       case OP_ATTN: ok = attention_task(p, t, rd, sm); break;
       case OP_OPROJ: ok = gemv<OP_OPROJ>(p, t, input_rows<OP_OPROJ>(p, l, in_smem, in_scratch), in_smem, rd, sm); break;
