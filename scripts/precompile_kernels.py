@@ -11,13 +11,13 @@ from concurrent.futures import ProcessPoolExecutor
 from monokernel.codegen.compile import compile_kernel
 from monokernel.codegen.render import kernel_entry_name, render_source
 from monokernel.models.presets import preset
-from monokernel.schedule.config import GpuInfo, KernelConfig
-from profile_megakernel import EXTRA_SEQ, overrides   # the same configurations as the profile run
+from monokernel.schedule.config import GpuInfo, KernelConfig, parse_overrides
+from profile_megakernel import EXTRA_SEQ   # the same cache length as the profile run
 
 
 def build(job):
     name, batch, max_seq, var, gpu = job
-    cfg = KernelConfig(preset(name), batch, max_seq, "bf16", gpu, **overrides(var))
+    cfg = KernelConfig(preset(name), batch, max_seq, "bf16", gpu, **parse_overrides(var))
     ck = compile_kernel(render_source(cfg), gpu.arch, name=kernel_entry_name(cfg))
     return f"{name} b{batch} max_seq {max_seq} [{var}]: {ck.registers} registers, {ck.spill_bytes} B spilled"
 

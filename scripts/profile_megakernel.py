@@ -17,13 +17,10 @@ from monokernel.models.presets import preset
 from monokernel.models.weights import random_weights
 from monokernel.reference.model import KVCache
 from monokernel.runtime.mega import MegaDecoder
+from monokernel.schedule.config import parse_overrides
 
 
 EXTRA_SEQ = 64   # cache positions past the context
-
-
-def overrides(text: str) -> dict:
-    return {k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)}   # bools as 0/1
 
 
 def time_steps(mk: MegaDecoder, tok, pos, steps: int) -> float:
@@ -61,7 +58,7 @@ def main():
                 tok = torch.randint(0, spec.vocab_size, (batch,), device="cuda")
                 pos = torch.full((batch,), ctx, device="cuda")
                 for var in args.variant or [""]:
-                    mk = MegaDecoder(w, cache, **overrides(var))
+                    mk = MegaDecoder(w, cache, **parse_overrides(var))
                     ms = time_steps(mk, tok, pos, args.steps)
                     mk.enable_profile()
                     mk.launch(tok, pos)

@@ -7,10 +7,10 @@ from megakernel_cases import TINY_SPECS, prefilled
 from monokernel.models.weights import random_weights
 from monokernel.reference.model import ReferenceModel
 from monokernel.runtime.mega import MegaDecoder
+from monokernel.schedule.config import parse_overrides
 
 spec = TINY_SPECS[sys.argv[1] if len(sys.argv) > 1 else "qwen3"]
-# optional KernelConfig overrides, "k=v,k=v" (integers)
-overrides = {k: int(v) for k, v in (kv.split("=") for kv in (sys.argv[2] if len(sys.argv) > 2 else "").split(",") if kv)}
+overrides = parse_overrides(sys.argv[2] if len(sys.argv) > 2 else "")
 w = random_weights(spec, torch.bfloat16, "cuda", seed=11)
 ref = ReferenceModel(w)
 c_ref, c_mk = prefilled(ref, 3, 64, [3, 17, 40], torch.Generator().manual_seed(2))

@@ -118,3 +118,11 @@ def test_min_kv_chunk_is_one_pass_of_the_key_walk():
     assert KernelConfig(spec, 1, 4096).kv_chunk(8192) == 8192 // KernelConfig(spec, 1, 4096).kv_splits
     with pytest.raises(UnsupportedModelError, match="min_kv_chunk=0 must be at least 1"):
         KernelConfig(spec, 1, 4096, min_kv_chunk=0)
+
+
+def test_overrides_parse_as_the_profiling_and_sanitizer_scripts_write_them():
+    from monokernel.schedule.config import parse_overrides
+    assert parse_overrides("") == {}
+    assert parse_overrides("input_smem_budget=0,mma_kseg_max=160") == {"input_smem_budget": 0, "mma_kseg_max": 160}
+    cfg = KernelConfig(preset("llama-3.1-8b"), 16, 4096, **parse_overrides("mma_kseg_max=160"))
+    assert cfg.mma_kseg == 160

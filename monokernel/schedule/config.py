@@ -33,6 +33,12 @@ class GemvShape:
         return -(-self.rows // self.tile_rows)
 
 
+def parse_overrides(text: str) -> dict:
+    """KernelConfig overrides written "k=v,k=v" (integers; booleans as 0/1), as the profiling and sanitizer
+    scripts take them; "" is none."""
+    return {k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)}
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     spec: ModelSpec
