@@ -110,10 +110,12 @@ def test_attention_key_batch_is_derived_from_the_batch_and_checked():
 
 
 def test_min_kv_chunk_is_one_pass_of_the_key_walk():
-    # 8 consumer warps x 4 key groups (8 lanes each at head_dim 128) x key batch: a shorter split idles warps
+    # 8 consumer warps x 4 key groups (8 lanes each at head_dim 128) x key batch, or on tensor cores 8 warps
+    # x 8 keys: a shorter split idles warps
     spec = preset("llama-3.1-8b")
-    assert KernelConfig(spec, 1, 4096).min_kv_chunk == 8 * 4 * 2
-    assert KernelConfig(spec, 8, 4096).min_kv_chunk == 8 * 4 * 1
+    assert KernelConfig(spec, 1, 4096, attn_mma=0).min_kv_chunk == 8 * 4 * 2
+    assert KernelConfig(spec, 8, 4096, attn_mma=0).min_kv_chunk == 8 * 4 * 1
+    assert KernelConfig(spec, 8, 4096).min_kv_chunk == KernelConfig(spec, 1, 4096).min_kv_chunk == 8 * 8
     assert KernelConfig(spec, 1, 4096, min_kv_chunk=16).kv_chunk(100) == 16
     assert KernelConfig(spec, 1, 4096).kv_chunk(8192) == 8192 // KernelConfig(spec, 1, 4096).kv_splits
     with pytest.raises(UnsupportedModelError, match="min_kv_chunk=0 must be at least 1"):
@@ -126,3 +128,15 @@ def test_overrides_parse_as_the_profiling_and_sanitizer_scripts_write_them():
     assert parse_overrides("input_smem_budget=0,mma_kseg_max=160") == {"input_smem_budget": 0, "mma_kseg_max": 160}
     cfg = KernelConfig(preset("llama-3.1-8b"), 16, 4096, **parse_overrides("mma_kseg_max=160"))
     assert cfg.mma_kseg == 160
+
+
+def test_tensor_core_attention_is_derived_from_the_group_size():
+    spec = preset("llama-3.1-8b")
+    assert KernelConfig(spec, 1, 4096).attn_mma and KernelConfig(spec, 16, 4096).attn_mma
+    assert KernelConfig(spec, 1, 4096, attn_mma=0).summary()["attn_mma"] is False
+    cfg = KernelConfig(spec, 8, 4096)
+    assert cfg.attn_keys % cfg.attn_keys_per_pass == 0 and cfg.attn_keys_per_pass == 64
+    wide = spec.with_(num_kv_heads=2)          # 16 query heads per kv head: more than the mma's N of 8
+    assert not KernelConfig(wide, 8, 4096).attn_mma
+    with pytest.raises(UnsupportedModelError, match="attn_mma=1 needs at most 8 query heads per kv head"):
+        KernelConfig(wide, 8, 4096, attn_mma=1)

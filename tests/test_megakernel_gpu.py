@@ -29,8 +29,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # staged in shared memory and (budget 0) read from global scratch / where other blocks wrote them; inputs
 # in global memory staged one K segment at a time (segments of 160 with tails), in the area of the inputs
 # that fit (budget 2304) or, with none in shared memory, in an area of their own (budget 0: every op, the
-# RMSNorm ones from the global scratch); and the tensor-core path reading its inputs from L2 (no staging)
+# RMSNorm ones from the global scratch); the tensor-core path reading its inputs from L2 (no staging); and
+# the attention key walk on CUDA cores (tensor cores are derived wherever a kv head has at most 8 query heads)
 PATHS = [(1, {}), (3, {}), (16, {}), (2, {"gemv_mma": 1}), (5, {"gemv_mma": 0}),
+         (1, {"attn_mma": 0}), (4, {"attn_mma": 0}),
          (1, {"input_smem_budget": 0}), (9, {"input_smem_budget": 0}),
          (3, {"input_smem_budget": 2304, "mma_kseg_max": 160}),
          (3, {"input_smem_budget": 0, "mma_kseg_max": 160}), (9, {"input_smem_budget": 0, "seg_staging": 0})]
@@ -65,6 +67,7 @@ def test_logits_match_reference(name, batch, overrides, dtype):
             n = lengths[b] + 1
             assert _rel(c_mk.k[:, b, :, :n], c_ref.k[:, b, :, :n]) < 2e-2
         tok, pos = expect.argmax(-1), pos + 1
+
 
 
 def _greedy_runs(w, steps: int, teacher_forced: bool, prompt_ids: list[int] | None = None):

@@ -41,7 +41,8 @@ def render_source(cfg: KernelConfig) -> str:
         gemv=[dict(op=op.name, flush_chunks=cfg.flush_chunks(op), in_smem=cfg.op_input_in_smem(op),
                    seg_staged=cfg.seg_staged(op), **cfg.gemv(op).__dict__)
               for op in GEMV_OPS],
-        attn_keys=cfg.attn_keys, attn_lanes_per_key=cfg.attn_lanes_per_key, attn_key_batch=cfg.attn_key_batch, attn_pv_unroll=cfg.attn_pv_unroll, gemv_mma=cfg.gemv_mma, mma_kseg=cfg.mma_kseg,
+        attn_keys=cfg.attn_keys, attn_lanes_per_key=cfg.attn_lanes_per_key, attn_key_batch=cfg.attn_key_batch, attn_pv_unroll=cfg.attn_pv_unroll,
+        attn_mma=cfg.attn_mma, gemv_mma=cfg.gemv_mma, mma_kseg=cfg.mma_kseg,
         mma_row_stride=cfg.mma_row_stride,
         task_fields=TASK_FIELDS, params=PARAMS)
     body = "\n".join(f"// ---- {n} ----\n{_template(n)}" for n in TEMPLATE_ORDER)

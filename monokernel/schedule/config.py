@@ -65,6 +65,10 @@ class KernelConfig:
     # kernel sits at the 168-register cap of 9 warps).
     attn_key_batch: int = -1
     attn_pv_unroll: int = 1
+    # Attention key walk on tensor cores (scores and P.V by mma.sync, 8 keys a warp step) instead of lane
+    # groups on CUDA cores; needs at most 8 query heads per kv head. -1: derived (on where it can be:
+    # faster at every batch and context measured, perf note 20).
+    attn_mma: int = -1
     # Tensor-core path: at most this many K elements of a row per ring chunk (8 rows a chunk); and at most
     # this many ring slots (perf note 15: more, smaller slots measured no faster).
     mma_kseg_max: int = 2048
@@ -94,6 +98,11 @@ class KernelConfig:
             object.__setattr__(self, "kv_splits", max(1, min(64, self.gpu.sm_count // per)))
         if self.attn_key_batch < 0:
             object.__setattr__(self, "attn_key_batch", 2 if self.batch <= 2 else 1)
+        if self.attn_mma < 0:
+            object.__setattr__(self, "attn_mma", int(s.group_size <= self.MMA_ROWS))
+        if self.attn_mma and s.group_size > self.MMA_ROWS:
+            raise UnsupportedModelError(f"attn_mma=1 needs at most {self.MMA_ROWS} query heads per kv head "
+                                        f"(the model has {s.group_size}); use attn_mma=0")
         if self.min_kv_chunk < 0:
             object.__setattr__(self, "min_kv_chunk", self.attn_keys_per_pass)
         if not 2 <= self.ring_stages_max <= 32:
@@ -132,7 +141,10 @@ class KernelConfig:
 
     @property
     def attn_keys_per_pass(self) -> int:
-        """Keys all consumer warps score in one pass of the key walk (one softmax update each)."""
+        """Keys all consumer warps score in one pass of the key walk (one softmax update each): a key per
+        lane group and key batch, or on tensor cores 8 keys a warp (the N side of the score mma)."""
+        if self.attn_mma:
+            return self.consumer_warps * self.MMA_ROWS
         return self.consumer_warps * (32 // self.attn_lanes_per_key) * self.attn_key_batch
 
     @property
@@ -282,7 +294,7 @@ class KernelConfig:
                 "slot_bytes": self.slot_bytes, "ring_stages": self.ring_stages, "smem_bytes": self.smem_bytes,
                 "input_len": self.input_len, "scratch_len": self.scratch_len, "kv_splits": self.kv_splits,
                 "attn_keys": self.attn_keys, "attn_key_batch": self.attn_key_batch, "min_kv_chunk": self.min_kv_chunk,
-                "attn_pv_unroll": self.attn_pv_unroll, "gemv_mma": bool(self.gemv_mma),
+                "attn_pv_unroll": self.attn_pv_unroll, "attn_mma": bool(self.attn_mma), "gemv_mma": bool(self.gemv_mma),
                 "gemv": {op.name: dict(self.gemv(op).__dict__, flush_chunks=self.flush_chunks(op),
                                        seg_staged=self.seg_staged(op))
                          for op in GEMV_OPS}}
