@@ -140,3 +140,9 @@ def test_tensor_core_attention_is_derived_from_the_group_size():
     assert not KernelConfig(wide, 8, 4096).attn_mma
     with pytest.raises(UnsupportedModelError, match="attn_mma=1 needs at most 8 query heads per kv head"):
         KernelConfig(wide, 8, 4096, attn_mma=1)
+
+
+def test_kv_splits_fill_the_blocks_unless_one_task_per_kv_head_fills_a_third():
+    spec = preset("llama-3.1-8b")                  # 8 kv heads, 132 blocks
+    assert [KernelConfig(spec, b, 4096).kv_splits for b in (1, 2, 4, 5, 6, 8, 16)] == [16, 8, 4, 3, 1, 1, 1]
+    assert KernelConfig(spec, 8, 4096, kv_splits=2).kv_splits == 2
