@@ -1,7 +1,9 @@
 // One flash-decoding task: sequence b, kv head kvh, split s of the keys [0, pos]. It prepares the
 // group's queries and the new key (q/k RMSNorm, RoPE with the reference's rounding points), appends
 // the new K/V to the cache if its split holds position pos, and writes an unnormalised partial
-// (o, running max m, sum l) per query head; the last split to finish combines them.
+// (o, running max m, sum l) per query head; the last split to finish combines them (a split that holds
+// all of the sequence's keys writes the output itself). The key walk runs on CUDA cores (attend_rows)
+// or, where a kv head has at most 8 query heads, on tensor cores (attend_rows_mma).
 namespace mk {
 
 // The key walk. Scores first: the lanes of a warp form KPW groups of LPK lanes, one key per group, and
