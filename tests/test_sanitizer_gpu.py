@@ -11,11 +11,14 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-# default config; the O projection's input read from global memory, staged in shared memory one K
-# segment at a time (segments of 160 with a tail: 512 = 3 x 160 + 32); and every op's input staged that
-# way, in an area of its own (no input fits in shared memory), the RMSNorm ones from the global scratch
-CONFIGS = {"default": "", "seg-staged": "input_smem_budget=2304,mma_kseg_max=160",
-           "all-seg-staged": "input_smem_budget=0,mma_kseg_max=160"}
+# (tiny spec, overrides): the default config (MHA: the tensor-core attention walk with one query head a kv
+# head) and with 4 query heads a kv head; the CUDA-core attention walk; the O projection's input read from
+# global memory, staged in shared memory one K segment at a time (segments of 160 with a tail: 512 = 3 x 160
+# + 32); and every op's input staged that way, in an area of its own (no input fits in shared memory), the
+# RMSNorm ones from the global scratch
+CONFIGS = {"default": ("qwen3", ""), "gqa": ("llama", ""), "cuda-core-walk": ("qwen3", "attn_mma=0"),
+           "seg-staged": ("qwen3", "input_smem_budget=2304,mma_kseg_max=160"),
+           "all-seg-staged": ("qwen3", "input_smem_budget=0,mma_kseg_max=160")}
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -28,7 +31,7 @@ def test_sanitizer_clean(tool, config):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
     # API errors are cuda-python probing the driver for optional entry points at import, not kernel faults
     proc = subprocess.run([sanitizer, f"--tool={tool}", "--report-api-errors", "no", sys.executable,
-                           str(here / "sanitize_case.py"), "qwen3", CONFIGS[config]],
+                           str(here / "sanitize_case.py"), *CONFIGS[config]],
                           capture_output=True, text=True, env=env, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
