@@ -69,7 +69,6 @@ def test_logits_match_reference(name, batch, overrides, dtype):
         tok, pos = expect.argmax(-1), pos + 1
 
 
-
 def _greedy_runs(w, steps: int, teacher_forced: bool, prompt_ids: list[int] | None = None):
     """Greedy decode with the megakernel and the reference side by side (batch 1) after a prefill of
     the prompt (default: 8 random tokens). Teacher-forced: both are fed the reference's token, so one

@@ -158,7 +158,7 @@ __device__ __forceinline__ void attend_rows(const T* ks, const T* vs, int nk, co
 constexpr int NJ = D / 32;   // 32-dim steps of a head: lanes c = 0..3 take chunks 4j + c
 static_assert(!ATTN_MMA || G <= 8, "tensor-core attention: at most 8 query heads per kv head (the mma's N)");
 
-// O^T fragment rows: in tile (j, w / 2) of the walk, row g (w even) or g + 8 (w odd) is head dim dim_of(j, w, g):
+// O^T fragment rows: in tile (j, w / 2) of the walk, row g (w even) or g + 8 (w odd) is head dim mma_dim(j, w, g):
 // word w of lane c's chunk 4j + c, transposed, puts dims 8 (4j + c) + 2w, +1 on rows 2c, 2c + 1.
 __device__ __forceinline__ int mma_dim(int j, int w, int g) { return 8 * (4 * j + g / 2) + 2 * w + g % 2; }
 
