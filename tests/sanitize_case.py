@@ -1,15 +1,18 @@
-"""A few megakernel steps on a tiny config, run under compute-sanitizer by test_sanitizer_gpu.py."""
+"""A few megakernel steps on a tiny config (or a preset: "preset:NAME"), run under compute-sanitizer by
+test_sanitizer_gpu.py."""
 import sys
 
 import torch
 
 from megakernel_cases import TINY_SPECS, prefilled
+from monokernel.models.presets import preset
 from monokernel.models.weights import random_weights
 from monokernel.reference.model import ReferenceModel
 from monokernel.runtime.mega import MegaDecoder
 from monokernel.schedule.config import parse_overrides
 
-spec = TINY_SPECS[sys.argv[1] if len(sys.argv) > 1 else "qwen3"]
+name = sys.argv[1] if len(sys.argv) > 1 else "qwen3"
+spec = preset(name.removeprefix("preset:")) if name.startswith("preset:") else TINY_SPECS[name]
 overrides = parse_overrides(sys.argv[2] if len(sys.argv) > 2 else "")
 w = random_weights(spec, torch.bfloat16, "cuda", seed=11)
 ref = ReferenceModel(w)

@@ -6,7 +6,7 @@ import pytest
 from monokernel.errors import UnsupportedModelError
 from monokernel.models.presets import preset
 from monokernel.schedule.build import build_schedule
-from monokernel.schedule.config import KernelConfig
+from monokernel.schedule.config import GpuInfo, KernelConfig
 from monokernel.schedule.tasks import GEMV_OPS, Op
 
 PRESETS = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"]
@@ -146,3 +146,39 @@ def test_kv_splits_fill_the_blocks_unless_one_task_per_kv_head_fills_a_third():
     spec = preset("llama-3.1-8b")                  # 8 kv heads, 132 blocks
     assert [KernelConfig(spec, b, 4096).kv_splits for b in (1, 2, 4, 5, 6, 8, 16)] == [16, 8, 4, 3, 1, 1, 1]
     assert KernelConfig(spec, 8, 4096, kv_splits=2).kv_splits == 2
+
+
+def test_l2_lookahead_is_derived_where_the_chain_tiles_fit_the_ring_and_checked():
+    one_b, eight_b = preset("llama-3.2-1b"), preset("llama-3.1-8b")
+    c = KernelConfig(one_b, 1, 4096)
+    assert (c.l2_lookahead_kb, c.chain_blocks, c.next_step_lookahead) == (128, 128, 0)
+    assert c.lookahead_skip_rows * one_b.hidden_size * 2 == c.ring_stages * c.slot_bytes - 16 * 2048 * 2   # ring less the O tile
+    assert KernelConfig(one_b, 8, 4096).next_step_lookahead == 1
+    for b in (1, 8):   # 8B's QKV and O tiles outgrow the ring: its HBM is not idle through the chain
+        assert KernelConfig(eight_b, b, 4096).l2_lookahead_kb == 0
+        assert KernelConfig(eight_b, b, 4096).chain_blocks == 132
+    assert KernelConfig(one_b, 1, 4096, gpu=GpuInfo(sm_count=12)).l2_lookahead_kb == 0   # 4 helpers: over a quarter
+    assert KernelConfig(one_b, 1, 4096, lookahead_blocks=40, l2_lookahead_kb=0).chain_blocks == 132
+    for n in (0, 40):   # derived off, not refused
+        assert KernelConfig(one_b, 1, 4096, lookahead_blocks=n).l2_lookahead_kb == 0
+    with pytest.raises(UnsupportedModelError, match="lookahead_blocks=40 must be in 1..33"):
+        KernelConfig(one_b, 1, 4096, lookahead_blocks=40, l2_lookahead_kb=64)
+    with pytest.raises(UnsupportedModelError, match="lookahead_blocks=0 must be in 1..33"):
+        KernelConfig(one_b, 1, 4096, lookahead_blocks=0, l2_lookahead_kb=64)
+
+
+def test_lookahead_helpers_leave_the_chain_and_prefetch_every_chain_tile_once_a_layer():
+    cfg = KernelConfig(preset("llama-3.2-1b"), 1, 4096)
+    sched = build_schedule(cfg)
+    helpers = range(cfg.chain_blocks, cfg.num_blocks)
+    gu = cfg.gemv(Op.GATEUP)
+    for b in helpers:
+        assert {t.op for t in sched.blocks[b]} <= {Op.PREFETCH, Op.GATEUP, Op.DOWN, Op.LMHEAD}
+    for layer in (0, 7):
+        pre = sorted((t.arg0, t.arg1) for b in helpers for t in sched.blocks[b] if t.op == Op.PREFETCH and t.layer == layer)
+        assert [i for a, n in pre for i in range(a, a + n)] == list(range(cfg.chain_blocks))
+        rows = sorted((t.arg0, t.arg1) for t in sched.tasks if t.op == Op.GATEUP and t.layer == layer)
+        assert [r for a, n in rows for r in range(a, a + n)] == list(range(gu.rows))      # every row once
+        # the helpers' prefetching may outlast the chain, so their own gate/up rows are fewer
+        helper_rows = [t.arg1 for b in helpers for t in sched.blocks[b] if t.op == Op.GATEUP and t.layer == layer]
+        assert len(helper_rows) == len(helpers) and max(helper_rows) < gu.tile_rows

@@ -33,6 +33,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # the attention key walk on CUDA cores (tensor cores are derived wherever a kv head has at most 8 query heads)
 PATHS = [(1, {}), (3, {}), (16, {}), (2, {"gemv_mma": 1}), (5, {"gemv_mma": 0}),
          (1, {"attn_mma": 0}), (4, {"attn_mma": 0}),
+         (1, {"l2_lookahead_kb": 0}), (3, {"l2_lookahead_kb": 0, "next_step_lookahead": 0}),
          (1, {"input_smem_budget": 0}), (9, {"input_smem_budget": 0}),
          (3, {"input_smem_budget": 2304, "mma_kseg_max": 160}),
          (3, {"input_smem_budget": 0, "mma_kseg_max": 160}), (9, {"input_smem_budget": 0, "seg_staging": 0})]

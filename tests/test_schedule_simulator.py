@@ -19,14 +19,14 @@ from megakernel_cases import TINY_SPECS, prefilled
 MAX_SEQ = 96
 
 
-def _setup(name: str, batch: int, blocks: int = 7, seed: int = 0):
+def _setup(name: str, batch: int, blocks: int = 7, seed: int = 0, **overrides):
     spec = TINY_SPECS[name]
     gen = torch.Generator().manual_seed(seed)
     w = random_weights(spec, torch.float32, seed=seed)
     ref = ReferenceModel(w)
     lengths = [int(x) for x in torch.randint(1, MAX_SEQ - 4, (batch,), generator=gen)]
     c_ref, c_sim = prefilled(ref, batch, MAX_SEQ, lengths, gen)
-    sched = build_schedule(KernelConfig(spec, batch, MAX_SEQ, gpu=GpuInfo(sm_count=blocks), min_kv_chunk=4))
+    sched = build_schedule(KernelConfig(spec, batch, MAX_SEQ, gpu=GpuInfo(sm_count=blocks), min_kv_chunk=4, **overrides))
     tok = torch.randint(0, spec.vocab_size, (batch,), generator=gen)
     return ref, Simulator(sched, w), c_ref, c_sim, tok, torch.tensor(lengths)
 
@@ -43,6 +43,20 @@ def test_simulated_schedule_matches_reference(name, batch):
         assert torch.equal(out, expect.argmax(-1))
         tok, pos = out, pos + 1
     torch.testing.assert_close(c_sim.k, c_ref.k, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_simulated_schedule_with_lookahead_helpers_matches_reference(name, batch):
+    """Two of 9 blocks kept out of the chain (QKV, attention, O) to prefetch; their gate/up rows are fewer."""
+    ref, sim, c_ref, c_sim, tok, pos = _setup(name, batch, blocks=9, lookahead_blocks=2, l2_lookahead_kb=1)
+    assert sim.cfg.chain_blocks == 7 and any(t.op == Op.PREFETCH for t in sim.sched.tasks)
+    rng = random.Random(batch)
+    for _ in range(2):
+        out, logits = sim.step(tok, pos, c_sim, rng)
+        expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
+        torch.testing.assert_close(logits, expect, rtol=1e-4, atol=1e-4)
+        tok, pos = out, pos + 1
 
 
 @pytest.mark.parametrize("op", [Op.ATTN, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD, Op.ARGMAX])
@@ -72,9 +86,10 @@ def test_every_block_streams_about_the_same_bytes_per_phase():
         assert ratio.max() < 1.10, (name, ratio.max())
 
 
-def test_deadlock_free_order_on_each_block():
+@pytest.mark.parametrize("overrides", [{}, {"lookahead_blocks": 2, "l2_lookahead_kb": 1}], ids=["plain", "lookahead"])
+def test_deadlock_free_order_on_each_block(overrides):
     """Every block's queue is in global phase order and waits only on earlier phases."""
-    sched = _setup("qwen2", 3)[1].sched
+    sched = _setup("qwen2", 3, blocks=9, **overrides)[1].sched
     order = {t: i for i, t in enumerate(sched.tasks)}
     signals = {}
     for t in sched.tasks:

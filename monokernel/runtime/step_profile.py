@@ -42,6 +42,8 @@ def summarize_step(stamps: np.ndarray, records: np.ndarray, offsets: np.ndarray,
             idx = np.flatnonzero(sel & (layer_col == layer))
             ends = stamps[idx, 2]
             straggle += (ends.max() - np.median(ends)) / 1e3
+            if op == Op.PREFETCH:          # off the critical path: nothing waits on it
+                continue
             phases[(op, int(layer))] = (np.median(stamps[idx, 1]), np.median(ends), ends.max())
             if len(idx) > 1:
                 last[int(block_of[idx[ends.argmax()]])] += 1

@@ -1,9 +1,9 @@
 """Builds the decode step's task DAG and assigns it to the persistent blocks.
 
-Order is the deadlock argument: tasks are appended phase by phase (embed, then per layer qkv, attn,
-o, gate/up, down, then LM head and argmax), every task waits only on an earlier phase, and each
-block runs its queue in that global order. The earliest unfinished task therefore always has its
-inputs ready, so a grid whose blocks are all resident always makes progress.
+Order is the deadlock argument: tasks are appended phase by phase (embed, then per layer the L2
+lookahead of gate/up rows, qkv, attn, o, gate/up, down, then LM head and argmax), every task waits only
+on an earlier phase, and each block runs its queue in that global order. The earliest unfinished task
+therefore always has its inputs ready, so a grid whose blocks are all resident always makes progress.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import numpy as np
 
 from .config import KernelConfig
 from .tasks import GEMV_OPS, LAYER_OPS, NO_COUNTER, TASK_DTYPE, Op, Task
+
+CHAIN_OPS = (Op.QKV, Op.OPROJ)   # with the attention: the latency-bound phases of a layer
 
 
 def counter_of(op: Op, layer: int, num_layers: int) -> int:
@@ -56,9 +58,9 @@ class Schedule:
 
 
 def phase_key(t: Task):
-    """Where a task's phase falls in the step: embed, then per layer qkv, attn, o, gate/up, down, then the
-    LM head and the argmax."""
-    order = {Op.EMBED: (-1, 0), Op.LMHEAD: (1 << 20, 0), Op.ARGMAX: (1 << 20, 1)}
+    """Where a task's phase falls in the step: embed, then per layer the lookahead, qkv, attn, o, gate/up,
+    down, then the LM head and the argmax."""
+    order = {Op.EMBED: (-1, 0), Op.LMHEAD: (1 << 20, 0), Op.ARGMAX: (1 << 20, 1), Op.PREFETCH: (t.layer, -1)}
     return order.get(t.op, (t.layer, LAYER_OPS.index(t.op) if t.op in LAYER_OPS else 0))
 
 
@@ -69,10 +71,14 @@ def build_schedule(cfg: KernelConfig) -> Schedule:
     blocks: list[list[Task]] = [[] for _ in range(nb)]
     load = np.zeros(nb, dtype=np.int64)
 
-    def assign(tasks: list[Task], cost: list[int]):
+    chain = cfg.chain_blocks   # blocks 0..chain-1 run the QKV -> attention -> O chain; the rest prefetch
+    helpers = list(range(chain, nb))
+
+    def assign(tasks: list[Task], cost: list[int], among: range | list[int] = range(nb)):
         # Largest first onto the block least loaded in this phase (ties: least loaded overall) keeps each
         # phase level, which is what the per-phase counters wait on, and the running total level too.
-        phase = np.zeros(nb, dtype=np.int64)
+        phase = np.full(nb, np.iinfo(np.int64).max // 2, dtype=np.int64)
+        phase[list(among)] = 0
         for i in sorted(range(len(tasks)), key=lambda i: -cost[i]):
             b = int(np.lexsort((load, phase))[0])
             blocks[b].append(tasks[i])
@@ -86,19 +92,43 @@ def build_schedule(cfg: KernelConfig) -> Schedule:
             n = min(g.tile_rows, g.rows - r0)
             tasks.append(Task(op, layer, r0, n, tile, wait[0], wait[1], counter_of(op, layer, L)))
             cost.append(n * g.cols * cfg.elt)
-        assign(tasks, cost)
+        if op in CHAIN_OPS:
+            assign(tasks, cost, range(chain))
+        elif op == Op.GATEUP and helpers:
+            # a tile each for the chain blocks; the helpers, whose prefetching may run into the gate/up
+            # phase, share the rows left over (half a tile each at 1B)
+            assign(tasks[:chain], cost[:chain], range(chain))
+            left = g.rows - chain * g.tile_rows
+            per = max(2, -(-left // len(helpers) // 2) * 2)
+            rest = [Task(op, layer, r0, min(per, g.rows - r0), chain + i, wait[0], wait[1], counter_of(op, layer, L))
+                    for i, r0 in enumerate(range(chain * g.tile_rows, g.rows, per))]
+            assign(rest, [t.arg1 * g.cols * cfg.elt for t in rest], helpers)
+            return min(chain, len(tasks)) + len(rest)
+        else:
+            assign(tasks, cost)
         return len(tasks)
+
+    def lookahead_tasks(layer: int, start: tuple[int, int]):
+        # The blocks kept out of the chain prefetch the chain blocks' gate/up rows past what each one's ring
+        # will hold into L2, from the QKV phase's start: the chain leaves HBM idle, and a block issues only
+        # ~128 bytes a cycle of bulk prefetches (perf note 23), too slow to do beside a chain task.
+        tiles = min(chain, cfg.gemv(Op.GATEUP).tiles)
+        per = -(-tiles // len(helpers))
+        for b, t0 in zip(helpers, range(0, tiles, per)):
+            blocks[b].append(Task(Op.PREFETCH, layer, t0, min(per, tiles - t0), 0, *start))
 
     blocks[0].append(Task(Op.EMBED, signal_counter=counter_of(Op.EMBED, 0, L)))
     prev = (counter_of(Op.EMBED, 0, L), 1)
     n_attn = cfg.batch * spec.num_kv_heads * cfg.kv_splits
     for layer in range(L):
+        if helpers:
+            lookahead_tasks(layer, prev)
         n = gemv_tasks(Op.QKV, layer, prev)
         wait = (counter_of(Op.QKV, layer, L), n)
         attn = [Task(Op.ATTN, layer, bh, s, 0, *wait, counter_of(Op.ATTN, layer, L))
                 for bh in range(cfg.batch * spec.num_kv_heads) for s in range(cfg.kv_splits)]
         # Cost of a split: its share of the KV bytes at full context (balances long contexts).
-        assign(attn, [2 * spec.head_dim * cfg.elt * cfg.max_seq // cfg.kv_splits] * n_attn)
+        assign(attn, [2 * spec.head_dim * cfg.elt * cfg.max_seq // cfg.kv_splits] * n_attn, range(chain))
         n = gemv_tasks(Op.OPROJ, layer, (counter_of(Op.ATTN, layer, L), n_attn))
         n = gemv_tasks(Op.GATEUP, layer, (counter_of(Op.OPROJ, layer, L), n))
         n = gemv_tasks(Op.DOWN, layer, (counter_of(Op.GATEUP, layer, L), n))

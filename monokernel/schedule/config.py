@@ -75,6 +75,15 @@ class KernelConfig:
     ring_stages_max: int = 8
     # Tensor-core ops with a global input stage it K segment by K segment in shared memory (see seg_staged).
     seg_staging: int = 1
+    # KB of each gate/up tile, past what its block's ring holds when the attention chain ends, that
+    # `lookahead_blocks` helper blocks, kept out of the chain, prefetch into L2 while the chain leaves HBM
+    # idle (perf note 23). -1: derived, 128 where a block's QKV and O tiles fit its ring together (the ring
+    # is then full and HBM idle through the chain: the 1B preset), else 0 (measured slower at 8B).
+    l2_lookahead_kb: int = -1
+    lookahead_blocks: int = 4
+    # After its last LM-head tile, each block prefetches its first weight tile of the next step into L2.
+    # -1: derived, on from batch 3 (measured faster there, neutral at batch 1).
+    next_step_lookahead: int = -1
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES:
@@ -92,13 +101,22 @@ class KernelConfig:
             object.__setattr__(self, "gemv_mma", int(self.batch > 2))
         if self.slot_bytes == 0:
             object.__setattr__(self, "slot_bytes", self._derive_slot_bytes())
+        if self.l2_lookahead_kb < 0:
+            object.__setattr__(self, "l2_lookahead_kb", self.LOOKAHEAD_KB)   # the tiles as they would be
+            on = 1 <= self.lookahead_blocks <= self.gpu.sm_count // 4 and self._chain_fits_ring()
+            object.__setattr__(self, "l2_lookahead_kb", self.LOOKAHEAD_KB if on else 0)
+        if self.l2_lookahead_kb and not 1 <= self.lookahead_blocks <= self.gpu.sm_count // 4:
+            raise UnsupportedModelError(f"lookahead_blocks={self.lookahead_blocks} must be in 1..{self.gpu.sm_count // 4} "
+                                        f"(a quarter of the blocks) while l2_lookahead_kb > 0")
+        if self.next_step_lookahead < 0:
+            object.__setattr__(self, "next_step_lookahead", int(self.batch > 2))
         if self.kv_splits == 0:
             # no more attention tasks than blocks: one block running two would hold up the whole phase; and
             # none where one task per (sequence, kv head) already keeps a third of the SMs streaming KV rows:
             # those blocks then draw the copy bandwidth between them, and a split would only add the
             # combine's round trips (perf note 20: 8B batch 8, 64 tasks, 1 split 1.7 % faster than 2)
             per = self.batch * s.num_kv_heads
-            splits = 1 if 3 * per >= self.gpu.sm_count else self.gpu.sm_count // per
+            splits = 1 if 3 * per >= self.chain_blocks else self.chain_blocks // per
             object.__setattr__(self, "kv_splits", max(1, min(64, splits)))
         if self.attn_key_batch < 0:
             object.__setattr__(self, "attn_key_batch", 2 if self.batch <= 2 else 1)
@@ -195,7 +213,7 @@ class KernelConfig:
             Op.LMHEAD: (s.vocab_size, s.hidden_size),
         }[op]
         row_bytes = cols * self.elt
-        tile = -(-rows // self.num_blocks)
+        tile = -(-rows // (self.chain_blocks if op in (Op.QKV, Op.OPROJ) else self.num_blocks))
         if self.gemv_mma:       # chunks are row groups x K segments; results reduce across warps per group
             tile += tile % 2
             return GemvShape(rows=rows, cols=cols, tile_rows=tile, chunk_rows=self.MMA_ROWS, warps_per_row=1)
@@ -206,6 +224,30 @@ class KernelConfig:
         chunk = min(chunk, tile)
         wpr = 1 if chunk >= self.consumer_warps else self.consumer_warps // chunk
         return GemvShape(rows=rows, cols=cols, tile_rows=tile, chunk_rows=chunk, warps_per_row=wpr)
+
+    # --- L2 lookahead of the gate/up rows during the attention chain (see build.lookahead_tasks) -----
+    @property
+    def lookahead_skip_rows(self) -> int:
+        """Gate/up rows of a tile that its block's ring already holds when the chain ends: the ring, less the
+        O-projection tile it streams first."""
+        o = self.gemv(Op.OPROJ)
+        ring_left = self.ring_stages * self.slot_bytes - o.tile_rows * o.cols * self.elt
+        return max(0, ring_left) // (self.spec.hidden_size * self.elt)
+
+    LOOKAHEAD_KB = 128   # perf note 23: 1B b1 1.058 -> 1.033 ms; 160 KB outran the helpers' issue rate
+
+    def _chain_fits_ring(self) -> bool:
+        q, o = self.gemv(Op.QKV), self.gemv(Op.OPROJ)
+        return (q.tile_rows * q.cols + o.tile_rows * o.cols) * self.elt <= self.ring_stages * self.slot_bytes
+
+    @property
+    def chain_blocks(self) -> int:
+        """Blocks that run the QKV, attention and O-projection tasks; the others prefetch meanwhile."""
+        return self.num_blocks - (self.lookahead_blocks if self.l2_lookahead_kb else 0)
+
+    @property
+    def lookahead_rows(self) -> int:
+        return self.l2_lookahead_kb * 1024 // (self.spec.hidden_size * self.elt)
 
     # --- shared memory layout (bytes) ----------------------------------------------------------
     def op_input_in_smem(self, op: Op) -> bool:
@@ -299,6 +341,8 @@ class KernelConfig:
                 "input_len": self.input_len, "scratch_len": self.scratch_len, "kv_splits": self.kv_splits,
                 "attn_keys": self.attn_keys, "attn_key_batch": self.attn_key_batch, "min_kv_chunk": self.min_kv_chunk,
                 "attn_pv_unroll": self.attn_pv_unroll, "attn_mma": bool(self.attn_mma), "gemv_mma": bool(self.gemv_mma),
+                "l2_lookahead_kb": self.l2_lookahead_kb, "lookahead_blocks": self.lookahead_blocks if self.l2_lookahead_kb else 0,
+                "lookahead_skip_rows": self.lookahead_skip_rows, "next_step_lookahead": bool(self.next_step_lookahead),
                 "gemv": {op.name: dict(self.gemv(op).__dict__, flush_chunks=self.flush_chunks(op),
                                        seg_staged=self.seg_staged(op))
                          for op in GEMV_OPS}}

@@ -105,6 +105,8 @@ class Simulator:
             buf.logits[:, rows] = logits
             m, i = logits.max(dim=1)   # first index of the maximum, as torch.argmax
             buf.lm_max[t.tile], buf.lm_idx[t.tile] = m, i + t.arg0
+        elif t.op == Op.PREFETCH:
+            pass                                # a cache hint: no math
         elif t.op == Op.ARGMAX:
             best = buf.lm_max.argmax(dim=0)     # earliest tile wins ties, so the smallest index overall
             buf.out[:] = buf.lm_idx.gather(0, best[None])[0]

@@ -18,6 +18,7 @@ class Op(IntEnum):
     DOWN = 5     # rows of W_down on act[l], + residual                   -> x[l+1]
     LMHEAD = 6   # vocab rows on rmsnorm(x[L]) -> logits, per-tile (max, index)
     ARGMAX = 7   # combine the per-tile maxima -> next token
+    PREFETCH = 8  # gate/up tiles [arg0, arg0 + arg1) of a layer into L2 while the attention chain idles HBM
 
 
 GEMV_OPS = (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)
@@ -31,7 +32,8 @@ NO_COUNTER = -1
 
 @dataclass(frozen=True)
 class Task:
-    """One unit of work. GEMV ops: rows [arg0, arg0 + arg1); ATTN: arg0 = b * KVH + kv_head, arg1 = split.
+    """One unit of work. GEMV ops: rows [arg0, arg0 + arg1); ATTN: arg0 = b * KVH + kv_head, arg1 = split;
+    PREFETCH: gate/up tiles [arg0, arg0 + arg1).
     `tile` numbers the LM-head tiles (slot of the per-tile maximum). The task may start once
     counter[wait_counter] >= wait_count (per step; the kernel scales by the step's epoch); when done
     it adds 1 to counter[signal_counter]."""

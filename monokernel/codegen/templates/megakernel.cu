@@ -80,6 +80,39 @@ __device__ void producer(const Params& p, int t0, int t1, unsigned char* ring, u
   }
 }
 
+// Rows [LOOKAHEAD_SKIP_ROWS, + LOOKAHEAD_ROWS) of each gate/up tile in [arg0, arg0 + arg1) of the layer into
+// L2 while the chain runs (a helper block's PREFETCH task), so the ring refills those tiles from L2 after it.
+// 16 KB pieces, tiles round-robin: if the issue runs late, every tile has its first pieces.
+__device__ __forceinline__ void l2_lookahead(const Params& p, const Task& t) {
+  using GU = Gemv<OP_GATEUP>;
+  constexpr size_t RB = H * sizeof(T);
+  constexpr int PIECE = 16384, PIECES = (LOOKAHEAD_ROWS * RB + PIECE - 1) / PIECE;
+  const unsigned char* w = reinterpret_cast<const unsigned char*>(p.w_gu + (size_t)t.layer * GU::ROWS * H);
+  for (int i = threadIdx.x; i < PIECES * t.arg1; i += NCT) {
+    const int r0 = (t.arg0 + i % t.arg1) * GU::TILE, n = min(GU::TILE, GU::ROWS - r0);
+    const size_t lo = (r0 + min(n, LOOKAHEAD_SKIP_ROWS)) * RB + (size_t)(i / t.arg1) * PIECE;
+    const size_t hi = (r0 + min(n, LOOKAHEAD_SKIP_ROWS + LOOKAHEAD_ROWS)) * RB;
+    if (lo < hi) bulk_prefetch_l2(w + lo, (uint32_t)min((size_t)PIECE, hi - lo));
+  }
+}
+
+// After a block's last LM-head tile, the weights of its first matrix-vector task of the next step (a layer-0
+// QKV tile) into L2: the argmax, the launch gap and the embedding copy leave HBM idle, and the next step's
+// first phase then reads L2 instead of waiting on HBM from a cold start.
+__device__ __forceinline__ void next_step_lookahead(const Params& p, int t0, int t1) {
+  for (int ti = t0; ti < t1; ++ti) {
+    const Task t = p.tasks[ti];
+    if (t.op == OP_EMBED) continue;
+    if (!is_gemv(t.op)) return;
+    uint32_t row_bytes;
+    int cr, pass;
+    const unsigned char* src = weight_rows(p, t, row_bytes, cr, pass);
+    const uint32_t bytes = row_bytes * (uint32_t)t.arg1;
+    for (uint32_t a = threadIdx.x * 16384u; a < bytes; a += NCT * 16384u) bulk_prefetch_l2(src + a, min(16384u, bytes - a));
+    return;
+  }
+}
+
 __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, uint64_t* full, uint64_t* empty) {
   Deadline dl(p);
   RingReader rd(smem + RING_OFFSET, full, empty, dl);
@@ -142,8 +175,10 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
       case OP_LMHEAD:
         ok = gemv<OP_LMHEAD>(p, t, input_rows<OP_LMHEAD>(p, l, in_smem, in_scratch), in_smem, rd, sm);
         if (ok) lm_tile_max(p, t);
+        if (NEXT_STEP_LOOKAHEAD && ok && (ti + 1 == t1 || p.tasks[ti + 1].op != OP_LMHEAD)) next_step_lookahead(p, t0, t1);
         break;
       case OP_ARGMAX: final_argmax(p, t.wait_count); break;
+      case OP_PREFETCH: l2_lookahead(p, t); break;
     }
     if (!ok) return;   // all consumer threads see the same failed wait on the ring
     consumer_sync();   // every thread's writes of this task precede the signal
