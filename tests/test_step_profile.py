@@ -1,7 +1,7 @@
 """The profiled-step summary on hand-made timestamps (the kernel side needs a GPU; this is the arithmetic)."""
 import numpy as np
 
-from monokernel.runtime.step_profile import summarize_step
+from monokernel.runtime.step_profile import phase_timeline, summarize_step
 from monokernel.schedule.tasks import Op, Task
 
 
@@ -48,3 +48,20 @@ def test_last_blocks_name_their_sm():
     stamps = np.array([[0, 0, 10], [0, 0, 30], [0, 0, 20]]) * 1000
     s = summarize_step(stamps, records, offsets, sm_ids=np.array([7, 3, 5]))
     assert s["last_blocks"] == [[1, 1, 3]]
+
+
+def test_phase_timeline_per_layer_in_step_order():
+    blocks = [[Task(Op.PREFETCH, 1), Task(Op.GATEUP, 1)],
+              [Task(Op.QKV, 1), Task(Op.ATTN, 1)],
+              [Task(Op.QKV, 1), Task(Op.QKV, 2)]]
+    records, offsets = _table(blocks)
+    us = 1000
+    stamps = np.array([[2, 3, 9], [9, 30, 50],       # block 0: lookahead, gate/up
+                       [1, 4, 10], [10, 14, 20],     # block 1: qkv, attention
+                       [1, 6, 12], [60, 61, 70]]) * us   # block 2: qkv, qkv of layer 2 (not asked for)
+    rows = phase_timeline(stamps, records, [1])
+    assert [r["op"] for r in rows] == ["PREFETCH", "QKV", "ATTN", "GATEUP"]
+    qkv = rows[1]
+    assert qkv == {"layer": 1, "op": "QKV", "tasks": 2, "sight_us": 4.0, "median_end_us": 10.0, "last_end_us": 11.0,
+                   "median_work_us": 6.0}
+    assert rows[3]["median_work_us"] == 20.0 and rows[0]["sight_us"] == 2.0

@@ -61,3 +61,23 @@ def summarize_step(stamps: np.ndarray, records: np.ndarray, offsets: np.ndarray,
         out["last_blocks"] = [[b, n, int(sm_ids[b])] for b, n in out["last_blocks"]]
     return out
 
+
+
+def phase_timeline(stamps: np.ndarray, records: np.ndarray, layers) -> list[dict]:
+    """Per (layer, op) of the given layers, in step order, µs from the step's first stamp: the median counter
+    sight, the median and the last end, and the median work (sight to end) of the phase's tasks: where a
+    layer's time goes, read off the raw stamps (`scripts/profile_megakernel.py --raw`, then `--timeline`)."""
+    stamps = np.asarray(stamps, dtype=np.int64)
+    records = np.asarray(records).reshape(-1, len(TASK_FIELDS))
+    op_col, layer_col = records[:, TASK_FIELDS.index("op")], records[:, TASK_FIELDS.index("layer")]
+    t0 = int(stamps[:, 0].min())
+    rows = []
+    for layer in layers:
+        for op in sorted({Op(int(o)) for o in op_col[layer_col == layer]}, key=lambda o: phase_key(Task(o, layer))):
+            s = stamps[(op_col == int(op)) & (layer_col == layer)]
+            rows.append({"layer": int(layer), "op": op.name, "tasks": len(s),
+                         "sight_us": float(np.median(s[:, 1]) - t0) / 1e3,
+                         "median_end_us": float(np.median(s[:, 2]) - t0) / 1e3,
+                         "last_end_us": float(s[:, 2].max() - t0) / 1e3,
+                         "median_work_us": float(np.median(s[:, 2] - s[:, 1])) / 1e3})
+    return rows
