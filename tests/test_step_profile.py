@@ -51,15 +51,16 @@ def test_last_blocks_name_their_sm():
 
 
 def test_phase_timeline_per_layer_in_step_order():
-    blocks = [[Task(Op.PREFETCH, 1), Task(Op.GATEUP, 1)],
+    blocks = [[Task(Op.EMBED), Task(Op.PREFETCH, 1), Task(Op.GATEUP, 1)],
               [Task(Op.QKV, 1), Task(Op.ATTN, 1)],
               [Task(Op.QKV, 1), Task(Op.QKV, 2)]]
     records, offsets = _table(blocks)
     us = 1000
-    stamps = np.array([[2, 3, 9], [9, 30, 50],       # block 0: lookahead, gate/up
+    stamps = np.array([[1, 1, 2], [2, 3, 9], [9, 30, 50],       # block 0: embed (layer 0), lookahead, gate/up
                        [1, 4, 10], [10, 14, 20],     # block 1: qkv, attention
                        [1, 6, 12], [60, 61, 70]]) * us   # block 2: qkv, qkv of layer 2 (not asked for)
     rows = phase_timeline(stamps, records, [1])
+    assert phase_timeline(stamps, records, [0]) == []     # the embedding copy is not a layer's phase
     assert [r["op"] for r in rows] == ["PREFETCH", "QKV", "ATTN", "GATEUP"]
     qkv = rows[1]
     assert qkv == {"layer": 1, "op": "QKV", "tasks": 2, "sight_us": 4.0, "median_end_us": 10.0, "last_end_us": 11.0,

@@ -16,7 +16,7 @@ from collections import Counter
 import numpy as np
 
 from ..schedule.build import phase_key
-from ..schedule.tasks import TASK_FIELDS, Op, Task
+from ..schedule.tasks import LAYER_OPS, TASK_FIELDS, Op, Task
 
 
 def summarize_step(stamps: np.ndarray, records: np.ndarray, offsets: np.ndarray, sm_ids=None) -> dict:
@@ -73,7 +73,8 @@ def phase_timeline(stamps: np.ndarray, records: np.ndarray, layers) -> list[dict
     t0 = int(stamps[:, 0].min())
     rows = []
     for layer in layers:
-        for op in sorted({Op(int(o)) for o in op_col[layer_col == layer]}, key=lambda o: phase_key(Task(o, layer))):
+        ops = {Op(int(o)) for o in op_col[layer_col == layer]} & {*LAYER_OPS, Op.PREFETCH}   # not embed, LM head, argmax
+        for op in sorted(ops, key=lambda o: phase_key(Task(o, layer))):
             s = stamps[(op_col == int(op)) & (layer_col == layer)]
             rows.append({"layer": int(layer), "op": op.name, "tasks": len(s),
                          "sight_us": float(np.median(s[:, 1]) - t0) / 1e3,

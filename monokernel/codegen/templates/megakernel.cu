@@ -98,7 +98,8 @@ __device__ __forceinline__ void l2_lookahead(const Params& p, const Task& t) {
 
 // After a block's last LM-head tile, the weights of its first matrix-vector task of the next step (a layer-0
 // QKV tile) into L2: the argmax, the launch gap and the embedding copy leave HBM idle, and the next step's
-// first phase then reads L2 instead of waiting on HBM from a cold start.
+// first phase then reads L2 instead of waiting on HBM from a cold start. A lookahead helper, whose first task
+// is a PREFETCH, prefetches nothing here.
 __device__ __forceinline__ void next_step_lookahead(const Params& p, int t0, int t1) {
   for (int ti = t0; ti < t1; ++ti) {
     const Task t = p.tasks[ti];
