@@ -19,15 +19,24 @@ from ..schedule.build import phase_key
 from ..schedule.tasks import LAYER_OPS, TASK_FIELDS, Op, Task
 
 
+def _columns(stamps, records):
+    """The stamps as int64 ns, each task's op and layer, and the step's first stamp."""
+    stamps = np.asarray(stamps, dtype=np.int64)
+    records = np.asarray(records).reshape(-1, len(TASK_FIELDS))
+    return stamps, records[:, TASK_FIELDS.index("op")], records[:, TASK_FIELDS.index("layer")], int(stamps[:, 0].min())
+
+
+def _marks(s: np.ndarray) -> tuple[float, float, int]:
+    """Of one phase's task stamps: the median counter sight, the median end and the last end (ns)."""
+    return np.median(s[:, 1]), np.median(s[:, 2]), s[:, 2].max()
+
+
 def summarize_step(stamps: np.ndarray, records: np.ndarray, offsets: np.ndarray, sm_ids=None) -> dict:
     """stamps: (tasks, 3) ns; records: (tasks, 8) int32 task table; offsets: (blocks + 1,) per-block starts;
     sm_ids: (blocks,) the SM of each block, or None."""
-    stamps = np.asarray(stamps, dtype=np.int64)
-    records = np.asarray(records).reshape(-1, len(TASK_FIELDS))
+    stamps, op_col, layer_col, t0 = _columns(stamps, records)
     blocks = len(offsets) - 1
     block_of = np.repeat(np.arange(blocks), np.diff(offsets))
-    op_col, layer_col = records[:, TASK_FIELDS.index("op")], records[:, TASK_FIELDS.index("layer")]
-    t0 = int(stamps[:, 0].min())
     out: dict = {"span_us": (int(stamps[:, 2].max()) - t0) / 1e3, "blocks": blocks}
     last = Counter()
     phases = {}                            # (op, layer) -> (median sight, median end, last end)
@@ -44,7 +53,7 @@ def summarize_step(stamps: np.ndarray, records: np.ndarray, offsets: np.ndarray,
             straggle += (ends.max() - np.median(ends)) / 1e3
             if op == Op.PREFETCH:          # off the critical path: nothing waits on it
                 continue
-            phases[(op, int(layer))] = (np.median(stamps[idx, 1]), np.median(ends), ends.max())
+            phases[(op, int(layer))] = _marks(stamps[idx])
             if len(idx) > 1:
                 last[int(block_of[idx[ends.argmax()]])] += 1
         out[op.name] = {"wait_us": float(wait), "work_us": float(work), "straggle_us": float(straggle),
@@ -66,19 +75,16 @@ def summarize_step(stamps: np.ndarray, records: np.ndarray, offsets: np.ndarray,
 def phase_timeline(stamps: np.ndarray, records: np.ndarray, layers) -> list[dict]:
     """Per (layer, op) of the given layers, in step order, µs from the step's first stamp: the median counter
     sight, the median and the last end, and the median work (sight to end) of the phase's tasks: where a
-    layer's time goes, read off the raw stamps (`scripts/profile_megakernel.py --raw`, then `--timeline`)."""
-    stamps = np.asarray(stamps, dtype=np.int64)
-    records = np.asarray(records).reshape(-1, len(TASK_FIELDS))
-    op_col, layer_col = records[:, TASK_FIELDS.index("op")], records[:, TASK_FIELDS.index("layer")]
-    t0 = int(stamps[:, 0].min())
+    layer's time goes, read off the raw stamps (`scripts/profile_megakernel.py --raw`, then
+    `scripts/phase_timeline.py`)."""
+    stamps, op_col, layer_col, t0 = _columns(stamps, records)
     rows = []
     for layer in layers:
         ops = {Op(int(o)) for o in op_col[layer_col == layer]} & {*LAYER_OPS, Op.PREFETCH}   # not embed, LM head, argmax
         for op in sorted(ops, key=lambda o: phase_key(Task(o, layer))):
             s = stamps[(op_col == int(op)) & (layer_col == layer)]
-            rows.append({"layer": int(layer), "op": op.name, "tasks": len(s),
-                         "sight_us": float(np.median(s[:, 1]) - t0) / 1e3,
-                         "median_end_us": float(np.median(s[:, 2]) - t0) / 1e3,
-                         "last_end_us": float(s[:, 2].max() - t0) / 1e3,
+            sight, end, last_end = _marks(s)
+            rows.append({"layer": int(layer), "op": op.name, "tasks": len(s), "sight_us": float(sight - t0) / 1e3,
+                         "median_end_us": float(end - t0) / 1e3, "last_end_us": float(last_end - t0) / 1e3,
                          "median_work_us": float(np.median(s[:, 2] - s[:, 1])) / 1e3})
     return rows

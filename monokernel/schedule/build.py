@@ -11,10 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import KernelConfig
+from .config import CHAIN_OPS, KernelConfig
 from .tasks import GEMV_OPS, LAYER_OPS, NO_COUNTER, TASK_DTYPE, Op, Task
-
-CHAIN_OPS = (Op.QKV, Op.OPROJ)   # with the attention: the latency-bound phases of a layer
 
 
 def counter_of(op: Op, layer: int, num_layers: int) -> int:

@@ -9,6 +9,9 @@ from ..models.spec import ModelSpec
 from .tasks import GEMV_OPS, Op
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2}
+# Matrix-vector ops that, with the attention, make a layer's latency-bound chain: the L2 lookahead's helper
+# blocks leave them to the others (`chain_blocks`).
+CHAIN_OPS = (Op.QKV, Op.OPROJ)
 MAX_BATCH = 16
 
 
@@ -101,11 +104,12 @@ class KernelConfig:
             object.__setattr__(self, "gemv_mma", int(self.batch > 2))
         if self.slot_bytes == 0:
             object.__setattr__(self, "slot_bytes", self._derive_slot_bytes())
+        helpers_ok = 1 <= self.lookahead_blocks <= self.gpu.sm_count // 4
         if self.l2_lookahead_kb < 0:
             object.__setattr__(self, "l2_lookahead_kb", self.LOOKAHEAD_KB)   # the tiles as they would be
-            on = 1 <= self.lookahead_blocks <= self.gpu.sm_count // 4 and self._chain_fits_ring()
+            on = helpers_ok and self._chain_fits_ring()
             object.__setattr__(self, "l2_lookahead_kb", self.LOOKAHEAD_KB if on else 0)
-        if self.l2_lookahead_kb and not 1 <= self.lookahead_blocks <= self.gpu.sm_count // 4:
+        if self.l2_lookahead_kb and not helpers_ok:
             raise UnsupportedModelError(f"lookahead_blocks={self.lookahead_blocks} must be in 1..{self.gpu.sm_count // 4} "
                                         f"(a quarter of the blocks) while l2_lookahead_kb > 0")
         if self.next_step_lookahead < 0:
@@ -213,7 +217,7 @@ class KernelConfig:
             Op.LMHEAD: (s.vocab_size, s.hidden_size),
         }[op]
         row_bytes = cols * self.elt
-        tile = -(-rows // (self.chain_blocks if op in (Op.QKV, Op.OPROJ) else self.num_blocks))
+        tile = -(-rows // (self.chain_blocks if op in CHAIN_OPS else self.num_blocks))
         if self.gemv_mma:       # chunks are row groups x K segments; results reduce across warps per group
             tile += tile % 2
             return GemvShape(rows=rows, cols=cols, tile_rows=tile, chunk_rows=self.MMA_ROWS, warps_per_row=1)

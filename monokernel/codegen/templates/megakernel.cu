@@ -82,11 +82,11 @@ __device__ void producer(const Params& p, int t0, int t1, unsigned char* ring, u
 
 // Rows [LOOKAHEAD_SKIP_ROWS, + LOOKAHEAD_ROWS) of each gate/up tile in [arg0, arg0 + arg1) of the layer into
 // L2 while the chain runs (a helper block's PREFETCH task), so the ring refills those tiles from L2 after it.
-// 16 KB pieces, tiles round-robin: if the issue runs late, every tile has its first pieces.
+// Pieces taken tiles round-robin: if the issue runs late, every tile has its first pieces.
 __device__ __forceinline__ void l2_lookahead(const Params& p, const Task& t) {
   using GU = Gemv<OP_GATEUP>;
   constexpr size_t RB = H * sizeof(T);
-  constexpr int PIECE = 16384, PIECES = (LOOKAHEAD_ROWS * RB + PIECE - 1) / PIECE;
+  constexpr int PIECE = PREFETCH_PIECE, PIECES = (LOOKAHEAD_ROWS * RB + PIECE - 1) / PIECE;
   const unsigned char* w = reinterpret_cast<const unsigned char*>(p.w_gu + (size_t)t.layer * GU::ROWS * H);
   for (int i = threadIdx.x; i < PIECES * t.arg1; i += NCT) {
     const int r0 = (t.arg0 + i % t.arg1) * GU::TILE, n = min(GU::TILE, GU::ROWS - r0);
@@ -109,7 +109,8 @@ __device__ __forceinline__ void next_step_lookahead(const Params& p, int t0, int
     int cr, pass;
     const unsigned char* src = weight_rows(p, t, row_bytes, cr, pass);
     const uint32_t bytes = row_bytes * (uint32_t)t.arg1;
-    for (uint32_t a = threadIdx.x * 16384u; a < bytes; a += NCT * 16384u) bulk_prefetch_l2(src + a, min(16384u, bytes - a));
+    for (uint32_t a = threadIdx.x * PREFETCH_PIECE; a < bytes; a += NCT * PREFETCH_PIECE)
+      bulk_prefetch_l2(src + a, min(PREFETCH_PIECE, bytes - a));
     return;
   }
 }

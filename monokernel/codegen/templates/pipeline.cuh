@@ -38,7 +38,9 @@ __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32
       ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
 }
 
-// Bytes global -> L2 by the bulk copy engine, nothing waits on it: a hint that fills idle HBM time.
+// Bytes global -> L2 by the bulk copy engine, nothing waits on it: a hint that fills idle HBM time. Callers
+// issue PREFETCH_PIECE bytes at a time, so that many threads share a long range.
+constexpr uint32_t PREFETCH_PIECE = 16384;
 __device__ __forceinline__ void bulk_prefetch_l2(const void* src, uint32_t bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
 }
