@@ -9,6 +9,8 @@ from monokernel.schedule.build import build_schedule
 from monokernel.schedule.config import GpuInfo, KernelConfig
 from monokernel.schedule.tasks import GEMV_OPS, Op
 
+from megakernel_cases import TINY_SPECS
+
 PRESETS = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"]
 
 
@@ -158,6 +160,10 @@ def test_l2_lookahead_is_derived_where_the_chain_tiles_fit_the_ring_and_checked(
         assert KernelConfig(eight_b, b, 4096).l2_lookahead_kb == 0
         assert KernelConfig(eight_b, b, 4096).chain_blocks == 132
     assert KernelConfig(one_b, 1, 4096, gpu=GpuInfo(sm_count=12)).l2_lookahead_kb == 0   # 4 helpers: over a quarter
+    for spec in TINY_SPECS.values():   # each ring holds a whole gate/up tile: nothing to prefetch, no helpers
+        c = KernelConfig(spec, 1, 320)
+        assert c.lookahead_skip_rows >= c.gemv(Op.GATEUP).tile_rows and c.l2_lookahead_kb == 0
+        assert c.chain_blocks == c.num_blocks
     assert KernelConfig(one_b, 1, 4096, lookahead_blocks=40, l2_lookahead_kb=0).chain_blocks == 132
     for n in (0, 40):   # derived off, not refused
         assert KernelConfig(one_b, 1, 4096, lookahead_blocks=n).l2_lookahead_kb == 0

@@ -19,12 +19,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 CONFIGS = {"default": ("qwen3", ""), "gqa": ("llama", ""), "cuda-core-walk": ("qwen3", "attn_mma=0"),
            "seg-staged": ("qwen3", "input_smem_budget=2304,mma_kseg_max=160"),
            "all-seg-staged": ("qwen3", "input_smem_budget=0,mma_kseg_max=160"),
-           # the L2 lookahead's prefetch ranges as derived for a real model (batch 3); on the tiny configs
-           # they are empty (each block's ring holds its whole gate/up tile)
+           # the L2 lookahead's helper blocks and tasks, forced on (derived off on the tiny models, whose
+           # rings hold whole gate/up tiles: the prefetch ranges are empty)
+           "helpers": ("qwen3", "l2_lookahead_kb=64"),
+           # the prefetch ranges as derived for a real model (batch 3)
            "lookahead-1b": ("preset:llama-3.2-1b", "")}
 # Racecheck on the preset also instruments the cuBLAS kernels of its torch reference (it reported hazards in
-# nvjet kernels, and took 5 minutes); the lookahead adds no shared-memory access, and the tiny configs, whose
-# schedules have the same helper blocks and lookahead tasks, run under racecheck.
+# nvjet kernels, and took 5 minutes); the lookahead adds no shared-memory access, and the "helpers" config,
+# whose schedule has the same helper blocks and lookahead tasks, runs under racecheck.
 RUNS = [(tool, c) for c in CONFIGS for tool in ("memcheck", "racecheck") if (tool, c) != ("racecheck", "lookahead-1b")]
 
 

@@ -34,8 +34,8 @@ PARAMS: tuple[tuple[str, str, str], ...] = (
     ("float*", "lm_max", "(LM tiles, B)"),
     ("int*", "lm_idx", "(LM tiles, B)"),
     ("const float*", "inv_freq", "(D/2) rotary inverse frequencies"),
-    ("const int*", "tokens", "(B) input tokens"),
-    ("const int*", "positions", "(B) position of each input token"),
+    ("const int*", "tokens", "(B) input tokens, int32 or int64 (ids_i64 bit 0): the caller's tensor, read in place"),
+    ("const int*", "positions", "(B) position of each input token, int32 or int64 (ids_i64 bit 1)"),
     ("int*", "out_tokens", "(B) greedy next tokens"),
     ("uint32_t*", "counters", "dependency counters, counting up across steps"),
     ("int*", "error", "0, or the Error code of a failed wait"),
@@ -43,7 +43,7 @@ PARAMS: tuple[tuple[str, str, str], ...] = (
     ("const int*", "task_offsets", "(blocks + 1)"),
     ("uint64_t*", "profile", "(tasks, 3) globaltimer ns: wait start, work start, end; then each block's SM; null = off"),
     ("uint32_t", "epoch", "1-based step number: waits target epoch * count"),
-    ("uint32_t", "pad0", ""),
+    ("uint32_t", "ids_i64", "bit 0: tokens are int64, bit 1: positions are int64"),
     ("uint64_t", "timeout_ns", "a wait longer than this is an error; 0 = wait forever"),
 )
 

@@ -44,6 +44,7 @@ def render_source(cfg: KernelConfig) -> str:
         attn_keys=cfg.attn_keys, attn_lanes_per_key=cfg.attn_lanes_per_key, attn_key_batch=cfg.attn_key_batch, attn_pv_unroll=cfg.attn_pv_unroll,
         attn_mma=cfg.attn_mma, gemv_mma=cfg.gemv_mma, mma_kseg=cfg.mma_kseg,
         lookahead_skip_rows=cfg.lookahead_skip_rows, lookahead_rows=cfg.lookahead_rows, next_step_lookahead=cfg.next_step_lookahead,
+        attn_prologue_early=cfg.attn_prologue_early,
         mma_row_stride=cfg.mma_row_stride,
         task_fields=TASK_FIELDS, params=PARAMS)
     body = "\n".join(f"// ---- {n} ----\n{_template(n)}" for n in TEMPLATE_ORDER)

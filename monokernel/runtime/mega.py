@@ -97,18 +97,30 @@ class MegaDecoder:
                  logits=ptr(self.logits), lm_max=ptr(self.lm_max), lm_idx=ptr(self.lm_idx),
                  inv_freq=ptr(self.inv_freq), tokens=ptr(self.tokens), positions=ptr(self.positions),
                  out_tokens=ptr(self.out_tokens), counters=ptr(self.counters), error=ptr(self.error),
-                 tasks=ptr(self.tasks), task_offsets=ptr(self.task_offsets), profile=0, epoch=0, pad0=0,
+                 tasks=ptr(self.tasks), task_offsets=ptr(self.task_offsets), profile=0, epoch=0, ids_i64=0,
                  timeout_ns=int(timeout_s * 1e9))
 
     def launch(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         """Enqueues one decode step (no host synchronisation): tokens/positions (B,) on the device."""
         if self._broken:
             raise KernelRuntimeError("this decoder failed earlier; create a new one")
-        self.tokens.copy_(tokens, non_blocking=True)
-        self.positions.copy_(positions, non_blocking=True)
+        self.params.tokens, wide_tokens = self._read_in_place(tokens, self.tokens)
+        self.params.positions, wide_positions = self._read_in_place(positions, self.positions)
+        self.params.ids_i64 = int(wide_tokens) | int(wide_positions) << 1
         self.epoch += 1
         self.params.epoch = self.epoch & 0xFFFFFFFF
         self.kernel.launch(self.config.num_blocks, self.params, torch.cuda.current_stream(self.w.device))
+
+    @staticmethod
+    def _read_in_place(ids: torch.Tensor, own: torch.Tensor) -> tuple[int, bool]:
+        """The kernel reads a contiguous (B,) int32/int64 tensor on its device where it lies (the caller's
+        tensor; stream order keeps a later write to it, or to its memory once freed, after this step); any
+        other tensor is copied into the decoder's own int32 buffer first."""
+        if (ids.device == own.device and ids.dtype in (torch.int32, torch.int64) and ids.shape == own.shape
+                and ids.is_contiguous()):
+            return ids.data_ptr(), ids.dtype == torch.int64
+        own.copy_(ids, non_blocking=True)
+        return own.data_ptr(), False
 
     def enable_profile(self, on: bool = True) -> None:
         """Per-task timestamps (globaltimer ns) of the following launches: see `profile_summary`."""

@@ -87,6 +87,10 @@ class KernelConfig:
     # After its last LM-head tile, each block prefetches its first weight tile of the next step into L2.
     # -1: derived, on from batch 3 (measured faster there, neutral at batch 1).
     next_step_lookahead: int = -1
+    # An attention task's position, key range and RoPE cosines/sines computed before its wait on the QKV
+    # counter, off the critical path (perf note 24). They stay in registers through the wait: -1 derived,
+    # on up to batch 2 (at batch 8 the extra registers spill on the 3B preset).
+    attn_prologue_early: int = -1
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES:
@@ -107,13 +111,17 @@ class KernelConfig:
         helpers_ok = 1 <= self.lookahead_blocks <= self.gpu.sm_count // 4
         if self.l2_lookahead_kb < 0:
             object.__setattr__(self, "l2_lookahead_kb", self.LOOKAHEAD_KB)   # the tiles as they would be
-            on = helpers_ok and self._chain_fits_ring()
+            # and where a chain block's ring leaves gate/up rows to prefetch (not on the tiny test models)
+            on = (helpers_ok and self._chain_fits_ring()
+                  and self.lookahead_skip_rows < self.gemv(Op.GATEUP).tile_rows)
             object.__setattr__(self, "l2_lookahead_kb", self.LOOKAHEAD_KB if on else 0)
         if self.l2_lookahead_kb and not helpers_ok:
             raise UnsupportedModelError(f"lookahead_blocks={self.lookahead_blocks} must be in 1..{self.gpu.sm_count // 4} "
                                         f"(a quarter of the blocks) while l2_lookahead_kb > 0")
         if self.next_step_lookahead < 0:
             object.__setattr__(self, "next_step_lookahead", int(self.batch > 2))
+        if self.attn_prologue_early < 0:
+            object.__setattr__(self, "attn_prologue_early", int(self.batch <= 2))
         if self.kv_splits == 0:
             # no more attention tasks than blocks: one block running two would hold up the whole phase; and
             # none where one task per (sequence, kv head) already keeps a third of the SMs streaming KV rows:
@@ -347,6 +355,7 @@ class KernelConfig:
                 "attn_pv_unroll": self.attn_pv_unroll, "attn_mma": bool(self.attn_mma), "gemv_mma": bool(self.gemv_mma),
                 "l2_lookahead_kb": self.l2_lookahead_kb, "lookahead_blocks": self.lookahead_blocks if self.l2_lookahead_kb else 0,
                 "lookahead_skip_rows": self.lookahead_skip_rows, "next_step_lookahead": bool(self.next_step_lookahead),
+                "attn_prologue_early": bool(self.attn_prologue_early),
                 "gemv": {op.name: dict(self.gemv(op).__dict__, flush_chunks=self.flush_chunks(op),
                                        seg_staged=self.seg_staged(op))
                          for op in GEMV_OPS}}

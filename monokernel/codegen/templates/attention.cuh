@@ -33,32 +33,63 @@ static_assert(D % (8 * LPK) == 0, "a key group must cover a head in 16-byte chun
 static_assert(q_slot_is_a_permutation(), "the queries' shared-memory order must hold every head dim once");
 
 
-// Rounded rotary embedding of one head row held in `row` (float values of model-dtype numbers):
-// out = rnd(rnd(x * cos) + rnd(rotate_half(x) * sin)), with cos/sin rounded as the reference does.
-template <bool QUERY>
-__device__ __forceinline__ void rope_row(const float* row, float* out, int pos, const float* inv_freq) {
-  const int lane = threadIdx.x % 32;
-  for (int d = lane; d < D; d += 32) {
-    const int j = d % (D / 2);
-    const float ang = static_cast<float>(pos) * inv_freq[j];
-    const float c = rnd(cosf(ang)), s = rnd(sinf(ang));
-    const float rot = d < D / 2 ? -row[d + D / 2] : row[d - D / 2];
-    out[QUERY ? q_slot(d) : d] = rnd(rnd(row[d] * c) + rnd(rot * s));
-  }
-}
-
 // Keys of an attention task: [lo, hi) of [0, pos]; [lo, old_hi) come from the cache (written by earlier
 // steps), through the ring; row pos is this step's own. Producer and consumers compute the same range.
 struct KeyRange {
   int lo, hi, old_hi, pos, chunk;
+  KeyRange() = default;
   __device__ KeyRange(const Params& p, const Task& t) {
-    pos = __ldg(p.positions + t.arg0 / NKV);
+    pos = input_id(p.positions, t.arg0 / NKV, p.ids_i64 & 2);
     chunk = kv_chunk(pos + 1);
     lo = t.arg1 * chunk;
     hi = min(pos + 1, lo + chunk);
     old_hi = min(hi, pos);
   }
 };
+
+// The rotary cosine and sine of head dim d at position pos, rounded as the reference rounds them.
+__device__ __forceinline__ void rope_angle(const Params& p, int pos, int d, float& c, float& s) {
+  const float ang = static_cast<float>(pos) * __ldg(p.inv_freq + d % (D / 2));
+  c = rnd(cosf(ang));
+  s = rnd(sinf(ang));
+}
+
+// What an attention task needs of its inputs but not of this step's results: the key range and, for each
+// of this lane's head dims d = lane + 32 j, the rotary cosine and sine at the position, rounded as the
+// reference rounds them. Computed before the task's wait on the QKV counter, so the position load and the
+// sincos leave the QKV -> attention critical path.
+struct AttnPrologue {
+  KeyRange kr;
+  float cs[DPL], sn[DPL];
+  AttnPrologue() = default;
+  __device__ AttnPrologue(const Params& p, const Task& t) : kr(p, t) {
+    if constexpr (ATTN_PROLOGUE_EARLY) {   // otherwise rope_row computes them (fewer registers held)
+#pragma unroll
+      for (int j = 0; j < DPL; ++j) rope_angle(p, kr.pos, threadIdx.x % 32 + 32 * j, cs[j], sn[j]);
+    }
+  }
+};
+
+// Rounded rotary embedding of one head row held in `row` (float values of model-dtype numbers):
+// out = rnd(rnd(x * cos) + rnd(rotate_half(x) * sin)).
+template <bool QUERY>
+__device__ __forceinline__ void rope_row(const Params& p, const float* row, float* out, const AttnPrologue& ap) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < DPL; ++j) {
+    const int d = lane + 32 * j;
+    if (d >= D) break;
+    float c, s;
+    if constexpr (ATTN_PROLOGUE_EARLY) {
+      c = ap.cs[j];
+      s = ap.sn[j];
+    } else {
+      rope_angle(p, ap.kr.pos, d, c, s);
+    }
+    const float rot = d < D / 2 ? -row[d + D / 2] : row[d - D / 2];
+    out[QUERY ? q_slot(d) : d] = rnd(rnd(row[d] * c) + rnd(rot * s));
+  }
+}
 
 __device__ __forceinline__ size_t cache_row(const Task& t, int key) {
   const int b = t.arg0 / NKV, kvh = t.arg0 % NKV;
@@ -277,10 +308,10 @@ __device__ __forceinline__ void attn_mma_partial(AttnMma& a, float* part, int wa
   }
 }
 
-__device__ bool attention_task(const Params& p, const Task& t, RingReader& rd, float* sm) {
+__device__ bool attention_task(const Params& p, const Task& t, const AttnPrologue& ap, RingReader& rd, float* sm) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = t.arg0 / NKV, kvh = t.arg0 % NKV, split = t.arg1, l = t.layer;
-  const KeyRange kr(p, t);
+  const KeyRange& kr = ap.kr;
   const int pos = kr.pos, n = pos + 1, lo = kr.lo, hi = kr.hi;
   if (lo >= hi) return true;           // an inactive split: the combine never reads it
   float* q = sm;                       // G x D
@@ -312,8 +343,8 @@ __device__ bool attention_task(const Params& p, const Task& t, RingReader& rd, f
     for (int j = 0; j < DPL; ++j)
       if (lane + 32 * j < D) (row <= G ? tmp : dst)[lane + 32 * j] = vals[j];
     __syncwarp();
-    if (row < G) rope_row<true>(tmp, dst, pos, p.inv_freq);
-    else if (row == G) rope_row<false>(tmp, dst, pos, p.inv_freq);
+    if (row < G) rope_row<true>(p, tmp, dst, ap);
+    else if (row == G) rope_row<false>(p, tmp, dst, ap);
     __syncwarp();
   }
   consumer_sync();

@@ -4,6 +4,11 @@
 // critical path between a counter wait and the first use of the already-streamed weights.
 namespace mk {
 
+// Token ids and positions are read from the caller's own int32 or int64 tensors (Params.ids_i64), so a step
+// needs no conversion kernel before it (two launches of ~2 us each on the step's timeline).
+__device__ __forceinline__ int input_id(const int* base, int i, bool wide) {
+  return wide ? (int)__ldg(reinterpret_cast<const long long*>(base) + i) : __ldg(base + i);
+}
 __device__ __forceinline__ uint4 ld_act16(const T* p) { return __ldcg(reinterpret_cast<const uint4*>(p)); }
 
 __device__ __forceinline__ void unpack8(const uint4& u, float* f) {

@@ -132,6 +132,8 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
     const Task t = p.tasks[ti];
     uint64_t* prof = p.profile ? p.profile + (size_t)ti * 3 : nullptr;
     if (prof && threadIdx.x == 0) prof[0] = global_ns();
+    AttnPrologue ap;   // needs no result of this step: before the wait where registers allow
+    if (ATTN_PROLOGUE_EARLY && t.op == OP_ATTN) ap = AttnPrologue(p, t);
     if (t.wait_counter >= 0) {
       if (threadIdx.x == 0) {
         const bool ok = wait_counter(p.counters + t.wait_counter, p.epoch * (uint32_t)t.wait_count, dl);
@@ -141,6 +143,7 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
       if (*abort_flag) return;
     }
     if (prof && threadIdx.x == 0) prof[1] = global_ns();
+    if (!ATTN_PROLOGUE_EARLY && t.op == OP_ATTN) ap = AttnPrologue(p, t);
     const int l = t.layer;
     const int tag = t.op * (L + 1) + l;
     if (is_gemv(t.op) && tag != staged) {
@@ -166,11 +169,11 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
       case OP_EMBED: {   // 16-byte vectors: an element per thread took B x H / NCT dependent round trips
         constexpr int NV = H / 8;
         for (int i = threadIdx.x; i < B * NV; i += NCT)
-          reinterpret_cast<uint4*>(p.x)[i] = __ldg(reinterpret_cast<const uint4*>(p.embed + (size_t)__ldg(p.tokens + i / NV) * H) + i % NV);
+          reinterpret_cast<uint4*>(p.x)[i] = __ldg(reinterpret_cast<const uint4*>(p.embed + (size_t)input_id(p.tokens, i / NV, p.ids_i64 & 1) * H) + i % NV);
         break;
       }
       case OP_QKV: ok = gemv<OP_QKV>(p, t, input_rows<OP_QKV>(p, l, in_smem, in_scratch), in_smem, rd, sm); break;
-      case OP_ATTN: ok = attention_task(p, t, rd, sm); break;
+      case OP_ATTN: ok = attention_task(p, t, ap, rd, sm); break;
       case OP_OPROJ: ok = gemv<OP_OPROJ>(p, t, input_rows<OP_OPROJ>(p, l, in_smem, in_scratch), in_smem, rd, sm); break;
       case OP_GATEUP: ok = gemv<OP_GATEUP>(p, t, input_rows<OP_GATEUP>(p, l, in_smem, in_scratch), in_smem, rd, sm); break;
       case OP_DOWN: ok = gemv<OP_DOWN>(p, t, input_rows<OP_DOWN>(p, l, in_smem, in_scratch), in_smem, rd, sm); break;
