@@ -173,18 +173,24 @@ def test_l2_lookahead_is_derived_where_the_chain_tiles_fit_the_ring_and_checked(
         KernelConfig(one_b, 1, 4096, lookahead_blocks=0, l2_lookahead_kb=64)
 
 
-def test_lookahead_helpers_leave_the_chain_and_prefetch_every_chain_tile_once_a_layer():
-    cfg = KernelConfig(preset("llama-3.2-1b"), 1, 4096)
+@pytest.mark.parametrize("skip", [3, 2, 1, 0])
+def test_lookahead_helpers_leave_the_chain_and_prefetch_every_chain_tile_once_a_layer(skip):
+    cfg = KernelConfig(preset("llama-3.2-1b"), 1, 4096, helpers_skip_mlp=skip)
+    assert KernelConfig(preset("llama-3.2-1b"), 1, 4096).helpers_skip_mlp == 3   # the default: no MLP tiles
     sched = build_schedule(cfg)
     helpers = range(cfg.chain_blocks, cfg.num_blocks)
     gu = cfg.gemv(Op.GATEUP)
+    allowed = {Op.PREFETCH, Op.LMHEAD} | ({Op.GATEUP} if not skip & 1 else set()) | ({Op.DOWN} if not skip & 2 else set())
     for b in helpers:
-        assert {t.op for t in sched.blocks[b]} <= {Op.PREFETCH, Op.GATEUP, Op.DOWN, Op.LMHEAD}
+        assert {t.op for t in sched.blocks[b]} <= allowed
     for layer in (0, 7):
         pre = sorted((t.arg0, t.arg1) for b in helpers for t in sched.blocks[b] if t.op == Op.PREFETCH and t.layer == layer)
-        assert [i for a, n in pre for i in range(a, a + n)] == list(range(cfg.chain_blocks))
-        rows = sorted((t.arg0, t.arg1) for t in sched.tasks if t.op == Op.GATEUP and t.layer == layer)
-        assert [r for a, n in rows for r in range(a, a + n)] == list(range(gu.rows))      # every row once
-        # the helpers' prefetching may outlast the chain, so their own gate/up rows are fewer
+        assert [i for a, n in pre for i in range(a, a + n)] == list(range(min(cfg.chain_blocks, gu.tiles)))
+        for op in (Op.GATEUP, Op.DOWN):   # every row once
+            rows = sorted((t.arg0, t.arg1) for t in sched.tasks if t.op == op and t.layer == layer)
+            assert [r for a, n in rows for r in range(a, a + n)] == list(range(cfg.gemv(op).rows))
         helper_rows = [t.arg1 for b in helpers for t in sched.blocks[b] if t.op == Op.GATEUP and t.layer == layer]
-        assert len(helper_rows) == len(helpers) and max(helper_rows) < gu.tile_rows
+        if skip & 1:
+            assert helper_rows == [] and gu.tiles <= cfg.chain_blocks
+        else:   # the helpers' prefetching may outlast the chain, so their own gate/up rows are fewer
+            assert len(helper_rows) == len(helpers) and max(helper_rows) < gu.tile_rows

@@ -47,10 +47,15 @@ def test_simulated_schedule_matches_reference(name, batch):
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_simulated_schedule_with_lookahead_helpers_matches_reference(name, batch):
-    """Two of 9 blocks kept out of the chain (QKV, attention, O) to prefetch; their gate/up rows are fewer."""
-    ref, sim, c_ref, c_sim, tok, pos = _setup(name, batch, blocks=9, lookahead_blocks=2, l2_lookahead_kb=1)
+@pytest.mark.parametrize("skip", [0, 1, 3])
+def test_simulated_schedule_with_lookahead_helpers_matches_reference(name, batch, skip):
+    """Two of 9 blocks kept out of the chain (QKV, attention, O) to prefetch; their gate/up rows are fewer, or
+    they sit out the gate/up (skip 1) or the whole MLP (skip 3) too."""
+    ref, sim, c_ref, c_sim, tok, pos = _setup(name, batch, blocks=9, lookahead_blocks=2, l2_lookahead_kb=1,
+                                              helpers_skip_mlp=skip)
     assert sim.cfg.chain_blocks == 7 and any(t.op == Op.PREFETCH for t in sim.sched.tasks)
+    skipped = {Op.GATEUP} if skip == 1 else {Op.GATEUP, Op.DOWN} if skip == 3 else set()
+    assert not any(t.op in skipped for b in (7, 8) for t in sim.sched.blocks[b])
     rng = random.Random(batch)
     for _ in range(2):
         out, logits = sim.step(tok, pos, c_sim, rng)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import CHAIN_OPS, KernelConfig
+from .config import KernelConfig
 from .tasks import GEMV_OPS, LAYER_OPS, NO_COUNTER, TASK_DTYPE, Op, Task
 
 
@@ -90,7 +90,7 @@ def build_schedule(cfg: KernelConfig) -> Schedule:
             n = min(g.tile_rows, g.rows - r0)
             tasks.append(Task(op, layer, r0, n, tile, wait[0], wait[1], counter_of(op, layer, L)))
             cost.append(n * g.cols * cfg.elt)
-        if op in CHAIN_OPS:
+        if cfg.chain_only(op):
             assign(tasks, cost, range(chain))
         elif op == Op.GATEUP and helpers:
             # a tile each for the chain blocks; the helpers, whose prefetching may run into the gate/up

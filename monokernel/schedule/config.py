@@ -84,6 +84,10 @@ class KernelConfig:
     # is then full and HBM idle through the chain: the 1B preset), else 0 (measured slower at 8B).
     l2_lookahead_kb: int = -1
     lookahead_blocks: int = 4
+    # Which MLP ops the helper blocks sit out as well (bit 0 gate/up, bit 1 down): their prefetch backlog delays
+    # their own loads (task records, counters) by microseconds, so their MLP tiles ended phases last (perf note
+    # 25: 3, both, 1B b1 1.015 -> 1.008 ms; 0 gives them the gate/up rows the chain blocks' tiles leave).
+    helpers_skip_mlp: int = 3
     # After its last LM-head tile, each block prefetches its first weight tile of the next step into L2.
     # -1: derived, on from batch 3 (measured faster there, neutral at batch 1).
     next_step_lookahead: int = -1
@@ -225,7 +229,7 @@ class KernelConfig:
             Op.LMHEAD: (s.vocab_size, s.hidden_size),
         }[op]
         row_bytes = cols * self.elt
-        tile = -(-rows // (self.chain_blocks if op in CHAIN_OPS else self.num_blocks))
+        tile = -(-rows // (self.chain_blocks if self.chain_only(op) else self.num_blocks))
         if self.gemv_mma:       # chunks are row groups x K segments; results reduce across warps per group
             tile += tile % 2
             return GemvShape(rows=rows, cols=cols, tile_rows=tile, chunk_rows=self.MMA_ROWS, warps_per_row=1)
@@ -251,6 +255,11 @@ class KernelConfig:
     def _chain_fits_ring(self) -> bool:
         q, o = self.gemv(Op.QKV), self.gemv(Op.OPROJ)
         return (q.tile_rows * q.cols + o.tile_rows * o.cols) * self.elt <= self.ring_stages * self.slot_bytes
+
+    def chain_only(self, op: Op) -> bool:
+        """Whether the op's tiles go to the chain blocks only (the helpers, when there are any, sit it out)."""
+        skip = {Op.GATEUP: 1, Op.DOWN: 2}.get(op, 0) & self.helpers_skip_mlp
+        return op in CHAIN_OPS or bool(skip)
 
     @property
     def chain_blocks(self) -> int:
@@ -354,6 +363,7 @@ class KernelConfig:
                 "attn_keys": self.attn_keys, "attn_key_batch": self.attn_key_batch, "min_kv_chunk": self.min_kv_chunk,
                 "attn_pv_unroll": self.attn_pv_unroll, "attn_mma": bool(self.attn_mma), "gemv_mma": bool(self.gemv_mma),
                 "l2_lookahead_kb": self.l2_lookahead_kb, "lookahead_blocks": self.lookahead_blocks if self.l2_lookahead_kb else 0,
+                "helpers_skip_mlp": self.helpers_skip_mlp if self.l2_lookahead_kb else 0,
                 "lookahead_skip_rows": self.lookahead_skip_rows, "next_step_lookahead": bool(self.next_step_lookahead),
                 "attn_prologue_early": bool(self.attn_prologue_early),
                 "gemv": {op.name: dict(self.gemv(op).__dict__, flush_chunks=self.flush_chunks(op),
