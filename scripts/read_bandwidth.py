@@ -4,11 +4,11 @@ bf16, median of 20 runs each; the Triton sums are checked against torch's.
 
   python scripts/read_bandwidth.py
 """
-import statistics
-
 import torch
 import triton
 import triton.language as tl
+
+from monokernel.bench.timing import time_steps
 
 
 @triton.jit
@@ -21,16 +21,8 @@ def read_sum(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + pid, tl.sum(acc))
 
 
-def median_s(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
+def median_s(fn) -> float:
+    return time_steps(lambda i: fn(), steps=20, warmup=3, device="cuda").median_ms / 1e3
 
 
 def main():

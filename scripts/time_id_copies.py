@@ -8,23 +8,12 @@ import sys
 
 import torch
 
+from monokernel.bench.timing import time_steps
 from monokernel.models.presets import preset
 from monokernel.models.weights import random_weights
 from monokernel.reference.model import KVCache
 from monokernel.runtime.mega import MegaDecoder
 from monokernel.schedule.config import parse_overrides
-
-
-def median_ms(fn, steps: int = 200) -> float:
-    for _ in range(20):
-        fn()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-    ev[0].record()
-    for i in range(steps):
-        fn()
-        ev[i + 1].record()
-    torch.cuda.synchronize()
-    return sorted(ev[i].elapsed_time(ev[i + 1]) for i in range(steps))[steps // 2]
 
 
 def main():
@@ -44,6 +33,7 @@ def main():
         mk.positions.copy_(pos, non_blocking=True)
         mk.launch(mk.tokens, mk.positions)
 
+    median_ms = lambda step: time_steps(lambda i: step(), steps=200, warmup=20, device="cuda").median_ms
     for r in range(3):
         c, d = median_ms(copies), median_ms(lambda: mk.launch(tok, pos))
         print(f"{name} b1 ctx {ctx} round {r}: with copies {c:.4f} ms, ids in place {d:.4f} ms", flush=True)
