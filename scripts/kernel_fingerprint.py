@@ -3,8 +3,8 @@ kernel that runs identical.
 
 For every (model, batch, max_seq) below, the rendered source is compiled with nvcc to PTX (the flags of
 the real build, with -ptx for -cubin); the fingerprint is the sha256 of that PTX without comments and
-debug lines, plus the registers, spill and stack bytes ptxas reports for it. A config that does not
-build records its first error line instead. A restructuring that keeps `--compare` silent generates the
+debug lines, the sha256 of the schedule's task table (the kernel's other input), and the registers,
+spill and stack bytes ptxas reports. A config that does not build records its first error line instead. A restructuring that keeps `--compare` silent generates the
 same code.
 
   python scripts/kernel_fingerprint.py --out docs/kernel-fingerprints.json
@@ -44,12 +44,26 @@ REPO = Path(__file__).resolve().parent.parent
 
 # ---- The only code that touches monokernel or tests/: a refactor that moves them edits just these. ----
 
-def render_for(spec, batch: int, max_seq: int, overrides: str = "") -> str:
-    """The CUDA source the package builds for (spec, batch, max_seq) and the tuning overrides written
-    "k=v,k=v" (the names of 02be4f3's KernelConfig), as `monokernel compile` renders it."""
+def build_for(spec, batch: int, max_seq: int, overrides: str = "") -> tuple[str, bytes]:
+    """(CUDA source, task table bytes) the package builds for (spec, batch, max_seq) and tuning overrides
+    written "k=v,k=v" in 02be4f3's KernelConfig names. Speaks both the plan API and 02be4f3's KernelConfig,
+    so the baseline can be recomputed from that tree (its bitmask helpers_skip_mlp is the plan's set)."""
     from monokernel.codegen.render import render_source
-    from monokernel.schedule.config import GpuInfo, KernelConfig, parse_overrides
-    return render_source(KernelConfig(spec, batch, max_seq, "bf16", GpuInfo(), **parse_overrides(overrides)))
+    from monokernel.schedule.build import build_schedule
+    knobs = {k: int(v) for k, v in (kv.split("=") for kv in overrides.split(",") if kv)}
+    try:
+        from monokernel.schedule.plan import plan_for
+    except ImportError:
+        from monokernel.schedule.config import GpuInfo, KernelConfig
+        plan = KernelConfig(spec, batch, max_seq, "bf16", GpuInfo(), **knobs)
+    else:
+        from monokernel.schedule.tasks import Op
+        if "helpers_skip_mlp" in knobs:
+            bits = knobs.pop("helpers_skip_mlp")
+            knobs["helpers_skip"] = frozenset(op for bit, op in ((1, Op.GATEUP), (2, Op.DOWN)) if bits & bit)
+        plan = plan_for(spec, batch, max_seq, "bf16", **knobs)
+    offsets, records = build_schedule(plan).task_table()
+    return render_source(plan), offsets.tobytes() + records.tobytes()
 
 
 def tiny_specs() -> dict:
@@ -69,8 +83,7 @@ def preset_spec(name: str):
 def toolchain() -> dict:
     """nvcc, its version, the real build's flags with -ptx, the target arch and the ptxas parser."""
     from monokernel.codegen.compile import NVCC_FLAGS, _gencode, find_nvcc, nvcc_version, parse_ptxas
-    from monokernel.schedule.config import GpuInfo
-    arch = GpuInfo().arch
+    arch = "sm_90a"                              # what the package builds for Hopper
     nvcc = find_nvcc()
     sibling = Path(nvcc).with_name("ptxas")     # the ptxas of the same toolkit, not whichever is first on PATH
     ptxas = str(sibling) if sibling.exists() else shutil.which("ptxas")
@@ -130,7 +143,7 @@ def _worker(source: str, tc: dict) -> tuple[dict, float]:
 # ---- Driver ----
 
 def jobs(only: str | None):
-    """(key, source or None, error or None) for every config, filtered by `only`."""
+    """(key, source or None, task-table sha256 or None, error or None) for every config, filtered by `only`."""
     tiny = list(tiny_specs().values())
     configs = [(s, b, m, "") for s in map(preset_spec, PRESETS) for b in BATCHES for m in MAX_SEQS]
     configs += [(s, b, m, "") for s in tiny for b in BATCHES for m in TINY_MAX_SEQS]
@@ -140,17 +153,19 @@ def jobs(only: str | None):
         if only and only not in key:
             continue
         try:
-            yield key, render_for(spec, batch, max_seq, var), None
+            source, table = build_for(spec, batch, max_seq, var)
         except Exception as e:     # a config the package refuses is part of the fingerprint
-            yield key, None, (str(e).strip().splitlines() or [type(e).__name__])[0]
+            yield key, None, None, (str(e).strip().splitlines() or [type(e).__name__])[0]
+        else:
+            yield key, source, hashlib.sha256(table).hexdigest(), None
 
 
-def _record(key: str, result: dict, parse) -> dict:
+def _record(key: str, tasks: str, result: dict, parse) -> dict:
     if "error" in result:
         return {"key": key, "error": result["error"]}
     regs, spills, stack = parse(result["ptxas_log"])
-    return {"key": key, "ptx_sha256": result["ptx_sha256"], "registers": regs, "spill_bytes": spills,
-            "stack_bytes": stack}
+    return {"key": key, "ptx_sha256": result["ptx_sha256"], "tasks_sha256": tasks, "registers": regs,
+            "spill_bytes": spills, "stack_bytes": stack}
 
 
 def _progress(i: int, n: int, rec: dict, note: str) -> None:
@@ -166,7 +181,7 @@ def fingerprint(only: str | None, cache_dir: Path, n_jobs: int) -> tuple[list[di
     todo = list(jobs(only))
     records, pending = [], {}
     n = len(todo)
-    for key, source, error in todo:
+    for key, source, tasks, error in todo:
         if error is not None:
             records.append({"key": key, "error": error})
             _progress(len(records), n, records[-1], "config")
@@ -175,10 +190,10 @@ def fingerprint(only: str | None, cache_dir: Path, n_jobs: int) -> tuple[list[di
                                        tc["arch"]]).encode()).hexdigest()
         entry = cache_dir / f"{ck}.json"
         if entry.exists():
-            records.append(_record(key, json.loads(entry.read_text()), parse))
+            records.append(_record(key, tasks, json.loads(entry.read_text()), parse))
             _progress(len(records), n, records[-1], "cached")
         else:
-            pending.setdefault(ck, []).append((key, source))
+            pending.setdefault(ck, []).append((key, source, tasks))
     if pending:
         with ProcessPoolExecutor(max_workers=n_jobs) as pool:
             # Identical sources (possible for different keys) compile once.
@@ -189,8 +204,8 @@ def fingerprint(only: str | None, cache_dir: Path, n_jobs: int) -> tuple[list[di
                 tmp = cache_dir / f".{ck}.{os.getpid()}.tmp"
                 tmp.write_text(json.dumps(result))
                 os.replace(tmp, cache_dir / f"{ck}.json")     # a killed run leaves no half-written entry
-                for key, _ in pending[ck]:
-                    records.append(_record(key, result, parse))
+                for key, _, tasks in pending[ck]:
+                    records.append(_record(key, tasks, result, parse))
                     _progress(len(records), n, records[-1], f"{dt:.0f} s")
     records.sort(key=lambda r: r["key"])
     return records, tc["version"]

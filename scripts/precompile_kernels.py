@@ -3,7 +3,7 @@ once, so that a run on a lent GPU spends its time running rather than compiling.
 not queried (H100 SXM by default): an entry is reused only if the source rendered there is identical.
 
   MONOKERNEL_CACHE_DIR=.carry/mkc python scripts/precompile_kernels.py --models llama-3.1-8b \
-      --batch 1,8 --context 512,8192 --variant "" --variant attn_key_batch=1
+      --batch 1,8 --context 512,8192 --variant "" --variant attn_key_batch=1   (Tuning knobs, schedule/tuning.py)
 """
 import argparse
 from concurrent.futures import ProcessPoolExecutor
@@ -11,14 +11,15 @@ from concurrent.futures import ProcessPoolExecutor
 from monokernel.codegen.compile import compile_kernel
 from monokernel.codegen.render import kernel_entry_name, render_source
 from monokernel.models.presets import preset
-from monokernel.schedule.config import GpuInfo, KernelConfig, parse_overrides
+from monokernel.schedule.inputs import GpuInfo
+from monokernel.schedule.plan import plan_for
 from profile_megakernel import EXTRA_SEQ   # the same cache length as the profile run
 
 
 def build(job):
     name, batch, max_seq, var, gpu = job
-    cfg = KernelConfig(preset(name), batch, max_seq, "bf16", gpu, **parse_overrides(var))
-    ck = compile_kernel(render_source(cfg), gpu.arch, name=kernel_entry_name(cfg))
+    plan = plan_for(preset(name), batch, max_seq, "bf16", gpu=gpu, tuning=var)
+    ck = compile_kernel(render_source(plan), gpu.arch, name=kernel_entry_name(plan))
     return f"{name} b{batch} max_seq {max_seq} [{var}]: {ck.registers} registers, {ck.spill_bytes} B spilled"
 
 

@@ -1,5 +1,5 @@
 """Times the megakernel on random bf16 weights and prints where each block spends the step, per op, from
-the kernel's own per-task timestamps. Each --variant is a set of KernelConfig overrides timed in turn on
+the kernel's own per-task timestamps. Each --variant is a set of Tuning knobs (schedule/tuning.py) timed in turn on
 the same weights and cache, so variants are compared within one run.
 
   python scripts/profile_megakernel.py --models llama-3.2-1b,llama-3.1-8b --context 512 \
@@ -17,7 +17,7 @@ from monokernel.models.presets import preset
 from monokernel.models.weights import random_weights
 from monokernel.reference.model import KVCache
 from monokernel.runtime.mega import MegaDecoder
-from monokernel.schedule.config import parse_overrides
+from monokernel.schedule.tuning import Tuning
 
 
 EXTRA_SEQ = 64   # cache positions past the context
@@ -41,7 +41,7 @@ def main():
     ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b")
     ap.add_argument("--batch", default="1")
     ap.add_argument("--context", default="512")
-    ap.add_argument("--variant", action="append", default=None, help="k=v,k=v KernelConfig overrides ('' = defaults)")
+    ap.add_argument("--variant", action="append", default=None, help="k=v,k=v Tuning knobs ('' = defaults)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--json", default=None)
     ap.add_argument("--raw", default=None, help="folder for each run's raw stamps (.npz) to analyse offline")
@@ -58,15 +58,15 @@ def main():
                 tok = torch.randint(0, spec.vocab_size, (batch,), device="cuda")
                 pos = torch.full((batch,), ctx, device="cuda")
                 for var in args.variant or [""]:
-                    mk = MegaDecoder(w, cache, **parse_overrides(var))
+                    mk = MegaDecoder(w, cache, tuning=Tuning.parse(var))
                     ms = time_steps(mk, tok, pos, args.steps)
                     mk.enable_profile()
                     mk.launch(tok, pos)
                     torch.cuda.synchronize()
                     s = mk.profile_summary()
                     nb = s["blocks"]
-                    print(f"{name} b{batch} ctx{ctx} [{var or 'default'}] splits={mk.config.kv_splits} "
-                          f"ring={mk.config.ring_stages}: {ms:.3f} ms/step (median of {args.steps}), "
+                    print(f"{name} b{batch} ctx{ctx} [{var or 'default'}] splits={mk.plan.attn.splits} "
+                          f"ring={mk.plan.smem.ring_stages}: {ms:.3f} ms/step (median of {args.steps}), "
                           f"profiled span {s['span_us']:.0f} us", flush=True)
                     for k, v in s.items():
                         if isinstance(v, dict):
@@ -79,7 +79,7 @@ def main():
                         tag = f"{name}-b{batch}-ctx{ctx}-{var.replace(',', '_').replace('=', '') or 'default'}"
                         np.savez_compressed(os.path.join(args.raw, tag + ".npz"), **mk.profile_raw())
                     rows.append(dict(model=name, batch=batch, context=ctx, variant=var, ms=ms,
-                                     config=mk.config.summary(), profile=s))
+                                     config=mk.plan.summary(), profile=s))
                     del mk
                 del cache
                 torch.cuda.empty_cache()

@@ -9,15 +9,15 @@ from monokernel.models.presets import preset
 from monokernel.models.weights import random_weights
 from monokernel.reference.model import ReferenceModel
 from monokernel.runtime.mega import MegaDecoder
-from monokernel.schedule.config import parse_overrides
+from monokernel.schedule.tuning import Tuning
 
 name = sys.argv[1] if len(sys.argv) > 1 else "qwen3"
 spec = preset(name.removeprefix("preset:")) if name.startswith("preset:") else TINY_SPECS[name]
-overrides = parse_overrides(sys.argv[2] if len(sys.argv) > 2 else "")
+tuning = Tuning.parse(sys.argv[2] if len(sys.argv) > 2 else "")
 w = random_weights(spec, torch.bfloat16, "cuda", seed=11)
 ref = ReferenceModel(w)
 c_ref, c_mk = prefilled(ref, 3, 64, [3, 17, 40], torch.Generator().manual_seed(2))
-mk = MegaDecoder(w, c_mk, timeout_s=0, **overrides)     # no timeout: the sanitizer slows every wait down
+mk = MegaDecoder(w, c_mk, timeout_s=0, tuning=tuning)     # no timeout: the sanitizer slows every wait down
 tok, pos = torch.tensor([4, 5, 6], device="cuda"), torch.tensor([3, 17, 40], device="cuda")
 for _ in range(3):
     nxt, logits = mk.step(tok, pos)

@@ -11,7 +11,7 @@ from monokernel.codegen import cli as compile_cli
 from monokernel.codegen.compile import compile_kernel
 from monokernel.errors import CompileError
 from monokernel.models.presets import preset
-from monokernel.schedule.config import KernelConfig
+from monokernel.schedule.plan import plan_for
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 
@@ -34,8 +34,8 @@ def _compile(model: str, batch: int, capsys) -> dict:
 def test_presets_compile_without_spills(name, batch, capsys):
     r = _compile(f"preset:{name}", batch, capsys)
     assert r["spill_bytes"] == 0 and r["stack_bytes"] <= 64
-    assert 0 < r["registers"] <= 65536 // KernelConfig(preset(name), batch, 4096).threads
-    assert r["shared_memory_bytes"] <= 227 * 1024
+    assert 0 < r["registers"] <= 65536 // plan_for(preset(name), batch, 4096).threads
+    assert r["plan"]["smem"]["total"] <= 227 * 1024
 
 
 @needs_nvcc

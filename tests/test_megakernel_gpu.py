@@ -36,7 +36,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # next step's lookahead off (derived on from batch 3)
 PATHS = [(1, {}), (3, {}), (16, {}), (2, {"gemv_mma": 1}), (5, {"gemv_mma": 0}),
          (1, {"attn_mma": 0}), (4, {"attn_mma": 0}),
-         (1, {"l2_lookahead_kb": 64}), (3, {"l2_lookahead_kb": 64, "helpers_skip_mlp": 0}), (3, {"next_step_lookahead": 0}),
+         (1, {"l2_lookahead_kb": 64}), (3, {"l2_lookahead_kb": 64, "helpers_skip": frozenset()}), (3, {"next_step_lookahead": 0}),
          (1, {"input_smem_budget": 0}), (9, {"input_smem_budget": 0}),
          (3, {"input_smem_budget": 2304, "mma_kseg_max": 160}),
          (3, {"input_smem_budget": 0, "mma_kseg_max": 160}), (9, {"input_smem_budget": 0, "seg_staging": 0})]
@@ -193,7 +193,7 @@ def test_large_batch_preset_matches_reference(batch):
     lengths = [int(x) for x in torch.randint(1, 200, (batch,), generator=gen)]
     c_ref, c_mk = prefilled(ref, batch, 256, lengths, gen)
     mk = _decoder(w, c_mk)
-    assert mk.config.gemv_mma and not mk.config.op_input_in_smem(Op.DOWN) and mk.config.seg_staged(Op.DOWN)
+    assert mk.plan.tuning.gemv_mma and not mk.plan.gemv[Op.DOWN].in_smem and mk.plan.gemv[Op.DOWN].seg_staged
     pos = torch.tensor(lengths, device="cuda")
     tok = torch.randint(0, w.spec.vocab_size, (batch,), generator=gen).cuda()
     for _ in range(6):

@@ -10,7 +10,8 @@ import torch
 from monokernel.models.weights import random_weights
 from monokernel.reference.model import ReferenceModel
 from monokernel.schedule.build import build_schedule
-from monokernel.schedule.config import GpuInfo, KernelConfig
+from monokernel.schedule.inputs import GpuInfo
+from monokernel.schedule.plan import plan_for
 from monokernel.schedule.simulate import Simulator
 from monokernel.schedule.tasks import NO_COUNTER, Op
 
@@ -26,7 +27,7 @@ def _setup(name: str, batch: int, blocks: int = 7, seed: int = 0, **overrides):
     ref = ReferenceModel(w)
     lengths = [int(x) for x in torch.randint(1, MAX_SEQ - 4, (batch,), generator=gen)]
     c_ref, c_sim = prefilled(ref, batch, MAX_SEQ, lengths, gen)
-    sched = build_schedule(KernelConfig(spec, batch, MAX_SEQ, gpu=GpuInfo(sm_count=blocks), min_kv_chunk=4, **overrides))
+    sched = build_schedule(plan_for(spec, batch, MAX_SEQ, gpu=GpuInfo(sm_count=blocks), min_kv_chunk=4, **overrides))
     tok = torch.randint(0, spec.vocab_size, (batch,), generator=gen)
     return ref, Simulator(sched, w), c_ref, c_sim, tok, torch.tensor(lengths)
 
@@ -47,15 +48,15 @@ def test_simulated_schedule_matches_reference(name, batch):
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("skip", [0, 1, 3])
+@pytest.mark.parametrize("skip", [frozenset(), frozenset({Op.GATEUP}), frozenset({Op.GATEUP, Op.DOWN})],
+                         ids=["none", "gateup", "mlp"])
 def test_simulated_schedule_with_lookahead_helpers_matches_reference(name, batch, skip):
     """Two of 9 blocks kept out of the chain (QKV, attention, O) to prefetch; their gate/up rows are fewer, or
-    they sit out the gate/up (skip 1) or the whole MLP (skip 3) too."""
+    they sit out the gate/up or the whole MLP too."""
     ref, sim, c_ref, c_sim, tok, pos = _setup(name, batch, blocks=9, lookahead_blocks=2, l2_lookahead_kb=1,
-                                              helpers_skip_mlp=skip)
-    assert sim.cfg.chain_blocks == 7 and any(t.op == Op.PREFETCH for t in sim.sched.tasks)
-    skipped = {Op.GATEUP} if skip == 1 else {Op.GATEUP, Op.DOWN} if skip == 3 else set()
-    assert not any(t.op in skipped for b in (7, 8) for t in sim.sched.blocks[b])
+                                              helpers_skip=skip)
+    assert sim.plan.chain_blocks == 7 and any(t.op == Op.PREFETCH for t in sim.sched.tasks)
+    assert not any(t.op in skip for b in (7, 8) for t in sim.sched.blocks[b])
     rng = random.Random(batch)
     for _ in range(2):
         out, logits = sim.step(tok, pos, c_sim, rng)
@@ -84,7 +85,7 @@ def test_a_missing_dependency_is_caught(op):
 def test_every_block_streams_about_the_same_bytes_per_phase():
     from monokernel.models.presets import preset
     for name in ("llama-3.2-1b", "llama-3.1-8b"):
-        sched = build_schedule(KernelConfig(preset(name), 1, 4096))
+        sched = build_schedule(plan_for(preset(name), 1, 4096))
         per_phase = sched.bytes_per_block()
         busy = per_phase.sum(0) > 0
         ratio = per_phase[:, busy].max(0) / per_phase[:, busy].mean(0)

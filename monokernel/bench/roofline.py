@@ -10,13 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.formats import get_format
 from ..models.spec import ModelSpec
-
-DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
-    return DTYPE_BYTES[dtype]
+    return get_format(dtype).element_bytes
 
 
 @dataclass(frozen=True)
@@ -37,9 +36,8 @@ def kv_bytes_per_position(spec: ModelSpec, batch: int, elt: int) -> int:
 
 def step_bytes(spec: ModelSpec, batch: int, context: int, dtype: torch.dtype) -> StepBytes:
     """One decode step of `batch` sequences that each hold `context` cached positions."""
-    elt = dtype_bytes(dtype)
-    per_pos = kv_bytes_per_position(spec, batch, elt)
-    return StepBytes(weights=spec.weight_bytes_per_step(elt), kv_read=context * per_pos, kv_written=per_pos)
+    per_pos = kv_bytes_per_position(spec, batch, dtype_bytes(dtype))
+    return StepBytes(weights=spec.weight_bytes_per_step(get_format(dtype)), kv_read=context * per_pos, kv_written=per_pos)
 
 
 def bytes_per_step(spec: ModelSpec, batch: int, context: int, dtype: torch.dtype) -> int:

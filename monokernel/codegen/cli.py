@@ -8,9 +8,11 @@ from pathlib import Path
 
 from ..errors import MonokernelError
 from ..models.spec import ModelSpec
-from ..schedule.config import GpuInfo, KernelConfig
+from ..schedule.inputs import GpuInfo, KernelInputs
+from ..schedule.plan import make_plan
+from ..schedule.tuning import Tuning
 from .compile import compile_kernel
-from .render import render_source
+from .render import kernel_entry_name, render_source
 
 
 def spec_for(model: str | None) -> ModelSpec:
@@ -31,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--arch", default="sm_90a")
     p.add_argument("--sm-count", type=int, default=132, help="blocks of the persistent grid (H100 SXM: 132)")
+    p.add_argument("--tuning", default="", help="knobs written k=v,k=v (schedule/tuning.py), e.g. gemv_mma=1,kv_splits=4")
     p.add_argument("--emit-source", action="store_true", help="print the generated CUDA source and exit")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--fail-on-spill", action="store_true", help="exit 1 when the kernel spills registers")
@@ -39,21 +42,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     spec = spec_for(args.model)
     max_seq = args.max_seq or min(spec.max_position_embeddings, 4096)
-    cfg = KernelConfig(spec, args.batch, max_seq, args.dtype, GpuInfo(sm_count=args.sm_count, arch=args.arch))
-    source = render_source(cfg)
+    plan = make_plan(KernelInputs(spec, args.batch, max_seq, args.dtype, args.dtype,
+                                  GpuInfo(sm_count=args.sm_count, arch=args.arch)), Tuning.parse(args.tuning))
+    source = render_source(plan)
     if args.emit_source:
         print(source)
         return 0
-    k = compile_kernel(source, args.arch, name=f"{spec.name.replace('/', '_')}-b{args.batch}-{args.dtype}")
-    report = {"model": spec.name, "batch": args.batch, "arch": args.arch, "registers": k.registers,
-              "shared_memory_bytes": cfg.smem_bytes, "spill_bytes": k.spill_bytes, "stack_bytes": k.stack_bytes,
-              "ring_stages": cfg.ring_stages, "slot_bytes": cfg.slot_bytes, "kv_splits": cfg.kv_splits,
-              "cubin": str(k.path), "cached": k.cached}
+    k = compile_kernel(source, args.arch, name=kernel_entry_name(plan))
+    report = {"registers": k.registers, "spill_bytes": k.spill_bytes, "stack_bytes": k.stack_bytes,
+              "cubin": str(k.path), "cached": k.cached, "plan": plan.summary()}
     if args.json:
         print(json.dumps(report))
     else:
-        for key, value in report.items():
-            print(f"{key:>20}: {value}")
+        _print_tree(report)
     if args.fail_on_spill and k.spill_bytes:
         raise MonokernelError(f"the kernel spills {k.spill_bytes} bytes of registers")
     return 0
+
+
+def _print_tree(d: dict, indent: int = 0) -> None:
+    for key, value in d.items():
+        if isinstance(value, dict):
+            print(" " * indent + f"{key}:")
+            _print_tree(value, indent + 2)
+        else:
+            print(" " * indent + f"{key}: {value}")

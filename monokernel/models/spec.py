@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UnsupportedModelError
+from .formats import Format, get_format
 
 # Architecture name (config.json "architectures"[0]) -> (qkv bias, q/k RMSNorm).
 # Qwen2 always has q/k/v bias; Qwen3 has per-head q/k norm.
@@ -90,10 +91,27 @@ class ModelSpec:
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
         return self.num_layers * per_layer + self.vocab_size * self.hidden_size + head + self.hidden_size
 
-    def weight_bytes_per_step(self, dtype_bytes: int = 2) -> int:
-        """Bytes of weights a decode step must read: every layer matrix, the norms, the LM head and
-        one embedding row per sequence (ignored: it is tiny)."""
-        return (self.num_params() - self.vocab_size * self.hidden_size * (0 if self.tie_word_embeddings else 1)) * dtype_bytes
+    def weight_matrices(self) -> tuple[tuple[str, int, int, int], ...]:
+        """(PackedWeights name, rows, K, count) of every matrix a decode step streams whole; the embedding
+        is read one row per sequence (ignored: it is tiny) unless it is the tied LM head."""
+        H, L = self.hidden_size, self.num_layers
+        return (("w_qkv", self.qkv_size, H, L), ("w_o", H, self.q_size, L),
+                ("w_gu", 2 * self.intermediate_size, H, L), ("w_down", H, self.intermediate_size, L),
+                ("lm_head", self.vocab_size, H, 1))
+
+    def vector_elements(self) -> int:
+        """Elements of the norms and biases a step reads (kept in the activation type)."""
+        per_layer = 2 * self.hidden_size + (self.qkv_size if self.qkv_bias else 0) + (2 * self.head_dim if self.qk_norm else 0)
+        return self.num_layers * per_layer + self.hidden_size
+
+    def weight_bytes_per_step(self, weights: str | Format = "bf16", vectors: str | Format | None = None) -> int:
+        """Bytes of weights a decode step must read: every matrix in the weight format (packed codes plus
+        their scales), the norms and biases in `vectors` (default: the weight format where it is a plain
+        type, else bf16)."""
+        w = get_format(weights)
+        v = get_format(vectors or (w if not w.group_size else "bf16"))
+        return (sum(n * w.bytes_for(r * k, r) for _, r, k, n in self.weight_matrices())
+                + self.vector_elements() * v.element_bytes)
 
     def with_(self, **changes) -> "ModelSpec":
         return replace(self, **changes)

@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import CheckpointError
+from .formats import Format, get_format
 from .spec import ModelSpec
 
 
@@ -36,7 +37,13 @@ class PackedWeights:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.w_qkv.dtype
+        """The activation type these weights are computed in (the norms' type)."""
+        return self.attn_norm.dtype
+
+    @property
+    def format(self) -> Format:
+        """How the matrices are stored (models/formats.py)."""
+        return get_format(self.w_qkv.dtype)
 
     @property
     def device(self) -> torch.device:

@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import torch
 
+from ..schedule.abi import ERROR_MESSAGES, KERNEL_NAME, PARAMS, PROFILE_STAMPS, TASK_WORDS, alloc_buffers, params_struct
 from ..codegen.compile import CompiledKernel, compile_kernel
-from ..codegen.params import params_struct
-from ..codegen.render import KERNEL_NAME, kernel_entry_name, render_source
+from ..codegen.render import kernel_entry_name, render_source
 from ..errors import KernelRuntimeError, UnsupportedModelError
+from ..models.formats import kernel_activation
 from ..models.spec import rope_inv_freq
 from ..models.weights import PackedWeights
 from ..reference.model import KVCache
 from ..schedule.build import Schedule, build_schedule
-from ..schedule.config import GpuInfo, KernelConfig
+from ..schedule.inputs import GpuInfo, KernelInputs
+from ..schedule.plan import KernelPlan, make_plan
+from ..schedule.tuning import Tuning
 from .cuda_driver import LoadedKernel
-
-_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-_ERRORS = {1: "a block waited too long on a dependency counter", 2: "a block waited too long on its weight ring"}
 
 
 def gpu_info(device: torch.device) -> GpuInfo:
@@ -29,15 +29,18 @@ def gpu_info(device: torch.device) -> GpuInfo:
                    smem_per_block=prop.shared_memory_per_block_optin, arch=arch)
 
 
-def kernel_config(weights: PackedWeights, batch: int, max_seq: int, gpu: GpuInfo, **overrides) -> KernelConfig:
-    if weights.dtype not in _DTYPES:
-        raise UnsupportedModelError(f"the megakernel runs bf16 or fp16 weights, not {weights.dtype}; use --dtype bf16")
-    return KernelConfig(weights.spec, batch, max_seq, _DTYPES[weights.dtype], gpu, **overrides)
+def kernel_plan(weights: PackedWeights, batch: int, max_seq: int, gpu: GpuInfo, tuning: Tuning | None = None,
+                **knobs) -> KernelPlan:
+    """The plan for these weights: their storage format, computed in their activation type."""
+    tuning = (tuning or Tuning()).replace(**knobs) if knobs else tuning
+    return make_plan(KernelInputs(weights.spec, batch, max_seq, weights.format, kernel_activation(weights.dtype), gpu),
+                     tuning)
 
 
 class MegaDecoder:
-    def __init__(self, weights: PackedWeights, cache: KVCache, timeout_s: float = 10.0, **config_overrides):
-        """config_overrides: KernelConfig fields (e.g. min_kv_chunk, kv_splits) for tests and tuning."""
+    def __init__(self, weights: PackedWeights, cache: KVCache, timeout_s: float = 10.0, tuning: Tuning | None = None,
+                 **knobs):
+        """tuning / knobs: Tuning fields (e.g. min_kv_chunk=8, gemv_mma=True) for tests and profiling."""
         dev = weights.device
         if dev.type != "cuda":
             raise UnsupportedModelError("the megakernel needs the weights on a CUDA device")
@@ -45,60 +48,41 @@ class MegaDecoder:
         if not gpu.arch.startswith("sm_9"):
             raise UnsupportedModelError(f"the megakernel targets Hopper (sm_90); this GPU is {gpu.arch}")
         self.w, self.cache = weights, cache
-        self.config = kernel_config(weights, cache.batch, cache.max_seq, gpu, **config_overrides)
-        self.schedule: Schedule = build_schedule(self.config)
-        self.source = render_source(self.config)
-        self.compiled: CompiledKernel = compile_kernel(self.source, gpu.arch, name=kernel_entry_name(self.config))
-        self.kernel = LoadedKernel(self.compiled.cubin, KERNEL_NAME, self.config.smem_bytes, self.config.threads, dev)
+        self.plan = kernel_plan(weights, cache.batch, cache.max_seq, gpu, tuning, **knobs)
+        self.schedule: Schedule = build_schedule(self.plan)
+        self.source = render_source(self.plan)
+        self.compiled: CompiledKernel = compile_kernel(self.source, gpu.arch, name=kernel_entry_name(self.plan))
+        smem, threads = self.plan.smem.total, self.plan.threads
+        self.kernel = LoadedKernel(self.compiled.cubin, KERNEL_NAME, smem, threads, dev)
         if self.kernel.blocks_per_sm < 1:
-            raise KernelRuntimeError(
-                f"the kernel cannot be resident ({self.config.smem_bytes} B shared memory, "
-                f"{self.compiled.registers} registers x {self.config.threads} threads)")
-        self._alloc(dev)
+            raise KernelRuntimeError(f"the kernel cannot be resident ({smem} B shared memory, "
+                                     f"{self.compiled.registers} registers x {threads} threads)")
+        self.buffers = alloc_buffers(self.plan, self.schedule, self.w.dtype, dev)
+        offsets, records = self.schedule.task_table()
+        self.tables = dict(inv_freq=rope_inv_freq(self.plan.spec).to(dev),
+                           task_offsets=torch.from_numpy(offsets).to(dev),
+                           tasks=torch.from_numpy(records.view("int32").reshape(-1)).to(dev))
         self.epoch = 0
         self._broken = False      # set once a step fails: counters are then out of step with the epoch
         self.params = self._params(timeout_s)
 
-    def _alloc(self, dev):
-        c, s, sched = self.config, self.config.spec, self.schedule
-        dt = self.w.dtype
-        L, B = s.num_layers, c.batch
-        e = lambda *shape, dtype=dt: torch.empty(shape, dtype=dtype, device=dev)
-        self.x, self.x_mid = e(L + 1, B, s.hidden_size), e(L, B, s.hidden_size)
-        self.qkv, self.act = e(L, B, s.qkv_size), e(L, B, s.intermediate_size)
-        self.scratch = e(max(1, c.num_blocks * B * c.scratch_len))
-        part = (L, B, s.num_kv_heads, c.kv_splits, s.group_size)
-        self.attn_o = e(*part, s.head_dim, dtype=torch.float32)
-        self.attn_m, self.attn_l = e(*part, dtype=torch.float32), e(*part, dtype=torch.float32)
-        self.attn_out = e(L, B, s.q_size)
-        self.attn_done = torch.zeros(L, B, s.num_kv_heads, dtype=torch.int32, device=dev)
-        self.logits = e(B, s.vocab_size, dtype=torch.float32)
-        self.lm_max = e(sched.lm_tiles, B, dtype=torch.float32)
-        self.lm_idx = e(sched.lm_tiles, B, dtype=torch.int32)
-        self.inv_freq = rope_inv_freq(s).to(dev)
-        self.tokens, self.positions = e(B, dtype=torch.int32), e(B, dtype=torch.int32)
-        self.out_tokens = e(B, dtype=torch.int32)
-        self.counters = torch.zeros(sched.num_counters, dtype=torch.int32, device=dev)
-        self.error = torch.zeros(1, dtype=torch.int32, device=dev)
-        offsets, records = sched.task_table()
-        self.task_offsets = torch.from_numpy(offsets).to(dev)
-        self.tasks = torch.from_numpy(records.view("int32").reshape(-1)).to(dev)
+    def __getattr__(self, name):     # the buffers and tables by their Params names: mk.logits, mk.tasks
+        d = self.__dict__
+        if "buffers" in d and hasattr(d["buffers"], name):
+            return getattr(d["buffers"], name)
+        if "tables" in d and name in d["tables"]:
+            return d["tables"][name]
+        raise AttributeError(name)
 
     def _params(self, timeout_s: float):
-        w, P = self.w, params_struct()
-        ptr = lambda t: 0 if t is None else t.data_ptr()
-        return P(embed=ptr(w.embed), lm_head=ptr(w.lm_head), final_norm=ptr(w.final_norm),
-                 attn_norm=ptr(w.attn_norm), mlp_norm=ptr(w.mlp_norm), w_qkv=ptr(w.w_qkv), b_qkv=ptr(w.b_qkv),
-                 q_norm=ptr(w.q_norm), k_norm=ptr(w.k_norm), w_o=ptr(w.w_o), w_gu=ptr(w.w_gu),
-                 w_down=ptr(w.w_down), k_cache=ptr(self.cache.k), v_cache=ptr(self.cache.v), x=ptr(self.x),
-                 x_mid=ptr(self.x_mid), qkv=ptr(self.qkv), act=ptr(self.act), scratch=ptr(self.scratch),
-                 attn_o=ptr(self.attn_o), attn_m=ptr(self.attn_m), attn_l=ptr(self.attn_l),
-                 attn_out=ptr(self.attn_out), attn_done=ptr(self.attn_done),
-                 logits=ptr(self.logits), lm_max=ptr(self.lm_max), lm_idx=ptr(self.lm_idx),
-                 inv_freq=ptr(self.inv_freq), tokens=ptr(self.tokens), positions=ptr(self.positions),
-                 out_tokens=ptr(self.out_tokens), counters=ptr(self.counters), error=ptr(self.error),
-                 tasks=ptr(self.tasks), task_offsets=ptr(self.task_offsets), profile=0, epoch=0, ids_i64=0,
-                 timeout_ns=int(timeout_s * 1e9))
+        tensors = {"k_cache": self.cache.k, "v_cache": self.cache.v, **vars(self.buffers), **self.tables}
+        ptrs = {}
+        for f in PARAMS:
+            if f.role == "launch":
+                continue
+            t = getattr(self.w, f.name) if f.role == "weight" else tensors[f.name]
+            ptrs[f.name] = 0 if t is None else t.data_ptr()
+        return params_struct()(**ptrs, profile=0, epoch=0, ids_i64=0, timeout_ns=int(timeout_s * 1e9))
 
     def launch(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         """Enqueues one decode step (no host synchronisation): tokens/positions (B,) on the device."""
@@ -109,7 +93,7 @@ class MegaDecoder:
         self.params.ids_i64 = int(wide_tokens) | int(wide_positions) << 1
         self.epoch += 1
         self.params.epoch = self.epoch & 0xFFFFFFFF
-        self.kernel.launch(self.config.num_blocks, self.params, torch.cuda.current_stream(self.w.device))
+        self.kernel.launch(self.plan.num_blocks, self.params, torch.cuda.current_stream(self.w.device))
 
     @staticmethod
     def _read_in_place(ids: torch.Tensor, own: torch.Tensor) -> tuple[int, bool]:
@@ -126,7 +110,7 @@ class MegaDecoder:
         """Per-task timestamps (globaltimer ns) of the following launches: see `profile_summary`."""
         if on and getattr(self, "profile_buf", None) is None:
             # (start, wait done, end) per task, then the SM of each block
-            n = self.tasks.numel() // 8 * 3 + self.config.num_blocks
+            n = self.tasks.numel() // TASK_WORDS * PROFILE_STAMPS + self.plan.num_blocks
             self.profile_buf = torch.zeros(n, dtype=torch.int64, device=self.w.device)
         self.params.profile = self.profile_buf.data_ptr() if on else 0
 
@@ -139,24 +123,25 @@ class MegaDecoder:
     def profile_raw(self) -> dict:
         """Of the last profiled launch, as numpy arrays: stamps (tasks, 3) ns, the task records, the per-block
         task offsets and the SM each block ran on."""
-        buf, n = self.profile_buf.cpu().numpy(), self.tasks.numel() // 8
-        return dict(stamps=buf[:3 * n].reshape(n, 3), records=self.tasks.view(-1, 8).cpu().numpy(),
-                    offsets=self.task_offsets.cpu().numpy(), sm_ids=buf[3 * n:])
+        buf, n = self.profile_buf.cpu().numpy(), self.tasks.numel() // TASK_WORDS
+        return dict(stamps=buf[:PROFILE_STAMPS * n].reshape(n, PROFILE_STAMPS),
+                    records=self.tasks.view(-1, TASK_WORDS).cpu().numpy(),
+                    offsets=self.task_offsets.cpu().numpy(), sm_ids=buf[PROFILE_STAMPS * n:])
 
     def check(self) -> None:
         code = int(self.error.item())
         if code:
             self._broken = True
-            raise KernelRuntimeError(f"megakernel step {self.epoch} failed: {_ERRORS.get(code, code)}")
+            raise KernelRuntimeError(f"megakernel step {self.epoch} failed: {ERROR_MESSAGES.get(code, code)}")
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor):
         """One decode step; returns (greedy next tokens (B,) long, logits (B, V) fp32), checked for errors."""
         pos = positions.to("cpu") if positions.device.type != "cpu" else positions
-        if int(pos.max()) >= self.config.max_seq or int(pos.min()) < 0:
-            raise KernelRuntimeError(f"positions {pos.tolist()} outside the KV cache (0..{self.config.max_seq - 1})")
+        if int(pos.max()) >= self.plan.max_seq or int(pos.min()) < 0:
+            raise KernelRuntimeError(f"positions {pos.tolist()} outside the KV cache (0..{self.plan.max_seq - 1})")
         self.launch(tokens, positions)
         self.check()
         return self.out_tokens.long(), self.logits
 
 
-__all__ = ["MegaDecoder", "gpu_info", "kernel_config"]
+__all__ = ["MegaDecoder", "gpu_info", "kernel_plan"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import KernelConfig
+from .plan import KernelPlan
 from .tasks import GEMV_OPS, LAYER_OPS, NO_COUNTER, TASK_DTYPE, Op, Task
 
 
@@ -25,7 +25,7 @@ def counter_of(op: Op, layer: int, num_layers: int) -> int:
 
 @dataclass
 class Schedule:
-    config: KernelConfig
+    plan: KernelPlan
     blocks: list[list[Task]]
     num_counters: int
     lm_tiles: int
@@ -45,13 +45,13 @@ class Schedule:
 
     def bytes_per_block(self) -> np.ndarray:
         """Weight bytes each block streams per phase: (blocks, phases)."""
-        cfg = self.config
-        phases = 2 + len(LAYER_OPS) * cfg.spec.num_layers
+        plan = self.plan
+        phases = 2 + len(LAYER_OPS) * plan.spec.num_layers
         out = np.zeros((len(self.blocks), phases), dtype=np.int64)
         for b, q in enumerate(self.blocks):
             for t in q:
                 if t.op in GEMV_OPS:
-                    out[b, counter_of(t.op, t.layer, cfg.spec.num_layers)] += t.arg1 * cfg.gemv(t.op).cols * cfg.elt
+                    out[b, counter_of(t.op, t.layer, plan.spec.num_layers)] += t.rows * plan.gemv[t.op].cols * plan.inputs.wb
         return out
 
 
@@ -62,14 +62,14 @@ def phase_key(t: Task):
     return order.get(t.op, (t.layer, LAYER_OPS.index(t.op) if t.op in LAYER_OPS else 0))
 
 
-def build_schedule(cfg: KernelConfig) -> Schedule:
-    spec = cfg.spec
+def build_schedule(plan: KernelPlan) -> Schedule:
+    spec = plan.spec
     L = spec.num_layers
-    nb = cfg.num_blocks
+    nb = plan.num_blocks
     blocks: list[list[Task]] = [[] for _ in range(nb)]
     load = np.zeros(nb, dtype=np.int64)
 
-    chain = cfg.chain_blocks   # blocks 0..chain-1 run the QKV -> attention -> O chain; the rest prefetch
+    chain = plan.chain_blocks   # blocks 0..chain-1 run the QKV -> attention -> O chain; the rest prefetch
     helpers = list(range(chain, nb))
 
     def assign(tasks: list[Task], cost: list[int], among: range | list[int] = range(nb)):
@@ -84,13 +84,13 @@ def build_schedule(cfg: KernelConfig) -> Schedule:
             load[b] += cost[i]
 
     def gemv_tasks(op: Op, layer: int, wait: tuple[int, int]) -> int:
-        g = cfg.gemv(op)
+        g = plan.gemv[op]
         tasks, cost = [], []
         for tile, r0 in enumerate(range(0, g.rows, g.tile_rows)):
             n = min(g.tile_rows, g.rows - r0)
-            tasks.append(Task(op, layer, r0, n, tile, wait[0], wait[1], counter_of(op, layer, L)))
-            cost.append(n * g.cols * cfg.elt)
-        if cfg.chain_only(op):
+            tasks.append(Task.gemv(op, layer, r0, n, tile, wait, counter_of(op, layer, L)))
+            cost.append(n * g.cols * plan.inputs.wb)
+        if g.chain_only:
             assign(tasks, cost, range(chain))
         elif op == Op.GATEUP and helpers:
             # a tile each for the chain blocks; the helpers, whose prefetching may run into the gate/up
@@ -98,9 +98,9 @@ def build_schedule(cfg: KernelConfig) -> Schedule:
             assign(tasks[:chain], cost[:chain], range(chain))
             left = g.rows - chain * g.tile_rows
             per = max(2, -(-left // len(helpers) // 2) * 2)
-            rest = [Task(op, layer, r0, min(per, g.rows - r0), chain + i, wait[0], wait[1], counter_of(op, layer, L))
+            rest = [Task.gemv(op, layer, r0, min(per, g.rows - r0), chain + i, wait, counter_of(op, layer, L))
                     for i, r0 in enumerate(range(chain * g.tile_rows, g.rows, per))]
-            assign(rest, [t.arg1 * g.cols * cfg.elt for t in rest], helpers)
+            assign(rest, [t.rows * g.cols * plan.inputs.wb for t in rest], helpers)
             return min(chain, len(tasks)) + len(rest)
         else:
             assign(tasks, cost)
@@ -110,23 +110,23 @@ def build_schedule(cfg: KernelConfig) -> Schedule:
         # The blocks kept out of the chain prefetch the chain blocks' gate/up rows past what each one's ring
         # will hold into L2, from the QKV phase's start: the chain leaves HBM idle, and a block issues only
         # ~128 bytes a cycle of bulk prefetches (perf note 23), too slow to do beside a chain task.
-        tiles = min(chain, cfg.gemv(Op.GATEUP).tiles)
+        tiles = min(chain, plan.gemv[Op.GATEUP].tiles)
         per = -(-tiles // len(helpers))
         for b, t0 in zip(helpers, range(0, tiles, per)):
-            blocks[b].append(Task(Op.PREFETCH, layer, t0, min(per, tiles - t0), 0, *start))
+            blocks[b].append(Task.prefetch(layer, t0, min(per, tiles - t0), start))
 
     blocks[0].append(Task(Op.EMBED, signal_counter=counter_of(Op.EMBED, 0, L)))
     prev = (counter_of(Op.EMBED, 0, L), 1)
-    n_attn = cfg.batch * spec.num_kv_heads * cfg.kv_splits
+    n_attn = plan.batch * spec.num_kv_heads * plan.attn.splits
     for layer in range(L):
         if helpers:
             lookahead_tasks(layer, prev)
         n = gemv_tasks(Op.QKV, layer, prev)
         wait = (counter_of(Op.QKV, layer, L), n)
-        attn = [Task(Op.ATTN, layer, bh, s, 0, *wait, counter_of(Op.ATTN, layer, L))
-                for bh in range(cfg.batch * spec.num_kv_heads) for s in range(cfg.kv_splits)]
+        attn = [Task.attention(layer, b, h, spec.num_kv_heads, s, wait, counter_of(Op.ATTN, layer, L))
+                for b in range(plan.batch) for h in range(spec.num_kv_heads) for s in range(plan.attn.splits)]
         # Cost of a split: its share of the KV bytes at full context (balances long contexts).
-        assign(attn, [2 * spec.head_dim * cfg.elt * cfg.max_seq // cfg.kv_splits] * n_attn, range(chain))
+        assign(attn, [2 * spec.head_dim * plan.inputs.ab * plan.max_seq // plan.attn.splits] * n_attn, range(chain))
         n = gemv_tasks(Op.OPROJ, layer, (counter_of(Op.ATTN, layer, L), n_attn))
         n = gemv_tasks(Op.GATEUP, layer, (counter_of(Op.OPROJ, layer, L), n))
         n = gemv_tasks(Op.DOWN, layer, (counter_of(Op.GATEUP, layer, L), n))
@@ -135,4 +135,4 @@ def build_schedule(cfg: KernelConfig) -> Schedule:
     blocks[0].append(Task(Op.ARGMAX, wait_counter=counter_of(Op.LMHEAD, 0, L), wait_count=lm_tiles))
     for q in blocks:
         q.sort(key=phase_key)
-    return Schedule(config=cfg, blocks=blocks, num_counters=counter_of(Op.LMHEAD, 0, L) + 1, lm_tiles=lm_tiles)
+    return Schedule(plan=plan, blocks=blocks, num_counters=counter_of(Op.LMHEAD, 0, L) + 1, lm_tiles=lm_tiles)

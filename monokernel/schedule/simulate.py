@@ -8,56 +8,29 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from ..models.weights import PackedWeights
 from ..reference.model import KVCache, apply_rope, rms_norm, rope_cos_sin
 from ..models.spec import rope_inv_freq
+from .abi import alloc_buffers
 from .build import Schedule
 from .tasks import NO_COUNTER, Op, Task
-
-
-@dataclass
-class _Buffers:
-    x: torch.Tensor        # (L+1, B, H)
-    x_mid: torch.Tensor    # (L, B, H)
-    qkv: torch.Tensor      # (L, B, QKV)
-    attn_o: torch.Tensor   # (L, B, KVH, S, G, D) fp32, unnormalised
-    attn_m: torch.Tensor   # (L, B, KVH, S, G) fp32
-    attn_l: torch.Tensor   # (L, B, KVH, S, G) fp32
-    attn_out: torch.Tensor  # (L, B, q_size): combined by the last split of each (layer, b, kv head)
-    arrived: dict           # (layer, b, kv head) -> splits finished
-    act: torch.Tensor      # (L, B, I)
-    logits: torch.Tensor   # (B, V) fp32
-    lm_max: torch.Tensor   # (tiles, B) fp32
-    lm_idx: torch.Tensor   # (tiles, B) long
-    out: torch.Tensor      # (B,) long
 
 
 class Simulator:
     def __init__(self, schedule: Schedule, weights: PackedWeights):
         self.sched, self.w = schedule, weights
-        self.cfg = schedule.config
+        self.plan = schedule.plan
         self.spec = weights.spec
         self.inv_freq = rope_inv_freq(self.spec)
 
-    def _buffers(self) -> _Buffers:
-        s, c, dt = self.spec, self.cfg, self.w.dtype
-        L, B, S = s.num_layers, c.batch, c.kv_splits
-        nan = lambda *shape, dtype=dt: torch.full(shape, float("nan"), dtype=dtype)
-        return _Buffers(
-            x=nan(L + 1, B, s.hidden_size), x_mid=nan(L, B, s.hidden_size), qkv=nan(L, B, s.qkv_size),
-            attn_o=nan(L, B, s.num_kv_heads, S, s.group_size, s.head_dim, dtype=torch.float32),
-            attn_m=nan(L, B, s.num_kv_heads, S, s.group_size, dtype=torch.float32),
-            attn_l=nan(L, B, s.num_kv_heads, S, s.group_size, dtype=torch.float32),
-            attn_out=nan(L, B, s.q_size), arrived={},
-            act=nan(L, B, s.intermediate_size), logits=nan(B, s.vocab_size, dtype=torch.float32),
-            lm_max=nan(self.sched.lm_tiles, B, dtype=torch.float32),
-            lm_idx=torch.full((self.sched.lm_tiles, B), -1, dtype=torch.long),
-            out=torch.full((B,), -1, dtype=torch.long))
+    def _buffers(self):
+        """The kernel's buffers (codegen.abi.PARAMS), poisoned, and the splits arrived per (layer, b, kv head)."""
+        buf = alloc_buffers(self.plan, self.sched, self.w.dtype, "cpu", poison=True)
+        buf.arrived = {}
+        return buf
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rng: random.Random,
@@ -76,12 +49,12 @@ class Simulator:
             self._run(t, buf, tokens, positions, cache)
             if t.signal_counter != NO_COUNTER:
                 counters[t.signal_counter] += 1
-        return buf.out, buf.logits
+        return buf.out_tokens.long(), buf.logits
 
     # --- per-task math ---------------------------------------------------------------------
-    def _run(self, t: Task, buf: _Buffers, tokens, positions, cache):
+    def _run(self, t: Task, buf, tokens, positions, cache):
         s, w, L = self.spec, self.w, self.spec.num_layers
-        rows = slice(t.arg0, t.arg0 + t.arg1)
+        rows = slice(t.row0, t.row0 + t.rows)
         if t.op == Op.EMBED:
             buf.x[0] = w.embed[tokens]
         elif t.op == Op.QKV:
@@ -96,7 +69,7 @@ class Simulator:
         elif t.op == Op.GATEUP:
             h = rms_norm(buf.x_mid[t.layer], w.mlp_norm[t.layer], s.rms_norm_eps)
             gu = F.linear(h, w.w_gu[t.layer, rows])
-            buf.act[t.layer][:, t.arg0 // 2:(t.arg0 + t.arg1) // 2] = F.silu(gu[:, 0::2]) * gu[:, 1::2]
+            buf.act[t.layer][:, t.row0 // 2:(t.row0 + t.rows) // 2] = F.silu(gu[:, 0::2]) * gu[:, 1::2]
         elif t.op == Op.DOWN:
             buf.x[t.layer + 1][:, rows] = buf.x_mid[t.layer][:, rows] + F.linear(buf.act[t.layer], w.w_down[t.layer, rows])
         elif t.op == Op.LMHEAD:
@@ -104,20 +77,20 @@ class Simulator:
             logits = F.linear(h, w.lm_head[rows]).float()
             buf.logits[:, rows] = logits
             m, i = logits.max(dim=1)   # first index of the maximum, as torch.argmax
-            buf.lm_max[t.tile], buf.lm_idx[t.tile] = m, i + t.arg0
+            buf.lm_max[t.tile], buf.lm_idx[t.tile] = m, i + t.row0
         elif t.op == Op.PREFETCH:
             pass                                # a cache hint: no math
         elif t.op == Op.ARGMAX:
             best = buf.lm_max.argmax(dim=0)     # earliest tile wins ties, so the smallest index overall
-            buf.out[:] = buf.lm_idx.gather(0, best[None])[0]
+            buf.out_tokens[:] = buf.lm_idx.gather(0, best[None])[0]
         else:
             raise ValueError(t.op)
 
-    def _attention(self, t: Task, buf: _Buffers, positions, cache):
-        s, w, c = self.spec, self.w, self.cfg
+    def _attention(self, t: Task, buf, positions, cache):
+        s, w, c = self.spec, self.w, self.plan
         D, G = s.head_dim, s.group_size
-        b, kvh = divmod(t.arg0, s.num_kv_heads)
-        split, layer = t.arg1, t.layer
+        b, kvh = t.seq_and_kv_head(s.num_kv_heads)
+        split, layer = t.split, t.layer
         pos = int(positions[b])
         qkv = buf.qkv[layer, b]
         q = qkv[kvh * G * D:(kvh + 1) * G * D].view(1, G, 1, D)
@@ -129,7 +102,7 @@ class Simulator:
         cos, sin = rope_cos_sin(self.inv_freq, torch.tensor([[pos]]), q.dtype)
         q, k = apply_rope(q, cos, sin).view(G, D), apply_rope(k, cos, sin).view(D)
         n_keys = pos + 1
-        chunk = c.kv_chunk(n_keys)
+        chunk = c.attn.kv_chunk(n_keys)
         lo, hi = split * chunk, min(n_keys, (split + 1) * chunk)
         if lo >= hi:          # an inactive split: the combine never reads it
             return

@@ -49,3 +49,38 @@ class Task:
 
     def record(self) -> tuple[int, ...]:
         return tuple(int(getattr(self, f)) for f in TASK_FIELDS)
+
+    # Named constructors and readers: the meaning of arg0/arg1 per op lives here and in TASK_ACCESSORS (its
+    # C++ twin, generated into the Task struct), nowhere else.
+    @classmethod
+    def gemv(cls, op: Op, layer: int, row0: int, rows: int, tile: int, wait: tuple[int, int], signal: int) -> Task:
+        return cls(op, layer, row0, rows, tile, wait[0], wait[1], signal)
+
+    @classmethod
+    def attention(cls, layer: int, seq: int, kv_head: int, num_kv_heads: int, split: int, wait: tuple[int, int],
+                  signal: int) -> Task:
+        return cls(Op.ATTN, layer, seq * num_kv_heads + kv_head, split, 0, wait[0], wait[1], signal)
+
+    @classmethod
+    def prefetch(cls, layer: int, tile0: int, tiles: int, wait: tuple[int, int]) -> Task:
+        return cls(Op.PREFETCH, layer, tile0, tiles, 0, wait[0], wait[1])
+
+    @property
+    def row0(self) -> int:
+        return self.arg0
+
+    @property
+    def rows(self) -> int:
+        return self.arg1
+
+    def seq_and_kv_head(self, num_kv_heads: int) -> tuple[int, int]:
+        return divmod(self.arg0, num_kv_heads)
+
+    @property
+    def split(self) -> int:
+        return self.arg1
+
+
+# The same readers for the kernel: (name, C++ expression over the record and the model constants)
+TASK_ACCESSORS = (("row0", "arg0"), ("rows", "arg1"), ("seq", "arg0 / NKV"), ("kv_head", "arg0 % NKV"),
+                  ("split", "arg1"), ("tile0", "arg0"), ("tiles", "arg1"))

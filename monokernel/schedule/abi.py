@@ -1,0 +1,141 @@
+"""The one definition of everything Python and the generated CUDA must agree on: the parameter struct (with
+each buffer's shape, so the decoder and the simulator allocate by looping over it), the error codes, the
+kernel's name, the task record's width and the profile record's. config.cuh.j2 renders the C++ side from
+here; ctypes mirrors the struct; nothing is kept in step by hand.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from .tasks import TASK_FIELDS
+
+KERNEL_NAME = "monokernel_decode_step"
+TASK_WORDS = len(TASK_FIELDS)     # int32 words of one task record
+PROFILE_STAMPS = 3                # globaltimer stamps a task: wait start, work start, end
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    name: str
+    code: int
+    message: str
+
+
+ERRORS = (ErrorCode("ERR_NONE", 0, "no error"),
+          ErrorCode("ERR_COUNTER_TIMEOUT", 1, "a block waited too long on a dependency counter"),
+          ErrorCode("ERR_RING_TIMEOUT", 2, "a block waited too long on its weight ring"))
+ERROR_MESSAGES = {e.code: e.message for e in ERRORS}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One member of Params. ctype: "T" is the activation type, "WT" the weight storage type. role: `weight`
+    (a PackedWeights tensor of that name), `cache` (the KV cache's k or v), `buffer` (the decoder allocates it:
+    `shape` over the dims of `dims()`, `init` empty or zeros; `sim`: the simulator keeps one too), `table`
+    (filled by the decoder from the schedule or the spec), `launch` (set per launch)."""
+    ctype: str
+    name: str
+    doc: str
+    role: str
+    shape: str = ""
+    init: str = "empty"
+    sim: bool = False
+
+    @property
+    def comment(self) -> str:
+        return f"({self.shape}) {self.doc}".strip() if self.shape else self.doc
+
+
+PARAMS: tuple[Field, ...] = (
+    Field("const WT*", "embed", "(V, H)", "weight"),
+    Field("const WT*", "lm_head", "(V, H)", "weight"),
+    Field("const T*", "final_norm", "(H)", "weight"),
+    Field("const T*", "attn_norm", "(L, H)", "weight"),
+    Field("const T*", "mlp_norm", "(L, H)", "weight"),
+    Field("const WT*", "w_qkv", "(L, QKV, H)", "weight"),
+    Field("const T*", "b_qkv", "(L, QKV) or null", "weight"),
+    Field("const T*", "q_norm", "(L, D) or null", "weight"),
+    Field("const T*", "k_norm", "(L, D) or null", "weight"),
+    Field("const WT*", "w_o", "(L, H, QSIZE)", "weight"),
+    Field("const WT*", "w_gu", "(L, 2*ISIZE, H), gate/up rows interleaved", "weight"),
+    Field("const WT*", "w_down", "(L, H, ISIZE)", "weight"),
+    Field("T*", "k_cache", "(L, B, NKV, MAX_SEQ, D)", "cache"),
+    Field("T*", "v_cache", "(L, B, NKV, MAX_SEQ, D)", "cache"),
+    Field("T*", "x", "residual stream entering each layer; x[L] feeds the final norm", "buffer", "L+1, B, H", sim=True),
+    Field("T*", "x_mid", "residual after attention", "buffer", "L, B, H", sim=True),
+    Field("T*", "qkv", "", "buffer", "L, B, QKV", sim=True),
+    Field("T*", "act", "silu(gate) * up", "buffer", "L, B, ISIZE", sim=True),
+    Field("T*", "scratch", "(blocks, B, SCRATCH_LEN) RMSNorm inputs that do not fit in shared memory", "buffer",
+          "max(1, BLOCKS * B * SCRATCH_LEN)"),
+    Field("float*", "attn_o", "unnormalised partial outputs", "buffer", "L, B, NKV, KV_SPLITS, G, D", sim=True),
+    Field("float*", "attn_m", "running max", "buffer", "L, B, NKV, KV_SPLITS, G", sim=True),
+    Field("float*", "attn_l", "softmax denominators", "buffer", "L, B, NKV, KV_SPLITS, G", sim=True),
+    Field("T*", "attn_out", "attention output, combined by each head group's last split", "buffer", "L, B, QSIZE",
+          sim=True),
+    Field("uint32_t*", "attn_done", "splits finished this step; wraps to 0 after the last", "buffer", "L, B, NKV",
+          init="zeros"),
+    Field("float*", "logits", "", "buffer", "B, V", sim=True),
+    Field("float*", "lm_max", "per LM-head tile maxima", "buffer", "LM_TILES, B", sim=True),
+    Field("int*", "lm_idx", "their indices", "buffer", "LM_TILES, B", sim=True),
+    Field("const float*", "inv_freq", "(D/2) rotary inverse frequencies", "table"),
+    Field("const int*", "tokens", "input tokens, int32 or int64 (ids_i64 bit 0): the caller's tensor, read in place",
+          "buffer", "B"),
+    Field("const int*", "positions", "position of each input token, int32 or int64 (ids_i64 bit 1)", "buffer", "B"),
+    Field("int*", "out_tokens", "greedy next tokens", "buffer", "B", sim=True),
+    Field("uint32_t*", "counters", "dependency counters, counting up across steps", "buffer", "COUNTERS",
+          init="zeros"),
+    Field("int*", "error", "0, or the Error code of a failed wait", "buffer", "1", init="zeros"),
+    Field("const Task*", "tasks", "task table, block-major", "table"),
+    Field("const int*", "task_offsets", "(blocks + 1)", "table"),
+    Field("uint64_t*", "profile", f"(tasks, {PROFILE_STAMPS}) globaltimer ns: wait start, work start, end; then each "
+          "block's SM; null = off", "launch"),
+    Field("uint32_t", "epoch", "1-based step number: waits target epoch * count", "launch"),
+    Field("uint32_t", "ids_i64", "bit 0: tokens are int64, bit 1: positions are int64", "launch"),
+    Field("uint64_t", "timeout_ns", "a wait longer than this is an error; 0 = wait forever", "launch"),
+)
+
+_SCALARS = {"uint32_t": ctypes.c_uint32, "uint64_t": ctypes.c_uint64}
+_ELEMENT = {"float": torch.float32, "int": torch.int32, "uint32_t": torch.int32, "uint64_t": torch.int64}
+
+
+def params_struct() -> type[ctypes.Structure]:
+    fields = [(f.name, _SCALARS.get(f.ctype, ctypes.c_uint64)) for f in PARAMS]   # pointers: 8 bytes
+    return type("Params", (ctypes.Structure,), {"_fields_": fields})
+
+
+def dims(plan, schedule) -> dict[str, int]:
+    """The names buffer shapes are written in, as the kernel's constants of the same names."""
+    s = plan.spec
+    return dict(L=s.num_layers, B=plan.batch, H=s.hidden_size, QKV=s.qkv_size, QSIZE=s.q_size,
+                ISIZE=s.intermediate_size, V=s.vocab_size, NKV=s.num_kv_heads, G=s.group_size, D=s.head_dim,
+                KV_SPLITS=plan.attn.splits, LM_TILES=schedule.lm_tiles, BLOCKS=plan.num_blocks,
+                SCRATCH_LEN=plan.scratch_len, COUNTERS=schedule.num_counters)
+
+
+def element_dtype(f: Field, act: torch.dtype) -> torch.dtype:
+    base = f.ctype.removeprefix("const ").rstrip("*")
+    return act if base in ("T", "WT") else _ELEMENT[base]
+
+
+def shape_of(f: Field, d: dict[str, int]) -> tuple[int, ...]:
+    shape = eval(f"({f.shape},)", {"max": max}, d)   # our own constant strings, over integer dims only
+    return tuple(int(x) for x in shape)
+
+
+def alloc_buffers(plan, schedule, act: torch.dtype, device, poison: bool = False) -> SimpleNamespace:
+    """Every `buffer` field of Params (only those the simulator keeps, with poison=True: NaN, or -1 for
+    integers, so a task that reads what no task wrote poisons the result)."""
+    d, out = dims(plan, schedule), {}
+    for f in PARAMS:
+        if f.role != "buffer" or (poison and not f.sim):
+            continue
+        dt, shape = element_dtype(f, act), shape_of(f, d)
+        if poison:
+            out[f.name] = torch.full(shape, float("nan") if dt.is_floating_point else -1, dtype=dt, device=device)
+        else:
+            out[f.name] = (torch.zeros if f.init == "zeros" else torch.empty)(shape, dtype=dt, device=device)
+    return SimpleNamespace(**out)

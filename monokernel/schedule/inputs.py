@@ -1,0 +1,63 @@
+"""What a kernel is generated for: the model, the batch, the cache length, the weight format, the
+activation/KV dtype and the GPU. Nothing here is a choice of how: that is `Tuning`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import UnsupportedModelError
+from ..models.formats import Format, get_format, kernel_activation
+from ..models.spec import ModelSpec
+
+MAX_BATCH = 16
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str = "H100"
+    sm_count: int = 132
+    smem_per_block: int = 227 * 1024   # opt-in dynamic shared memory per block on sm_90
+    arch: str = "sm_90a"
+
+
+@dataclass(frozen=True)
+class KernelInputs:
+    spec: ModelSpec
+    batch: int
+    max_seq: int
+    weights: Format | str = "bf16"      # how the weight matrices are stored
+    activations: Format | str = "bf16"  # the residual stream, inputs and the KV cache
+    gpu: GpuInfo = field(default_factory=GpuInfo)
+
+    def __post_init__(self):
+        act = kernel_activation(self.activations)
+        w = get_format(self.weights)
+        if not w.kernel:
+            raise UnsupportedModelError(f"the megakernel cannot read {w.name} weights; use --dtype bf16")
+        if w.group_size or w != act:
+            # the matrix-vector templates read weights in the activation type so far: the storage type
+            # `WT` beside `T` is where a quantised format's unpacking goes
+            raise UnsupportedModelError(f"{w.name} weights with {act.name} activations are not supported yet; "
+                                        f"store the weights as {act.name}")
+        object.__setattr__(self, "weights", w)
+        object.__setattr__(self, "activations", act)
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise UnsupportedModelError(f"batch {self.batch} out of range: the megakernel takes 1..{MAX_BATCH}")
+        if self.max_seq > self.spec.max_position_embeddings or self.max_seq < 1:
+            raise UnsupportedModelError(
+                f"max_seq={self.max_seq} must be in 1..max_position_embeddings={self.spec.max_position_embeddings}")
+        s = self.spec
+        for name, k in (("hidden_size", s.hidden_size), ("q_size", s.q_size), ("intermediate_size", s.intermediate_size)):
+            if k % 8:
+                raise UnsupportedModelError(f"{name}={k} must be a multiple of 8 for 16-byte weight loads")
+        if s.head_dim % 32:
+            raise UnsupportedModelError(f"head_dim={s.head_dim} must be a multiple of 32 (one warp spans a head)")
+
+    @property
+    def wb(self) -> int:
+        """Bytes of one stored weight element."""
+        return self.weights.element_bytes
+
+    @property
+    def ab(self) -> int:
+        """Bytes of one activation or KV-cache element."""
+        return self.activations.element_bytes

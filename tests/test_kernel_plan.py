@@ -1,0 +1,203 @@
+"""KernelPlan invariants the generated kernel relies on, for every preset and batch size."""
+from __future__ import annotations
+
+import pytest
+
+from monokernel.errors import UnsupportedModelError
+from monokernel.models.presets import preset
+from monokernel.schedule.build import build_schedule
+from monokernel.schedule.inputs import GpuInfo
+from monokernel.schedule.plan import mma_tile_floats, plan_for
+from monokernel.schedule.tuning import Tuning
+from monokernel.schedule.tasks import GEMV_OPS, Op
+
+from megakernel_cases import TINY_SPECS
+
+PRESETS = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("batch", [1, 2, 3, 8, 16])
+def test_layout_fits_and_attention_tasks_fit_the_grid(name, batch):
+    cfg = plan_for(preset(name), batch, 8192)
+    assert cfg.smem.total <= cfg.gpu.smem_per_block and cfg.smem.ring_stages >= 2
+    # one block running two attention tasks would hold up the whole phase
+    assert batch * cfg.spec.num_kv_heads * cfg.attn.splits <= cfg.num_blocks or cfg.attn.splits == 1
+    assert cfg.attn.keys_per_slot >= 8
+    assert bool(cfg.tuning.gemv_mma) == (batch > 2)
+    if cfg.tuning.gemv_mma:
+        assert cfg.mma_row_stride % 128 == 64 and cfg.smem.slot_bytes == 8 * cfg.mma_row_stride
+        assert all(cfg.gemv[op].tile_rows % 2 == 0 for op in GEMV_OPS)
+    for op in GEMV_OPS:
+        if cfg.gemv[op].in_smem:
+            assert cfg.gemv[op].cols <= cfg.smem.input_len
+    # RMSNorm inputs that do not fit go to the global scratch; the others are read in place
+    assert (cfg.scratch_len > 0) == (not cfg.gemv[Op.QKV].in_smem)
+
+
+def test_large_batch_stages_the_down_projection_input_segment_by_segment():
+    cfg = plan_for(preset("llama-3.1-8b"), 8, 4096)
+    assert cfg.gemv[Op.QKV].in_smem and not cfg.gemv[Op.DOWN].in_smem
+    assert cfg.smem.input_len == cfg.spec.hidden_size and cfg.scratch_len == 0
+    # one staged K segment of every sequence fits the input area the down projection does not use
+    assert cfg.gemv[Op.DOWN].seg_staged and cfg.mma_kseg <= cfg.smem.input_len and cfg.mma_kseg % 64 == 0
+    assert [op for op in GEMV_OPS if cfg.gemv[op].seg_staged] == [Op.DOWN]
+    assert cfg.gemv[Op.DOWN].flush_chunks * 8 >= cfg.gemv[Op.DOWN].tile_rows   # the input crosses L2 once a task
+    assert not plan_for(preset("llama-3.1-8b"), 8, 4096, seg_staging=0).gemv[Op.DOWN].seg_staged
+
+
+def test_without_an_input_in_shared_memory_every_tensor_core_op_stages_segments_in_an_area_of_its_own():
+    cfg = plan_for(preset("llama-3.1-8b"), 16, 4096)   # every input is over the 96 KiB budget
+    assert not any(cfg.gemv[op].in_smem for op in GEMV_OPS)
+    assert all(cfg.gemv[op].seg_staged for op in GEMV_OPS)
+    assert cfg.smem.input_len == cfg.mma_kseg == 2048 and cfg.scratch_len == cfg.spec.hidden_size
+    off = plan_for(preset("llama-3.1-8b"), 16, 4096, seg_staging=0)
+    assert off.smem.input_len == 0 and not any(off.gemv[op].seg_staged for op in GEMV_OPS)
+    assert off.smem.ring_stages > cfg.smem.ring_stages   # the area costs ring slots; measured worth it (perf note 17)
+    # K segments that are not a multiple of 64 elements still take whole 128-byte rows
+    odd = plan_for(preset("llama-3.1-8b"), 16, 4096, mma_kseg_max=160)
+    assert odd.mma_kseg == 160 and odd.smem.input_len == 192
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("batch", [1, 2, 3, 8, 16])
+def test_attention_slots_hold_whole_passes_of_the_key_walk(name, batch):
+    cfg = plan_for(preset(name), batch, 4096)
+    assert cfg.attn.keys_per_slot % cfg.attn.keys_per_pass == 0
+    assert 2 * cfg.attn.keys_per_slot * cfg.spec.head_dim * cfg.inputs.ab <= cfg.smem.slot_bytes
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("batch", [1, 3, 8, 16])
+def test_segment_staged_accumulators_fit_the_scratch(name, batch):
+    """A segment-staged task keeps one per-warp accumulator tile per row group of a flush, plus its
+    results, in the scratch area; the other tensor-core ops keep two tiles."""
+    cfg = plan_for(preset(name), batch, 4096)
+    scratch = cfg.smem.total - cfg.smem.scratch
+    for op in GEMV_OPS:
+        if cfg.gemv[op].seg_staged:
+            tiles = cfg.gemv[op].flush_chunks * mma_tile_floats(cfg.tuning)
+            assert (tiles + cfg.gemv[op].flush_chunks * 8 * batch) * 4 <= scratch
+            assert cfg.result_floats * 4 <= scratch
+
+
+def test_ring_and_segment_knobs_are_checked():
+    spec = preset("llama-3.1-8b")
+    with pytest.raises(UnsupportedModelError, match="ring_stages_max=1 must be in 2..32"):
+        plan_for(spec, 8, 4096, ring_stages_max=1)
+    with pytest.raises(UnsupportedModelError, match="mma_kseg_max=100 must be a positive multiple of 32"):
+        plan_for(spec, 8, 4096, mma_kseg_max=100)
+    assert plan_for(spec, 8, 4096, mma_kseg_max=1024, ring_stages_max=16).smem.slot_bytes == 8 * (2048 + 64)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_bytes_stay_balanced_across_blocks(batch):
+    sched = build_schedule(plan_for(preset("llama-3.1-8b"), batch, 4096))
+    per = sched.bytes_per_block()
+    busy = per[:, per.sum(axis=0) > 0]
+    assert (busy.max(axis=0) <= 1.15 * busy.mean(axis=0)).all()
+
+
+def test_head_dim_not_a_multiple_of_32_is_refused():
+    spec = preset("llama-3.2-1b").with_(head_dim=48)
+    with pytest.raises(UnsupportedModelError, match="head_dim=48 must be a multiple of 32"):
+        plan_for(spec, 1, 4096)
+
+
+def test_attention_key_batch_is_derived_from_the_batch_and_checked():
+    spec = preset("llama-3.1-8b")
+    assert plan_for(spec, 1, 4096).attn.key_batch == 2
+    assert plan_for(spec, 8, 4096).attn.key_batch == 1
+    assert plan_for(spec, 8, 4096, attn_key_batch=3).summary()["attn"]["key_batch"] == 3
+    with pytest.raises(UnsupportedModelError, match="attn_pv_unroll=0 and min_kv_chunk=64 must be at least 1"):
+        plan_for(spec, 1, 4096, attn_pv_unroll=0)
+
+
+def test_min_kv_chunk_is_one_pass_of_the_key_walk():
+    # 8 consumer warps x 4 key groups (8 lanes each at head_dim 128) x key batch, or on tensor cores 8 warps
+    # x 8 keys: a shorter split idles warps
+    spec = preset("llama-3.1-8b")
+    assert plan_for(spec, 1, 4096, attn_mma=False).attn.min_chunk == 8 * 4 * 2
+    assert plan_for(spec, 8, 4096, attn_mma=False).attn.min_chunk == 8 * 4 * 1
+    assert plan_for(spec, 8, 4096).attn.min_chunk == plan_for(spec, 1, 4096).attn.min_chunk == 8 * 8
+    assert plan_for(spec, 1, 4096, min_kv_chunk=16).attn.kv_chunk(100) == 16
+    assert plan_for(spec, 1, 4096).attn.kv_chunk(8192) == 8192 // plan_for(spec, 1, 4096).attn.splits
+    with pytest.raises(UnsupportedModelError, match="min_kv_chunk=0 must be at least 1"):
+        plan_for(spec, 1, 4096, min_kv_chunk=0)
+
+
+def test_tuning_parses():
+    assert Tuning.parse("") == Tuning()
+    assert Tuning.parse("input_smem_budget=0,mma_kseg_max=160,gemv_mma=1,helpers_skip=down") == Tuning(
+        input_smem_budget=0, mma_kseg_max=160, gemv_mma=True, helpers_skip=frozenset({Op.DOWN}))
+    assert Tuning.parse("helpers_skip=none").helpers_skip == frozenset()
+    with pytest.raises(UnsupportedModelError, match="unknown tuning knob 'gemv'"):
+        Tuning.parse("gemv=1")
+    with pytest.raises(UnsupportedModelError, match="gemv_mma=2 must be true or false"):
+        Tuning(gemv_mma=2)
+    cfg = plan_for(preset("llama-3.1-8b"), 16, 4096, tuning="mma_kseg_max=160")
+    assert cfg.mma_kseg == 160
+
+
+def test_tensor_core_attention_is_derived_from_the_group_size():
+    spec = preset("llama-3.1-8b")
+    assert plan_for(spec, 1, 4096).attn.mma and plan_for(spec, 16, 4096).attn.mma
+    assert plan_for(spec, 1, 4096, attn_mma=False).summary()["attn"]["mma"] is False
+    cfg = plan_for(spec, 8, 4096)
+    assert cfg.attn.keys_per_slot % cfg.attn.keys_per_pass == 0 and cfg.attn.keys_per_pass == 64
+    wide = spec.with_(num_kv_heads=2)          # 16 query heads per kv head: more than the mma's N of 8
+    assert not plan_for(wide, 8, 4096).attn.mma
+    with pytest.raises(UnsupportedModelError, match="attn_mma=1 needs at most 8 query heads per kv head"):
+        plan_for(wide, 8, 4096, attn_mma=True)
+
+
+def test_kv_splits_fill_the_blocks_unless_one_task_per_kv_head_fills_a_third():
+    spec = preset("llama-3.1-8b")                  # 8 kv heads, 132 blocks
+    assert [plan_for(spec, b, 4096).attn.splits for b in (1, 2, 4, 5, 6, 8, 16)] == [16, 8, 4, 3, 1, 1, 1]
+    assert plan_for(spec, 8, 4096, kv_splits=2).attn.splits == 2
+
+
+def test_l2_lookahead_is_derived_where_the_chain_tiles_fit_the_ring_and_checked():
+    one_b, eight_b = preset("llama-3.2-1b"), preset("llama-3.1-8b")
+    c = plan_for(one_b, 1, 4096)
+    assert (c.tuning.l2_lookahead_kb, c.chain_blocks, c.tuning.next_step_lookahead) == (128, 128, False)
+    assert c.lookahead_skip_rows * one_b.hidden_size * 2 == c.smem.ring_stages * c.smem.slot_bytes - 16 * 2048 * 2   # ring less the O tile
+    assert plan_for(one_b, 8, 4096).tuning.next_step_lookahead is True
+    for b in (1, 8):   # 8B's QKV and O tiles outgrow the ring: its HBM is not idle through the chain
+        assert plan_for(eight_b, b, 4096).tuning.l2_lookahead_kb == 0
+        assert plan_for(eight_b, b, 4096).chain_blocks == 132
+    assert plan_for(one_b, 1, 4096, gpu=GpuInfo(sm_count=12)).tuning.l2_lookahead_kb == 0   # 4 helpers: over a quarter
+    for spec in TINY_SPECS.values():   # each ring holds a whole gate/up tile: nothing to prefetch, no helpers
+        c = plan_for(spec, 1, 320)
+        assert c.lookahead_skip_rows >= c.gemv[Op.GATEUP].tile_rows and c.tuning.l2_lookahead_kb == 0
+        assert c.chain_blocks == c.num_blocks
+    assert plan_for(one_b, 1, 4096, lookahead_blocks=40, l2_lookahead_kb=0).chain_blocks == 132
+    for n in (0, 40):   # derived off, not refused
+        assert plan_for(one_b, 1, 4096, lookahead_blocks=n).tuning.l2_lookahead_kb == 0
+    with pytest.raises(UnsupportedModelError, match="lookahead_blocks=40 must be in 1..33"):
+        plan_for(one_b, 1, 4096, lookahead_blocks=40, l2_lookahead_kb=64)
+    with pytest.raises(UnsupportedModelError, match="lookahead_blocks=0 must be in 1..33"):
+        plan_for(one_b, 1, 4096, lookahead_blocks=0, l2_lookahead_kb=64)
+
+
+@pytest.mark.parametrize("skip", [{Op.GATEUP, Op.DOWN}, {Op.DOWN}, {Op.GATEUP}, set()], ids=["both", "down", "gateup", "none"])
+def test_lookahead_helpers_leave_the_chain_and_prefetch_every_chain_tile_once_a_layer(skip):
+    cfg = plan_for(preset("llama-3.2-1b"), 1, 4096, helpers_skip=frozenset(skip))
+    assert plan_for(preset("llama-3.2-1b"), 1, 4096).tuning.helpers_skip == {Op.GATEUP, Op.DOWN}   # the default
+    sched = build_schedule(cfg)
+    helpers = range(cfg.chain_blocks, cfg.num_blocks)
+    gu = cfg.gemv[Op.GATEUP]
+    allowed = {Op.PREFETCH, Op.LMHEAD} | ({Op.GATEUP, Op.DOWN} - skip)
+    for b in helpers:
+        assert {t.op for t in sched.blocks[b]} <= allowed
+    for layer in (0, 7):
+        pre = sorted((t.arg0, t.arg1) for b in helpers for t in sched.blocks[b] if t.op == Op.PREFETCH and t.layer == layer)
+        assert [i for a, n in pre for i in range(a, a + n)] == list(range(min(cfg.chain_blocks, gu.tiles)))
+        for op in (Op.GATEUP, Op.DOWN):   # every row once
+            rows = sorted((t.arg0, t.arg1) for t in sched.tasks if t.op == op and t.layer == layer)
+            assert [r for a, n in rows for r in range(a, a + n)] == list(range(cfg.gemv[op].rows))
+        helper_rows = [t.arg1 for b in helpers for t in sched.blocks[b] if t.op == Op.GATEUP and t.layer == layer]
+        if Op.GATEUP in skip:
+            assert helper_rows == [] and gu.tiles <= cfg.chain_blocks
+        else:   # the helpers' prefetching may outlast the chain, so their own gate/up rows are fewer
+            assert len(helper_rows) == len(helpers) and max(helper_rows) < gu.tile_rows
