@@ -11,7 +11,7 @@ import torch
 from monokernel.bench.timing import time_steps
 from monokernel.models.presets import preset
 from monokernel.models.weights import random_weights
-from monokernel.reference.model import KVCache
+from monokernel.runtime.kv_cache import KVCache
 from monokernel.runtime.mega import MegaDecoder
 from monokernel.schedule.config import parse_overrides
 

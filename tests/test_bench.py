@@ -22,7 +22,8 @@ from monokernel.errors import InputError
 from monokernel.models.presets import PRESETS, preset
 from monokernel.models.spec import ModelSpec, RopeScaling
 from monokernel.models.weights import random_weights
-from monokernel.reference.model import KVCache, ReferenceModel
+from monokernel.reference.model import ReferenceModel
+from monokernel.runtime.kv_cache import KVCache
 
 TOL = 1e-4
 _BASE = dict(name="tiny", arch="LlamaForCausalLM", vocab_size=101, hidden_size=64, intermediate_size=88, num_layers=2,

@@ -12,9 +12,10 @@ from monokernel.errors import InputError, MonokernelError
 from monokernel.models.spec import ModelSpec
 from monokernel.models.tokenizer import Tokenizer
 from monokernel.models.weights import random_weights
-from monokernel.reference.model import KVCache, ReferenceModel
+from monokernel.reference.model import ReferenceModel
 from monokernel.runtime import engine as engine_module
 from monokernel.runtime.engine import Engine
+from monokernel.runtime.kv_cache import KVCache
 from monokernel.runtime.sampling import sample
 
 VOCAB = 61   # odd on purpose

@@ -21,7 +21,8 @@ from monokernel.models.load import LoadedModel, load_model
 from monokernel.models.presets import PRESETS
 from monokernel.models.safetensors_loader import load_safetensors_checkpoint
 from monokernel.models.tokenizer import Tokenizer
-from monokernel.reference.model import KVCache, ReferenceModel
+from monokernel.reference.model import ReferenceModel
+from monokernel.runtime.kv_cache import KVCache
 
 # fp32 on both sides; the only differences are summation orders inside matmuls.
 ATOL, RTOL = 2e-5, 1e-4

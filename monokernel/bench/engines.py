@@ -16,7 +16,7 @@ import torch
 
 from ..errors import MonokernelError
 from ..models.weights import PackedWeights
-from ..reference.model import KVCache
+from ..runtime.kv_cache import KVCache
 
 ENGINES = ("monokernel", "torch-compile", "hf", "hf-compile")
 

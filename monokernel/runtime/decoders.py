@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.model import KVCache, ReferenceModel
+from ..reference.model import ReferenceModel
+from .kv_cache import KVCache
 
 
 class ReferenceDecoder:

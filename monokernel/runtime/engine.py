@@ -22,8 +22,9 @@ import torch
 
 from ..errors import InputError, MonokernelError
 from ..models.weights import PackedWeights
-from ..reference.model import KVCache, ReferenceModel
+from ..reference.model import ReferenceModel
 from .decoders import MegaStepper, ReferenceDecoder
+from .kv_cache import KVCache
 from .sampling import check_sampling, sample
 from .sequence import Generation, Sequence, TokenEvent
 

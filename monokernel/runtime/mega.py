@@ -13,7 +13,7 @@ from ..codegen.render import KERNEL_NAME, kernel_entry_name, render_source
 from ..errors import KernelRuntimeError, UnsupportedModelError
 from ..models.spec import rope_inv_freq
 from ..models.weights import PackedWeights
-from ..reference.model import KVCache
+from .kv_cache import KVCache
 from ..schedule.build import Schedule, build_schedule
 from ..schedule.config import GpuInfo, KernelConfig
 from .cuda_driver import LoadedKernel
