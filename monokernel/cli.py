@@ -86,26 +86,28 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 # ---- generate ----------------------------------------------------------------------------------
 def _generate(args) -> int:
     from .runtime.engine import Engine
+    from .runtime.sampling import SamplingParams
 
     prompts = args.prompt or ([sys.stdin.read()] if not sys.stdin.isatty() else [])
     if not prompts:
         raise MonokernelError("no prompt: pass one as an argument or on stdin")
+    # before the model loads: a bad flag should not cost a load
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            max_new_tokens=args.max_new_tokens, stop=args.stop)
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, engine=args.engine, max_seq=args.max_seq)
-    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, stop=args.stop)
     if engine.tokenizer is None:   # e.g. a preset: the prompt is token ids, the output too
         ids = [_parse_ids(p) for p in prompts]
-        for i, gen in enumerate(engine.generate_ids(ids, **opts)):
+        for i, gen in enumerate(engine.generate_ids(ids, params)):
             print(("" if len(ids) == 1 else f"[{i}] ") + " ".join(map(str, gen.token_ids)))
     elif len(prompts) == 1:
-        events = engine.stream(prompts, chat=args.chat, **opts)   # checks the arguments before printing
+        events = engine.stream(prompts, params, chat=args.chat)   # checks the prompt before printing
         if not args.chat:
             print(prompts[0], end="", flush=True)   # the continuation then reads on from the prompt
         for ev in events:
             print(ev.text, end="", flush=True)
         print()
     else:
-        for i, gen in enumerate(engine.generate(prompts, chat=args.chat, **opts)):
+        for i, gen in enumerate(engine.generate(prompts, params, chat=args.chat)):
             print(f"--- [{i}] {gen.finish_reason}\n{'' if args.chat else prompts[i]}{gen.text}")
     print(f"monokernel: {engine.last_stats.summary()}", file=sys.stderr)
     return 0
