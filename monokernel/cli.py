@@ -176,21 +176,15 @@ def _default_model() -> str:
 def _model_rows(model: str | None) -> list[tuple[str, str]]:
     """A summary without loading big weights: presets and checkpoint dirs only need their config."""
     import torch
-    from pathlib import Path
 
-    from .models.presets import preset
-    from .models.spec import ModelSpec
+    from .models.load import load_model, load_spec, resolve_model
 
-    if model and model.startswith("preset:"):
-        spec, source, tok = preset(model.removeprefix("preset:")), model, None
-    elif model and Path(model).is_dir():
-        spec, source, tok = ModelSpec.from_config_file(Path(model) / "config.json"), model, None
+    source = resolve_model(model)
+    if source.kind == "gguf":    # the tokenizer comes with the weights
+        loaded = load_model(source, dtype=torch.bfloat16, device="cpu")
+        s, tok = loaded.spec, loaded.tokenizer
     else:
-        from .models.load import load_model
-
-        loaded = load_model(model, dtype=torch.bfloat16, device="cpu")
-        spec, source, tok = loaded.spec, loaded.source, loaded.tokenizer
-    s = spec
+        s, tok = load_spec(source), None
     rows = [("model", f"{s.name} ({source})"), ("architecture", s.arch),
             ("parameters", f"{s.num_params() / 1e6:.1f} M"),
             ("layers / hidden / ffn", f"{s.num_layers} / {s.hidden_size} / {s.intermediate_size}"),

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from ..errors import MonokernelError
+from ..models.load import load_model
 from ..models.spec import ModelSpec
 from ..models.weights import PackedWeights, random_weights
 from . import roofline
@@ -96,15 +97,6 @@ def _free_memory(device: torch.device) -> None:
 def _load_model(source: str | ModelSpec, dtype: torch.dtype, device: torch.device, seed: int) -> _Model:
     if isinstance(source, ModelSpec):
         return _Model(source.name, source, random_weights(source, dtype, device, seed))
-    if source.startswith("preset:"):
-        from ..models.presets import preset
-
-        spec = preset(source.removeprefix("preset:"))
-        return _Model(spec.name, spec, random_weights(spec, dtype, device, seed))
-    try:
-        from ..models.load import load_model
-    except ImportError as e:
-        raise MonokernelError(f"cannot load {source!r}: monokernel.models.load is unavailable ({e})") from None
     loaded = load_model(source, dtype=dtype, device=device, seed=seed)
     return _Model(loaded.name, loaded.spec, loaded.weights)
 
