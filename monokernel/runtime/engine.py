@@ -25,7 +25,7 @@ import torch
 from ..errors import InputError, MonokernelError
 from ..models.weights import PackedWeights
 from ..reference.model import ReferenceModel
-from .decoders import MegaStepper, ReferenceDecoder
+from .decoders import Decoder, ReferenceDecoder
 from .kv_cache import KVCache
 from .sampling import SamplingParams, sample
 from .sequence import Generation, Sequence, TokenEvent
@@ -102,7 +102,7 @@ class Engine:
         self.last_stats = GenerationStats()
         # on the CPU a step computes as it is called: running ahead would only waste steps
         self.lookahead = LOOKAHEAD if self.device.type == "cuda" else 0
-        self._slot: tuple[str, int, KVCache, object] | None = None   # (kind, batch, cache, decoder)
+        self._slot: tuple[str, int, KVCache, Decoder] | None = None   # (kind, batch, cache, decoder)
         if engine not in ENGINES:
             raise InputError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
         self.requested = engine
@@ -147,7 +147,7 @@ class Engine:
             self.notice = f"the megakernel is unavailable: {str(e).splitlines()[0]}"
             return "reference"
 
-    def _decoder_for(self, batch: int, positions: int, kind: str):
+    def _decoder_for(self, batch: int, positions: int, kind: str) -> tuple[KVCache, Decoder]:
         """A KV cache and a decoder for this batch size; reused while it fits (a megakernel bakes the batch
         and max_seq in, so its cache always holds max_seq; the reference one grows as requests need)."""
         if self._slot and self._slot[:2] == (kind, batch) and self._slot[2].max_seq >= positions:
@@ -158,13 +158,13 @@ class Engine:
         if kind == "mega":
             from .mega import MegaDecoder
 
-            decoder = MegaStepper(MegaDecoder(self.weights, cache))
+            decoder: Decoder = MegaDecoder(self.weights, cache)
         else:
             decoder = ReferenceDecoder(self.model, cache)
         self._slot = (kind, batch, cache, decoder)
         return cache, decoder
 
-    def _decoder(self, batch: int, positions: int):
+    def _decoder(self, batch: int, positions: int) -> tuple[tuple[KVCache, Decoder], str]:
         if self.engine == "mega":
             try:
                 return self._decoder_for(batch, positions, "mega"), "mega"
@@ -266,7 +266,9 @@ class Engine:
                 return
             while stats.decode_steps < steps_needed and len(pending) <= self.lookahead:
                 next_greedy, logits = decoder.enqueue(tokens, positions)
-                tokens = next_greedy if greedy else choose(logits)
+                # the greedy ids may be the decoder's own buffer, rewritten by the step they feed; the logits
+                # are sampled in stream order before that step
+                tokens = next_greedy.clone() if greedy else choose(logits)
                 positions = positions + 1
                 stats.decode_steps += 1
                 pending.append(_HostCopy(tokens, decoder.status))
@@ -339,7 +341,7 @@ class _HostCopy:
         self.event = torch.cuda.Event()
         self.event.record()
 
-    def result(self, decoder) -> list[int]:
+    def result(self, decoder: Decoder) -> list[int]:
         if self.event is not None:
             self.event.synchronize()
         if self.status is not None and bool(self.status.any()):
