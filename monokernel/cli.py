@@ -86,26 +86,28 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 # ---- generate ----------------------------------------------------------------------------------
 def _generate(args) -> int:
     from .runtime.engine import Engine
+    from .runtime.sampling import SamplingParams
 
     prompts = args.prompt or ([sys.stdin.read()] if not sys.stdin.isatty() else [])
     if not prompts:
         raise MonokernelError("no prompt: pass one as an argument or on stdin")
+    # before the model loads: a bad flag should not cost a load
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            max_new_tokens=args.max_new_tokens, stop=args.stop)
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, engine=args.engine, max_seq=args.max_seq)
-    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, stop=args.stop)
     if engine.tokenizer is None:   # e.g. a preset: the prompt is token ids, the output too
         ids = [_parse_ids(p) for p in prompts]
-        for i, gen in enumerate(engine.generate_ids(ids, **opts)):
+        for i, gen in enumerate(engine.generate_ids(ids, params)):
             print(("" if len(ids) == 1 else f"[{i}] ") + " ".join(map(str, gen.token_ids)))
     elif len(prompts) == 1:
-        events = engine.stream(prompts, chat=args.chat, **opts)   # checks the arguments before printing
+        events = engine.stream(prompts, params, chat=args.chat)   # checks the prompt before printing
         if not args.chat:
             print(prompts[0], end="", flush=True)   # the continuation then reads on from the prompt
         for ev in events:
             print(ev.text, end="", flush=True)
         print()
     else:
-        for i, gen in enumerate(engine.generate(prompts, chat=args.chat, **opts)):
+        for i, gen in enumerate(engine.generate(prompts, params, chat=args.chat)):
             print(f"--- [{i}] {gen.finish_reason}\n{'' if args.chat else prompts[i]}{gen.text}")
     print(f"monokernel: {engine.last_stats.summary()}", file=sys.stderr)
     return 0
@@ -174,21 +176,15 @@ def _default_model() -> str:
 def _model_rows(model: str | None) -> list[tuple[str, str]]:
     """A summary without loading big weights: presets and checkpoint dirs only need their config."""
     import torch
-    from pathlib import Path
 
-    from .models.presets import preset
-    from .models.spec import ModelSpec
+    from .models.load import load_model, load_spec, resolve_model
 
-    if model and model.startswith("preset:"):
-        spec, source, tok = preset(model.removeprefix("preset:")), model, None
-    elif model and Path(model).is_dir():
-        spec, source, tok = ModelSpec.from_config_file(Path(model) / "config.json"), model, None
+    source = resolve_model(model)
+    if source.kind == "gguf":    # the tokenizer comes with the weights
+        loaded = load_model(source, dtype=torch.bfloat16, device="cpu")
+        s, tok = loaded.spec, loaded.tokenizer
     else:
-        from .models.load import load_model
-
-        loaded = load_model(model, dtype=torch.bfloat16, device="cpu")
-        spec, source, tok = loaded.spec, loaded.source, loaded.tokenizer
-    s = spec
+        s, tok = load_spec(source), None
     rows = [("model", f"{s.name} ({source})"), ("architecture", s.arch),
             ("parameters", f"{s.num_params() / 1e6:.1f} M"),
             ("layers / hidden / ffn", f"{s.num_layers} / {s.hidden_size} / {s.intermediate_size}"),

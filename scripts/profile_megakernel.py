@@ -15,7 +15,7 @@ import torch
 
 from monokernel.models.presets import preset
 from monokernel.models.weights import random_weights
-from monokernel.reference.model import KVCache
+from monokernel.runtime.kv_cache import KVCache
 from monokernel.runtime.mega import MegaDecoder
 from monokernel.schedule.tuning import Tuning
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from monokernel.models.spec import ModelSpec, RopeScaling
-from monokernel.reference.model import KVCache, ReferenceModel
+from monokernel.reference.model import ReferenceModel
+from monokernel.runtime.kv_cache import KVCache
 
 TINY_SPECS = {
     # llama3 rope scaling, GQA 4:1, tied embeddings

@@ -5,14 +5,14 @@ import sys
 import torch
 
 from megakernel_cases import TINY_SPECS, prefilled
-from monokernel.models.presets import preset
+from monokernel.models.load import load_spec
 from monokernel.models.weights import random_weights
 from monokernel.reference.model import ReferenceModel
 from monokernel.runtime.mega import MegaDecoder
 from monokernel.schedule.tuning import Tuning
 
 name = sys.argv[1] if len(sys.argv) > 1 else "qwen3"
-spec = preset(name.removeprefix("preset:")) if name.startswith("preset:") else TINY_SPECS[name]
+spec = TINY_SPECS[name] if name in TINY_SPECS else load_spec(name)
 tuning = Tuning.parse(sys.argv[2] if len(sys.argv) > 2 else "")
 w = random_weights(spec, torch.bfloat16, "cuda", seed=11)
 ref = ReferenceModel(w)

@@ -22,7 +22,8 @@ from monokernel.errors import InputError
 from monokernel.models.presets import PRESETS, preset
 from monokernel.models.spec import ModelSpec, RopeScaling
 from monokernel.models.weights import random_weights
-from monokernel.reference.model import KVCache, ReferenceModel
+from monokernel.reference.model import ReferenceModel
+from monokernel.runtime.kv_cache import KVCache
 
 TOL = 1e-4
 _BASE = dict(name="tiny", arch="LlamaForCausalLM", vocab_size=101, hidden_size=64, intermediate_size=88, num_layers=2,
@@ -43,6 +44,13 @@ def _spec(case: str) -> ModelSpec:
 
 def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours - ref).abs().max() / ref.abs().max())
+
+
+def _fill(decoder, cache: KVCache) -> None:
+    """A baseline's own cache gets the reference cache's positions, through the Decoder protocol."""
+    n = min(cache.max_seq, decoder.max_seq)
+    for layer in range(cache.k.shape[0]):
+        decoder.write_kv(layer, cache.k[layer, :, :, :n], cache.v[layer, :, :, :n])
 
 
 def _prefilled(spec: ModelSpec, batch: int, lengths: list[int], max_seq: int, seed: int = 0):
@@ -97,7 +105,7 @@ def test_torch_compile_baseline_matches_reference(case, attention):
     w, ref, cache, prompts, gen = _prefilled(spec, B, [12], S)
     dec = TorchCompileDecoder(w, B, S, compile=False, attention=attention)
     assert dec.model.w_gu.data_ptr() == w.w_gu.data_ptr() and dec.model.embed.data_ptr() == w.embed.data_ptr()
-    dec.fill_cache_from(cache)
+    _fill(dec, cache)
     positions = torch.tensor([12, 3, 7])     # a position per sequence
     for t in range(6):
         tokens = torch.randint(0, spec.vocab_size, (B,), generator=gen)
@@ -121,7 +129,7 @@ def test_hf_baseline_matches_reference(case):
     dec = HFDecoder(w, B, S, compile=False)
     layer0 = dec.model.model.layers[0]
     assert layer0.mlp.up_proj.weight.data_ptr() == w.w_gu[0, 1].data_ptr()      # views, no copies
-    dec.fill_cache_from(cache)
+    _fill(dec, cache)
     for t in range(5):
         tokens = torch.randint(0, spec.vocab_size, (B,), generator=gen)
         pos = torch.full((B,), 10 + t)
@@ -150,7 +158,7 @@ def test_torch_compile_baseline_compiles_once():
         w, ref, cache, _, gen = _prefilled(TINY, 2, [9], 40)
         dec = TorchCompileDecoder(w, 2, 40, compile=True)
         assert dec.inductor_settings["coordinate_descent_tuning"] is True
-        dec.fill_cache_from(cache)
+        _fill(dec, cache)
         for t in range(4):
             tokens = torch.randint(0, TINY.vocab_size, (2,), generator=gen)
             pos = torch.tensor([9 + t, 2 * t])

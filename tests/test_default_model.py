@@ -8,7 +8,8 @@ import transformers
 
 from monokernel.errors import CheckpointError
 from monokernel.models.load import default_model_path, load_model
-from monokernel.reference.model import KVCache, ReferenceModel
+from monokernel.reference.model import ReferenceModel
+from monokernel.runtime.kv_cache import KVCache
 
 pytestmark = pytest.mark.slow  # loads the 135M model twice (ours and transformers'): ~30 s on 2 cores
 

@@ -1,6 +1,7 @@
 """Engine, sampling and per-sequence bookkeeping on a tiny random model (CPU, fp32, reference engine)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,10 +13,11 @@ from monokernel.errors import InputError, MonokernelError
 from monokernel.models.spec import ModelSpec
 from monokernel.models.tokenizer import Tokenizer
 from monokernel.models.weights import random_weights
-from monokernel.reference.model import KVCache, ReferenceModel
+from monokernel.reference.model import ReferenceModel
 from monokernel.runtime import engine as engine_module
 from monokernel.runtime.engine import Engine
-from monokernel.runtime.sampling import sample
+from monokernel.runtime.kv_cache import KVCache
+from monokernel.runtime.sampling import SamplingParams, sample
 
 VOCAB = 61   # odd on purpose
 SPEC = ModelSpec(name="tiny", arch="LlamaForCausalLM", vocab_size=VOCAB, hidden_size=48, intermediate_size=80,
@@ -205,6 +207,44 @@ def test_bad_engine_arguments(weights):
 
 
 # ---- sampling --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -1.0), ("temperature", math.inf), ("temperature", "hot"), ("top_k", 0), ("top_k", 2.0),
+    ("top_p", 0.0), ("top_p", 1.01), ("seed", 1.5), ("seed", True), ("max_new_tokens", 0),
+    ("max_new_tokens", 3.0), ("stop", [""]), ("stop", ["ok", 5]), ("stop", 5),
+])
+def test_sampling_params_reject(field, value):
+    """Each bad field raises InputError at construction, naming the field and the value."""
+    with pytest.raises(InputError, match=f"^{field}="):
+        SamplingParams(**{field: value})
+
+
+def test_sampling_params_value():
+    """A frozen, hashable value: stop normalised to a tuple, so equal requests compare equal."""
+    p = SamplingParams(temperature=0.5, top_k=4, stop="w3")
+    assert p.stop == ("w3",) and not p.greedy and SamplingParams().greedy
+    assert p == SamplingParams(temperature=0.5, top_k=4, stop=["w3"]) and len({p, dataclasses.replace(p)}) == 1
+    assert SamplingParams(stop=None).stop == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.top_k = 2
+    with pytest.raises(InputError, match="top_p=2"):
+        dataclasses.replace(p, top_p=2)     # replace() checks again
+
+
+def test_params_and_overrides(text_engine):
+    """generate/stream take a SamplingParams, keywords override its fields, anything else is refused."""
+    params = SamplingParams(temperature=1.0, seed=4, max_new_tokens=9)
+    want = [g.token_ids for g in text_engine.generate_ids(PROMPTS, params)]
+    assert [g.token_ids for g in text_engine.generate_ids(PROMPTS, temperature=1.0, seed=4, max_new_tokens=9)] == want
+    short = text_engine.generate_ids(PROMPTS, params, max_new_tokens=3)
+    assert [g.token_ids for g in short] == [t[:3] for t in want]
+    events = list(text_engine.stream("w3 w5", SamplingParams(max_new_tokens=4)))
+    assert [e.token_id for e in events] == text_engine.generate("w3 w5", max_new_tokens=4)[0].token_ids
+    with pytest.raises(InputError, match="params must be a SamplingParams, not int"):
+        text_engine.generate_ids(PROMPTS, 12)
+    with pytest.raises(TypeError, match="top_q"):
+        text_engine.generate_ids(PROMPTS, top_q=0.5)
+
+
 def test_sample_respects_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.05, 0.5, 0.05, 0.3, 0.1]])).repeat(4000, 1)
     gen = torch.Generator().manual_seed(0)

@@ -17,11 +17,12 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from monokernel.errors import CheckpointError, InputError, UnsupportedModelError
 from monokernel.models import load as load_mod
 from monokernel.models.gguf_loader import load_gguf_checkpoint
-from monokernel.models.load import LoadedModel, load_model
+from monokernel.models.load import LoadedModel, ModelSource, load_model, load_spec, resolve_model
 from monokernel.models.presets import PRESETS
 from monokernel.models.safetensors_loader import load_safetensors_checkpoint
 from monokernel.models.tokenizer import Tokenizer
-from monokernel.reference.model import KVCache, ReferenceModel
+from monokernel.reference.model import ReferenceModel
+from monokernel.runtime.kv_cache import KVCache
 
 # fp32 on both sides; the only differences are summation orders inside matmuls.
 ATOL, RTOL = 2e-5, 1e-4
@@ -439,7 +440,7 @@ def test_gguf_truncated(tmp_path, tiny_tokenizer):
         load_gguf_checkpoint(path, torch.float32, "cpu")
 
 
-# ---- load_model dispatch ---------------------------------------------------------------------------
+# ---- resolve_model / load_model / load_spec ----------------------------------------------------------
 def test_load_model_directory(tmp_path, llama_dir, tiny_tokenizer):
     path = _copy(llama_dir, tmp_path / "m")
     loaded = load_model(str(path), dtype=torch.float32)
@@ -460,16 +461,38 @@ def test_load_model_preset(monkeypatch):
     c = load_model("preset:tiny", seed=4)
     assert a.spec is tiny and a.tokenizer is None and a.source == "preset:tiny" and a.weights.dtype == torch.bfloat16
     assert torch.equal(a.weights.w_qkv, b.weights.w_qkv) and not torch.equal(a.weights.w_qkv, c.weights.w_qkv)
-    with pytest.raises(UnsupportedModelError, match="unknown preset 'nope'"):
-        load_model("preset:nope")
+    assert load_spec("preset:tiny") is tiny
 
 
-def test_load_model_bad_arguments(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
-        load_model(str(tmp_path / "missing"))
+def test_resolve(tmp_path, llama_dir, tiny_tokenizer):
+    """Each kind of argument resolves to its loader; a ModelSource passes through; load_spec reads a
+    directory's config.json alone (the weights may be missing)."""
+    assert resolve_model("preset:llama-3.1-8b") == ModelSource("preset", preset="llama-3.1-8b")
+    assert str(resolve_model("preset:llama-3.1-8b")) == "preset:llama-3.1-8b"
+    assert resolve_model(llama_dir) == ModelSource("checkpoint", path=llama_dir)
+    gguf_path = _write_gguf(tmp_path / "m.gguf", _hf_model("llama"), tiny_tokenizer)
+    src = resolve_model(str(gguf_path))
+    assert src == ModelSource("gguf", path=gguf_path) and resolve_model(src) is src
+    assert load_spec(src).num_layers == 2
+    bare = _copy(llama_dir, tmp_path / "config-only")
+    (bare / "model.safetensors").unlink()
+    assert load_spec(str(bare)).name == "config-only" and load_spec(str(bare)).vocab_size == VOCAB
+    with pytest.raises(ValueError):
+        ModelSource("preset", path=llama_dir)
+
+
+def test_resolve_bad_arguments(tmp_path):
+    """Every bad argument is an InputError that names it and says what to pass instead."""
+    cases = {str(tmp_path / "missing"): "not found: pass a checkpoint directory .* preset:NAME",
+             "preset:nope": "unknown preset 'nope'; use preset:NAME with one of llama-3.2-1b",
+             "preset:": "unknown preset ''",
+             str(tmp_path): "has no config.json: .* pass that directory or a .gguf file"}
     (tmp_path / "weights.bin").write_bytes(b"\0" * 16)
-    with pytest.raises(CheckpointError, match="neither a checkpoint directory nor a .gguf file"):
-        load_model(str(tmp_path / "weights.bin"))
+    cases[str(tmp_path / "weights.bin")] = "neither a checkpoint directory nor a .gguf file"
+    for arg, message in cases.items():
+        for call in (resolve_model, load_spec, load_model):
+            with pytest.raises(InputError, match=message):
+                call(arg)
 
 
 def test_default_model_not_installed(monkeypatch):

@@ -162,6 +162,35 @@ def test_token_and_position_tensors_of_any_kind_give_the_same_step():
         assert torch.equal(k, outs["int64"][2]), kind   # the new K row went to the same position
 
 
+def test_protocol():
+    """MegaDecoder is a Decoder: enqueue() gives step()'s tokens and logits in the kernel's own buffers, with
+    the error flag as `status`; write_kv() writes the shared KVCache."""
+    from monokernel.runtime.decoders import Decoder
+
+    spec = TINY_SPECS["qwen2"]
+    w = random_weights(spec, torch.bfloat16, "cuda", seed=4)
+    lengths = [9, 30]
+    outs = []
+    for queued in (False, True):
+        c = prefilled(ReferenceModel(w), 2, 64, lengths, torch.Generator().manual_seed(6))[1]
+        mk = _decoder(w, c)
+        assert isinstance(mk, Decoder)
+        tok, pos = torch.tensor([3, 4], device="cuda"), torch.tensor(lengths, device="cuda")
+        if queued:
+            nxt, logits = mk.enqueue(tok, pos)
+            assert nxt.data_ptr() == mk.out_tokens.data_ptr() and mk.status is mk.error
+            torch.cuda.synchronize()
+            assert int(mk.status.item()) == 0
+            mk.check()
+        else:
+            nxt, logits = mk.step(tok, pos)
+        outs.append((nxt.long().clone(), logits.clone()))
+        k = torch.randn(2, spec.num_kv_heads, 5, spec.head_dim, device="cuda", dtype=torch.bfloat16)
+        mk.write_kv(1, k, -k)
+        assert torch.equal(c.k[1, :, :, :5], k) and torch.equal(c.v[1, :, :, :5], -k)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_bitwise_deterministic_over_1000_steps():
     spec = TINY_SPECS["llama"].with_(max_position_embeddings=2048)
     w = random_weights(spec, torch.bfloat16, "cuda", seed=3)

@@ -15,8 +15,9 @@ import transformers
 
 from monokernel.models.spec import ModelSpec
 from monokernel.models.weights import pack_from_hf
-from monokernel.reference.model import KVCache, ReferenceModel
+from monokernel.reference.model import ReferenceModel
 from monokernel.runtime.decoders import ReferenceDecoder
+from monokernel.runtime.kv_cache import KVCache
 
 DECODE_STEPS = 16
 LENGTHS = (7, 1, 12)

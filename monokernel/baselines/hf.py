@@ -10,8 +10,9 @@ Two variants: eager (transformers' default attention, "sdpa") and compiled, `tor
 mode="reduce-overhead", fullgraph=True)` as transformers documents for static caches.
 
 Positions: transformers' static cache writes the whole batch at one position (its own counter in
-transformers 5, `cache_position` before), so `step` requires every sequence at the same position. The
-benchmark keeps all sequences at the same length, so that is no restriction there.
+transformers 5, `cache_position` before), so `step` requires every sequence at the same position and
+`enqueue` runs at the cache's own write position. The benchmark keeps all sequences at the same length,
+so that is no restriction there.
 """
 from __future__ import annotations
 
@@ -107,8 +108,10 @@ def build_hf_model(weights: PackedWeights):
 
 
 class HFDecoder:
-    """`.step(tokens (B,), positions (B,))` -> (next tokens (B,) long, logits (B, V) fp32), over
-    transformers' StaticCache of `max_seq` positions; compile=True compiles the forward (CUDA graphs)."""
+    """A Decoder (runtime/decoders.py) over transformers' StaticCache of `max_seq` positions; compile=True
+    compiles the forward (CUDA graphs)."""
+
+    status = None
 
     def __init__(self, weights: PackedWeights, batch: int, max_seq: int, *, compile: bool = False):
         from transformers import StaticCache
@@ -170,14 +173,8 @@ class HFDecoder:
         self._next = -1
         self._seek(T)
 
-    def fill_cache_from(self, cache) -> None:
-        """Copies a reference KVCache (k, v of shape (L, B, KVH, S, D)) into the static cache."""
-        n = min(cache.k.shape[3], self.max_seq)
-        for layer in range(self.spec.num_layers):
-            self.write_kv(layer, cache.k[layer, :, :, :n], cache.v[layer, :, :, :n])
-
     @torch.no_grad()
-    def step_at(self, tokens: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step_at(self, tokens: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step with every sequence at `position` (a host int: no synchronisation)."""
         if not 0 <= position < self.max_seq:
             raise InputError(f"position {position} outside the static cache (0..{self.max_seq - 1})")
@@ -195,11 +192,18 @@ class HFDecoder:
         return logits.argmax(dim=-1), logits
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The common interface; positions on the GPU cost a synchronisation (use step_at to avoid it)."""
         p = positions.cpu()
         if not bool((p == p[0]).all()):
             raise InputError(f"the Hugging Face static cache takes one position for the whole batch, got {p.tolist()}")
-        return self.step_at(tokens, int(p[0]))
+        return self._step_at(tokens, int(p[0]))
+
+    def enqueue(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step at the cache's write position (T after write_kv of T positions, one further after each
+        step), which `positions` must equal: reading them back would synchronise."""
+        return self._step_at(tokens, self._next)
+
+    def check(self) -> None:
+        pass
 
 
 __all__ = ["HFDecoder", "build_hf_model", "hf_config", "hf_state_dict"]

@@ -32,6 +32,7 @@ from ..errors import InputError
 from ..models.spec import rope_inv_freq
 from ..models.weights import PackedWeights
 from ..reference.model import rms_norm
+from ..runtime.decoders import check_positions
 
 ATTENTION_KINDS = ("math", "sdpa")
 
@@ -163,13 +164,15 @@ def decode_one_token(model: DecodeModel, tokens: torch.Tensor, positions: torch.
 
 
 class TorchCompileDecoder:
-    """`.step(tokens (B,), positions (B,))` -> (next tokens (B,) long, logits (B, V) fp32), like MegaDecoder.
+    """A Decoder (runtime/decoders.py) over its own static cache, computing what MegaDecoder computes.
 
     compile=False runs the same module eagerly (CPU tests); compile=True compiles `decode_one_token`
     with mode="reduce-overhead" (CUDA graphs) and fullgraph=True. Compiling happens on the first step
     and takes a while (minutes for an 8B model with coordinate-descent tuning); the first two or three
-    steps after that record the CUDA graph. Positions must lie in 0..max_seq-1 (not checked on the host:
-    that would cost a synchronisation per step)."""
+    steps after that record the CUDA graph. `step` checks the positions on the host, `enqueue` does not
+    (a synchronisation per step): out of range there, the graph's index kernels fail on the device."""
+
+    status = None
 
     def __init__(self, weights: PackedWeights, batch: int, max_seq: int, *, compile: bool = True,
                  attention: str = "math"):
@@ -184,11 +187,19 @@ class TorchCompileDecoder:
                         if compile else decode_one_token)
 
     @property
+    def variant(self) -> str:
+        return f"{'reduce-overhead' if self.compiled else 'eager (not compiled)'}, {self.model.attention} attention"
+
+    @property
     def caches(self) -> list[LayerCache]:
         return list(self.model.caches)
 
-    @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_positions(positions, self.max_seq)
+        return self.enqueue(tokens, positions)
+
+    @torch.no_grad()
+    def enqueue(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = tokens.to(self.device, torch.long, non_blocking=True)
         positions = positions.to(self.device, torch.long, non_blocking=True)
         if not self.compiled:
@@ -196,8 +207,12 @@ class TorchCompileDecoder:
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         next_tokens, logits = self._decode(self.model, tokens, positions)
-        # CUDA-graph outputs live in the graph's pool and are overwritten by the next replay (gpt-fast clones too).
+        # CUDA-graph outputs live in the graph's pool and are overwritten by the next replay (gpt-fast clones
+        # too, so the baseline's timed step keeps paying for it although the Decoder contract would not ask)
         return next_tokens.clone(), logits.clone()
+
+    def check(self) -> None:
+        pass
 
     @torch.no_grad()
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -208,12 +223,6 @@ class TorchCompileDecoder:
         c = self.model.caches[layer]
         c.k[:, :, :T].copy_(k)
         c.v[:, :, :T].copy_(v)
-
-    def fill_cache_from(self, cache) -> None:
-        """Copies a reference KVCache (k, v of shape (L, B, KVH, S, D)) into this decoder's cache."""
-        n = min(cache.k.shape[3], self.max_seq)
-        for layer in range(self.spec.num_layers):
-            self.write_kv(layer, cache.k[layer, :, :, :n], cache.v[layer, :, :, :n])
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, chunk: int = 256) -> torch.Tensor:

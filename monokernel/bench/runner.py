@@ -1,14 +1,17 @@
 """`run_benchmark`: every model x batch x context x engine, in one process, on the same inputs.
 
-For each model the weights are built once (seeded random weights for presets and specs, a checkpoint
-through models.load for a path). For each (batch, context) every engine in turn:
+For each model the weights are built once (seeded random weights for a ModelSpec; a model argument goes
+through models.load: a preset gets seeded random weights, a path is read). For each (batch, context)
+every engine in turn:
   1. builds its decoder with a cache of max_seq = context + agreement + warm-up + timed steps positions
      (rounded up to 64): static-cache baselines attend over all of it, as gpt-fast and transformers do;
   2. gets positions 0..context-1 of its cache filled with the same seeded random K/V (fill_random_kv);
-  3. decodes `agreement_steps` steps at positions context.. with the same forced random tokens; the greedy
-     tokens and logits are compared with the reference engine's (torch-compile when it runs, else the
-     first engine): mismatches are reported, never fatal. These steps also compile and capture graphs;
-  4. runs `warmup` steps, then `steps` timed steps, one position further each step (a plain decode).
+  3. decodes `agreement_steps` checked steps (Decoder.step) at positions context.. with the same forced
+     random tokens; the greedy tokens and logits are compared with the reference engine's (torch-compile
+     when it runs, else the first engine): mismatches are reported, never fatal. These steps also compile
+     and capture graphs;
+  4. enqueues `warmup` steps, then `steps` timed steps, one position further each step (a plain decode),
+     then checks the decoder for errors.
 Only one engine exists at a time; GPU memory is released between engines and models. A row that cannot
 run (engine unavailable, out of memory, context beyond the model) is recorded as skipped with the reason.
 """
@@ -25,6 +28,7 @@ from typing import Callable
 import torch
 
 from ..errors import MonokernelError
+from ..models.load import load_model
 from ..models.spec import ModelSpec
 from ..models.weights import PackedWeights, random_weights
 from . import roofline
@@ -96,15 +100,6 @@ def _free_memory(device: torch.device) -> None:
 def _load_model(source: str | ModelSpec, dtype: torch.dtype, device: torch.device, seed: int) -> _Model:
     if isinstance(source, ModelSpec):
         return _Model(source.name, source, random_weights(source, dtype, device, seed))
-    if source.startswith("preset:"):
-        from ..models.presets import preset
-
-        spec = preset(source.removeprefix("preset:"))
-        return _Model(spec.name, spec, random_weights(spec, dtype, device, seed))
-    try:
-        from ..models.load import load_model
-    except ImportError as e:
-        raise MonokernelError(f"cannot load {source!r}: monokernel.models.load is unavailable ({e})") from None
     loaded = load_model(source, dtype=dtype, device=device, seed=seed)
     return _Model(loaded.name, loaded.spec, loaded.weights)
 
@@ -264,7 +259,8 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
     try:
         t0 = time.perf_counter()
         engine = build_engine(name, model.weights, batch, max_seq, compile=cfg.compile, attention=cfg.tc_attention)
-        fill_random_kv(engine, spec, batch, context, dtype, device, cfg.seed + 1)
+        decoder = engine.decoder
+        fill_random_kv(decoder, spec, batch, context, dtype, device, cfg.seed + 1)
         gen = torch.Generator().manual_seed(cfg.seed + 2)
         n_agree = cfg.agreement_steps
         forced = torch.randint(0, spec.vocab_size, (n_agree, batch), generator=gen).to(device)
@@ -273,12 +269,11 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
                      for p in range(context, context + n_agree + cfg.warmup + cfg.steps)]
         greedy, logits = [], []
         for j in range(n_agree):
-            g, lg = engine.step(forced[j], positions[j], context + j)
+            g, lg = decoder.step(forced[j], positions[j])
             greedy.append(g.long().cpu())
             logits.append(lg.float().cpu())
         setup_s = time.perf_counter() - t0
-        variant = engine.variant
-        identity = getattr(engine, "identity", {})
+        variant, identity = engine.variant, engine.identity
         label = f"{engine.engine} ({variant})"
         agreement, ref_out = {"steps": 0}, None
         if n_agree:
@@ -291,10 +286,10 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
         first = context + n_agree
 
         def step(i: int):
-            engine.launch(tokens, positions[n_agree + i], first + i)
+            decoder.enqueue(tokens, positions[n_agree + i])
 
         timing = time_steps(step, cfg.steps, cfg.warmup, device)
-        engine.finish()
+        decoder.check()
     except Exception as e:
         # Out of memory, a compiler failure, an unsupported shape: the row is skipped and the run goes
         # on (a sticky CUDA error will then fail every later row the same way, each with its reason).
@@ -303,7 +298,7 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
             row["variant"] = engine.variant
         return row, None
     finally:
-        engine = None      # the timed closure shares this variable: the decoder is released here
+        engine = decoder = None   # the timed closure shares these variables: the decoder is released here
         _free_memory(device)
 
     # Timed step i sits at position first + warmup + i: its cache holds that many positions.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ..errors import MonokernelError
 from ..models.spec import ModelSpec
@@ -17,13 +16,8 @@ from .render import kernel_entry_name, render_source
 
 def spec_for(model: str | None) -> ModelSpec:
     """The spec alone (no weights): presets, checkpoint directories, GGUF files, or the default model."""
-    from ..models.presets import preset
-    if model and model.startswith("preset:"):
-        return preset(model.split(":", 1)[1])
-    if model and Path(model).is_dir():
-        return ModelSpec.from_config_file(Path(model) / "config.json")
-    from ..models.load import load_model     # GGUF: the metadata needs the reader; weights are small
-    return load_model(model, device="cpu").spec
+    from ..models.load import load_spec
+    return load_spec(model)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

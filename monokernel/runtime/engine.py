@@ -2,7 +2,8 @@
 
     engine = Engine.load()                                  # default model, best engine for this machine
     [g] = engine.generate("The capital of France is", max_new_tokens=12)
-    for ev in engine.stream(["Hi", "Hello"], max_new_tokens=8): print(ev.index, ev.text)
+    params = SamplingParams(temperature=0.7, seed=0, max_new_tokens=8)
+    for ev in engine.stream(["Hi", "Hello"], params): print(ev.index, ev.text)
 
 Prefill runs over the right-padded batch starting at position 0; padded rows write junk K/V only at
 positions each sequence's decode steps overwrite before reading (the attention mask never looks ahead).
@@ -11,6 +12,7 @@ ignored) so the batch shape, and with it a compiled megakernel, stays fixed for 
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections import deque
@@ -22,9 +24,10 @@ import torch
 
 from ..errors import InputError, MonokernelError
 from ..models.weights import PackedWeights
-from ..reference.model import KVCache, ReferenceModel
-from .decoders import MegaStepper, ReferenceDecoder
-from .sampling import check_sampling, sample
+from ..reference.model import ReferenceModel
+from .decoders import Decoder, ReferenceDecoder
+from .kv_cache import KVCache
+from .sampling import SamplingParams, sample
 from .sequence import Generation, Sequence, TokenEvent
 
 ENGINES = ("auto", "mega", "reference")
@@ -99,7 +102,7 @@ class Engine:
         self.last_stats = GenerationStats()
         # on the CPU a step computes as it is called: running ahead would only waste steps
         self.lookahead = LOOKAHEAD if self.device.type == "cuda" else 0
-        self._slot: tuple[str, int, KVCache, object] | None = None   # (kind, batch, cache, decoder)
+        self._slot: tuple[str, int, KVCache, Decoder] | None = None   # (kind, batch, cache, decoder)
         if engine not in ENGINES:
             raise InputError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
         self.requested = engine
@@ -144,7 +147,7 @@ class Engine:
             self.notice = f"the megakernel is unavailable: {str(e).splitlines()[0]}"
             return "reference"
 
-    def _decoder_for(self, batch: int, positions: int, kind: str):
+    def _decoder_for(self, batch: int, positions: int, kind: str) -> tuple[KVCache, Decoder]:
         """A KV cache and a decoder for this batch size; reused while it fits (a megakernel bakes the batch
         and max_seq in, so its cache always holds max_seq; the reference one grows as requests need)."""
         if self._slot and self._slot[:2] == (kind, batch) and self._slot[2].max_seq >= positions:
@@ -155,13 +158,13 @@ class Engine:
         if kind == "mega":
             from .mega import MegaDecoder
 
-            decoder = MegaStepper(MegaDecoder(self.weights, cache))
+            decoder: Decoder = MegaDecoder(self.weights, cache)
         else:
             decoder = ReferenceDecoder(self.model, cache)
         self._slot = (kind, batch, cache, decoder)
         return cache, decoder
 
-    def _decoder(self, batch: int, positions: int):
+    def _decoder(self, batch: int, positions: int) -> tuple[tuple[KVCache, Decoder], str]:
         if self.engine == "mega":
             try:
                 return self._decoder_for(batch, positions, "mega"), "mega"
@@ -173,31 +176,28 @@ class Engine:
         return self._decoder_for(batch, positions, "reference"), "reference"
 
     # ---- Public API --------------------------------------------------------------------------------
-    def generate(self, prompts: str | Seq[str], max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop: str | Seq[str] | None = None, chat: bool = False) -> list[Generation]:
-        ids = self.encode_prompts(prompts, chat)
-        return self.generate_ids(ids, max_new_tokens, temperature, top_k, top_p, seed, stop)
+    def generate(self, prompts: str | Seq[str], params: SamplingParams | None = None, *, chat: bool = False,
+                 **overrides) -> list[Generation]:
+        """`params` (default: SamplingParams()) with any of its fields given as keywords on top."""
+        params = _sampling(params, overrides)
+        return self.generate_ids(self.encode_prompts(prompts, chat), params)
 
-    def generate_ids(self, prompt_ids: Seq[Seq[int]], max_new_tokens: int = 128, temperature: float = 0.0,
-                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                     stop: str | Seq[str] | None = None) -> list[Generation]:
-        seqs, events = self._start(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop)
+    def generate_ids(self, prompt_ids: Seq[Seq[int]], params: SamplingParams | None = None,
+                     **overrides) -> list[Generation]:
+        seqs, events = self._start(prompt_ids, _sampling(params, overrides))
         for _ in events:
             pass
         return [s.result() for s in seqs]
 
-    def stream(self, prompts: str | Seq[str], max_new_tokens: int = 128, temperature: float = 0.0,
-               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               stop: str | Seq[str] | None = None, chat: bool = False) -> Iterator[TokenEvent]:
+    def stream(self, prompts: str | Seq[str], params: SamplingParams | None = None, *, chat: bool = False,
+               **overrides) -> Iterator[TokenEvent]:
         """Per-token events, in step order. Arguments are checked here, before the first event is asked for."""
-        ids = self.encode_prompts(prompts, chat)
-        return self.stream_ids(ids, max_new_tokens, temperature, top_k, top_p, seed, stop)
+        params = _sampling(params, overrides)
+        return self.stream_ids(self.encode_prompts(prompts, chat), params)
 
-    def stream_ids(self, prompt_ids: Seq[Seq[int]], max_new_tokens: int = 128, temperature: float = 0.0,
-                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                   stop: str | Seq[str] | None = None) -> Iterator[TokenEvent]:
-        return self._start(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop)[1]
+    def stream_ids(self, prompt_ids: Seq[Seq[int]], params: SamplingParams | None = None,
+                   **overrides) -> Iterator[TokenEvent]:
+        return self._start(prompt_ids, _sampling(params, overrides))[1]
 
     def encode_prompts(self, prompts: str | Seq[str], chat: bool = False) -> list[list[int]]:
         if self.tokenizer is None:
@@ -220,26 +220,24 @@ class Engine:
         return out
 
     # ---- The generation loop -----------------------------------------------------------------------
-    def _start(self, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop):
+    def _start(self, prompt_ids, params: SamplingParams):
         prompt_ids = self._check_ids(prompt_ids)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
-        check_sampling(temperature, top_k, top_p)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise InputError(f"seed={seed!r} must be an integer or None")
-        stop = self._check_stop(stop)
+        if params.stop and self.tokenizer is None:
+            raise InputError(f"stop strings need a tokenizer; model {self.name!r} has none")
+        n = params.max_new_tokens
         for i, p in enumerate(prompt_ids):
-            if len(p) + max_new_tokens > self.max_seq:
+            if len(p) + n > self.max_seq:
                 raise InputError(
-                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
-                    f"{len(p) + max_new_tokens} positions but the context holds {self.max_seq} (max_seq)")
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={n} it needs "
+                    f"{len(p) + n} positions but the context holds {self.max_seq} (max_seq)")
         eos = frozenset(self.eos_token_ids)
-        seqs = [Sequence(i, p, max_new_tokens, eos, stop, self.tokenizer.stream() if self.tokenizer else None)
+        seqs = [Sequence(i, p, n, eos, params.stop, self.tokenizer.stream() if self.tokenizer else None)
                 for i, p in enumerate(prompt_ids)]
         gen = None
-        if seed is not None and temperature > 0:
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-        return seqs, self._run(seqs, lambda logits: sample(logits, temperature, top_k, top_p, gen), temperature == 0)
+        if params.seed is not None and not params.greedy:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        choose = lambda logits: sample(logits, params.temperature, params.top_k, params.top_p, gen)
+        return seqs, self._run(seqs, choose, params.greedy)
 
     def _run(self, seqs: list[Sequence], choose, greedy: bool) -> Iterator[TokenEvent]:
         """Keeps up to `self.lookahead` decode steps queued on the GPU ahead of the step whose tokens the host is
@@ -268,7 +266,9 @@ class Engine:
                 return
             while stats.decode_steps < steps_needed and len(pending) <= self.lookahead:
                 next_greedy, logits = decoder.enqueue(tokens, positions)
-                tokens = next_greedy if greedy else choose(logits)
+                # the greedy ids may be the decoder's own buffer, rewritten by the step they feed; the logits
+                # are sampled in stream order before that step
+                tokens = next_greedy.clone() if greedy else choose(logits)
                 positions = positions + 1
                 stats.decode_steps += 1
                 pending.append(_HostCopy(tokens, decoder.status))
@@ -312,15 +312,14 @@ class Engine:
             out.append([int(t) for t in p])
         return out
 
-    def _check_stop(self, stop) -> tuple[str, ...]:
-        if stop is None:
-            return ()
-        stop = (stop,) if isinstance(stop, str) else tuple(stop)
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise InputError(f"stop={stop!r}: stop strings must be non-empty strings")
-        if stop and self.tokenizer is None:
-            raise InputError(f"stop strings need a tokenizer; model {self.name!r} has none")
-        return stop
+
+def _sampling(params: SamplingParams | None, overrides: dict) -> SamplingParams:
+    """`params` with `overrides` (SamplingParams fields given as keywords) on top; None: the defaults."""
+    if params is None:
+        return SamplingParams(**overrides)
+    if not isinstance(params, SamplingParams):
+        raise InputError(f"params must be a SamplingParams, not {type(params).__name__}")
+    return dataclasses.replace(params, **overrides) if overrides else params
 
 
 def _unavailable(e: Exception) -> MonokernelError:
@@ -342,7 +341,7 @@ class _HostCopy:
         self.event = torch.cuda.Event()
         self.event.record()
 
-    def result(self, decoder) -> list[int]:
+    def result(self, decoder: Decoder) -> list[int]:
         if self.event is not None:
             self.event.synchronize()
         if self.status is not None and bool(self.status.any()):

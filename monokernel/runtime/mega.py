@@ -14,7 +14,7 @@ from ..errors import KernelRuntimeError, UnsupportedModelError
 from ..models.formats import kernel_activation
 from ..models.spec import rope_inv_freq
 from ..models.weights import PackedWeights
-from ..reference.model import KVCache
+from .kv_cache import KVCache
 from ..schedule.build import Schedule, build_schedule
 from ..schedule.inputs import GpuInfo, KernelInputs
 from ..schedule.plan import KernelPlan, make_plan
@@ -142,6 +142,21 @@ class MegaDecoder:
         self.launch(tokens, positions)
         self.check()
         return self.out_tokens.long(), self.logits
+
+    # ---- the rest of the Decoder protocol (runtime/decoders.py) -------------------------------------
+    def enqueue(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """launch(), then the kernel's own output buffers: its next launch rewrites them. The positions are
+        not checked on the host (that would drain the launch queue): the engine checked them when it
+        accepted the request, and the error flag travels back with each step's tokens (`status`)."""
+        self.launch(tokens, positions)
+        return self.out_tokens, self.logits
+
+    @property
+    def status(self) -> torch.Tensor:
+        return self.error
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.cache.write(layer, k, v)
 
 
 __all__ = ["MegaDecoder", "gpu_info", "kernel_plan"]

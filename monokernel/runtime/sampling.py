@@ -1,21 +1,49 @@
-"""Next-token choice from logits: greedy, or temperature sampling restricted by top-k and top-p."""
+"""Next-token choice: the per-request SamplingParams, and greedy or temperature sampling restricted by
+top-k and top-p."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import InputError
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raises InputError naming the argument; called before any work so a bad request fails fast."""
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise InputError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise InputError(f"top_k={top_k!r} must be a positive integer or None")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise InputError(f"top_p={top_p!r} must be in (0, 1] or None")
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request chooses its tokens and when it stops; checked at construction (InputError naming the
+    field), so a bad request fails before any work. `stop` takes a string or strings and keeps a tuple."""
+
+    temperature: float = 0.0            # 0 = greedy (top_k and top_p are then moot)
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None             # seeds the sampler when temperature > 0; None = unseeded
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()          # stop strings: the text ends before the first one found
+
+    def __post_init__(self):
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise InputError(f"temperature={t!r} must be a finite number >= 0 (0 = greedy)")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise InputError(f"top_k={k!r} must be a positive integer or None")
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
+            raise InputError(f"top_p={p!r} must be in (0, 1] or None")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InputError(f"seed={self.seed!r} must be an integer or None")
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputError(f"max_new_tokens={n!r} must be an integer >= 1")
+        stop = self.stop
+        stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
+        if not isinstance(stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in stop):
+            raise InputError(f"stop={self.stop!r}: stop strings must be non-empty strings")
+        object.__setattr__(self, "stop", tuple(stop))   # frozen: the normalised form replaces the argument
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import math
 import random
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from ..models.weights import PackedWeights
-from ..reference.model import KVCache, apply_rope, rms_norm, rope_cos_sin
+from ..reference.model import apply_rope, rms_norm, rope_cos_sin
 from ..models.spec import rope_inv_freq
 from .abi import alloc_buffers
 from .build import Schedule
 from .tasks import NO_COUNTER, Op, Task
+
+if TYPE_CHECKING:   # an annotation only: schedule/ sits below runtime/ in the pipeline
+    from ..runtime.kv_cache import KVCache
 
 
 class Simulator:
