@@ -192,7 +192,7 @@ def _model_rows(model: str | None) -> list[tuple[str, str]]:
             ("vocab / context", f"{s.vocab_size} / {s.max_position_embeddings}"),
             ("rope", f"theta {s.rope_theta:g}" + (f", llama3 scaling x{s.rope_scaling.factor:g}" if s.rope_scaling else "")),
             ("tied embeddings / qkv bias / qk norm", f"{s.tie_word_embeddings} / {s.qkv_bias} / {s.qk_norm}"),
-            ("weight bytes per step (bf16)", f"{s.weight_bytes_per_step(2) / 1e6:.1f} MB")]
+            ("weight bytes per step (bf16)", f"{s.weight_bytes_per_step('bf16') / 1e6:.1f} MB")]
     if tok is not None:
         rows.append(("tokenizer", f"eos {list(tok.eos_token_ids)}, bos {tok.bos_token_id}, "
                                   f"chat template {'yes' if tok.chat_template else 'no'}"))

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from ..errors import MonokernelError
+from ..models.formats import format_name
 from ..models.load import load_model
 from ..models.spec import ModelSpec
 from ..models.weights import PackedWeights, random_weights
@@ -36,7 +37,6 @@ from .bandwidth import copy_bandwidth_TBps
 from .engines import ENGINES, build_engine, fill_random_kv, monokernel_import_error
 from .timing import MIN_STEPS, time_steps
 
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 MAX_SEQ_ALIGN = 64
 MEMORY_MARGIN = 1 << 30   # headroom kept free beside an engine's KV cache (activations, graphs, logits)
 
@@ -146,7 +146,7 @@ def run_benchmark(cfg: BenchConfig, checkpoint: Callable[[dict], None] | None = 
     if cfg.steps < MIN_STEPS:
         _log(f"bench: note: {cfg.steps} timed steps (< {MIN_STEPS}); fine for a smoke test, not for a report")
     device = _device(cfg)
-    dtype_name = DTYPE_NAMES[cfg.dtype]
+    dtype_name = format_name(cfg.dtype)
     # torch-compile first: it is the agreement reference and the speed-up's denominator.
     engines = sorted(dict.fromkeys(cfg.engines), key=lambda e: e != "torch-compile")
     notices: list[str] = []
@@ -238,7 +238,7 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
     """One engine at one (batch, context): the result row (or a skipped row) and, for the reference
     engine, its agreement outputs."""
     spec, dtype = model.spec, cfg.dtype
-    dtype_name = DTYPE_NAMES[dtype]
+    dtype_name = format_name(dtype)
     skip = lambda reason: (_skip_row(name, model.name, dtype_name, batch, context, reason), None)
     if name in unavailable:
         return skip(unavailable[name])

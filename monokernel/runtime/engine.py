@@ -23,6 +23,7 @@ from typing import Iterator, Sequence as Seq
 import torch
 
 from ..errors import InputError, MonokernelError
+from ..models.formats import get_format
 from ..models.weights import PackedWeights
 from ..reference.model import ReferenceModel
 from .decoders import Decoder, ReferenceDecoder
@@ -34,8 +35,6 @@ ENGINES = ("auto", "mega", "reference")
 DEFAULT_MAX_SEQ = 4096          # KV-cache positions: 512 MiB of bf16 K+V per sequence on Llama-3.1-8B
 PREFILL_LOGITS_BYTES = 1 << 29  # the reference forward returns fp32 logits for every prompt position: cap them
 LOOKAHEAD = 2                   # decode steps queued ahead of the host: the GPU never waits for Python
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -54,12 +53,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     """Default: bf16 on CUDA (what the megakernel runs), fp32 on CPU (CPU bf16 matmuls are slow)."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise InputError(f"dtype {dtype!r} is not supported; use one of bf16, fp16, fp32") from None
+    return get_format(dtype).torch_dtype
 
 
 @dataclass
