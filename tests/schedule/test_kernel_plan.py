@@ -11,7 +11,7 @@ from monokernel.schedule.plan import mma_tile_floats, plan_for
 from monokernel.schedule.tuning import Tuning
 from monokernel.schedule.tasks import GEMV_OPS, Op
 
-from megakernel_cases import TINY_SPECS
+from conftest import TINY_SPECS
 
 PRESETS = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"]
 

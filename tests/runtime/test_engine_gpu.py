@@ -8,7 +8,7 @@ import torch
 from monokernel.models.weights import random_weights
 from monokernel.runtime.engine import Engine
 
-from megakernel_cases import TINY_SPECS
+from conftest import TINY_SPECS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -10,7 +10,6 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 from monokernel.errors import InputError, MonokernelError
-from monokernel.models.spec import ModelSpec
 from monokernel.models.tokenizer import Tokenizer
 from monokernel.models.weights import random_weights
 from monokernel.reference.model import ReferenceModel
@@ -19,10 +18,9 @@ from monokernel.runtime.engine import Engine
 from monokernel.runtime.kv_cache import KVCache
 from monokernel.runtime.sampling import SamplingParams, sample
 
-VOCAB = 61   # odd on purpose
-SPEC = ModelSpec(name="tiny", arch="LlamaForCausalLM", vocab_size=VOCAB, hidden_size=48, intermediate_size=80,
-                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12, rms_norm_eps=1e-5, rope_theta=10000.0,
-                 max_position_embeddings=96)
+from conftest import ENGINE_SPEC as SPEC
+
+VOCAB = SPEC.vocab_size   # 61: odd on purpose
 PROMPTS = [[3, 17, 9, 44, 5, 21, 8], [30], [12, 7, 7, 58, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
 
 

@@ -18,14 +18,13 @@ from monokernel.errors import CheckpointError, InputError, UnsupportedModelError
 from monokernel.models import load as load_mod
 from monokernel.models.gguf_loader import load_gguf_checkpoint
 from monokernel.models.load import LoadedModel, ModelSource, load_model, load_spec, resolve_model
-from monokernel.models.presets import PRESETS
 from monokernel.models.safetensors_loader import load_safetensors_checkpoint
 from monokernel.models.tokenizer import Tokenizer
 from monokernel.reference.model import ReferenceModel
 from monokernel.runtime.kv_cache import KVCache
 
-# fp32 on both sides; the only differences are summation orders inside matmuls.
-ATOL, RTOL = 2e-5, 1e-4
+from conftest import FP32_ATOL, FP32_RTOL
+
 VOCAB = 333  # the tokenizer below trains to exactly this; odd on purpose
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -81,7 +80,7 @@ def _assert_same_logits(weights, hf_model):
         expected = hf_model(tokens).logits.float()
     cache = KVCache(weights.spec, tokens.shape[0], 32, torch.float32, "cpu")
     got = ReferenceModel(weights).forward(tokens, torch.zeros(tokens.shape[0], dtype=torch.long), cache)
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got, expected, atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
 @pytest.fixture(scope="module")
@@ -449,19 +448,14 @@ def test_load_model_directory(tmp_path, llama_dir, tiny_tokenizer):
     assert load_model(str(path), dtype=torch.float32).tokenizer.encode("fox") == tiny_tokenizer.encode("fox").ids
 
 
-def test_load_model_preset(monkeypatch):
-    from monokernel.models.spec import ModelSpec
-
-    tiny = ModelSpec(name="tiny", arch="LlamaForCausalLM", vocab_size=50, hidden_size=32, intermediate_size=48,
-                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4,
-                     max_position_embeddings=64)
-    monkeypatch.setitem(PRESETS, "tiny", tiny)
+def test_load_model_preset(tiny_preset):
     a = load_model("preset:tiny", seed=3)
     b = load_model("preset:tiny", seed=3)
     c = load_model("preset:tiny", seed=4)
-    assert a.spec is tiny and a.tokenizer is None and a.source == "preset:tiny" and a.weights.dtype == torch.bfloat16
+    assert a.spec is tiny_preset and a.tokenizer is None and a.source == "preset:tiny"
+    assert a.weights.dtype == torch.bfloat16
     assert torch.equal(a.weights.w_qkv, b.weights.w_qkv) and not torch.equal(a.weights.w_qkv, c.weights.w_qkv)
-    assert load_spec("preset:tiny") is tiny
+    assert load_spec("preset:tiny") is tiny_preset
 
 
 def test_resolve(tmp_path, llama_dir, tiny_tokenizer):

@@ -15,7 +15,7 @@ from monokernel.schedule.plan import plan_for
 from monokernel.schedule.simulate import Simulator
 from monokernel.schedule.tasks import NO_COUNTER, Op
 
-from megakernel_cases import TINY_SPECS, prefilled
+from conftest import TINY_SPECS, prefilled
 
 MAX_SEQ = 96
 

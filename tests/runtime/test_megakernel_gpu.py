@@ -11,7 +11,7 @@ from monokernel.models.weights import random_weights
 from monokernel.reference.model import ReferenceModel
 from monokernel.schedule.tasks import Op
 
-from megakernel_cases import TINY_SPECS, prefilled
+from conftest import HALF_TOL, TINY_SPECS, prefilled, rel_norm
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -19,10 +19,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def _decoder(weights, cache, **overrides):
     from monokernel.runtime.mega import MegaDecoder
     return MegaDecoder(weights, cache, timeout_s=20.0, **overrides)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 # (batch, overrides): the CUDA-core and tensor-core matrix-vector paths at small and large batch, inputs
@@ -65,11 +61,11 @@ def test_logits_match_reference(name, batch, overrides, dtype):
         expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
         assert torch.isfinite(logits).all()
         # bf16/fp16: both round at the same points; only fp32 summation order differs
-        assert _rel(logits, expect) < 2e-2, (name, batch)
+        assert rel_norm(logits, expect) < HALF_TOL, (name, batch)
         assert torch.equal(nxt, logits.argmax(-1))
         for b in range(batch):
             n = lengths[b] + 1
-            assert _rel(c_mk.k[:, b, :, :n], c_ref.k[:, b, :, :n]) < 2e-2
+            assert rel_norm(c_mk.k[:, b, :, :n], c_ref.k[:, b, :, :n]) < HALF_TOL
         tok, pos = expect.argmax(-1), pos + 1
 
 
@@ -229,7 +225,7 @@ def test_large_batch_preset_matches_reference(batch):
         mk.logits.fill_(float("nan"))
         nxt, logits = mk.step(tok, pos)
         expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
-        assert torch.isfinite(logits).all() and _rel(logits, expect) < 2e-2
+        assert torch.isfinite(logits).all() and rel_norm(logits, expect) < HALF_TOL
         for b in range(batch):
             top2 = expect[b].topk(2).values
             if top2[0] - top2[1] > _near_tie_tol(float(top2[0])):
