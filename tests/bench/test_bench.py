@@ -82,7 +82,8 @@ def test_timing_and_bandwidth_on_cpu():
 # ---- baselines against the reference ------------------------------------------------------------
 @pytest.mark.parametrize("attention", ["math", "sdpa"])
 @pytest.mark.parametrize("case", list(CPU_SPECS))
-def test_torch_compile_baseline_matches_reference(case, attention):
+def test_torch_compile_baseline(case, attention):
+    """The torch-compile baseline matches the reference."""
     spec, B, S = CPU_SPECS[case], 3, 48
     w, ref, cache, prompts, gen = _prefilled(spec, B, [12], S)
     dec = TorchCompileDecoder(w, B, S, compile=False, attention=attention)
@@ -106,7 +107,8 @@ def test_torch_compile_baseline_matches_reference(case, attention):
 
 
 @pytest.mark.parametrize("case", list(CPU_SPECS))
-def test_hf_baseline_matches_reference(case):
+def test_hf_baseline(case):
+    """The HF baseline matches the reference."""
     spec, B, S = CPU_SPECS[case], 2, 48
     w, ref, cache, _, gen = _prefilled(spec, B, [10], S, seed=3)
     dec = HFDecoder(w, B, S, compile=False)
@@ -130,8 +132,9 @@ def test_hf_baseline_matches_reference(case):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
-def test_torch_compile_baseline_compiles_once():
-    """The compiled decode step is one graph for every position (positions are tensors), still exact."""
+def test_torch_compile_once():
+    """The torch-compile baseline compiles once. The compiled decode step is one graph for every position (positions
+    are tensors), still exact."""
     from torch._dynamo.utils import counters
 
     saved = torch._inductor.config.save_config()     # the decoder sets gpt-fast's options process-wide
@@ -239,7 +242,8 @@ def test_agreement_counts_mismatches():
     assert a["max_rel_logit_diff"] == pytest.approx(0.1 / 3.0)
 
 
-def test_merge_replaces_rows_of_the_same_configuration():
+def test_merge_replaces_rows():
+    """report.merge replaces the rows of the same configuration."""
     row = lambda e, ms: {"engine": e, "variant": "v", "model": "m", "dtype": "bf16", "batch": 1, "context": 8,
                          "ms_per_step": ms}
     old = {"command": "a", "rows": [row("hf", 5.0), row("monokernel", 1.0)], "skipped": [], "notices": ["x"]}

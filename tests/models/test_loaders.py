@@ -113,7 +113,8 @@ def _copy(src, dst):
 # ---- safetensors: parity ------------------------------------------------------------------------
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
 @pytest.mark.parametrize("kind", ["llama", "llama3-untied", "mistral", "qwen2", "qwen3"])
-def test_safetensors_matches_transformers(tmp_path, kind, sharded):
+def test_safetensors_parity(tmp_path, kind, sharded):
+    """safetensors checkpoints, single-file and sharded, match transformers."""
     model = _hf_model(kind)
     model.save_pretrained(tmp_path, max_shard_size="40KB" if sharded else "10GB")
     assert (tmp_path / "model.safetensors.index.json").exists() == sharded
@@ -123,8 +124,9 @@ def test_safetensors_matches_transformers(tmp_path, kind, sharded):
     _assert_same_logits(weights, model)
 
 
-def test_safetensors_unindexed_multi_file(tmp_path, llama_dir):
-    """Several *.safetensors without an index: tensors are found by reading every header."""
+def test_safetensors_unindexed(tmp_path, llama_dir):
+    """An unindexed multi-file checkpoint. Several *.safetensors without an index: tensors are found by reading every
+    header."""
     from safetensors.torch import load_file, save_file
 
     _copy(llama_dir, tmp_path / "m")
@@ -203,13 +205,15 @@ def test_wrong_shape_tensor(tmp_path, llama_dir):
         load_safetensors_checkpoint(path, torch.float32, "cpu")
 
 
-def test_a_tensor_without_a_place_is_refused(tmp_path, llama_dir):
+def test_tensor_without_a_place(tmp_path, llama_dir):
+    """A tensor without a place is refused."""
     path = _edited_copy(llama_dir, tmp_path / "m", put={"model.layers.0.self_attn.o_proj.bias": torch.randn(64)})
     with pytest.raises(UnsupportedModelError, match=r"no place for: model\.layers\.0\.self_attn\.o_proj\.bias"):
         load_safetensors_checkpoint(path, torch.float32, "cpu")
 
 
-def test_llama_attention_bias_is_refused(tmp_path):
+def test_llama_attention_bias(tmp_path):
+    """A Llama with attention_bias is refused."""
     _hf_model("llama-bias").save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match=r"attention_bias=true"):
         load_safetensors_checkpoint(tmp_path, torch.float32, "cpu")
@@ -241,7 +245,8 @@ def _save_hf_tokenizer(tok: HFTokenizer, path):
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
-def test_tokenizer_from_dir_matches_transformers(tmp_path, tiny_tokenizer):
+def test_tokenizer_from_dir(tmp_path, tiny_tokenizer):
+    """Tokenizer.from_dir matches transformers."""
     hf = _save_hf_tokenizer(tiny_tokenizer, tmp_path)
     tok = Tokenizer.from_dir(tmp_path)
     for text in PROMPTS:
@@ -254,7 +259,8 @@ def test_tokenizer_from_dir_matches_transformers(tmp_path, tiny_tokenizer):
     assert tok.bos_token_id == hf.bos_token_id and tok.eos_token_ids == (hf.eos_token_id,)
 
 
-def test_tokenizer_bos_and_missing_template(tmp_path, tiny_tokenizer):
+def test_tokenizer_bos_no_template(tmp_path, tiny_tokenizer):
+    """The tokenizer's BOS, and a missing chat template."""
     tok = Tokenizer(tiny_tokenizer, bos_token_id=1, eos_token_ids=(2, 2), add_bos_token=True)
     assert tok.eos_token_ids == (2,)
     ids = tok.encode("The fox")
@@ -280,7 +286,8 @@ def test_chat_template_helpers(tiny_tokenizer):
         evil.apply_chat_template([])
 
 
-def test_stream_decoder_handles_split_characters(tiny_tokenizer):
+def test_stream_decoder_split_chars(tiny_tokenizer):
+    """The stream decoder handles split characters."""
     tok = Tokenizer(tiny_tokenizer)
     text = "日本語 🤖 emoji ünïcödé, The quick brown fox"
     ids = tok.encode(text)
@@ -377,7 +384,8 @@ def _write_gguf(path, model, tok: HFTokenizer, arch="llama", f16=False, rope_fac
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama3-untied"])
-def test_gguf_matches_transformers(tmp_path, kind, tiny_tokenizer):
+def test_gguf_parity(tmp_path, kind, tiny_tokenizer):
+    """GGUF checkpoints match transformers."""
     model = _hf_model(kind)
     rope = _llama3_rope_factors(model.config) if kind.startswith("llama3") else None
     path = _write_gguf(tmp_path / "m.gguf", model, tiny_tokenizer, rope_factors=rope)
@@ -419,7 +427,8 @@ def test_gguf_unsupported_tensor_type(tmp_path, tiny_tokenizer):
         load_gguf_checkpoint(path, torch.float32, "cpu")
 
 
-def test_gguf_unknown_tensor_and_bad_rope_freqs(tmp_path, tiny_tokenizer):
+def test_gguf_bad_tensors(tmp_path, tiny_tokenizer):
+    """GGUF: an unknown tensor and bad rope_freqs are refused."""
     model = _hf_model("llama")
     path = _write_gguf(tmp_path / "a.gguf", model, tiny_tokenizer,
                        extra={"blk.0.ffn_gate_exps.weight": np.ones((4, 4), np.float32)})

