@@ -3,7 +3,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-_PATH = Path(__file__).resolve().parent.parent / "scripts" / "kernel_fingerprint.py"
+_PATH = Path(__file__).resolve().parents[2] / "scripts" / "kernel_fingerprint.py"
 _spec = importlib.util.spec_from_file_location("kernel_fingerprint", _PATH)
 kf = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kf)

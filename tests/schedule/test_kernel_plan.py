@@ -11,14 +11,15 @@ from monokernel.schedule.plan import mma_tile_floats, plan_for
 from monokernel.schedule.tuning import Tuning
 from monokernel.schedule.tasks import GEMV_OPS, Op
 
-from megakernel_cases import TINY_SPECS
+from conftest import TINY_SPECS
 
 PRESETS = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"]
 
 
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("batch", [1, 2, 3, 8, 16])
-def test_layout_fits_and_attention_tasks_fit_the_grid(name, batch):
+def test_layout_fits(name, batch):
+    """The layout fits and the attention tasks fit the grid."""
     cfg = plan_for(preset(name), batch, 8192)
     assert cfg.smem.total <= cfg.gpu.smem_per_block and cfg.smem.ring_stages >= 2
     # one block running two attention tasks would hold up the whole phase
@@ -35,7 +36,8 @@ def test_layout_fits_and_attention_tasks_fit_the_grid(name, batch):
     assert (cfg.scratch_len > 0) == (not cfg.gemv[Op.QKV].in_smem)
 
 
-def test_large_batch_stages_the_down_projection_input_segment_by_segment():
+def test_down_input_seg_staged():
+    """A large batch stages the down projection's input segment by segment."""
     cfg = plan_for(preset("llama-3.1-8b"), 8, 4096)
     assert cfg.gemv[Op.QKV].in_smem and not cfg.gemv[Op.DOWN].in_smem
     assert cfg.smem.input_len == cfg.spec.hidden_size and cfg.scratch_len == 0
@@ -46,7 +48,8 @@ def test_large_batch_stages_the_down_projection_input_segment_by_segment():
     assert not plan_for(preset("llama-3.1-8b"), 8, 4096, seg_staging=0).gemv[Op.DOWN].seg_staged
 
 
-def test_without_an_input_in_shared_memory_every_tensor_core_op_stages_segments_in_an_area_of_its_own():
+def test_no_input_in_smem():
+    """Without an input in shared memory, every tensor-core op stages segments in an area of its own."""
     cfg = plan_for(preset("llama-3.1-8b"), 16, 4096)   # every input is over the 96 KiB budget
     assert not any(cfg.gemv[op].in_smem for op in GEMV_OPS)
     assert all(cfg.gemv[op].seg_staged for op in GEMV_OPS)
@@ -61,7 +64,8 @@ def test_without_an_input_in_shared_memory_every_tensor_core_op_stages_segments_
 
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("batch", [1, 2, 3, 8, 16])
-def test_attention_slots_hold_whole_passes_of_the_key_walk(name, batch):
+def test_attention_slots(name, batch):
+    """Attention slots hold whole passes of the key walk."""
     cfg = plan_for(preset(name), batch, 4096)
     assert cfg.attn.keys_per_slot % cfg.attn.keys_per_pass == 0
     assert 2 * cfg.attn.keys_per_slot * cfg.spec.head_dim * cfg.inputs.ab <= cfg.smem.slot_bytes
@@ -69,9 +73,9 @@ def test_attention_slots_hold_whole_passes_of_the_key_walk(name, batch):
 
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("batch", [1, 3, 8, 16])
-def test_segment_staged_accumulators_fit_the_scratch(name, batch):
-    """A segment-staged task keeps one per-warp accumulator tile per row group of a flush, plus its
-    results, in the scratch area; the other tensor-core ops keep two tiles."""
+def test_seg_accumulators_fit(name, batch):
+    """Segment-staged accumulators fit the scratch. A segment-staged task keeps one per-warp accumulator tile per row
+    group of a flush, plus its results, in the scratch area; the other tensor-core ops keep two tiles."""
     cfg = plan_for(preset(name), batch, 4096)
     scratch = cfg.smem.total - cfg.smem.scratch
     for op in GEMV_OPS:
@@ -81,7 +85,8 @@ def test_segment_staged_accumulators_fit_the_scratch(name, batch):
             assert cfg.result_floats * 4 <= scratch
 
 
-def test_ring_and_segment_knobs_are_checked():
+def test_ring_and_segment_knobs():
+    """The ring and segment knobs are checked."""
     spec = preset("llama-3.1-8b")
     with pytest.raises(UnsupportedModelError, match="ring_stages_max=1 must be in 2..32"):
         plan_for(spec, 8, 4096, ring_stages_max=1)
@@ -91,20 +96,23 @@ def test_ring_and_segment_knobs_are_checked():
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_bytes_stay_balanced_across_blocks(batch):
+def test_bytes_balanced(batch):
+    """Bytes stay balanced across blocks."""
     sched = build_schedule(plan_for(preset("llama-3.1-8b"), batch, 4096))
     per = sched.bytes_per_block()
     busy = per[:, per.sum(axis=0) > 0]
     assert (busy.max(axis=0) <= 1.15 * busy.mean(axis=0)).all()
 
 
-def test_head_dim_not_a_multiple_of_32_is_refused():
+def test_head_dim_refused():
+    """A head_dim that is not a multiple of 32 is refused."""
     spec = preset("llama-3.2-1b").with_(head_dim=48)
     with pytest.raises(UnsupportedModelError, match="head_dim=48 must be a multiple of 32"):
         plan_for(spec, 1, 4096)
 
 
-def test_attention_key_batch_is_derived_from_the_batch_and_checked():
+def test_attn_key_batch():
+    """The attention key batch is derived from the batch, and checked."""
     spec = preset("llama-3.1-8b")
     assert plan_for(spec, 1, 4096).attn.key_batch == 2
     assert plan_for(spec, 8, 4096).attn.key_batch == 1
@@ -113,7 +121,8 @@ def test_attention_key_batch_is_derived_from_the_batch_and_checked():
         plan_for(spec, 1, 4096, attn_pv_unroll=0)
 
 
-def test_min_kv_chunk_is_one_pass_of_the_key_walk():
+def test_min_kv_chunk():
+    """min_kv_chunk is one pass of the key walk."""
     # 8 consumer warps x 4 key groups (8 lanes each at head_dim 128) x key batch, or on tensor cores 8 warps
     # x 8 keys: a shorter split idles warps
     spec = preset("llama-3.1-8b")
@@ -139,7 +148,8 @@ def test_tuning_parses():
     assert cfg.mma_kseg == 160
 
 
-def test_tensor_core_attention_is_derived_from_the_group_size():
+def test_attn_mma():
+    """Tensor-core attention is derived from the group size."""
     spec = preset("llama-3.1-8b")
     assert plan_for(spec, 1, 4096).attn.mma and plan_for(spec, 16, 4096).attn.mma
     assert plan_for(spec, 1, 4096, attn_mma=False).summary()["attn"]["mma"] is False
@@ -151,13 +161,15 @@ def test_tensor_core_attention_is_derived_from_the_group_size():
         plan_for(wide, 8, 4096, attn_mma=True)
 
 
-def test_kv_splits_fill_the_blocks_unless_one_task_per_kv_head_fills_a_third():
+def test_kv_splits():
+    """KV splits fill the blocks unless one task per kv head fills a third."""
     spec = preset("llama-3.1-8b")                  # 8 kv heads, 132 blocks
     assert [plan_for(spec, b, 4096).attn.splits for b in (1, 2, 4, 5, 6, 8, 16)] == [16, 8, 4, 3, 1, 1, 1]
     assert plan_for(spec, 8, 4096, kv_splits=2).attn.splits == 2
 
 
-def test_l2_lookahead_is_derived_where_the_chain_tiles_fit_the_ring_and_checked():
+def test_l2_lookahead():
+    """The L2 lookahead is derived where the chain tiles fit the ring, and checked."""
     one_b, eight_b = preset("llama-3.2-1b"), preset("llama-3.1-8b")
     c = plan_for(one_b, 1, 4096)
     assert (c.tuning.l2_lookahead_kb, c.chain_blocks, c.tuning.next_step_lookahead) == (128, 128, False)
@@ -181,7 +193,8 @@ def test_l2_lookahead_is_derived_where_the_chain_tiles_fit_the_ring_and_checked(
 
 
 @pytest.mark.parametrize("skip", [{Op.GATEUP, Op.DOWN}, {Op.DOWN}, {Op.GATEUP}, set()], ids=["both", "down", "gateup", "none"])
-def test_lookahead_helpers_leave_the_chain_and_prefetch_every_chain_tile_once_a_layer(skip):
+def test_lookahead_helpers(skip):
+    """Lookahead helpers leave the chain and prefetch every chain tile once a layer."""
     cfg = plan_for(preset("llama-3.2-1b"), 1, 4096, helpers_skip=frozenset(skip))
     assert plan_for(preset("llama-3.2-1b"), 1, 4096).tuning.helpers_skip == {Op.GATEUP, Op.DOWN}   # the default
     sched = build_schedule(cfg)

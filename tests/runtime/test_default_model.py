@@ -58,7 +58,8 @@ def test_encode_matches_transformers(ours, hf_tokenizer, text):
     assert ours.tokenizer.decode(ours.tokenizer.encode(text)) == text
 
 
-def test_chat_template_matches_transformers(ours, hf_tokenizer):
+def test_chat_template(ours, hf_tokenizer):
+    """The chat template matches transformers."""
     ours_text = ours.tokenizer.apply_chat_template(MESSAGES)
     assert ours_text == hf_tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert ours_text.endswith("<|im_start|>assistant\n")
@@ -80,7 +81,8 @@ def _greedy(weights, prompt_ids: list[int], n: int, eos: tuple[int, ...]) -> lis
     return out
 
 
-def test_greedy_continuation_matches_transformers(ours, hf_model):
+def test_greedy_continuation(ours, hf_model):
+    """The greedy continuation matches transformers."""
     ids = ours.tokenizer.encode(PROMPT)
     got = _greedy(ours.weights, ids, NEW_TOKENS, ours.spec.eos_token_ids)
     with torch.no_grad():

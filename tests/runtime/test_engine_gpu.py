@@ -8,7 +8,7 @@ import torch
 from monokernel.models.weights import random_weights
 from monokernel.runtime.engine import Engine
 
-from megakernel_cases import TINY_SPECS
+from conftest import TINY_SPECS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -22,7 +22,8 @@ def weights():
     return random_weights(SPEC, torch.bfloat16, "cuda", seed=11)
 
 
-def test_auto_picks_mega_and_matches_reference(weights):
+def test_auto_picks_mega(weights):
+    """engine="auto" picks mega and matches the reference."""
     mega = Engine(weights, engine="auto", max_seq=256)
     assert mega.engine == "mega", mega.notice
     ref = Engine(weights, engine="reference", max_seq=256)
@@ -33,7 +34,8 @@ def test_auto_picks_mega_and_matches_reference(weights):
         assert [g.token_ids for g in got] == [g.token_ids for g in want]
 
 
-def test_seeded_sampling_on_mega_is_reproducible(weights):
+def test_seeded_sampling_mega(weights):
+    """Seeded sampling on mega is reproducible."""
     mega = Engine(weights, engine="mega", max_seq=256)
     run = lambda: [g.token_ids for g in mega.generate_ids(PROMPTS, max_new_tokens=16, temperature=1.0, seed=3)]
     assert run() == run()

@@ -10,7 +10,6 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 from monokernel.errors import InputError, MonokernelError
-from monokernel.models.spec import ModelSpec
 from monokernel.models.tokenizer import Tokenizer
 from monokernel.models.weights import random_weights
 from monokernel.reference.model import ReferenceModel
@@ -19,10 +18,9 @@ from monokernel.runtime.engine import Engine
 from monokernel.runtime.kv_cache import KVCache
 from monokernel.runtime.sampling import SamplingParams, sample
 
-VOCAB = 61   # odd on purpose
-SPEC = ModelSpec(name="tiny", arch="LlamaForCausalLM", vocab_size=VOCAB, hidden_size=48, intermediate_size=80,
-                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12, rms_norm_eps=1e-5, rope_theta=10000.0,
-                 max_position_embeddings=96)
+from conftest import ENGINE_SPEC as SPEC
+
+VOCAB = SPEC.vocab_size   # 61: odd on purpose
 PROMPTS = [[3, 17, 9, 44, 5, 21, 8], [30], [12, 7, 7, 58, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
 
 
@@ -58,7 +56,8 @@ def greedy_by_recompute(weights, prompt: list[int], n: int) -> list[int]:
 
 
 # ---- generation ------------------------------------------------------------------------------------
-def test_greedy_matches_recompute_and_is_deterministic(engine, weights):
+def test_greedy_matches_recompute(engine, weights):
+    """Greedy matches recomputing the whole sequence, and is deterministic."""
     first = engine.generate_ids(PROMPTS, max_new_tokens=12)
     again = engine.generate_ids(PROMPTS, max_new_tokens=12)
     for b, p in enumerate(PROMPTS):
@@ -81,7 +80,8 @@ def test_chunked_prefill_matches(engine, monkeypatch):
     assert [g.token_ids for g in chunked] == [g.token_ids for g in whole]
 
 
-def test_seeded_sampling_is_reproducible(engine):
+def test_seeded_sampling(engine):
+    """Seeded sampling is reproducible."""
     run = lambda seed: [g.token_ids for g in engine.generate_ids(PROMPTS, max_new_tokens=24, temperature=1.0, seed=seed)]
     assert run(5) == run(5)
     assert run(5) != run(6)
@@ -89,13 +89,15 @@ def test_seeded_sampling_is_reproducible(engine):
 
 
 @pytest.mark.parametrize("opts", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4)])
-def test_degenerate_sampling_equals_greedy(engine, opts):
+def test_degenerate_sampling(engine, opts):
+    """Degenerate sampling equals greedy."""
     greedy = engine.generate_ids(PROMPTS, max_new_tokens=16)
     sampled = engine.generate_ids(PROMPTS, max_new_tokens=16, **{"temperature": 1.5, "seed": 0, **opts})
     assert [g.token_ids for g in sampled] == [g.token_ids for g in greedy]
 
 
-def test_stream_events_add_up_to_generate(text_engine):
+def test_stream_events(text_engine):
+    """Stream events add up to what generate returns."""
     prompts = ["w3 w5 w8", "w1", "w40 w2 w2 w9"]
     gens = text_engine.generate(prompts, max_new_tokens=9)
     events = list(text_engine.stream(prompts, max_new_tokens=9))
@@ -139,7 +141,8 @@ def test_running_ahead_changes_nothing(weights):
     assert ahead.last_stats.decode_steps == plain.last_stats.decode_steps + 3
 
 
-def test_stop_string_truncates_and_never_streams(text_engine):
+def test_stop_string(text_engine):
+    """A stop string truncates and never streams."""
     ref = text_engine.generate("w3 w5 w8", max_new_tokens=12)[0]
     stop = f" w{ref.token_ids[4]} w"      # spans a token boundary and ends mid-word
     events = list(text_engine.stream("w3 w5 w8", max_new_tokens=12, stop=[stop, "never"]))
@@ -245,7 +248,8 @@ def test_params_and_overrides(text_engine):
         text_engine.generate_ids(PROMPTS, top_q=0.5)
 
 
-def test_sample_respects_top_k_and_top_p():
+def test_sample_top_k_top_p():
+    """sample respects top_k and top_p."""
     logits = torch.log(torch.tensor([[0.05, 0.5, 0.05, 0.3, 0.1]])).repeat(4000, 1)
     gen = torch.Generator().manual_seed(0)
     assert set(sample(logits, 1.0, top_k=2, generator=gen).tolist()) == {1, 3}

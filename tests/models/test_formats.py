@@ -17,8 +17,9 @@ def test_lookup_by_name_alias_and_dtype():
         kernel_activation(torch.float32)
 
 
-def test_packed_bytes_count_codes_and_scales():
-    """A 4-bit group-128 format (the shape quantised rows will take): codes plus one fp16 scale a group."""
+def test_packed_bytes():
+    """Packed bytes count codes and scales. A 4-bit group-128 format (the shape quantised rows will take): codes plus
+    one fp16 scale a group."""
     int4 = Format("int4-g128", 4, torch.uint8, "uint8_t", group_size=128, scale_format="fp16")
     assert int4.bytes_for(4096 * 4096, 4096) == 4096 * 4096 // 2 + 4096 * 32 * 2
     with pytest.raises(ValueError, match="count with bytes_for"):
@@ -27,7 +28,8 @@ def test_packed_bytes_count_codes_and_scales():
         Format("bad", 4, torch.uint8, None, group_size=32)
 
 
-def test_weight_bytes_per_step_matches_the_parameter_count():
+def test_weight_bytes_per_step():
+    """weight_bytes_per_step matches the parameter count."""
     for name in ("llama-3.2-1b", "llama-3.1-8b"):
         s = preset(name)
         untied = 0 if s.tie_word_embeddings else s.vocab_size * s.hidden_size
@@ -35,7 +37,8 @@ def test_weight_bytes_per_step_matches_the_parameter_count():
         assert s.weight_bytes_per_step(torch.float32) == (s.num_params() - untied) * 4
 
 
-def test_kernel_inputs_keep_weight_and_activation_formats_apart():
+def test_kernel_inputs_formats():
+    """KernelInputs keep the weight and activation formats apart."""
     i = KernelInputs(preset("llama-3.2-1b"), 1, 4096, "bf16", torch.bfloat16)
     assert i.weights is FORMATS["bf16"] and i.activations is FORMATS["bf16"] and i.wb == i.ab == 2
     with pytest.raises(UnsupportedModelError, match="fp16 weights with bf16 activations are not supported yet"):

@@ -15,7 +15,7 @@ from monokernel.schedule.plan import plan_for
 from monokernel.schedule.simulate import Simulator
 from monokernel.schedule.tasks import NO_COUNTER, Op
 
-from megakernel_cases import TINY_SPECS, prefilled
+from conftest import TINY_SPECS, prefilled
 
 MAX_SEQ = 96
 
@@ -34,7 +34,8 @@ def _setup(name: str, batch: int, blocks: int = 7, seed: int = 0, **overrides):
 
 @pytest.mark.parametrize("name", list(TINY_SPECS))
 @pytest.mark.parametrize("batch", [1, 3, 16])
-def test_simulated_schedule_matches_reference(name, batch):
+def test_matches_reference(name, batch):
+    """The simulated schedule matches the reference."""
     ref, sim, c_ref, c_sim, tok, pos = _setup(name, batch)
     rng = random.Random(batch)
     for _ in range(3):     # several steps: the KV appends of one step feed the next
@@ -50,9 +51,9 @@ def test_simulated_schedule_matches_reference(name, batch):
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("skip", [frozenset(), frozenset({Op.GATEUP}), frozenset({Op.GATEUP, Op.DOWN})],
                          ids=["none", "gateup", "mlp"])
-def test_simulated_schedule_with_lookahead_helpers_matches_reference(name, batch, skip):
-    """Two of 9 blocks kept out of the chain (QKV, attention, O) to prefetch; their gate/up rows are fewer, or
-    they sit out the gate/up or the whole MLP too."""
+def test_lookahead_helpers(name, batch, skip):
+    """The simulated schedule with lookahead helpers matches the reference. Two of 9 blocks kept out of the chain
+    (QKV, attention, O) to prefetch; their gate/up rows are fewer, or they sit out the gate/up or the whole MLP too."""
     ref, sim, c_ref, c_sim, tok, pos = _setup(name, batch, blocks=9, lookahead_blocks=2, l2_lookahead_kb=1,
                                               helpers_skip=skip)
     assert sim.plan.chain_blocks == 7 and any(t.op == Op.PREFETCH for t in sim.sched.tasks)
@@ -82,7 +83,8 @@ def test_a_missing_dependency_is_caught(op):
     assert failures > 0
 
 
-def test_every_block_streams_about_the_same_bytes_per_phase():
+def test_bytes_per_phase():
+    """Every block streams about the same bytes per phase."""
     from monokernel.models.presets import preset
     for name in ("llama-3.2-1b", "llama-3.1-8b"):
         sched = build_schedule(plan_for(preset(name), 1, 4096))
@@ -93,8 +95,9 @@ def test_every_block_streams_about_the_same_bytes_per_phase():
 
 
 @pytest.mark.parametrize("overrides", [{}, {"lookahead_blocks": 2, "l2_lookahead_kb": 1}], ids=["plain", "lookahead"])
-def test_deadlock_free_order_on_each_block(overrides):
-    """Every block's queue is in global phase order and waits only on earlier phases."""
+def test_deadlock_free_order(overrides):
+    """A deadlock-free order on each block. Every block's queue is in global phase order and waits only on earlier
+    phases."""
     sched = _setup("qwen2", 3, blocks=9, **overrides)[1].sched
     order = {t: i for i, t in enumerate(sched.tasks)}
     signals = {}

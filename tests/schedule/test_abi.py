@@ -16,7 +16,8 @@ def _struct(src: str, name: str) -> list[str]:
     return re.findall(r"^\s+(?:[\w:<>]+\s+)*[\w:<>*]+\s+(\w+);", body, re.M)
 
 
-def test_rendered_struct_matches_the_table_and_ctypes():
+def test_rendered_struct():
+    """The rendered struct matches the table and ctypes."""
     src = render_source(plan_for(preset("llama-3.2-1b"), 2, 512))
     names = [f.name for f in PARAMS]
     assert _struct(src, "Params") == names == [n for n, _ in params_struct()._fields_]
@@ -24,7 +25,8 @@ def test_rendered_struct_matches_the_table_and_ctypes():
     assert "using WT = __nv_bfloat16;" in src
 
 
-def test_buffers_follow_the_shapes_and_poison():
+def test_buffer_shapes_and_poison():
+    """The buffers follow the shapes and poison."""
     plan = plan_for(preset("llama-3.2-1b"), 3, 512)
     sched = build_schedule(plan)
     b = alloc_buffers(plan, sched, torch.bfloat16, "cpu")
@@ -37,10 +39,12 @@ def test_buffers_follow_the_shapes_and_poison():
     assert torch.isnan(sim.logits).all() and (sim.out_tokens == -1).all() and not hasattr(sim, "counters")
 
 
-def test_error_codes_are_distinct_and_zero_is_none():
+def test_error_codes():
+    """Error codes are distinct and zero is none."""
     assert ERRORS[0].code == 0 and len({e.code for e in ERRORS}) == len(ERRORS)
 
 
-def test_attention_task_encodes_and_decodes_its_head():
+def test_attention_task_head():
+    """An attention task encodes and decodes its head."""
     t = Task.attention(layer=2, seq=3, kv_head=5, num_kv_heads=8, split=4, wait=(1, 2), signal=9)
     assert (t.op, t.seq_and_kv_head(8), t.split, t.record()[TASK_FIELDS.index("arg0")]) == (Op.ATTN, (3, 5), 4, 29)

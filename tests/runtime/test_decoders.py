@@ -15,14 +15,9 @@ from monokernel.runtime.decoders import Decoder, ReferenceDecoder
 from monokernel.runtime.kv_cache import KVCache
 from monokernel.runtime.mega import MegaDecoder
 
-from megakernel_cases import TINY_SPECS
+from conftest import FP32_TOL, TINY_SPECS, rel_max
 
-TOL = 1e-4
 B, S, CONTEXT = 3, 40, 17
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def _decoders(spec) -> dict[str, Decoder]:
@@ -61,7 +56,7 @@ def test_one_step_agrees(name):
     want_greedy, want = outs["reference"]
     assert torch.equal(want_greedy, want.argmax(-1))
     for k, (greedy, logits) in [*outs.items(), *queued.items()]:
-        assert _rel(logits, want) <= TOL, f"{name}/{k}: {_rel(logits, want):.2e}"
+        assert rel_max(logits, want) <= FP32_TOL, f"{name}/{k}: {rel_max(logits, want):.2e}"
         assert torch.equal(greedy, want_greedy), k
 
 

@@ -35,8 +35,10 @@ def test_sanitizer_clean(tool, config):
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None:
         pytest.skip("compute-sanitizer not installed")
-    here = Path(__file__).parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
+    here = Path(__file__).resolve().parent
+    tests = here.parent      # conftest.py, which sanitize_case.py imports
+    path = [str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     # API errors are cuda-python probing the driver for optional entry points at import, not kernel faults
     proc = subprocess.run([sanitizer, f"--tool={tool}", "--report-api-errors", "no", sys.executable,
                            str(here / "sanitize_case.py"), *CONFIGS[config]],

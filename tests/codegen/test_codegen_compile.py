@@ -39,7 +39,8 @@ def test_presets_compile_without_spills(name, batch, capsys):
 
 
 @needs_nvcc
-def test_cache_hit_and_compile_error_carries_the_log(capsys):
+def test_cache_hit_and_error_log(capsys):
+    """A cache hit, and a compile error that carries the log."""
     first = _compile("preset:llama-3.2-1b", 1, capsys)
     again = _compile("preset:llama-3.2-1b", 1, capsys)
     assert again["cached"] and again["cubin"] == first["cubin"]
@@ -48,7 +49,8 @@ def test_cache_hit_and_compile_error_carries_the_log(capsys):
     assert "error" in e.value.log and "nvcc failed" in str(e.value)
 
 
-def test_emit_source_shows_the_generated_constants(capsys):
+def test_emit_source(capsys):
+    """--emit-source shows the generated constants."""
     p = argparse.ArgumentParser()
     compile_cli.add_arguments(p)
     compile_cli.run(p.parse_args(["--model", "preset:llama-3.1-8b", "--emit-source"]))

@@ -19,31 +19,13 @@ from monokernel.bench.bandwidth import copy_bandwidth_TBps
 from monokernel.bench.runner import BenchConfig, _agreement, run_benchmark
 from monokernel.bench.timing import time_steps
 from monokernel.errors import InputError
-from monokernel.models.presets import PRESETS, preset
-from monokernel.models.spec import ModelSpec, RopeScaling
+from monokernel.models.presets import preset
+from monokernel.models.spec import ModelSpec
 from monokernel.models.weights import random_weights
 from monokernel.reference.model import ReferenceModel
 from monokernel.runtime.kv_cache import KVCache
 
-TOL = 1e-4
-_BASE = dict(name="tiny", arch="LlamaForCausalLM", vocab_size=101, hidden_size=64, intermediate_size=88, num_layers=2,
-             num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
-             max_position_embeddings=256)
-SPECS = {
-    "llama": {},
-    "llama3-rope-tied-mqa": dict(rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64), tie_word_embeddings=True, num_kv_heads=1),
-    "qwen2-bias": dict(arch="Qwen2ForCausalLM", qkv_bias=True),
-    "qwen3-qknorm": dict(arch="Qwen3ForCausalLM", qk_norm=True, head_dim=24, tie_word_embeddings=True),
-}
-TINY = ModelSpec(**_BASE)
-
-
-def _spec(case: str) -> ModelSpec:
-    return ModelSpec(**{**_BASE, "name": case, **SPECS[case]})
-
-
-def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((ours - ref).abs().max() / ref.abs().max())
+from conftest import CPU_SPECS, FP32_TOL, TINY, rel_max
 
 
 def _fill(decoder, cache: KVCache) -> None:
@@ -99,9 +81,10 @@ def test_timing_and_bandwidth_on_cpu():
 
 # ---- baselines against the reference ------------------------------------------------------------
 @pytest.mark.parametrize("attention", ["math", "sdpa"])
-@pytest.mark.parametrize("case", list(SPECS))
-def test_torch_compile_baseline_matches_reference(case, attention):
-    spec, B, S = _spec(case), 3, 48
+@pytest.mark.parametrize("case", list(CPU_SPECS))
+def test_torch_compile_baseline(case, attention):
+    """The torch-compile baseline matches the reference."""
+    spec, B, S = CPU_SPECS[case], 3, 48
     w, ref, cache, prompts, gen = _prefilled(spec, B, [12], S)
     dec = TorchCompileDecoder(w, B, S, compile=False, attention=attention)
     assert dec.model.w_gu.data_ptr() == w.w_gu.data_ptr() and dec.model.embed.data_ptr() == w.embed.data_ptr()
@@ -111,20 +94,22 @@ def test_torch_compile_baseline_matches_reference(case, attention):
         tokens = torch.randint(0, spec.vocab_size, (B,), generator=gen)
         greedy, logits = dec.step(tokens, positions + t)
         expect = ref.forward(tokens[:, None], positions + t, cache)[:, 0]
-        assert _rel(logits, expect) <= TOL, f"{case}/{attention}: step {t} differs by {_rel(logits, expect):.2e}"
+        err = rel_max(logits, expect)
+        assert err <= FP32_TOL, f"{case}/{attention}: step {t} differs by {err:.2e}"
         assert torch.equal(greedy, expect.argmax(-1))
     # its own prefill gives the reference's prefill logits
     fresh = TorchCompileDecoder(w, B, S, compile=False, attention=attention)
     last = fresh.prefill(prompts, chunk=5)
     ref_cache = KVCache(spec, B, S, torch.float32, "cpu")
     expect = ref.forward(prompts, torch.zeros(B, dtype=torch.long), ref_cache)[:, -1]
-    assert _rel(last, expect) <= TOL
+    assert rel_max(last, expect) <= FP32_TOL
     assert torch.allclose(fresh.caches[1].k[:, :, :12], ref_cache.k[1, :, :, :12], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", list(SPECS))
-def test_hf_baseline_matches_reference(case):
-    spec, B, S = _spec(case), 2, 48
+@pytest.mark.parametrize("case", list(CPU_SPECS))
+def test_hf_baseline(case):
+    """The HF baseline matches the reference."""
+    spec, B, S = CPU_SPECS[case], 2, 48
     w, ref, cache, _, gen = _prefilled(spec, B, [10], S, seed=3)
     dec = HFDecoder(w, B, S, compile=False)
     layer0 = dec.model.model.layers[0]
@@ -135,20 +120,21 @@ def test_hf_baseline_matches_reference(case):
         pos = torch.full((B,), 10 + t)
         greedy, logits = dec.step(tokens, pos)
         expect = ref.forward(tokens[:, None], pos, cache)[:, 0]
-        assert _rel(logits, expect) <= TOL, f"{case}: step {t} differs by {_rel(logits, expect):.2e}"
+        assert rel_max(logits, expect) <= FP32_TOL, f"{case}: step {t} differs by {rel_max(logits, expect):.2e}"
         assert torch.equal(greedy, expect.argmax(-1))
     # jumping back to an earlier position rewinds transformers' write position too
     tokens = torch.randint(0, spec.vocab_size, (B,), generator=gen)
     _, logits = dec.step(tokens, torch.full((B,), 11))
-    assert _rel(logits, ref.forward(tokens[:, None], torch.full((B,), 11), cache)[:, 0]) <= TOL
+    assert rel_max(logits, ref.forward(tokens[:, None], torch.full((B,), 11), cache)[:, 0]) <= FP32_TOL
     with pytest.raises(InputError, match="one position"):
         dec.step(tokens, torch.tensor([11, 12]))
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
-def test_torch_compile_baseline_compiles_once():
-    """The compiled decode step is one graph for every position (positions are tensors), still exact."""
+def test_torch_compile_once():
+    """The torch-compile baseline compiles once. The compiled decode step is one graph for every position (positions
+    are tensors), still exact."""
     from torch._dynamo.utils import counters
 
     saved = torch._inductor.config.save_config()     # the decoder sets gpt-fast's options process-wide
@@ -163,7 +149,7 @@ def test_torch_compile_baseline_compiles_once():
             tokens = torch.randint(0, TINY.vocab_size, (2,), generator=gen)
             pos = torch.tensor([9 + t, 2 * t])
             _, logits = dec.step(tokens, pos)
-            assert _rel(logits, ref.forward(tokens[:, None], pos, cache)[:, 0]) <= TOL
+            assert rel_max(logits, ref.forward(tokens[:, None], pos, cache)[:, 0]) <= FP32_TOL
         assert counters["stats"]["unique_graphs"] == 1
     finally:
         torch._dynamo.reset()
@@ -200,7 +186,7 @@ def test_runner_end_to_end_on_cpu(tmp_path):
         if r["engine"] == "torch-compile":
             assert a["reference"] and r["speedup_vs_torch_compile"] == 1.0
         else:     # fp32: the baselines agree on every greedy token
-            assert a["mismatches"] == 0 and a["max_rel_logit_diff"] < TOL
+            assert a["mismatches"] == 0 and a["max_rel_logit_diff"] < FP32_TOL
             assert r["speedup_vs_torch_compile"] > 0
         # the timed steps' caches hold context + agreement + warm-up + 1 positions on average (steps = 3)
         assert r["kv_positions_read"] == r["context"] + 4 + 1 + 1
@@ -256,7 +242,8 @@ def test_agreement_counts_mismatches():
     assert a["max_rel_logit_diff"] == pytest.approx(0.1 / 3.0)
 
 
-def test_merge_replaces_rows_of_the_same_configuration():
+def test_merge_replaces_rows():
+    """report.merge replaces the rows of the same configuration."""
     row = lambda e, ms: {"engine": e, "variant": "v", "model": "m", "dtype": "bf16", "batch": 1, "context": 8,
                          "ms_per_step": ms}
     old = {"command": "a", "rows": [row("hf", 5.0), row("monokernel", 1.0)], "skipped": [], "notices": ["x"]}
@@ -267,8 +254,7 @@ def test_merge_replaces_rows_of_the_same_configuration():
     assert report.gpu_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3" and report.gpu_slug("cpu (x86_64)") == "cpu"
 
 
-def test_cli_writes_and_appends(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(PRESETS, "tiny", TINY)
+def test_cli_writes_and_appends(tmp_path, tiny_preset, capsys):
     base = ["--model", "preset:tiny", "--engines", "torch-compile,hf", "--batch", "1", "--context", "8",
             "--dtype", "fp32", "--steps", "2", "--warmup", "0", "--agreement-steps", "2", "--device", "cpu",
             "--no-compile", "--no-progress", "--out", str(tmp_path)]

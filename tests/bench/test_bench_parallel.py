@@ -30,7 +30,8 @@ def _args(model, out, *extra):
             "--out", str(out), *extra]
 
 
-def test_rows_of_several_processes_merge_into_one_result(tmp_path, tiny_checkpoint, capsys):
+def test_rows_merge(tmp_path, tiny_checkpoint, capsys):
+    """The rows of several processes merge into one result."""
     assert cli.main(_args(tiny_checkpoint, tmp_path, "--context", "8,16", "--devices", "cpu,cpu")) == 0
     (path,) = tmp_path.glob("*.json")
     result = json.loads(path.read_text())
@@ -44,7 +45,8 @@ def test_rows_of_several_processes_merge_into_one_result(tmp_path, tiny_checkpoi
     assert "[2/2]" in err and "started on cpu" in err
 
 
-def test_a_failing_row_is_reported_and_the_others_kept(tmp_path, tiny_checkpoint):
+def test_failing_row(tmp_path, tiny_checkpoint):
+    """A failing row is reported and the others kept."""
     # context 200 exceeds the checkpoint's 128 positions: that process reports the row as skipped
     assert cli.main(_args(tiny_checkpoint, tmp_path, "--context", "8,200", "--devices", "cpu,cpu")) == 0
     (path,) = tmp_path.glob("*.json")
@@ -53,14 +55,16 @@ def test_a_failing_row_is_reported_and_the_others_kept(tmp_path, tiny_checkpoint
     assert {r["context"] for r in result["skipped"]} == {200}
 
 
-def test_a_crashing_process_is_reported(tmp_path):
+def test_crashing_process(tmp_path):
+    """A crashing process is reported."""
     # a flag the child does not know makes it exit 2 before measuring anything
     jobs = [Job("preset:llama-3.2-1b", 1, 8)]
     with pytest.raises(MonokernelError, match="every bench process failed.*exited with 2.*--bogus"):
         run_parallel(jobs, ["cpu"], ["--bogus"], "monokernel bench", lambda r: None, lambda m: None)
 
 
-def test_a_missing_model_gives_skipped_rows(tmp_path):
+def test_missing_model(tmp_path):
+    """A missing model gives skipped rows."""
     assert cli.main(_args(tmp_path / "no-such-model", tmp_path / "out", "--context", "8", "--devices", "cpu")) == 0
     (path,) = (tmp_path / "out").glob("*.json")
     skipped = json.loads(path.read_text())["skipped"]
@@ -79,6 +83,7 @@ def test_device_lists():
         parse_devices(" , ")
 
 
-def test_device_and_devices_together_are_refused(capsys):
+def test_device_and_devices(capsys):
+    """--device and --devices together are refused."""
     assert cli.main(["--devices", "cpu", "--device", "cpu", "--model", "preset:llama-3.2-1b"]) == 2
     assert "not both" in capsys.readouterr().err

@@ -11,7 +11,8 @@ def _table(blocks):
     return records, offsets
 
 
-def test_waits_work_straggle_and_last_blocks():
+def test_summarize_step():
+    """summarize_step: waits, work, straggle and last blocks."""
     blocks = [[Task(Op.EMBED), Task(Op.QKV, 0), Task(Op.QKV, 1)],
               [Task(Op.QKV, 0), Task(Op.QKV, 1)],
               [Task(Op.QKV, 0), Task(Op.QKV, 1)]]
@@ -50,7 +51,8 @@ def test_last_blocks_name_their_sm():
     assert s["last_blocks"] == [[1, 1, 3]]
 
 
-def test_phase_timeline_per_layer_in_step_order():
+def test_phase_timeline():
+    """The phase timeline, per layer in step order."""
     blocks = [[Task(Op.EMBED), Task(Op.PREFETCH, 1), Task(Op.GATEUP, 1)],
               [Task(Op.QKV, 1), Task(Op.ATTN, 1)],
               [Task(Op.QKV, 1), Task(Op.QKV, 2)]]

@@ -18,14 +18,13 @@ from monokernel.errors import CheckpointError, InputError, UnsupportedModelError
 from monokernel.models import load as load_mod
 from monokernel.models.gguf_loader import load_gguf_checkpoint
 from monokernel.models.load import LoadedModel, ModelSource, load_model, load_spec, resolve_model
-from monokernel.models.presets import PRESETS
 from monokernel.models.safetensors_loader import load_safetensors_checkpoint
 from monokernel.models.tokenizer import Tokenizer
 from monokernel.reference.model import ReferenceModel
 from monokernel.runtime.kv_cache import KVCache
 
-# fp32 on both sides; the only differences are summation orders inside matmuls.
-ATOL, RTOL = 2e-5, 1e-4
+from conftest import FP32_ATOL, FP32_RTOL
+
 VOCAB = 333  # the tokenizer below trains to exactly this; odd on purpose
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -81,7 +80,7 @@ def _assert_same_logits(weights, hf_model):
         expected = hf_model(tokens).logits.float()
     cache = KVCache(weights.spec, tokens.shape[0], 32, torch.float32, "cpu")
     got = ReferenceModel(weights).forward(tokens, torch.zeros(tokens.shape[0], dtype=torch.long), cache)
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got, expected, atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +113,8 @@ def _copy(src, dst):
 # ---- safetensors: parity ------------------------------------------------------------------------
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
 @pytest.mark.parametrize("kind", ["llama", "llama3-untied", "mistral", "qwen2", "qwen3"])
-def test_safetensors_matches_transformers(tmp_path, kind, sharded):
+def test_safetensors_parity(tmp_path, kind, sharded):
+    """safetensors checkpoints, single-file and sharded, match transformers."""
     model = _hf_model(kind)
     model.save_pretrained(tmp_path, max_shard_size="40KB" if sharded else "10GB")
     assert (tmp_path / "model.safetensors.index.json").exists() == sharded
@@ -124,8 +124,9 @@ def test_safetensors_matches_transformers(tmp_path, kind, sharded):
     _assert_same_logits(weights, model)
 
 
-def test_safetensors_unindexed_multi_file(tmp_path, llama_dir):
-    """Several *.safetensors without an index: tensors are found by reading every header."""
+def test_safetensors_unindexed(tmp_path, llama_dir):
+    """An unindexed multi-file checkpoint. Several *.safetensors without an index: tensors are found by reading every
+    header."""
     from safetensors.torch import load_file, save_file
 
     _copy(llama_dir, tmp_path / "m")
@@ -204,13 +205,15 @@ def test_wrong_shape_tensor(tmp_path, llama_dir):
         load_safetensors_checkpoint(path, torch.float32, "cpu")
 
 
-def test_a_tensor_without_a_place_is_refused(tmp_path, llama_dir):
+def test_tensor_without_a_place(tmp_path, llama_dir):
+    """A tensor without a place is refused."""
     path = _edited_copy(llama_dir, tmp_path / "m", put={"model.layers.0.self_attn.o_proj.bias": torch.randn(64)})
     with pytest.raises(UnsupportedModelError, match=r"no place for: model\.layers\.0\.self_attn\.o_proj\.bias"):
         load_safetensors_checkpoint(path, torch.float32, "cpu")
 
 
-def test_llama_attention_bias_is_refused(tmp_path):
+def test_llama_attention_bias(tmp_path):
+    """A Llama with attention_bias is refused."""
     _hf_model("llama-bias").save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match=r"attention_bias=true"):
         load_safetensors_checkpoint(tmp_path, torch.float32, "cpu")
@@ -242,7 +245,8 @@ def _save_hf_tokenizer(tok: HFTokenizer, path):
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
-def test_tokenizer_from_dir_matches_transformers(tmp_path, tiny_tokenizer):
+def test_tokenizer_from_dir(tmp_path, tiny_tokenizer):
+    """Tokenizer.from_dir matches transformers."""
     hf = _save_hf_tokenizer(tiny_tokenizer, tmp_path)
     tok = Tokenizer.from_dir(tmp_path)
     for text in PROMPTS:
@@ -255,7 +259,8 @@ def test_tokenizer_from_dir_matches_transformers(tmp_path, tiny_tokenizer):
     assert tok.bos_token_id == hf.bos_token_id and tok.eos_token_ids == (hf.eos_token_id,)
 
 
-def test_tokenizer_bos_and_missing_template(tmp_path, tiny_tokenizer):
+def test_tokenizer_bos_no_template(tmp_path, tiny_tokenizer):
+    """The tokenizer's BOS, and a missing chat template."""
     tok = Tokenizer(tiny_tokenizer, bos_token_id=1, eos_token_ids=(2, 2), add_bos_token=True)
     assert tok.eos_token_ids == (2,)
     ids = tok.encode("The fox")
@@ -281,7 +286,8 @@ def test_chat_template_helpers(tiny_tokenizer):
         evil.apply_chat_template([])
 
 
-def test_stream_decoder_handles_split_characters(tiny_tokenizer):
+def test_stream_decoder_split_chars(tiny_tokenizer):
+    """The stream decoder handles split characters."""
     tok = Tokenizer(tiny_tokenizer)
     text = "日本語 🤖 emoji ünïcödé, The quick brown fox"
     ids = tok.encode(text)
@@ -378,7 +384,8 @@ def _write_gguf(path, model, tok: HFTokenizer, arch="llama", f16=False, rope_fac
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama3-untied"])
-def test_gguf_matches_transformers(tmp_path, kind, tiny_tokenizer):
+def test_gguf_parity(tmp_path, kind, tiny_tokenizer):
+    """GGUF checkpoints match transformers."""
     model = _hf_model(kind)
     rope = _llama3_rope_factors(model.config) if kind.startswith("llama3") else None
     path = _write_gguf(tmp_path / "m.gguf", model, tiny_tokenizer, rope_factors=rope)
@@ -420,7 +427,8 @@ def test_gguf_unsupported_tensor_type(tmp_path, tiny_tokenizer):
         load_gguf_checkpoint(path, torch.float32, "cpu")
 
 
-def test_gguf_unknown_tensor_and_bad_rope_freqs(tmp_path, tiny_tokenizer):
+def test_gguf_bad_tensors(tmp_path, tiny_tokenizer):
+    """GGUF: an unknown tensor and bad rope_freqs are refused."""
     model = _hf_model("llama")
     path = _write_gguf(tmp_path / "a.gguf", model, tiny_tokenizer,
                        extra={"blk.0.ffn_gate_exps.weight": np.ones((4, 4), np.float32)})
@@ -449,19 +457,14 @@ def test_load_model_directory(tmp_path, llama_dir, tiny_tokenizer):
     assert load_model(str(path), dtype=torch.float32).tokenizer.encode("fox") == tiny_tokenizer.encode("fox").ids
 
 
-def test_load_model_preset(monkeypatch):
-    from monokernel.models.spec import ModelSpec
-
-    tiny = ModelSpec(name="tiny", arch="LlamaForCausalLM", vocab_size=50, hidden_size=32, intermediate_size=48,
-                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4,
-                     max_position_embeddings=64)
-    monkeypatch.setitem(PRESETS, "tiny", tiny)
+def test_load_model_preset(tiny_preset):
     a = load_model("preset:tiny", seed=3)
     b = load_model("preset:tiny", seed=3)
     c = load_model("preset:tiny", seed=4)
-    assert a.spec is tiny and a.tokenizer is None and a.source == "preset:tiny" and a.weights.dtype == torch.bfloat16
+    assert a.spec is tiny_preset and a.tokenizer is None and a.source == "preset:tiny"
+    assert a.weights.dtype == torch.bfloat16
     assert torch.equal(a.weights.w_qkv, b.weights.w_qkv) and not torch.equal(a.weights.w_qkv, c.weights.w_qkv)
-    assert load_spec("preset:tiny") is tiny
+    assert load_spec("preset:tiny") is tiny_preset
 
 
 def test_resolve(tmp_path, llama_dir, tiny_tokenizer):

@@ -1,0 +1,107 @@
+"""What the tests share: the tiny model specs, the KV-cache prefill with junk, the relative errors and their
+tolerances, and the fixtures over them.
+
+Test modules and tests/runtime/sanitize_case.py import the names with `from conftest import ...` (pytest puts
+tests/ on sys.path for this file; the sanitizer test puts it on PYTHONPATH); scripts/kernel_fingerprint.py
+reads TINY_SPECS from here, and the kernel fingerprints depend on their values."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monokernel.models.presets import PRESETS
+from monokernel.models.spec import ModelSpec, RopeScaling
+from monokernel.reference.model import ReferenceModel
+from monokernel.runtime.kv_cache import KVCache
+
+# ---- tiny specs ------------------------------------------------------------------------------------
+# Shapes the megakernel runs (head_dim a multiple of 32), one per architecture, together covering every
+# supported feature: the simulator, the GPU tests, the Decoder protocol and the plan checks run them all.
+TINY_SPECS = {
+    # llama3 rope scaling, GQA 4:1, tied embeddings
+    "llama": ModelSpec(name="tiny-llama", arch="LlamaForCausalLM", vocab_size=1000, hidden_size=256,
+                       intermediate_size=688, num_layers=3, num_heads=8, num_kv_heads=2, head_dim=32,
+                       rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=512, tie_word_embeddings=True,
+                       rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64)),
+    # q/k/v bias, head_dim 64, GQA 3:1
+    "qwen2": ModelSpec(name="tiny-qwen2", arch="Qwen2ForCausalLM", vocab_size=777, hidden_size=384,
+                       intermediate_size=512, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=64,
+                       rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=512, qkv_bias=True),
+    # q/k RMSNorm, head_dim 128 with hidden 256 (q_size != hidden), MHA
+    "qwen3": ModelSpec(name="tiny-qwen3", arch="Qwen3ForCausalLM", vocab_size=515, hidden_size=256,
+                       intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=128,
+                       rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=512, qk_norm=True),
+    "mistral": ModelSpec(name="tiny-mistral", arch="MistralForCausalLM", vocab_size=640, hidden_size=320,
+                         intermediate_size=640, num_layers=2, num_heads=5, num_kv_heads=1, head_dim=64,
+                         rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=512),
+}
+
+# Smaller than the kernel allows (head_dim 16 and 24), for the CPU back ends only: the bench baselines, the
+# bench runner, and `preset:tiny` (the tiny_preset fixture).
+TINY = ModelSpec(name="tiny", arch="LlamaForCausalLM", vocab_size=101, hidden_size=64, intermediate_size=88,
+                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 max_position_embeddings=256)
+CPU_SPECS = {case: TINY.with_(name=case, **changes) for case, changes in {
+    "llama": {},
+    "llama3-rope-tied-mqa": dict(rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64), tie_word_embeddings=True, num_kv_heads=1),
+    "qwen2-bias": dict(arch="Qwen2ForCausalLM", qkv_bias=True),
+    "qwen3-qknorm": dict(arch="Qwen3ForCausalLM", qk_norm=True, head_dim=24, tie_word_embeddings=True),
+}.items()}
+
+# The engine tests: an odd vocabulary (a word tokenizer maps token i to "w{i}") and 96 positions, which the
+# context-limit tests count against.
+ENGINE_SPEC = ModelSpec(name="tiny", arch="LlamaForCausalLM", vocab_size=61, hidden_size=48, intermediate_size=80,
+                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12, rms_norm_eps=1e-5, rope_theta=10000.0,
+                        max_position_embeddings=96)
+
+
+# ---- KV caches -------------------------------------------------------------------------------------
+JUNK = 3.0e4   # unused KV slots: an out-of-bounds read changes the answer instead of hiding
+
+
+def prefilled(model: ReferenceModel, batch: int, max_seq: int, lengths: list[int], gen: torch.Generator,
+              prompt: torch.Tensor | None = None):
+    """Two identical caches prefilled with the prompt (default: random tokens) up to the given lengths,
+    junk beyond."""
+    spec, w = model.spec, model.w
+    caches = []
+    if prompt is None:
+        prompt = torch.randint(0, spec.vocab_size, (batch, max(lengths)), generator=gen)
+    prompt = prompt.to(w.device)
+    for _ in range(2):
+        c = KVCache(spec, batch, max_seq, w.dtype, w.device)
+        c.k.fill_(JUNK)
+        c.v.fill_(-JUNK)
+        model.forward(prompt, torch.zeros(batch, dtype=torch.long, device=w.device), c)
+        for b, n in enumerate(lengths):    # slots at and past each sequence's length hold junk again
+            c.k[:, b, :, n:] = JUNK
+            c.v[:, b, :, n:] = -JUNK
+        caches.append(c)
+    return caches
+
+
+# ---- relative errors and tolerances ----------------------------------------------------------------
+def rel_max(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """The largest absolute difference over the largest magnitude of the reference."""
+    return float((ours - ref).abs().max() / ref.abs().max())
+
+
+def rel_norm(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """The norm of the difference over the norm of the reference, in fp32."""
+    return float((ours.float() - ref.float()).norm() / ref.float().norm())
+
+
+# fp32 on both sides, differing only in summation order (~1e-7 to 1e-6 relative, measured): 1e-4 catches any
+# real mistake (a wrong head grouping, RoPE table or mask shows up at 1e-2 or more).
+FP32_TOL = 1e-4                      # rel_max of logits: the baselines, the Decoder protocol, transformers
+FP32_ATOL, FP32_RTOL = 2e-5, 1e-4    # torch.testing.assert_close of logits: loaded checkpoints
+# bf16/fp16: the megakernel and the reference round at the same points; only fp32 summation order differs.
+HALF_TOL = 2e-2                      # rel_norm of logits and K rows
+
+
+# ---- fixtures --------------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_preset(monkeypatch) -> ModelSpec:
+    """TINY registered as `preset:tiny` for the duration of one test."""
+    monkeypatch.setitem(PRESETS, "tiny", TINY)
+    return TINY
