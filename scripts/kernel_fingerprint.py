@@ -30,7 +30,7 @@ PRESETS = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-3.1-70b")
 BATCHES = (1, 2, 3, 8, 16)
 MAX_SEQS = (4096, 32768)
 TINY_MAX_SEQS = (320, 512)     # the tiny specs hold 512 positions; 320 is what the GPU logits tests use
-# Tuning overrides the GPU tests and the sanitizer force (tests/test_megakernel_gpu.py PATHS, sanitize
+# Tuning overrides the GPU tests and the sanitizer force (tests/runtime/test_megakernel_gpu.py PATHS, sanitize
 # configs), fingerprinted on the tiny specs at max_seq 320: every knob path the refactor re-derives
 VARIANTS = ((2, "gemv_mma=1"), (5, "gemv_mma=0"), (1, "attn_mma=0"), (4, "attn_mma=0"),
             (1, "l2_lookahead_kb=64"), (3, "l2_lookahead_kb=64,helpers_skip_mlp=0"), (3, "next_step_lookahead=0"),
@@ -69,9 +69,9 @@ def build_for(spec, batch: int, max_seq: int, overrides: str = "") -> tuple[str,
 def tiny_specs() -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     try:
-        from conftest import TINY_SPECS          # where the refactor may put them
+        from conftest import TINY_SPECS
     except ImportError:
-        from megakernel_cases import TINY_SPECS
+        from megakernel_cases import TINY_SPECS  # 02be4f3, whose baseline this script recomputes
     return TINY_SPECS
 
 
