@@ -24,7 +24,7 @@ def kernel_entry_name(plan: KernelPlan) -> str:
 
 
 def render_source(plan: KernelPlan) -> str:
-    s, t, i, a = plan.spec, plan.tuning, plan.inputs, plan.attn
+    s, i, a = plan.spec, plan.inputs, plan.attn
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     header = env.from_string(_template("config.cuh.j2")).render(
         model=s.name, batch=plan.batch, dtype=i.activations.name, arch=plan.gpu.arch,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .plan import KernelPlan
-from .tasks import GEMV_OPS, LAYER_OPS, NO_COUNTER, TASK_DTYPE, Op, Task
+from .tasks import GEMV_OPS, LAYER_OPS, TASK_DTYPE, Op, Task
 
 
 def counter_of(op: Op, layer: int, num_layers: int) -> int:

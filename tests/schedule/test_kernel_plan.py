@@ -7,7 +7,8 @@ from monokernel.errors import UnsupportedModelError
 from monokernel.models.presets import preset
 from monokernel.schedule.build import build_schedule
 from monokernel.schedule.inputs import GpuInfo
-from monokernel.schedule.plan import mma_tile_floats, plan_for
+from monokernel.schedule.layout import mma_tile_floats
+from monokernel.schedule.plan import plan_for
 from monokernel.schedule.tuning import Tuning
 from monokernel.schedule.tasks import GEMV_OPS, Op
 

@@ -1,0 +1,197 @@
+"""The layout of one kernel: per-op matrix-vector shapes and the block's shared memory, for inputs and a
+tuning whose layout knobs (gemv_mma, slot_bytes, l2_lookahead_kb) are decided. plan.py freezes the result;
+rules.py asks it once, for the L2 lookahead's rule."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .inputs import KernelInputs
+from .tasks import GEMV_OPS, Op
+from .tuning import Tuning
+
+# Matrix-vector ops that, with the attention, make a layer's latency-bound chain: the L2 lookahead's helper
+# blocks leave them to the others (`chain_blocks`).
+CHAIN_OPS = (Op.QKV, Op.OPROJ)
+MMA_ROWS = 8          # the N side of m16n8k16: weight rows of one tensor-core ring chunk
+SMEM_HEADER = 1024    # barriers, flags and alignment padding at the start of shared memory
+
+
+@dataclass(frozen=True)
+class GemvPlan:
+    """One op's matrix-vector shape: ROWS x K, `tile_rows` a task, `chunk_rows` a ring slot, `warps_per_row`
+    consumer warps splitting a row's K; `flush_chunks` ring chunks whose results collect in shared memory
+    before one epilogue; the input staged in shared memory or read from global memory; tensor-core ops with
+    a global input stage it segment by segment (`seg_staged`); `chain_only`: tiled over the chain blocks."""
+    rows: int
+    cols: int
+    tile_rows: int
+    chunk_rows: int
+    warps_per_row: int
+    flush_chunks: int = 1
+    in_smem: bool = True
+    seg_staged: bool = False
+    chain_only: bool = False
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.rows // self.tile_rows)
+
+
+@dataclass(frozen=True)
+class SmemLayout:
+    """Byte offsets of the block's dynamic shared memory: header (barriers, flags), the weight ring, the
+    staged inputs (B x input_len), then one scratch area used in turn by matrix-vector results, attention
+    partials and the RMSNorm reduction."""
+    ring: int
+    ring_stages: int
+    slot_bytes: int
+    input: int
+    input_len: int
+    scratch: int
+    total: int
+
+
+class Layout:
+    """Shapes and shared-memory offsets for inputs `i` and a tuning `t` whose gemv_mma, slot_bytes and
+    l2_lookahead_kb are decided (the attention knobs do not enter the layout)."""
+
+    def __init__(self, i: KernelInputs, t: Tuning):
+        self.i, self.t, self.s = i, t, i.spec
+        self.num_blocks = i.gpu.sm_count
+        self.chain_blocks = self.num_blocks - (t.lookahead_blocks if t.l2_lookahead_kb else 0)
+        self.gemv = {op: self._gemv(op) for op in GEMV_OPS}
+        self.input_len = self._input_len()
+        self.result_floats = self._result_floats()
+        inp = i.batch * self.input_len * i.ab
+        scratch = max(self.result_floats, attn_floats(i, t), t.consumer_warps * i.batch) * 4
+        self.fixed = SMEM_HEADER + inp + scratch
+        self.ring_stages = min(t.ring_stages_max, (i.gpu.smem_per_block - self.fixed) // t.slot_bytes)
+        self.smem = SmemLayout(ring=SMEM_HEADER, ring_stages=self.ring_stages, slot_bytes=t.slot_bytes,
+                               input=SMEM_HEADER + self.ring_stages * t.slot_bytes, input_len=self.input_len,
+                               scratch=SMEM_HEADER + self.ring_stages * t.slot_bytes + inp,
+                               total=self.fixed + self.ring_stages * t.slot_bytes)
+
+    def chain_only(self, op: Op) -> bool:
+        return op in CHAIN_OPS or op in self.t.helpers_skip
+
+    def in_smem(self, op: Op, cols: int) -> bool:
+        """An op's input (B x K) lives in shared memory when it fits beside a useful ring. Otherwise the
+        RMSNorm ops stage it in a per-block global (L2-resident) scratch, and the O projection and the down
+        projection read the attention output and the activations where other blocks wrote them."""
+        return self.i.batch * cols * self.i.ab <= self.t.input_smem_budget
+
+    def seg_staged(self, op: Op, cols: int) -> bool:
+        """Tensor-core ops whose input lives in global memory: the producer streams their chunks K segment by
+        K segment and the consumers stage each input segment once in the shared-memory input area, instead of
+        loading the input from L2 inside the mma loop, where each slot waited a round trip (perf note 17)."""
+        return self.t.gemv_mma and self.t.seg_staging and not self.in_smem(op, cols)
+
+    def _gemv(self, op: Op) -> GemvPlan:
+        s, t, wb = self.s, self.t, self.i.wb
+        rows, cols = op_matrix_shape(s, op)
+        chain = self.chain_only(op)
+        tile = -(-rows // (self.chain_blocks if chain else self.num_blocks))
+        extra = dict(in_smem=self.in_smem(op, cols), seg_staged=self.seg_staged(op, cols), chain_only=chain)
+        if t.gemv_mma:       # chunks are row groups x K segments; results reduce across warps per group
+            tile += tile % 2
+            return GemvPlan(rows, cols, tile, MMA_ROWS, 1, **extra)
+        chunk = max(1, t.slot_bytes // (cols * wb))
+        if op == Op.GATEUP:       # gate/up pairs never straddle a tile or a chunk
+            tile += tile % 2
+            chunk -= chunk % 2
+        chunk = min(chunk, tile)
+        wpr = 1 if chunk >= t.consumer_warps else t.consumer_warps // chunk
+        return GemvPlan(rows, cols, tile, chunk, wpr, **extra)
+
+    def _input_len(self) -> int:
+        """Row stride of the shared-memory input: the widest input that lives there, and at least one K
+        segment where a tensor-core op stages its global input there (0: no input lives there)."""
+        widest = max((g.cols for g in self.gemv.values() if g.in_smem), default=0)
+        if any(g.seg_staged for g in self.gemv.values()):
+            return max(widest, -(-mma_kseg(self.i, self.t) // 64) * 64)   # staged rows are whole 128-byte groups
+        return widest
+
+    def flush_chunks(self, g: GemvPlan) -> int:
+        """Ring chunks whose row results collect in shared memory before one epilogue writes them: the
+        epilogue (a barrier and, for residual ops, an L2 round trip) then runs once per task, not per chunk.
+        A segment-staged op keeps every row group's per-warp accumulators until its last segment."""
+        chunks = -(-g.tile_rows // g.chunk_rows)
+        per_chunk = g.warps_per_row * g.chunk_rows * self.i.batch * 4
+        budget = result_budget(self.i, self.t)
+        if g.seg_staged:
+            return max(1, min(chunks, budget // (mma_tile_floats(self.t) * 4 + per_chunk)))
+        budget -= self.mma_part_floats * 4 if self.t.gemv_mma else 0
+        return max(1, min(chunks, budget // per_chunk))
+
+    @property
+    def mma_part_floats(self) -> int:
+        # two buffers (alternate row groups), or one per row group of a segment-staged op's flush
+        staged = [self.flush_chunks(g) for g in self.gemv.values() if g.seg_staged]
+        return max([2] + staged) * mma_tile_floats(self.t)
+
+    def _result_floats(self) -> int:
+        res = max(g.chunk_rows * g.warps_per_row * self.flush_chunks(g) for g in self.gemv.values()) * self.i.batch
+        return res + (self.mma_part_floats if self.t.gemv_mma else 0)
+
+    # the L2 lookahead's test: does the chain leave HBM idle, and gate/up rows to prefetch?
+    @property
+    def lookahead_skip_rows(self) -> int:
+        """Gate/up rows of a tile that its block's ring already holds when the chain ends: the ring, less the
+        O-projection tile it streams first."""
+        o = self.gemv[Op.OPROJ]
+        ring_left = self.ring_stages * self.t.slot_bytes - o.tile_rows * o.cols * self.i.wb
+        return max(0, ring_left) // (self.s.hidden_size * self.i.wb)
+
+    def chain_fits_ring(self) -> bool:
+        q, o = self.gemv[Op.QKV], self.gemv[Op.OPROJ]
+        return (q.tile_rows * q.cols + o.tile_rows * o.cols) * self.i.wb <= self.ring_stages * self.t.slot_bytes
+
+
+def op_matrix_shape(s, op: Op) -> tuple[int, int]:
+    """(rows, K) of the op's weight matrix per layer (abi.OP_TABLE names the matrices)."""
+    return {Op.QKV: (s.qkv_size, s.hidden_size), Op.OPROJ: (s.hidden_size, s.q_size),
+            Op.GATEUP: (2 * s.intermediate_size, s.hidden_size), Op.DOWN: (s.hidden_size, s.intermediate_size),
+            Op.LMHEAD: (s.vocab_size, s.hidden_size)}[op]
+
+
+def mma_kseg(i: KernelInputs, t: Tuning) -> int:
+    """Elements of one row per tensor-core chunk (a multiple of 32: one warp step covers 32 of K)."""
+    s = i.spec
+    kmax = max(s.hidden_size, s.q_size, s.intermediate_size)
+    return min(t.mma_kseg_max, -(-kmax // 32) * 32)
+
+
+def mma_row_stride(i: KernelInputs, t: Tuning) -> int:
+    # Rows sit 64 bytes off a multiple of 128 apart, so the two rows an 8-lane phase of 16-byte loads
+    # touches fall in different banks.
+    b = mma_kseg(i, t) * i.wb
+    return b + (64 if b % 128 == 0 else 0)
+
+
+def mma_tile_floats(t: Tuning) -> int:
+    return t.consumer_warps * 16 * MMA_ROWS    # every warp's 16 x 8 accumulator tile
+
+
+def attn_floats(i: KernelInputs, t: Tuning) -> int:
+    s = i.spec
+    g, d = s.group_size, s.head_dim
+    # q (G x D), new k and v (2 x D), per-warp partial (G x (D + 2))
+    return g * d + 2 * d + t.consumer_warps * g * (d + 2)
+
+
+def result_budget(i: KernelInputs, t: Tuning) -> int:
+    # the attention partials need this much scratch anyway; results may use as much (at least 8 KiB)
+    return max(8 * 1024, attn_floats(i, t) * 4)
+
+
+def lanes_per_key(i: KernelInputs) -> int:
+    """Lanes that score one key together: 16-byte chunks, 8 lanes where a head splits into 8 of them."""
+    return 8 if i.spec.head_dim % 64 == 0 else 4
+
+
+def keys_per_pass(i: KernelInputs, t: Tuning) -> int:
+    """Keys all consumer warps score in one pass of the key walk (one softmax update each): a key per lane
+    group and key batch, or on tensor cores 8 keys a warp (the N side of the score mma)."""
+    if t.attn_mma:
+        return t.consumer_warps * MMA_ROWS
+    return t.consumer_warps * (32 // lanes_per_key(i)) * t.attn_key_batch

@@ -1,0 +1,85 @@
+"""The derivation rules of the tuning: each resolves one knob left `None`, in the order of RULES (a later
+rule may read what an earlier one decided), and says why, citing its perf note."""
+from __future__ import annotations
+
+from .inputs import KernelInputs
+from .layout import MMA_ROWS, Layout, keys_per_pass, mma_row_stride
+from .tasks import Op
+from .tuning import Tuning
+
+LOOKAHEAD_KB = 128    # perf note 23 (160 KB outran the helpers' issue rate)
+
+
+def rule_gemv_mma(i: KernelInputs, t: Tuning) -> bool:
+    # from batch 3: at batch 8 the CUDA-core path is compute-bound, 4x too slow
+    return i.batch > 2
+
+
+def rule_slot_bytes(i: KernelInputs, t: Tuning) -> int:
+    if t.gemv_mma:
+        return MMA_ROWS * mma_row_stride(i, t)
+    # a slot holds one full row of the widest matrix (two for gate/up pairs); 32 KiB otherwise keeps 6 or so
+    # slots in flight, enough bytes to cover HBM latency on one SM
+    need = max(i.spec.intermediate_size, 2 * i.spec.hidden_size, i.spec.q_size) * i.wb
+    return max(32 * 1024, -(-need // 1024) * 1024)
+
+
+def helpers_fit(i: KernelInputs, t: Tuning) -> bool:
+    return 1 <= t.lookahead_blocks <= i.gpu.sm_count // 4
+
+
+def rule_l2_lookahead_kb(i: KernelInputs, t: Tuning) -> int:
+    # on where a chain block's QKV and O tiles fit its ring together (the ring is then full and HBM idle
+    # through the chain: the 1B preset) and leave gate/up rows to prefetch; measured slower at 8B (note 23)
+    if not helpers_fit(i, t):
+        return 0
+    lay = Layout(i, t.replace(l2_lookahead_kb=LOOKAHEAD_KB))
+    on = lay.chain_fits_ring() and lay.lookahead_skip_rows < lay.gemv[Op.GATEUP].tile_rows
+    return LOOKAHEAD_KB if on else 0
+
+
+def rule_next_step_lookahead(i: KernelInputs, t: Tuning) -> bool:
+    return i.batch > 2          # measured faster from batch 3, neutral at batch 1
+
+
+def rule_attn_prologue_early(i: KernelInputs, t: Tuning) -> bool:
+    return i.batch <= 2         # perf note 24; at batch 8 the registers it holds spill on the 3B preset
+
+
+def rule_kv_splits(i: KernelInputs, t: Tuning) -> int:
+    # no more attention tasks than blocks: one block running two would hold up the whole phase; and none where
+    # one task per (sequence, kv head) already keeps a third of the SMs streaming KV rows: those blocks then
+    # draw the copy bandwidth between them, and a split would only add the combine's round trips (perf note 20)
+    chain = i.gpu.sm_count - (t.lookahead_blocks if t.l2_lookahead_kb else 0)
+    per = i.batch * i.spec.num_kv_heads
+    splits = 1 if 3 * per >= chain else chain // per
+    return max(1, min(64, splits))
+
+
+def rule_attn_key_batch(i: KernelInputs, t: Tuning) -> int:
+    # 2 where 8k-32k contexts make tasks of 512-2048 keys; from batch 3 tasks are short and 1 measured faster
+    return 2 if i.batch <= 2 else 1
+
+
+def rule_attn_mma(i: KernelInputs, t: Tuning) -> bool:
+    return i.spec.group_size <= MMA_ROWS     # faster at every batch and context measured (perf note 20)
+
+
+def rule_min_kv_chunk(i: KernelInputs, t: Tuning) -> int:
+    return keys_per_pass(i, t)   # a shorter split idles warps
+
+
+RULES = (("gemv_mma", rule_gemv_mma), ("slot_bytes", rule_slot_bytes), ("l2_lookahead_kb", rule_l2_lookahead_kb),
+         ("next_step_lookahead", rule_next_step_lookahead), ("attn_prologue_early", rule_attn_prologue_early),
+         ("kv_splits", rule_kv_splits), ("attn_key_batch", rule_attn_key_batch), ("attn_mma", rule_attn_mma),
+         ("min_kv_chunk", rule_min_kv_chunk))
+
+
+def resolve(i: KernelInputs, t: Tuning) -> Tuning:
+    """The tuning with every None replaced by its rule's value, in RULES order."""
+    for name, rule in RULES:
+        if getattr(t, name) is None:
+            t = t.replace(**{name: rule(i, t)})
+    missing = t.unresolved()
+    assert not missing, f"knobs without a rule: {missing}"
+    return t
