@@ -9,7 +9,7 @@ import jinja2
 
 from ..schedule.plan import KernelPlan
 from ..schedule.tasks import TASK_ACCESSORS, TASK_FIELDS, Op
-from ..schedule.abi import KERNEL_NAME, PARAMS
+from ..schedule.abi import KERNEL_NAME, OP_TABLE, PARAMS
 
 TEMPLATE_ORDER = ("pipeline.cuh", "numerics.cuh", "input.cuh", "gemv.cuh", "attention.cuh", "megakernel.cu")
 
@@ -35,7 +35,7 @@ def render_source(plan: KernelPlan) -> str:
         eps=repr(float(s.rms_norm_eps)), attn_scale=repr(1.0 / math.sqrt(s.head_dim)),
         qkv_bias=s.qkv_bias, qk_norm=s.qk_norm, plan=plan, smem=plan.smem,
         ops=[(op.name, int(op)) for op in Op],
-        gemv=[dict(op=op.name, **g.__dict__) for op, g in plan.gemv.items()],
+        gemv=[dict(op=op.name, table=OP_TABLE[op], **g.__dict__) for op, g in plan.gemv.items()],
         task_fields=TASK_FIELDS, task_accessors=TASK_ACCESSORS, params=PARAMS)
     body = "\n".join(f"// ---- {n} ----\n{_template(n)}" for n in TEMPLATE_ORDER)
     return header + "\n#include <type_traits>\n" + body

@@ -11,11 +11,45 @@ from types import SimpleNamespace
 
 import torch
 
-from .tasks import TASK_FIELDS
+from .tasks import TASK_FIELDS, Op
 
 KERNEL_NAME = "monokernel_decode_step"
 TASK_WORDS = len(TASK_FIELDS)     # int32 words of one task record
 PROFILE_STAMPS = 3                # globaltimer stamps a task: wait start, work start, end
+
+
+@dataclass(frozen=True)
+class GemvOp:
+    """What one matrix-vector op reads, in the names of Params and of the kernel's shape constants: the weight
+    matrix (`rows` x `k` a layer), the input it multiplies (RMSNorm'd by `norm` where given, else read as it
+    is), and the residual added to its output."""
+    weight: str
+    rows: str
+    k: str
+    input: str
+    norm: str | None = None
+    residual: str | None = None
+
+
+OP_TABLE: dict[Op, GemvOp] = {
+    Op.QKV: GemvOp("w_qkv", "QKV", "H", "x", norm="attn_norm"),
+    Op.OPROJ: GemvOp("w_o", "H", "QSIZE", "attn_out", residual="x"),
+    Op.GATEUP: GemvOp("w_gu", "2 * ISIZE", "H", "x_mid", norm="mlp_norm"),
+    Op.DOWN: GemvOp("w_down", "H", "ISIZE", "act", residual="x_mid"),
+    Op.LMHEAD: GemvOp("lm_head", "V", "H", "x", norm="final_norm"),   # x[L], after the last layer
+}
+
+
+def spec_dims(s) -> dict[str, int]:
+    """The model's shape constants under the kernel's names (config.cuh.j2 renders the same)."""
+    return dict(L=s.num_layers, H=s.hidden_size, QKV=s.qkv_size, QSIZE=s.q_size, ISIZE=s.intermediate_size,
+                V=s.vocab_size, NKV=s.num_kv_heads, G=s.group_size, D=s.head_dim)
+
+
+def op_matrix_shape(s, op: Op) -> tuple[int, int]:
+    """(rows, K) of the op's weight matrix per layer."""
+    g, d = OP_TABLE[op], spec_dims(s)
+    return eval(g.rows, {}, d), eval(g.k, {}, d)   # our own constant expressions over integer dims
 
 
 @dataclass(frozen=True)
@@ -109,11 +143,8 @@ def params_struct() -> type[ctypes.Structure]:
 
 def dims(plan, schedule) -> dict[str, int]:
     """The names buffer shapes are written in, as the kernel's constants of the same names."""
-    s = plan.spec
-    return dict(L=s.num_layers, B=plan.batch, H=s.hidden_size, QKV=s.qkv_size, QSIZE=s.q_size,
-                ISIZE=s.intermediate_size, V=s.vocab_size, NKV=s.num_kv_heads, G=s.group_size, D=s.head_dim,
-                KV_SPLITS=plan.attn.splits, LM_TILES=schedule.lm_tiles, BLOCKS=plan.num_blocks,
-                SCRATCH_LEN=plan.scratch_len, COUNTERS=schedule.num_counters)
+    return dict(spec_dims(plan.spec), B=plan.batch, KV_SPLITS=plan.attn.splits, LM_TILES=schedule.lm_tiles,
+                BLOCKS=plan.num_blocks, SCRATCH_LEN=plan.scratch_len, COUNTERS=schedule.num_counters)
 
 
 def element_dtype(f: Field, act: torch.dtype) -> torch.dtype:

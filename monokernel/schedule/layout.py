@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .abi import op_matrix_shape
 from .inputs import KernelInputs
 from .tasks import GEMV_OPS, Op
 from .tuning import Tuning
@@ -145,13 +146,6 @@ class Layout:
     def chain_fits_ring(self) -> bool:
         q, o = self.gemv[Op.QKV], self.gemv[Op.OPROJ]
         return (q.tile_rows * q.cols + o.tile_rows * o.cols) * self.i.wb <= self.ring_stages * self.t.slot_bytes
-
-
-def op_matrix_shape(s, op: Op) -> tuple[int, int]:
-    """(rows, K) of the op's weight matrix per layer (abi.OP_TABLE names the matrices)."""
-    return {Op.QKV: (s.qkv_size, s.hidden_size), Op.OPROJ: (s.hidden_size, s.q_size),
-            Op.GATEUP: (2 * s.intermediate_size, s.hidden_size), Op.DOWN: (s.hidden_size, s.intermediate_size),
-            Op.LMHEAD: (s.vocab_size, s.hidden_size)}[op]
 
 
 def mma_kseg(i: KernelInputs, t: Tuning) -> int:

@@ -48,3 +48,11 @@ def test_attention_task_head():
     """An attention task encodes and decodes its head."""
     t = Task.attention(layer=2, seq=3, kv_head=5, num_kv_heads=8, split=4, wait=(1, 2), signal=9)
     assert (t.op, t.seq_and_kv_head(8), t.split, t.record()[TASK_FIELDS.index("arg0")]) == (Op.ATTN, (3, 5), 4, 29)
+
+
+def test_op_table_shapes():
+    """The op table's matrix shapes, as the kernel's constants name them, over a real spec."""
+    from monokernel.schedule.abi import op_matrix_shape
+    s = preset("llama-3.1-8b")
+    assert op_matrix_shape(s, Op.QKV) == (6144, 4096) and op_matrix_shape(s, Op.GATEUP) == (2 * 14336, 4096)
+    assert op_matrix_shape(s, Op.DOWN) == (4096, 14336) and op_matrix_shape(s, Op.LMHEAD) == (128256, 4096)
