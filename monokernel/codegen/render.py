@@ -9,9 +9,9 @@ import jinja2
 
 from ..schedule.config import KernelConfig
 from ..schedule.tasks import GEMV_OPS, TASK_FIELDS, Op
+from .headers import resolve_includes
 from .params import PARAMS
 
-TEMPLATE_ORDER = ("pipeline.cuh", "numerics.cuh", "input.cuh", "gemv.cuh", "attention.cuh", "megakernel.cu")
 KERNEL_NAME = "monokernel_decode_step"
 _CTYPE = {"bf16": "__nv_bfloat16", "fp16": "__half"}
 
@@ -47,5 +47,4 @@ def render_source(cfg: KernelConfig) -> str:
         attn_prologue_early=cfg.attn_prologue_early,
         mma_row_stride=cfg.mma_row_stride,
         task_fields=TASK_FIELDS, params=PARAMS)
-    body = "\n".join(f"// ---- {n} ----\n{_template(n)}" for n in TEMPLATE_ORDER)
-    return header + "\n#include <type_traits>\n" + body
+    return resolve_includes(header)
