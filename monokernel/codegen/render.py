@@ -7,11 +7,10 @@ from importlib import resources
 
 import jinja2
 
+from ..schedule.abi import KERNEL_NAME, OP_TABLE, PARAMS
 from ..schedule.plan import KernelPlan
 from ..schedule.tasks import TASK_ACCESSORS, TASK_FIELDS, Op
-from ..schedule.abi import KERNEL_NAME, OP_TABLE, PARAMS
-
-TEMPLATE_ORDER = ("pipeline.cuh", "numerics.cuh", "input.cuh", "gemv.cuh", "attention.cuh", "megakernel.cu")
+from .headers import resolve_includes
 
 
 def _template(name: str) -> str:
@@ -37,5 +36,4 @@ def render_source(plan: KernelPlan) -> str:
         ops=[(op.name, int(op)) for op in Op],
         gemv=[dict(op=op.name, table=OP_TABLE[op], **g.__dict__) for op, g in plan.gemv.items()],
         task_fields=TASK_FIELDS, task_accessors=TASK_ACCESSORS, params=PARAMS)
-    body = "\n".join(f"// ---- {n} ----\n{_template(n)}" for n in TEMPLATE_ORDER)
-    return header + "\n#include <type_traits>\n" + body
+    return resolve_includes(header)

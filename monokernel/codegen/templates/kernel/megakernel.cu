@@ -1,3 +1,12 @@
+#include "config.cuh"
+#include "sync.cuh"
+#include "ring.cuh"
+#include "staging.cuh"
+#include "gemv.cuh"
+#include "gemv_mma.cuh"
+#include "lm_head.cuh"
+#include "attention.cuh"
+
 // The whole decode step in one launch. Block i runs tasks [task_offsets[i], task_offsets[i+1]) of the
 // table in order. Warp NCW is the producer: it walks the same tasks and streams every weight tile
 // (and every attention task's KV rows) through the shared-memory ring, held back only by free slots,
@@ -113,6 +122,15 @@ __device__ __forceinline__ void next_step_lookahead(const Params& p, int t0, int
       bulk_prefetch_l2(src + a, min(PREFETCH_PIECE, bytes - a));
     return;
   }
+}
+
+// The op's matrix-vector path, fixed when the kernel is generated.
+template <int OP>
+__device__ __forceinline__ bool gemv(const Params& p, const Task& t, const T* in, T* in_smem, RingReader& rd,
+                                     float* sm) {
+  if constexpr (Gemv<OP>::SEG_STAGED) return gemv_mma_staged_task<OP>(p, t, in, in_smem, rd, sm);
+  else if constexpr (MMA) return gemv_mma_task<OP>(p, t, in, rd, sm);
+  else return gemv_task<OP>(p, t, in, rd, sm);
 }
 
 __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, uint64_t* full, uint64_t* empty) {

@@ -1,3 +1,6 @@
+#pragma once
+#include "config.cuh"
+
 // Conversions and the rounding points of the reference: every value the PyTorch reference holds in
 // the model dtype is rounded to it here too, so both compute the same function up to summation order.
 namespace mk {

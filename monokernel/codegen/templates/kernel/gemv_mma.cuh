@@ -1,129 +1,13 @@
-// Consumer side of a matrix-vector task: rows [t.arg0, t.arg0 + t.arg1) of one weight matrix arrive
-// through the ring, CR rows per slot, in the order the producer issued them. Each warp takes one
-// (row, K-segment) unit at a time; WPR warps share a row when a slot holds fewer rows than warps.
+#pragma once
+#include "config.cuh"
+#include "gemv_epilogue.cuh"
+#include "mma.cuh"
+#include "ring.cuh"
+#include "staging.cuh"
+#include "sync.cuh"
+
+// Matrix-vector tasks on tensor cores (MMA): the ring's chunks are 8 weight rows x one K segment.
 namespace mk {
-
-// The residual that row `row` of sequence b adds its result to (O and down projections; 0 for the others).
-// It was written phases before the task's own wait, so a task loads its first epilogue's residuals at its
-// start and their L2 round trip overlaps the weight stream instead of delaying the task's signal.
-template <int OP>
-__device__ __forceinline__ float residual(const Params& p, const Task& t, int row, int b) {
-  const size_t i = ((size_t)t.layer * B + b) * H + row;
-  if constexpr (OP == OP_OPROJ) return ld_act(p.x + i);
-  else if constexpr (OP == OP_DOWN) return ld_act(p.x_mid + i);
-  else return 0.f;
-}
-
-// Epilogue element i of the task's rows from f0 on (row i / B, sequence i % B): its residual, preloaded by
-// this thread (`pre`) if it is its first element.
-template <int OP>
-__device__ __forceinline__ float residual_at(const Params& p, const Task& t, int f0, int i, float pre) {
-  return f0 == 0 && i == (int)threadIdx.x ? pre : residual<OP>(p, t, t.arg0 + f0 + i / B, i % B);
-}
-
-template <int OP, int RR>
-__device__ __forceinline__ float preload_residual(const Params& p, const Task& t) {
-  return (int)threadIdx.x < min(RR, t.arg1) * B ? residual<OP>(p, t, t.arg0 + threadIdx.x / B, threadIdx.x % B) : 0.f;
-}
-
-// Per-row results in the model dtype where the reference rounds, then the op's own epilogue.
-template <int OP>
-__device__ __forceinline__ void epilogue(const Params& p, const Task& t, int row, int b, float v, float resid) {
-  const int l = t.layer;
-  if constexpr (OP == OP_QKV) {
-    if constexpr (HAS_QKV_BIAS) v += to_f(p.b_qkv[(size_t)l * QKV + row]);
-    p.qkv[((size_t)l * B + b) * QKV + row] = from_f(v);
-  } else if constexpr (OP == OP_OPROJ) {
-    p.x_mid[((size_t)l * B + b) * H + row] = from_f(resid + rnd(v));
-  } else if constexpr (OP == OP_DOWN) {
-    p.x[((size_t)(l + 1) * B + b) * H + row] = from_f(resid + rnd(v));
-  } else if constexpr (OP == OP_LMHEAD) {
-    p.logits[(size_t)b * V + row] = rnd(v);
-  }
-}
-
-// Gate/up rows alternate: act = rnd(rnd(silu(rnd(g))) * rnd(u)) for the pair starting at matrix row `row`.
-__device__ __forceinline__ void gateup_epilogue(const Params& p, const Task& t, int row, int b, float g, float up) {
-  p.act[((size_t)t.layer * B + b) * ISIZE + row / 2] = from_f(rnd(silu(rnd(g))) * rnd(up));
-}
-
-template <int OP>
-__device__ bool gemv_task(const Params& p, const Task& t, const T* in, RingReader& rd, float* res) {
-  constexpr int K = Gemv<OP>::K, CR = Gemv<OP>::CR, WPR = Gemv<OP>::WPR, FC = Gemv<OP>::FC;
-  constexpr int KV8 = K / 8;                       // 16-byte vectors per row
-  constexpr int SEG = (KV8 + WPR - 1) / WPR;       // vectors per K-segment
-  constexpr int RR = CR * FC;                      // rows whose results one epilogue writes
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float pre = preload_residual<OP, RR>(p, t);
-  for (int f0 = 0; f0 < t.arg1; f0 += RR) {
-    const int fr = min(RR, t.arg1 - f0);
-    // No block barrier per chunk: each warp takes its units of a slot as soon as the slot is full and
-    // releases it after its own reads, so warps drift apart by up to a slot and the ring drains at the
-    // speed of the shared-memory reads, not of barrier round trips.
-    for (int r0 = 0; r0 < fr; r0 += CR) {
-      const int nr = min(CR, fr - r0);
-      const uint4* w = reinterpret_cast<const uint4*>(rd.wait());
-      for (int u = warp; u < nr * WPR; u += NCW) {
-        const int row = u / WPR, seg = u % WPR;
-        float acc[B];
-#pragma unroll
-        for (int b = 0; b < B; ++b) acc[b] = 0.f;
-        const uint4* wr = w + (size_t)row * KV8;
-        const int end = min(KV8, (seg + 1) * SEG);
-#pragma unroll (B <= 2 ? 4 : 1)   // more loads in flight where registers allow
-        for (int v = seg * SEG + lane; v < end; v += 32) {
-          const uint4 wv = wr[v];
-#pragma unroll
-          for (int b = 0; b < B; ++b)
-            acc[b] = dot8(wv, ld_in<OP>(in + (size_t)b * Gemv<OP>::IN_STRIDE + v * 8), acc[b]);
-        }
-#pragma unroll
-        for (int b = 0; b < B; ++b) {
-          const float s = warp_sum(acc[b]);
-          if (lane == 0) res[(seg * RR + r0 + row) * B + b] = s;
-        }
-      }
-      rd.release();                  // every consumer thread releases the slot after its own last read
-    }
-    if (!rd.all_ok()) return false;   // also: every warp's results are in `res`
-    if constexpr (OP == OP_GATEUP) {
-      // rows alternate gate, up: act = rnd(rnd(silu(rnd(g))) * rnd(u))
-      for (int i = threadIdx.x; i < (fr / 2) * B; i += NCT) {
-        const int pr = i / B, b = i % B;
-        float g = 0.f, up = 0.f;
-#pragma unroll
-        for (int s = 0; s < WPR; ++s) {
-          g += res[(s * RR + 2 * pr) * B + b];
-          up += res[(s * RR + 2 * pr + 1) * B + b];
-        }
-        gateup_epilogue(p, t, t.arg0 + f0 + 2 * pr, b, g, up);
-      }
-    } else {
-      for (int i = threadIdx.x; i < fr * B; i += NCT) {
-        const int row = i / B, b = i % B;
-        float v = 0.f;
-#pragma unroll
-        for (int s = 0; s < WPR; ++s) v += res[(s * RR + row) * B + b];
-        epilogue<OP>(p, t, t.arg0 + f0 + row, b, v, residual_at<OP>(p, t, f0, i, pre));
-      }
-    }
-    consumer_sync();                       // `res` is free again
-  }
-  return true;
-}
-
-__device__ __forceinline__ void mma_bf16_16816(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                               uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-}
 
 // The results of rows f0 .. f0 + fr of a tensor-core task (res: row-major rows x B) through the op's epilogue.
 template <int OP>
@@ -276,58 +160,6 @@ __device__ bool gemv_mma_staged_task(const Params& p, const Task& t, const T* in
     consumer_sync();                       // `res` and `part` are free again
   }
   return true;
-}
-
-template <int OP>
-__device__ __forceinline__ bool gemv(const Params& p, const Task& t, const T* in, T* in_smem, RingReader& rd,
-                                     float* sm) {
-  if constexpr (Gemv<OP>::SEG_STAGED) return gemv_mma_staged_task<OP>(p, t, in, in_smem, rd, sm);
-  else if constexpr (MMA) return gemv_mma_task<OP>(p, t, in, rd, sm);
-  else return gemv_task<OP>(p, t, in, rd, sm);
-}
-
-// Per-tile (max, first index) of the logits this block just wrote, one warp per sequence.
-__device__ void lm_tile_max(const Params& p, const Task& t) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int b = warp; b < B; b += NCW) {
-    float best = -INFINITY;
-    int idx = 0x7fffffff;
-    for (int r = lane; r < t.arg1; r += 32) {
-      const float v = p.logits[(size_t)b * V + t.arg0 + r];
-      if (v > best) { best = v; idx = t.arg0 + r; }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-      if (ob > best || (ob == best && oi < idx)) { best = ob; idx = oi; }
-    }
-    if (lane == 0) {
-      p.lm_max[t.tile * B + b] = best;
-      p.lm_idx[t.tile * B + b] = idx;
-    }
-  }
-}
-
-// Final argmax over the tiles' maxima; ties go to the smallest vocabulary index, as torch.argmax.
-__device__ void final_argmax(const Params& p, int num_tiles) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int b = warp; b < B; b += NCW) {
-    float best = -INFINITY;
-    int idx = 0x7fffffff;
-    for (int i = lane; i < num_tiles; i += 32) {
-      const float v = __ldcg(p.lm_max + i * B + b);
-      const int vi = __ldcg(p.lm_idx + i * B + b);
-      if (v > best || (v == best && vi < idx)) { best = v; idx = vi; }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-      if (ob > best || (ob == best && oi < idx)) { best = ob; idx = oi; }
-    }
-    if (lane == 0) p.out_tokens[b] = idx;
-  }
 }
 
 }  // namespace mk

@@ -1,3 +1,6 @@
+#pragma once
+#include "config.cuh"
+
 // Synchronisation primitives: mbarriers and bulk async copies for the weight ring (within a block),
 // acquire/release counters for dependencies between blocks, and a timeout that turns a would-be hang
 // into an error code the host reports.
@@ -83,10 +86,6 @@ __device__ __forceinline__ uint64_t global_ns() {
   return t;
 }
 
-// Keys per KV split for a sequence with n keys (schedule.config.KernelConfig.kv_chunk computes the same):
-// at least MIN_KV_CHUNK, so short contexts leave the later splits inactive.
-__device__ __forceinline__ int kv_chunk(int n) { return max(MIN_KV_CHUNK, (n + KV_SPLITS - 1) / KV_SPLITS); }
-
 enum Error : int { ERR_NONE = 0, ERR_COUNTER_TIMEOUT = 1, ERR_RING_TIMEOUT = 2 };
 
 // Spin guard: true while waiting may go on. Past the deadline, or once another block has failed,
@@ -134,49 +133,5 @@ __device__ __forceinline__ bool wait_counter(const uint32_t* ctr, uint32_t targe
   }
   return true;
 }
-
-// The producer's side of the ring: claims the next slot once every consumer thread has released its
-// previous contents (use it - NST), announces the bytes, and issues the bulk copies into it.
-struct RingWriter {
-  unsigned char* ring;
-  uint64_t* full;
-  uint64_t* empty;
-  uint32_t it = 0;
-  Deadline dl;
-  __device__ RingWriter(const Params& p, unsigned char* r, uint64_t* f, uint64_t* e) : ring(r), full(f), empty(e), dl(p) {}
-  // the claimed slot's address, or null after a timeout
-  __device__ unsigned char* claim(uint32_t bytes) {
-    const int slot = it % NST;
-    while (!mbar_try_wait(&empty[slot], ((it / NST) & 1) ^ 1))
-      if (!dl.alive(ERR_RING_TIMEOUT)) return nullptr;
-    mbar_arrive_expect_tx(&full[slot], bytes);
-    return ring + (size_t)slot * SLOT_BYTES;
-  }
-  __device__ void copy(unsigned char* dst, const void* src, uint32_t bytes) { bulk_copy_g2s(dst, src, bytes, &full[it % NST]); }
-  __device__ void next() { ++it; }
-};
-
-// The consumers' side of the ring: every consumer thread waits for the slot it reads next and releases it
-// after its own last read (the slot's empty barrier counts NCT arrivals). After a timed-out wait `ok` is
-// 0 for good; a task then ends at its next all_ok(), where every consumer thread agrees to stop.
-struct RingReader {
-  const unsigned char* ring;
-  uint64_t* full;
-  uint64_t* empty;
-  Deadline* dl;
-  uint32_t it = 0;
-  uint32_t ok = 1;
-  __device__ RingReader(const unsigned char* r, uint64_t* f, uint64_t* e, Deadline& d) : ring(r), full(f), empty(e), dl(&d) {}
-  __device__ const unsigned char* wait() {
-    const uint32_t slot = it % NST;
-    if (ok) ok = wait_slot(&full[slot], (it / NST) & 1, *dl);
-    return ring + (size_t)slot * SLOT_BYTES;
-  }
-  __device__ void release() {
-    mbar_arrive(&empty[it % NST]);
-    ++it;
-  }
-  __device__ bool all_ok() { return consumer_all(ok); }   // also a consumer barrier
-};
 
 }  // namespace mk

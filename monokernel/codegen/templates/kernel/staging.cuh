@@ -1,3 +1,8 @@
+#pragma once
+#include "config.cuh"
+#include "numerics.cuh"
+#include "sync.cuh"
+
 // Staging of a matrix-vector op's input vector (B x K, model dtype) into `in` (row stride `stride`):
 // RMSNorm is recomputed by every block from the L2-resident residual rather than a grid-wide barrier.
 // All consumer threads share the work with 16-byte loads: this runs once per (block, op, layer), on the

@@ -1,0 +1,58 @@
+#pragma once
+#include "config.cuh"
+
+// The greedy token: each LM-head tile's (max, first index) per sequence, then one block's argmax over the tiles.
+namespace mk {
+
+struct ArgMax {
+  int idx;
+  float val;
+};
+
+// (max, index) over the warp's lanes, every lane ending with it; ties go to the smallest index, as
+// torch.argmax. The index is the first parameter because the order of the parameters showed in the PTX.
+__device__ __forceinline__ ArgMax warp_argmax(int idx, float best) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+    if (ob > best || (ob == best && oi < idx)) { best = ob; idx = oi; }
+  }
+  return {idx, best};
+}
+
+// Per-tile (max, first index) of the logits this block just wrote, one warp per sequence.
+__device__ void lm_tile_max(const Params& p, const Task& t) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int b = warp; b < B; b += NCW) {
+    float best = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int r = lane; r < t.arg1; r += 32) {
+      const float v = p.logits[(size_t)b * V + t.arg0 + r];
+      if (v > best) { best = v; idx = t.arg0 + r; }
+    }
+    const ArgMax m = warp_argmax(idx, best);
+    if (lane == 0) {
+      p.lm_max[t.tile * B + b] = m.val;
+      p.lm_idx[t.tile * B + b] = m.idx;
+    }
+  }
+}
+
+// Final argmax over the tiles' maxima; ties go to the smallest vocabulary index, as torch.argmax.
+__device__ void final_argmax(const Params& p, int num_tiles) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int b = warp; b < B; b += NCW) {
+    float best = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int i = lane; i < num_tiles; i += 32) {
+      const float v = __ldcg(p.lm_max + i * B + b);
+      const int vi = __ldcg(p.lm_idx + i * B + b);
+      if (v > best || (v == best && vi < idx)) { best = v; idx = vi; }
+    }
+    const int top = warp_argmax(idx, best).idx;
+    if (lane == 0) p.out_tokens[b] = top;
+  }
+}
+
+}  // namespace mk
