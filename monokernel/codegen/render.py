@@ -7,7 +7,7 @@ from importlib import resources
 
 import jinja2
 
-from ..schedule.abi import KERNEL_NAME, OP_TABLE, PARAMS
+from ..schedule.abi import ERRORS, KERNEL_NAME, OP_TABLE, PARAMS
 from ..schedule.plan import KernelPlan
 from ..schedule.tasks import TASK_ACCESSORS, TASK_FIELDS, Op
 from .headers import resolve_includes
@@ -35,5 +35,6 @@ def render_source(plan: KernelPlan) -> str:
         qkv_bias=s.qkv_bias, qk_norm=s.qk_norm, plan=plan, smem=plan.smem,
         ops=[(op.name, int(op)) for op in Op],
         gemv=[dict(op=op.name, table=OP_TABLE[op], **g.__dict__) for op, g in plan.gemv.items()],
-        task_fields=TASK_FIELDS, task_accessors=TASK_ACCESSORS, params=PARAMS)
+        task_fields=TASK_FIELDS, task_accessors=TASK_ACCESSORS, params=PARAMS,
+        errors=ERRORS, kernel_name=KERNEL_NAME)
     return resolve_includes(header)

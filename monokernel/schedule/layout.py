@@ -15,6 +15,7 @@ from .tuning import Tuning
 CHAIN_OPS = (Op.QKV, Op.OPROJ)
 MMA_ROWS = 8          # the N side of m16n8k16: weight rows of one tensor-core ring chunk
 SMEM_HEADER = 1024    # barriers, flags and alignment padding at the start of shared memory
+ABORT_FLAG = 512      # past the barriers of up to 32 slots (ring_stages_max), in the header
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class SmemLayout:
     """Byte offsets of the block's dynamic shared memory: header (barriers, flags), the weight ring, the
     staged inputs (B x input_len), then one scratch area used in turn by matrix-vector results, attention
     partials and the RMSNorm reduction."""
+    full_bars: int        # an mbarrier (8 bytes) per ring slot: filled
+    empty_bars: int       # and one per slot: consumed
+    abort_flag: int       # the consumers' "a wait failed" flag
     ring: int
     ring_stages: int
     slot_bytes: int
@@ -67,7 +71,8 @@ class Layout:
         scratch = max(self.result_floats, attn_floats(i, t), t.consumer_warps * i.batch) * 4
         self.fixed = SMEM_HEADER + inp + scratch
         self.ring_stages = min(t.ring_stages_max, (i.gpu.smem_per_block - self.fixed) // t.slot_bytes)
-        self.smem = SmemLayout(ring=SMEM_HEADER, ring_stages=self.ring_stages, slot_bytes=t.slot_bytes,
+        self.smem = SmemLayout(full_bars=0, empty_bars=8 * self.ring_stages, abort_flag=ABORT_FLAG,
+                               ring=SMEM_HEADER, ring_stages=self.ring_stages, slot_bytes=t.slot_bytes,
                                input=SMEM_HEADER + self.ring_stages * t.slot_bytes, input_len=self.input_len,
                                scratch=SMEM_HEADER + self.ring_stages * t.slot_bytes + inp,
                                total=self.fixed + self.ring_stages * t.slot_bytes)

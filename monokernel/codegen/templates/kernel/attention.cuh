@@ -61,7 +61,7 @@ __device__ __forceinline__ void rope_row(const Params& p, const float* row, floa
 }
 
 __device__ __forceinline__ size_t cache_row(const Task& t, int key) {
-  const int b = t.arg0 / NKV, kvh = t.arg0 % NKV;
+  const int b = TASK_SEQ(t), kvh = TASK_KV_HEAD(t);
   return ((((size_t)t.layer * B + b) * NKV + kvh) * MAX_SEQ + key) * D;
 }
 
@@ -86,7 +86,7 @@ __device__ __forceinline__ void append_new_kv(const Params& p, const Task& t, in
 // then live elsewhere) they changed the PTX of the key walk, which the fingerprints forbid.
 __device__ bool attention_task(const Params& p, const Task& t, const AttnPrologue& ap, RingReader& rd, float* sm) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int b = t.arg0 / NKV, kvh = t.arg0 % NKV, split = t.arg1, l = t.layer;
+  const int b = TASK_SEQ(t), kvh = TASK_KV_HEAD(t), split = TASK_SPLIT(t), l = t.layer;
   const KeyRange& kr = ap.kr;
   const int pos = kr.pos, n = pos + 1, lo = kr.lo, hi = kr.hi;
   if (lo >= hi) return true;           // an inactive split: the combine never reads it

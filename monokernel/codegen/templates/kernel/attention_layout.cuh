@@ -16,9 +16,9 @@ struct KeyRange {
   int lo, hi, old_hi, pos, chunk;
   KeyRange() = default;
   __device__ KeyRange(const Params& p, const Task& t) {
-    pos = input_id(p.positions, t.arg0 / NKV, p.ids_i64 & 2);
+    pos = input_id(p.positions, TASK_SEQ(t), p.ids_i64 & 2);
     chunk = kv_chunk(pos + 1);
-    lo = t.arg1 * chunk;
+    lo = TASK_SPLIT(t) * chunk;
     hi = min(pos + 1, lo + chunk);
     old_hi = min(hi, pos);
   }

@@ -139,7 +139,7 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
   T* in_smem = reinterpret_cast<T*>(smem + INPUT_OFFSET);
   T* in_scratch = p.scratch + (size_t)blockIdx.x * B * SCRATCH_LEN;
   float* sm = reinterpret_cast<float*>(smem + SCRATCH_OFFSET);
-  volatile int* abort_flag = reinterpret_cast<volatile int*>(smem + 512);
+  volatile int* abort_flag = reinterpret_cast<volatile int*>(smem + ABORT_FLAG_OFFSET);
   int staged = -1;                       // which (op, layer) input `in` holds
   if (p.profile && threadIdx.x == 0) {   // after the stamps: which SM ran this block
     uint32_t sm_id;
@@ -212,11 +212,11 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
 
 }  // namespace mk
 
-extern "C" __global__ void __launch_bounds__(mk::THREADS, 1) monokernel_decode_step(const __grid_constant__ mk::Params p) {
+extern "C" __global__ void __launch_bounds__(mk::THREADS, 1) MK_KERNEL_NAME(const __grid_constant__ mk::Params p) {
   using namespace mk;
   extern __shared__ __align__(1024) unsigned char smem[];
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem);
-  uint64_t* empty = full + NST;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + FULL_BAR_OFFSET);
+  uint64_t* empty = reinterpret_cast<uint64_t*>(smem + EMPTY_BAR_OFFSET);
   if (threadIdx.x == 0) {
     for (int s = 0; s < NST; ++s) { mbar_init(&full[s], 1); mbar_init(&empty[s], NCT); }
     mbar_init_fence();

@@ -86,8 +86,6 @@ __device__ __forceinline__ uint64_t global_ns() {
   return t;
 }
 
-enum Error : int { ERR_NONE = 0, ERR_COUNTER_TIMEOUT = 1, ERR_RING_TIMEOUT = 2 };
-
 // Spin guard: true while waiting may go on. Past the deadline, or once another block has failed,
 // it records the error and tells the caller to give up, so every block drains and the launch ends.
 struct Deadline {
