@@ -7,7 +7,8 @@ from importlib import resources
 
 import jinja2
 
-from ..schedule.abi import ERRORS, KERNEL_NAME, OP_TABLE, PARAMS
+from ..schedule.abi import ERRORS, KERNEL_NAME, OP_TABLE, PARAMS, PROFILE_STAMPS
+from ..schedule.layout import MMA_ROWS
 from ..schedule.plan import KernelPlan
 from ..schedule.tasks import TASK_ACCESSORS, TASK_FIELDS, Op
 from .headers import resolve_includes
@@ -36,5 +37,5 @@ def render_source(plan: KernelPlan) -> str:
         ops=[(op.name, int(op)) for op in Op],
         gemv=[dict(op=op.name, table=OP_TABLE[op], **g.__dict__) for op, g in plan.gemv.items()],
         task_fields=TASK_FIELDS, task_accessors=TASK_ACCESSORS, params=PARAMS,
-        errors=ERRORS, kernel_name=KERNEL_NAME)
+        errors=ERRORS, kernel_name=KERNEL_NAME, mma_rows=MMA_ROWS, profile_stamps=PROFILE_STAMPS)
     return resolve_includes(header)

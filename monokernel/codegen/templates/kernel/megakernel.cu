@@ -20,7 +20,7 @@ __device__ __forceinline__ bool is_gemv(int op) {
 template <int OP>
 __device__ __forceinline__ void gemv_shape(int& chunk_rows, int& mma_pass) {
   chunk_rows = Gemv<OP>::CR;
-  mma_pass = Gemv<OP>::SEG_STAGED ? 8 * Gemv<OP>::FC : 8;   // rows one pass over K covers (tensor cores)
+  mma_pass = Gemv<OP>::SEG_STAGED ? MMA_ROWS * Gemv<OP>::FC : MMA_ROWS;   // rows one pass over K covers (tensor cores)
 }
 
 // Weight rows of a task as one contiguous byte range (matrices are row-major, stacked over layers), and
@@ -70,8 +70,8 @@ __device__ void producer(const Params& p, int t0, int t1, unsigned char* ring, u
         const int f1 = min(f0 + pass, t.arg1);
         for (uint32_t k0 = 0; k0 < row_bytes; k0 += seg_bytes) {
           const uint32_t len = min(seg_bytes, row_bytes - k0);
-          for (int g0 = f0; g0 < f1; g0 += 8, rw.next()) {
-            const int nv = min(8, f1 - g0);
+          for (int g0 = f0; g0 < f1; g0 += MMA_ROWS, rw.next()) {
+            const int nv = min(MMA_ROWS, f1 - g0);
             unsigned char* dst = rw.claim(nv * len);
             if (!dst) return;
             for (int r = 0; r < nv; ++r) rw.copy(dst + r * MMA_RSTRIDE, src + (size_t)(g0 + r) * row_bytes + k0, len);
@@ -144,11 +144,11 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
   if (p.profile && threadIdx.x == 0) {   // after the stamps: which SM ran this block
     uint32_t sm_id;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(sm_id));
-    p.profile[(size_t)p.task_offsets[gridDim.x] * 3 + blockIdx.x] = sm_id;
+    p.profile[(size_t)p.task_offsets[gridDim.x] * PROFILE_STAMPS + blockIdx.x] = sm_id;
   }
   for (int ti = t0; ti < t1; ++ti) {
     const Task t = p.tasks[ti];
-    uint64_t* prof = p.profile ? p.profile + (size_t)ti * 3 : nullptr;
+    uint64_t* prof = p.profile ? p.profile + (size_t)ti * PROFILE_STAMPS : nullptr;
     if (prof && threadIdx.x == 0) prof[0] = global_ns();
     AttnPrologue ap;   // needs no result of this step: before the wait where registers allow
     if (ATTN_PROLOGUE_EARLY && t.op == OP_ATTN) ap = AttnPrologue(p, t);
