@@ -250,8 +250,7 @@ class Engine:
         for i, p in enumerate(prompt_ids):
             if len(p) + n > self.max_seq:
                 fix = ("shorten the prompt or lower max_new_tokens" if self.max_seq >= limit else
-                       f"shorten the prompt, lower max_new_tokens, or load the engine with a larger max_seq "
-                       f"(up to the model's {limit})")
+                       f"shorten the prompt, lower max_new_tokens, or raise max_seq (up to the model's {limit})")
                 raise InputError(
                     f"prompt {i} has {len(p)} tokens; with max_new_tokens={n} it needs {len(p) + n} positions "
                     f"but the context holds {self.max_seq} (max_seq={self.max_seq}): {fix}")

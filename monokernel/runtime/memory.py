@@ -48,28 +48,31 @@ def prefill_chunk(batch: int, vocab: int, device_type: str) -> int:
     return min(chunk, 512) if device_type == "cpu" else chunk
 
 
-def workspace_bytes(spec: ModelSpec, batch: int, max_seq: int, device_type: str) -> int:
-    """The reference forward over one prefill chunk (fp32 attention scores and probabilities, fp32 copies of the
-    expanded keys and values, the layer's activations, the logits), or one loaded tensor in fp32 with its
-    converted copy, whichever is larger, plus the fixed reserve."""
-    s, T = spec, min(prefill_chunk(batch, spec.vocab_size, device_type), max_seq)
-    f32 = 4
+def workspace_bytes(spec: ModelSpec, batch: int, max_seq: int, device_type: str, *, step_positions: int | None = None,
+                    loading: bool = True) -> int:
+    """The reference forward over `step_positions` positions (default: one prefill chunk): fp32 attention scores
+    and probabilities, fp32 copies of the expanded keys and values, the layer's activations, the logits; or, when
+    `loading`, one checkpoint tensor in fp32 with its converted copy, whichever is larger; plus the fixed reserve."""
+    s, f32 = spec, 4
+    T = min(prefill_chunk(batch, spec.vocab_size, device_type) if step_positions is None else step_positions, max_seq)
     # scores, their masked copy and the probabilities; keys and values expanded to every head, then in fp32
     attention = 3 * batch * s.num_heads * T * max_seq * f32 + 4 * batch * s.num_heads * max_seq * s.head_dim * f32
     activations = batch * T * (3 * s.hidden_size + s.qkv_size + 3 * s.intermediate_size) * f32
     logits = batch * T * s.vocab_size * f32
     biggest = max(s.vocab_size * s.hidden_size, 2 * s.intermediate_size * s.hidden_size)
-    loading = 2 * biggest * f32    # a checkpoint tensor as stored (at most fp32) and its converted copy
-    return max(attention + activations + logits, loading) + RESERVE.get(device_type, RESERVE["cuda"])
+    loaded = 2 * biggest * f32 if loading else 0   # a checkpoint tensor as stored (at most fp32) and its copy
+    return max(attention + activations + logits, loaded) + RESERVE.get(device_type, RESERVE["cuda"])
 
 
-def estimate_memory(spec: ModelSpec, dtype, batch: int, max_seq: int, device: torch.device | str) -> MemoryEstimate:
-    """Bytes to load `spec` in `dtype` and serve `batch` sequences of `max_seq` positions on `device`."""
+def estimate_memory(spec: ModelSpec, dtype, batch: int, max_seq: int, device: torch.device | str, *,
+                    step_positions: int | None = None) -> MemoryEstimate:
+    """Bytes to load `spec` in `dtype` and serve `batch` sequences of `max_seq` positions on `device`, with
+    prefills (default) or decode steps of `step_positions` positions only (the bench)."""
     device_type = torch.device(device).type
     fmt = get_format(dtype)
     return MemoryEstimate(weights=spec.num_params() * fmt.element_bytes,
                           kv_cache=kv_cache_bytes(spec, batch, max_seq, dtype),
-                          workspace=workspace_bytes(spec, batch, max_seq, device_type),
+                          workspace=workspace_bytes(spec, batch, max_seq, device_type, step_positions=step_positions),
                           dtype=fmt.name, batch=batch, max_seq=max_seq)
 
 

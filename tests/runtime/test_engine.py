@@ -174,7 +174,7 @@ def test_max_seq_limits_context(weights):
     eng = Engine.from_weights(weights, max_seq=20)
     assert len(eng.generate_ids([list(range(1, 11))], max_new_tokens=10)[0].token_ids) == 10   # exactly fits
     with pytest.raises(InputError, match="prompt 0 has 11 tokens.*max_new_tokens=10.*21 positions.*20.*"
-                                         "larger max_seq \\(up to the model's 96\\)"):
+                                         "raise max_seq \\(up to the model's 96\\)"):
         eng.generate_ids([list(range(1, 12))], max_new_tokens=10)
     with pytest.raises(InputError, match="shorten the prompt or lower max_new_tokens$"):   # nothing more to raise
         Engine.from_weights(weights, max_seq=96).generate_ids([[1] * 90], max_new_tokens=10)
@@ -326,3 +326,39 @@ def test_sample_top_k_top_p():
     counts = torch.bincount(sample(logits, 1.0, generator=gen), minlength=5).float() / 4000
     assert torch.allclose(counts, logits[0].exp(), atol=0.03)
     assert torch.equal(sample(logits[:2], 0.0), torch.tensor([1, 1]))
+
+
+def test_load_refuses_what_cannot_fit(tiny_preset, monkeypatch):
+    """Engine.load estimates weights + KV cache + workspace before loading and refuses with the numbers."""
+    monkeypatch.setattr("monokernel.models.load.load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(memory_module, "available_bytes", lambda device: 10**6)
+    with pytest.raises(InsufficientMemory, match=r"preset:tiny needs .* GB \(weights 0\.0 GB in fp32, KV cache .* for "
+                                                 r"1 x 256 positions.*\) but the CPU has 0\.0 GB free; use dtype='bf16'"):
+        Engine.load("preset:tiny", device="cpu")
+
+
+def test_estimate_counts_everything():
+    from monokernel.models.presets import PRESETS
+
+    spec = PRESETS["llama-3.1-8b"]
+    est = memory_module.estimate_memory(spec, "bf16", 1, 4096, "cpu")
+    assert est.weights == spec.num_params() * 2 and abs(est.weights / 1e9 - 16.06) < 0.01
+    assert est.kv_cache == 2 * 32 * 8 * 4096 * 128 * 2       # K and V, 32 layers, 8 KV heads, bf16
+    assert 0 < est.workspace < 8e9
+    assert memory_module.estimate_memory(spec, "fp32", 1, 4096, "cpu").weights == 2 * est.weights
+
+
+def test_api_errors_name_arguments(weights, tiny_preset, monkeypatch):
+    """Errors of the Python API name Python arguments, never CLI flags (cli.cli_words translates them)."""
+    from monokernel.runtime.engine import resolve_device
+
+    calls = [lambda: Engine.from_weights(weights, max_seq=20).generate_ids([[1] * 15], max_new_tokens=10),
+             lambda: Engine.from_weights(weights, max_seq=0), lambda: SamplingParams(top_p=2.0)]
+    if not torch.cuda.is_available():
+        calls.append(lambda: resolve_device("cuda"))
+    monkeypatch.setattr(memory_module, "available_bytes", lambda device: 10**6)
+    calls.append(lambda: Engine.load("preset:tiny", device="cpu"))
+    for call in calls:
+        with pytest.raises(MonokernelError) as e:
+            call()
+        assert "--" not in str(e.value), str(e.value)
