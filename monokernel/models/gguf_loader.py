@@ -87,10 +87,7 @@ def _open(path: Path):
 def _typed(reader, key: str, kind: type | tuple[type, ...], default=None):
     """One metadata value, checked against the type the loader needs: a field of the wrong type is a corrupt
     or foreign file, named here rather than failing later in int() or a comparison."""
-    try:
-        value = gguf_field(reader, key, default)
-    except _PARSE_ERRORS as e:
-        raise CheckpointError(f"GGUF metadata {key!r} cannot be read ({type(e).__name__}); the file is corrupt") from None
+    value = gguf_field(reader, key, default)
     if value is default:
         return value
     ok = isinstance(value, kind) and not (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)))

@@ -218,7 +218,13 @@ def _gguf_pre_tokenizer(pre: str):
 def gguf_field(reader, key: str, default=None):
     """One metadata value of a `gguf.GGUFReader`, as a Python value."""
     field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    if field is None:
+        return default
+    try:   # decoded on demand: a corrupt string or array surfaces only here
+        return field.contents()
+    except (ValueError, IndexError, TypeError, OverflowError, UnicodeDecodeError, MemoryError) as e:
+        raise CheckpointError(f"GGUF metadata {key!r} cannot be read ({type(e).__name__}); the file is corrupt "
+                              "(re-download it)") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
