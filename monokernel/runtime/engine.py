@@ -112,9 +112,7 @@ class Engine:
              dtype: str | torch.dtype | None = None, engine: str = "auto", max_seq: int | None = None,
              seed: int = 0, quiet: bool = False) -> "Engine":
         """`model`: None (the default model), "preset:NAME" (random weights), a checkpoint dir or a .gguf file."""
-        from ..models.load import load_model
-
-        from ..models.load import load_spec, resolve_model
+        from ..models.load import load_model, load_spec, resolve_model
 
         # everything that can be checked without the weights is, so a typo or a model too big costs no load
         device = resolve_device(device)
@@ -260,10 +258,7 @@ class Engine:
         return seqs, self._run(seqs, _chooser(params, len(seqs), self.device), params.greedy)
 
     def _run(self, seqs: list[Sequence], choose, greedy: bool) -> Iterator[TokenEvent]:
-        """Keeps up to `self.lookahead` decode steps queued on the GPU ahead of the step whose tokens the host is
-        reading: each step's input is the previous step's output, already on the device, so only eos/stop
-        checks and streaming need the ids on the host, and they can lag. The price: up to `self.lookahead`
-        wasted steps when every sequence stops early."""
+        """The request's events, with the engine held from its first event to its last (or to close())."""
         if not self._busy.acquire(blocking=False):
             raise EngineBusy("this Engine is still running another request (a stream not yet finished, or a call "
                              "from another thread): finish or close() that stream first, or use one Engine per "
@@ -274,6 +269,10 @@ class Engine:
             self._busy.release()
 
     def _steps(self, seqs: list[Sequence], choose, greedy: bool) -> Iterator[TokenEvent]:
+        """Keeps up to `self.lookahead` decode steps queued on the GPU ahead of the step whose tokens the host is
+        reading: each step's input is the previous step's output, already on the device, so only eos/stop
+        checks and streaming need the ids on the host, and they can lag. The price: up to `self.lookahead`
+        wasted steps when every sequence stops early."""
         B = len(seqs)
         lens = [len(s.prompt_ids) for s in seqs]
         steps_needed = seqs[0].max_new_tokens - 1   # the prefill yields the first token

@@ -82,7 +82,8 @@ def available_bytes(device: torch.device | str) -> int | None:
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        # blocks torch's caching allocator holds but no tensor uses are free to this process too
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     if device.type != "cpu":
         return None
     try:
