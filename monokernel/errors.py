@@ -17,6 +17,14 @@ class InputError(MonokernelError):
     """A prompt, token id or generation argument is out of range."""
 
 
+class EngineBusy(InputError):
+    """An Engine got a second request while one was still running (e.g. a stream not yet finished)."""
+
+
+class InsufficientMemory(MonokernelError):
+    """The model, its KV cache and the workspace do not fit in the device's free memory."""
+
+
 class CompileError(MonokernelError):
     """The generated kernel did not compile; carries the compiler log."""
 

@@ -27,18 +27,18 @@ from typing import Callable
 
 import torch
 
-from ..errors import MonokernelError
+from ..errors import InsufficientMemory, MonokernelError
 from ..models.formats import format_name
-from ..models.load import load_model
+from ..models.load import load_model, load_spec
 from ..models.spec import ModelSpec
 from ..models.weights import PackedWeights, random_weights
+from ..runtime.memory import GB, available_bytes, check_fits, device_label, estimate_memory, workspace_bytes
 from . import roofline
 from .bandwidth import copy_bandwidth_TBps
 from .engines import ENGINES, build_engine, fill_random_kv, monokernel_import_error
 from .timing import MIN_STEPS, time_steps
 
 MAX_SEQ_ALIGN = 64
-MEMORY_MARGIN = 1 << 30   # headroom kept free beside an engine's KV cache (activations, graphs, logits)
 
 
 @dataclass
@@ -104,12 +104,22 @@ def _load_model(source: str | ModelSpec, dtype: torch.dtype, device: torch.devic
     return _Model(loaded.name, loaded.spec, loaded.weights)
 
 
+def _check_model_fits(source: str | ModelSpec, cfg: BenchConfig, device: torch.device) -> None:
+    """InsufficientMemory when the weights and the smallest row cannot fit (the other rows are checked one by one)."""
+    spec = source if isinstance(source, ModelSpec) else load_spec(source)
+    max_seq = min(_max_seq(cfg, min(cfg.contexts)), spec.max_position_embeddings)
+    check_fits(estimate_memory(spec, cfg.dtype, min(cfg.batches), max_seq, device, step_positions=1), device,
+               spec.name if isinstance(source, ModelSpec) else source, max_seq_limit=spec.max_position_embeddings)
+
+
 def _max_seq(cfg: BenchConfig, context: int) -> int:
     need = context + cfg.agreement_steps + cfg.warmup + cfg.steps
     return -(-need // MAX_SEQ_ALIGN) * MAX_SEQ_ALIGN
 
 
 def _reason(e: BaseException) -> str:
+    if isinstance(e, InsufficientMemory):
+        return str(e)
     if isinstance(e, torch.cuda.OutOfMemoryError):
         return "out of memory: " + str(e).splitlines()[0][:200]
     text = str(e).strip().splitlines()
@@ -178,6 +188,8 @@ def run_benchmark(cfg: BenchConfig, checkpoint: Callable[[dict], None] | None = 
         label = source.name if isinstance(source, ModelSpec) else source
         bar.set_postfix_str(f"loading {label}")
         try:
+            # estimated before loading: on the CPU a model too big is not an exception but the OOM killer
+            _check_model_fits(source, cfg, device)
             model = _load_model(source, cfg.dtype, device, cfg.seed)
         except Exception as e:   # a missing checkpoint, out of memory: the model's rows are skipped
             reason = _reason(e)
@@ -250,10 +262,12 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
     per_pos = roofline.kv_bytes_per_position(spec, batch, elt)
     kv_bytes = per_pos * max_seq
     fill_bytes = per_pos * context // spec.num_layers     # one layer's random K/V while filling
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if kv_bytes + fill_bytes + MEMORY_MARGIN > free:
-            return skip(f"needs {kv_bytes / 2**30:.1f} GiB for the KV cache, {free / 2**30:.1f} GiB free")
+    free = available_bytes(device)
+    workspace = workspace_bytes(spec, batch, max_seq, device.type, step_positions=1, loading=False)
+    if free is not None and kv_bytes + fill_bytes + workspace > free:
+        return skip(f"needs {(kv_bytes + fill_bytes + workspace) / GB:.1f} GB (KV cache {kv_bytes / GB:.1f} GB for "
+                    f"{batch} x {max_seq} positions, workspace {(fill_bytes + workspace) / GB:.1f} GB) but "
+                    f"{device_label(device)} has {free / GB:.1f} GB free")
 
     engine = None
     try:

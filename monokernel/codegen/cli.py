@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from ..errors import MonokernelError
+from ..errors import InputError
 from ..models.spec import ModelSpec
 from ..schedule.inputs import GpuInfo, KernelInputs
 from ..schedule.plan import make_plan
 from ..schedule.tuning import Tuning
-from .compile import compile_kernel
+from .compile import KERNEL_ARCH, check_arch, compile_kernel
 from .render import kernel_entry_name, render_source
 
 
@@ -25,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--max-seq", type=int, default=None, help="KV-cache length (default: min(max_position_embeddings, 4096))")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
-    p.add_argument("--arch", default="sm_90a")
+    p.add_argument("--arch", default=KERNEL_ARCH, help=f"the kernel is written for {KERNEL_ARCH} (Hopper) only")
     p.add_argument("--sm-count", type=int, default=132, help="blocks of the persistent grid (H100 SXM: 132)")
     p.add_argument("--tuning", default="", help="knobs written k=v,k=v (schedule/tuning.py), e.g. gemv_mma=1,kv_splits=4")
     p.add_argument("--emit-source", action="store_true", help="print the generated CUDA source and exit")
@@ -34,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_arch(args.arch)        # before the model is read or anything is written to the cache
+    if args.batch < 1 or (args.max_seq is not None and args.max_seq < 1) or args.sm_count < 1:
+        raise InputError("--batch, --max-seq and --sm-count must be positive integers")
     spec = spec_for(args.model)
     max_seq = args.max_seq or min(spec.max_position_embeddings, 4096)
     plan = make_plan(KernelInputs(spec, args.batch, max_seq, args.dtype, args.dtype,
@@ -50,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_tree(report)
     if args.fail_on_spill and k.spill_bytes:
-        raise MonokernelError(f"the kernel spills {k.spill_bytes} bytes of registers")
+        # exit 1, not the usage-error 2: the command worked and the kernel failed the check
+        print(f"monokernel: error: the kernel spills {k.spill_bytes} bytes of registers", file=sys.stderr)
+        return 1
     return 0
 
 

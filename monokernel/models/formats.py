@@ -84,5 +84,5 @@ def kernel_activation(fmt: str | torch.dtype | Format) -> Format:
     f = get_format(fmt)
     if not f.activation:
         names = " or ".join(n for n, g in FORMATS.items() if g.activation)
-        raise UnsupportedModelError(f"the megakernel runs {names} activations, not {f.name}; use --dtype bf16")
+        raise UnsupportedModelError(f"the megakernel runs {names} activations, not {f.name}; use dtype='bf16'")
     return f

@@ -32,17 +32,10 @@ _ROPE_FREQS = "rope_freqs.weight"
 
 def load_gguf_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
                          ) -> tuple[ModelSpec, PackedWeights, Tokenizer]:
-    from gguf import GGUFReader
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} not found")
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path} could not be read as a GGUF file ({e}); it may be truncated or corrupt "
-                              "(re-download it), or written by a newer llama.cpp (upgrade the gguf package)") from None
-    tensors = {t.name: t for t in reader.tensors}
+    reader, tensors = _open(path)
     spec = _spec_from_metadata(reader, tensors, name=path.stem)
     hf_to_gguf = _hf_names(spec, tensors)
 
@@ -53,10 +46,10 @@ def load_gguf_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16, 
         w = _dequantize(tensors[gguf_name])
         # convert_hf_to_gguf.py interleaves the two rotary halves of every q/k head (llama.cpp's rope
         # rotates adjacent pairs, HF's rotates halves); undo it so the rows are in the HF layout again.
-        if gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
-            w = _unpermute_rotary(w, spec.num_heads)
-        elif gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
-            w = _unpermute_rotary(w, spec.num_kv_heads)
+        # A row count that does not split into heads is left alone: pack_from_hf then names the bad shape.
+        heads = {"attn_q": spec.num_heads, "attn_k": spec.num_kv_heads}.get(gguf_name.split(".")[-2])
+        if heads and w.ndim >= 1 and w.shape[0] % (2 * heads) == 0:
+            w = _unpermute_rotary(w, heads)
         return w
 
     layers = tqdm(range(spec.num_layers), desc=f"loading {spec.name}", unit="layer", file=sys.stderr,
@@ -65,48 +58,90 @@ def load_gguf_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16, 
     return spec, weights, Tokenizer.from_gguf_metadata(reader)
 
 
-def _spec_from_metadata(reader, tensors: dict, name: str) -> ModelSpec:
-    def meta(key, default=None):
-        return gguf_field(reader, key, default)
+def gguf_spec(path: str | Path) -> ModelSpec:
+    """The spec alone, from the metadata (the tensors stay memory-mapped and unread)."""
+    path = Path(path)
+    reader, tensors = _open(path)
+    return _spec_from_metadata(reader, tensors, name=path.stem)
 
-    arch = meta("general.architecture")
+
+# What the gguf package raises on a file cut short or filled with garbage: it parses with numpy views whose
+# lengths come from the file itself, so a bad length surfaces as any of these.
+_PARSE_ERRORS = (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError,
+                 EOFError, MemoryError, AttributeError, AssertionError)
+
+
+def _open(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        tensors = {t.name: t for t in reader.tensors}
+    except _PARSE_ERRORS as e:
+        raise CheckpointError(f"{path} could not be read as a GGUF file ({type(e).__name__}: {str(e)[:200]}); "
+                              "it may be truncated or corrupt (re-download it), or written by a newer llama.cpp "
+                              "(upgrade the gguf package)") from None
+    return reader, tensors
+
+
+def _typed(reader, key: str, kind: type | tuple[type, ...], default=None):
+    """One metadata value, checked against the type the loader needs: a field of the wrong type is a corrupt
+    or foreign file, named here rather than failing later in int() or a comparison."""
+    value = gguf_field(reader, key, default)
+    if value is default:
+        return value
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)))
+    if not ok:
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise CheckpointError(f"GGUF metadata {key}={value!r:.80} should be {names}; the file is corrupt or not a "
+                              "llama.cpp model")
+    return value
+
+
+def _spec_from_metadata(reader, tensors: dict, name: str) -> ModelSpec:
+    def meta(key, default=None, kind=(int, float)):
+        return _typed(reader, key, kind, default)
+
+    arch = meta("general.architecture", kind=str)
     if arch != "llama":
         raise UnsupportedModelError(f"GGUF general.architecture={arch!r} is not supported (only 'llama')")
     if (meta("llama.expert_count") or 0) > 0:
         raise UnsupportedModelError(f"GGUF llama.expert_count={meta('llama.expert_count')}: "
                                     "mixture-of-experts models are not supported")
 
-    def need(key):
-        value = meta(key)
+    def need(key, kind=int):
+        value = meta(key, kind=kind)
         if value is None:
             raise CheckpointError(f"GGUF metadata lacks {key!r}; the file is incomplete")
         return value
 
-    hidden, heads = int(need("llama.embedding_length")), int(need("llama.attention.head_count"))
-    head_dim = int(meta("llama.attention.key_length", hidden // heads))
-    rot_dims = int(meta("llama.rope.dimension_count", head_dim))
+    hidden, heads = need("llama.embedding_length"), need("llama.attention.head_count")
+    if heads <= 0:
+        raise CheckpointError(f"GGUF llama.attention.head_count={heads} must be positive; the file is corrupt")
+    head_dim = meta("llama.attention.key_length", hidden // heads, kind=int)
+    rot_dims = meta("llama.rope.dimension_count", head_dim, kind=int)
     if rot_dims != head_dim:
         raise UnsupportedModelError(f"GGUF llama.rope.dimension_count={rot_dims} with head_dim={head_dim}: "
                                     "partial rotary embeddings are not supported")
-    scaling_type = meta("llama.rope.scaling.type", "none")
+    scaling_type = meta("llama.rope.scaling.type", "none", kind=str)
     if scaling_type != "none" and not (scaling_type == "linear" and meta("llama.rope.scaling.factor", 1.0) == 1.0):
         raise UnsupportedModelError(f"GGUF llama.rope.scaling.type={scaling_type!r} is not supported "
                                     "(supported: none, and Llama-3 scaling given as rope_freqs.weight)")
     # Older files have no llama.vocab_size; the embedding's row count is then the vocabulary size.
     embed = tensors.get("token_embd.weight")
-    vocab = meta("llama.vocab_size") or (int(embed.shape[-1]) if embed is not None else 0)
-    eos = [meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    vocab = meta("llama.vocab_size", kind=int) or (int(embed.shape[-1]) if embed is not None and len(embed.shape) else 0)
+    eos = [meta(f"tokenizer.ggml.{k}_token_id", kind=int) for k in ("eos", "eot", "eom")]
     spec = ModelSpec(
         name=name, arch="LlamaForCausalLM", vocab_size=int(vocab), hidden_size=hidden,
-        intermediate_size=int(need("llama.feed_forward_length")), num_layers=int(need("llama.block_count")),
-        num_heads=heads, num_kv_heads=int(meta("llama.attention.head_count_kv", heads)), head_dim=head_dim,
-        rms_norm_eps=float(need("llama.attention.layer_norm_rms_epsilon")),
+        intermediate_size=need("llama.feed_forward_length"), num_layers=need("llama.block_count"),
+        num_heads=heads, num_kv_heads=meta("llama.attention.head_count_kv", heads, kind=int), head_dim=head_dim,
+        rms_norm_eps=float(need("llama.attention.layer_norm_rms_epsilon", kind=(int, float))),
         rope_theta=float(meta("llama.rope.freq_base", 10000.0)),
-        max_position_embeddings=int(need("llama.context_length")),
+        max_position_embeddings=need("llama.context_length"),
         # llama.cpp writes no output.weight when the LM head is the embedding matrix.
         tie_word_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
-        bos_token_id=meta("tokenizer.ggml.bos_token_id"),
+        bos_token_id=meta("tokenizer.ggml.bos_token_id", kind=int),
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)))
     if _ROPE_FREQS in tensors:
         spec = spec.with_(rope_scaling=_llama3_scaling(spec, _dequantize(tensors[_ROPE_FREQS]).float()))
@@ -152,11 +187,14 @@ def _dequantize(t) -> torch.Tensor:
 
     try:
         arr = dequantize(t.data, t.tensor_type)
+        # GGUF lists dimensions innermost first; numpy wants them outermost first.
+        arr = arr.reshape(tuple(int(d) for d in reversed(t.shape)))
     except NotImplementedError:
         raise UnsupportedModelError(f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, which the gguf "
                                     "package cannot dequantise; use a file quantised differently (e.g. Q8_0, Q4_K)") from None
-    # GGUF lists dimensions innermost first; numpy wants them outermost first.
-    arr = arr.reshape(tuple(int(d) for d in reversed(t.shape)))
+    except _PARSE_ERRORS as e:
+        raise CheckpointError(f"GGUF tensor {t.name!r} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                              "the file is truncated or corrupt") from None
     if not arr.flags.writeable:  # F32 data is a view of the read-only memory map
         arr = arr.copy()
     return torch.from_numpy(arr)

@@ -78,13 +78,15 @@ def resolve_model(model: str | Path | ModelSource | None) -> ModelSource:
 
 
 def load_spec(model: str | Path | ModelSource | None) -> ModelSpec:
-    """The spec alone: presets and checkpoint directories need no weights read (a GGUF file is read whole)."""
+    """The spec alone: no weights are read (a GGUF file's tensors stay memory-mapped)."""
     src = resolve_model(model)
     if src.kind == "preset":
         return PRESETS[src.preset]
     if src.kind == "checkpoint":
         return ModelSpec.from_config_file(src.path / "config.json")
-    return load_model(src, device="cpu").spec
+    from .gguf_loader import gguf_spec
+
+    return gguf_spec(src.path)
 
 
 def default_model_path() -> Path:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import UnsupportedModelError
+from ..errors import CheckpointError, UnsupportedModelError
 from .formats import Format, get_format
 
 # Architecture name (config.json "architectures"[0]) -> (qkv bias, q/k RMSNorm).
@@ -27,6 +27,13 @@ class RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+    def __post_init__(self):
+        # the smoothing divides by high - low, and the wavelength bands need positive bounds
+        if not (math.isfinite(self.factor) and self.factor > 0 and 0 < self.low_freq_factor < self.high_freq_factor
+                and math.isfinite(self.high_freq_factor) and self.original_max_position_embeddings > 0):
+            raise UnsupportedModelError(f"llama3 rope scaling {self} is invalid: it needs factor > 0, "
+                                        "0 < low_freq_factor < high_freq_factor and original_max_position_embeddings > 0")
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,10 @@ class ModelSpec:
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise UnsupportedModelError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0):
+            raise UnsupportedModelError(f"config field rms_norm_eps={self.rms_norm_eps!r} must be a finite number > 0")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 1):
+            raise UnsupportedModelError(f"config field rope_theta={self.rope_theta!r} must be a finite number > 1")
 
     # Derived sizes, in elements.
     @property
@@ -119,8 +130,12 @@ class ModelSpec:
     # ---- Construction from a Hugging Face config -------------------------------------------
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], name: str = "") -> "ModelSpec":
+        """Raises CheckpointError for a missing or mistyped field, UnsupportedModelError for a value the engine
+        cannot honour; never a KeyError or TypeError (the config is user input)."""
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"config.json holds a {type(cfg).__name__}, not a JSON object")
         archs = cfg.get("architectures") or []
-        if len(archs) != 1:
+        if not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str):
             raise UnsupportedModelError(f"config field architectures={archs!r}: expected exactly one architecture")
         arch = archs[0]
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -129,55 +144,53 @@ class ModelSpec:
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModelError(f"config field hidden_act={act!r} is not supported (only 'silu')")
-        if cfg.get("mlp_bias", False):
+        if _flag(cfg, "mlp_bias"):
             raise UnsupportedModelError("config field mlp_bias=true is not supported")
-        hidden = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
-        head_dim = cfg.get("head_dim") or hidden // heads
-        max_pos = int(cfg.get("max_position_embeddings", 2048))
+        hidden = _int(cfg, "hidden_size")
+        heads = _int(cfg, "num_attention_heads")
+        layers = _int(cfg, "num_hidden_layers")
+        head_dim = _int(cfg, "head_dim", None)
+        if head_dim is None:
+            head_dim = hidden // heads if heads > 0 else 0   # heads <= 0 is refused by __post_init__
+        max_pos = _int(cfg, "max_position_embeddings", 2048)
 
-        # Sliding windows: honoured by capping the context at the window (attention inside the window is
-        # then exactly full attention). Qwen2/3 only apply it when use_sliding_window is set.
+        # Sliding windows: honoured by capping the context at the window; attention inside the window is then
+        # exactly full attention, for sliding and full layers alike.
         window = cfg.get("sliding_window")
-        if arch.startswith("Qwen") and not cfg.get("use_sliding_window", False):
+        if arch.startswith("Qwen") and not (_flag(cfg, "use_sliding_window") and _qwen_slides(cfg, layers)):
             window = None
         if window is not None:
-            window = int(window)
+            window = _int(cfg, "sliding_window")
             if window <= 0:
                 raise UnsupportedModelError(f"config field sliding_window={window} must be positive or null")
-            if arch.startswith("Qwen") and cfg.get("max_window_layers", 0) < int(cfg["num_hidden_layers"]):
-                raise UnsupportedModelError(
-                    f"config field use_sliding_window=true with max_window_layers={cfg.get('max_window_layers')}: "
-                    "per-layer windows are not supported; set use_sliding_window to false")
             max_pos = min(max_pos, window)
 
         theta, scaling = _rope_from_config(cfg)
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         # Qwen2 always has q/k/v bias and no o_proj bias; elsewhere attention_bias also adds an o_proj
         # bias, which the packed layout and the kernel have no place for.
-        if arch != "Qwen2ForCausalLM" and cfg.get("attention_bias", False):
+        if arch != "Qwen2ForCausalLM" and _flag(cfg, "attention_bias"):
             raise UnsupportedModelError(f"config field attention_bias=true is not supported for {arch}")
         qkv_bias = arch == "Qwen2ForCausalLM"
+        model_name = name or cfg.get("_name_or_path", "") or arch
         return cls(
-            name=name or cfg.get("_name_or_path", "") or arch,
+            name=model_name if isinstance(model_name, str) else arch,
             arch=arch,
-            vocab_size=int(cfg["vocab_size"]),
+            vocab_size=_int(cfg, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
+            intermediate_size=_int(cfg, "intermediate_size"),
+            num_layers=layers,
             num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=_int(cfg, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-6),
             rope_theta=theta,
             max_position_embeddings=max_pos,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_flag(cfg, "tie_word_embeddings"),
             qkv_bias=qkv_bias,
             qk_norm=arch == "Qwen3ForCausalLM",
             rope_scaling=scaling,
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=tuple(int(e) for e in eos_ids),
+            bos_token_id=_token_id(cfg, "bos_token_id"),
+            eos_token_ids=_token_ids(cfg, "eos_token_id"),
         )
 
     @classmethod
@@ -187,30 +200,144 @@ class ModelSpec:
             cfg = json.loads(path.read_text())
         except FileNotFoundError:
             raise UnsupportedModelError(f"{path} not found: a checkpoint directory needs a config.json") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UnsupportedModelError(f"{path} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise UnsupportedModelError(f"{path} is nested too deeply to be a config.json") from None
         return cls.from_hf_config(cfg, name=name or path.parent.name)
 
 
+_MISSING = object()
+
+
+def _get(cfg: dict[str, Any], key: str, default: Any):
+    value = cfg.get(key, default)
+    if value is _MISSING:
+        raise CheckpointError(f"config.json lacks the required field {key!r}; the checkpoint's config is "
+                              "incomplete (re-download it or save it again with save_pretrained)")
+    return value
+
+
+def _int(cfg: dict[str, Any], key: str, default: Any = _MISSING) -> Any:
+    """An integer field (an integral float is accepted, as json writes 4096.0 for some converters)."""
+    value = _get(cfg, key, default)
+    if value is None and default is None:
+        return None
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"config field {key}={value!r} must be an integer")
+    return value
+
+
+def _float(cfg: dict[str, Any], key: str, default: Any = _MISSING) -> float:
+    value = _get(cfg, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"config field {key}={value!r} must be a number")
+    try:
+        return float(value)
+    except OverflowError:
+        raise CheckpointError(f"config field {key}={value!r} is out of range") from None
+
+
+def _flag(cfg: dict[str, Any], key: str) -> bool:
+    value = cfg.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise CheckpointError(f"config field {key}={value!r} must be true or false")
+    return value
+
+
+def _token_id(cfg: dict[str, Any], key: str) -> int | None:
+    value = cfg.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise CheckpointError(f"config field {key}={value!r} must be a token id (an integer >= 0) or null")
+    return value
+
+
+def _token_ids(cfg: dict[str, Any], key: str) -> tuple[int, ...]:
+    value = cfg.get(key)
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+        raise CheckpointError(f"config field {key}={value!r} must be a token id or a list of token ids")
+    return tuple(values)
+
+
+def _qwen_slides(cfg: dict[str, Any], layers: int) -> bool:
+    """Whether any layer of a Qwen2/3 with use_sliding_window uses its window. transformers slides layer i
+    when i >= max_window_layers, unless the config lists layer_types itself."""
+    types = cfg.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or any(not isinstance(t, str) for t in types):
+            raise CheckpointError(f"config field layer_types={types!r} must be a list of strings")
+        return "sliding_attention" in types
+    return _int(cfg, "max_window_layers", 28) < layers   # 28: transformers' default for Qwen2 and Qwen3
+
+
+_ROPE_TYPES = ("default", "llama3")
+
+
 def _rope_from_config(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    # transformers >= 5 writes "rope_parameters"; older configs "rope_theta" + "rope_scaling".
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind in (None, "default"):
-        return theta, None
-    if kind == "llama3":
-        try:
-            return theta, RopeScaling(
-                factor=float(params["factor"]),
-                low_freq_factor=float(params["low_freq_factor"]),
-                high_freq_factor=float(params["high_freq_factor"]),
-                original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-            )
-        except KeyError as e:
-            raise UnsupportedModelError(f"config field rope_scaling of type 'llama3' lacks {e.args[0]!r}") from None
-    raise UnsupportedModelError(
-        f"config field rope_scaling.rope_type={kind!r} is not supported (supported: 'default', 'llama3')")
+    """theta and the Llama-3 scaling, from every place a config can put them.
+
+    transformers >= 5 writes "rope_parameters" (possibly one dict per layer type), older versions
+    "rope_theta" + "rope_scaling"; a config edited by hand can hold both, and transformers 5 then lets
+    rope_scaling win. Every source is read and checked, and sources that disagree are refused: reading one
+    and ignoring the other is how a YaRN model silently ran with plain RoPE."""
+    top_theta = _float(cfg, "rope_theta", None) if cfg.get("rope_theta") is not None else None
+    sources: list[tuple[str, dict]] = []
+    for key in ("rope_scaling", "rope_parameters"):
+        params = cfg.get(key)
+        if params is None or params == {}:
+            continue
+        if not isinstance(params, dict):
+            raise CheckpointError(f"config field {key}={params!r} must be an object or null")
+        nested = [k for k, v in params.items() if isinstance(v, dict)]
+        if nested:   # one dict per layer type ({"full_attention": {...}, ...})
+            sources += [(f"{key}.{k}", params[k]) for k in nested]
+        else:
+            sources.append((key, params))
+    if cfg.get("partial_rotary_factor") not in (None, 1, 1.0):
+        raise UnsupportedModelError(f"config field partial_rotary_factor={cfg['partial_rotary_factor']!r}: "
+                                    "partial rotary embeddings are not supported")
+
+    readings = []
+    for field, params in sources:
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind is None:
+            kind = "default"
+        if kind not in _ROPE_TYPES:
+            raise UnsupportedModelError(f"config field {field}.rope_type={kind!r} is not supported "
+                                        f"(supported: {', '.join(map(repr, _ROPE_TYPES))}); the model would run "
+                                        "with the wrong positions")
+        if params.get("partial_rotary_factor") not in (None, 1, 1.0):
+            raise UnsupportedModelError(f"config field {field}.partial_rotary_factor="
+                                        f"{params['partial_rotary_factor']!r}: partial rotary embeddings are not supported")
+        theta = _float(params, "rope_theta", None) if params.get("rope_theta") is not None else top_theta
+        readings.append((field, kind, theta, _llama3(field, params) if kind == "llama3" else None))
+
+    if len({(kind, theta, scaling) for _, kind, theta, scaling in readings}) > 1:
+        said = "; ".join(f"{f}: rope_type {k!r}, rope_theta {t}" for f, k, t, _ in readings)
+        raise UnsupportedModelError(f"config fields disagree about rotary embeddings ({said}); "
+                                    "keep one of them (rope_parameters in transformers >= 5)")
+    theta = readings[0][2] if readings else top_theta
+    theta = 10000.0 if theta is None else theta
+    if not (math.isfinite(theta) and theta > 1):
+        raise UnsupportedModelError(f"config field rope_theta={theta!r} must be a finite number > 1")
+    return theta, readings[0][3] if readings else None
+
+
+def _llama3(field: str, params: dict) -> RopeScaling:
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if key not in params:
+            raise UnsupportedModelError(f"config field {field} of rope_type 'llama3' lacks {key!r}")
+    try:
+        return RopeScaling(factor=_float(params, "factor"), low_freq_factor=_float(params, "low_freq_factor"),
+                           high_freq_factor=_float(params, "high_freq_factor"),
+                           original_max_position_embeddings=_int(params, "original_max_position_embeddings"))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (in {field})") from None
 
 
 def rope_inv_freq(spec: ModelSpec) -> "torch.Tensor":

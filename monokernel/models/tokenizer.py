@@ -120,17 +120,37 @@ class Tokenizer:
         kind = meta("tokenizer.ggml.model")
         if kind != "gpt2":
             raise UnsupportedModelError(
-                f"GGUF tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE, 'gpt2')")
+                f"GGUF tokenizer.ggml.model={kind!r:.80} is not supported (only byte-level BPE, 'gpt2')")
         pre = meta("tokenizer.ggml.pre", "default")
         tokens = meta("tokenizer.ggml.tokens")
         merges = meta("tokenizer.ggml.merges")
         if tokens is None or merges is None:
             raise CheckpointError("GGUF file lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
         types = meta("tokenizer.ggml.token_type") or [1] * len(tokens)
+        # the tokenizers library panics (an exception outside Exception) on some malformed inputs: check first
+        if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens) and len(set(tokens)) == len(tokens)):
+            raise CheckpointError("GGUF tokenizer.ggml.tokens must be a list of distinct strings; the file is corrupt")
+        if not (isinstance(merges, list) and all(isinstance(m, str) and len(m.split(" ", 1)) == 2 for m in merges)):
+            raise CheckpointError("GGUF tokenizer.ggml.merges must be a list of 'a b' strings; the file is corrupt")
+        if not (isinstance(types, list) and len(types) == len(tokens) and all(isinstance(t, int) for t in types)):
+            raise CheckpointError("GGUF tokenizer.ggml.token_type must list one integer per token; the file is corrupt")
+        if not isinstance(pre, str):
+            raise CheckpointError(f"GGUF tokenizer.ggml.pre={pre!r:.80} must be a string; the file is corrupt")
+        for key in ("bos", "eos", "eot", "eom"):
+            value = meta(f"tokenizer.ggml.{key}_token_id")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(tokens)):
+                raise CheckpointError(f"GGUF tokenizer.ggml.{key}_token_id={value!r:.80} is not a token id of the "
+                                      f"{len(tokens)}-token vocabulary; the file is corrupt")
+        template = meta("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise CheckpointError("GGUF tokenizer.chat_template must be a string; the file is corrupt")
 
-        bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                         merges=[tuple(m.split(" ", 1)) for m in merges],
-                         ignore_merges=pre in _IGNORE_MERGES_PRE)
+        try:
+            bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                             merges=[tuple(m.split(" ", 1)) for m in merges],
+                             ignore_merges=pre in _IGNORE_MERGES_PRE)
+        except Exception as e:   # the tokenizers library's own error type is a plain Exception
+            raise CheckpointError(f"GGUF tokenizer cannot be built ({str(e)[:200]}); the file is corrupt") from None
         tok = HFTokenizer(bpe)
         tok.pre_tokenizer = _gguf_pre_tokenizer(pre)
         tok.decoder = decoders.ByteLevel()
@@ -198,7 +218,13 @@ def _gguf_pre_tokenizer(pre: str):
 def gguf_field(reader, key: str, default=None):
     """One metadata value of a `gguf.GGUFReader`, as a Python value."""
     field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    if field is None:
+        return default
+    try:   # decoded on demand: a corrupt string or array surfaces only here
+        return field.contents()
+    except (ValueError, IndexError, TypeError, OverflowError, UnicodeDecodeError, MemoryError) as e:
+        raise CheckpointError(f"GGUF metadata {key!r} cannot be read ({type(e).__name__}); the file is corrupt "
+                              "(re-download it)") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

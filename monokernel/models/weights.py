@@ -129,6 +129,9 @@ def pack_from_hf(spec: ModelSpec, get: Callable[[str], torch.Tensor], dtype: tor
     return w
 
 
+RANDOM_CHUNK = 1 << 24   # elements (64 MiB of fp32)
+
+
 def random_weights(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
                    seed: int = 0) -> PackedWeights:
     """Seeded random weights with the statistics of a trained model (never zero): matrices ~ N(0, 1/fan_in)
@@ -136,11 +139,24 @@ def random_weights(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16, device:
     L, H, I, D = spec.num_layers, spec.hidden_size, spec.intermediate_size, spec.head_dim
     gen = torch.Generator(device=device).manual_seed(seed)
 
+    def normal(shape, mean: float, std: float) -> torch.Tensor:
+        # Drawn in fp32 pieces of RANDOM_CHUNK elements straight into the target dtype: one fp32 draw of a whole
+        # stacked matrix was a transient as large as the model in bf16 (15 GB for 8B's w_gu). On the CPU the
+        # pieces give the values one draw gives (the normal fill works in blocks of 16; only the last piece may
+        # be shorter, and it is never shorter than 16).
+        out = torch.empty(shape, dtype=dtype, device=device)
+        flat, i = out.view(-1), 0
+        while i < flat.numel():
+            n = RANDOM_CHUNK if flat.numel() - i - RANDOM_CHUNK >= 16 else flat.numel() - i
+            flat[i:i + n] = torch.randn(n, generator=gen, device=device, dtype=torch.float32) * std + mean
+            i += n
+        return out
+
     def mat(*shape, fan_in):
-        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * fan_in ** -0.5).to(dtype)
+        return normal(shape, 0.0, fan_in ** -0.5)
 
     def norm(*shape):
-        return (1.0 + 0.1 * torch.randn(*shape, generator=gen, device=device, dtype=torch.float32)).to(dtype)
+        return normal(shape, 1.0, 0.1)
 
     embed = mat(spec.vocab_size, H, fan_in=1)
     w = PackedWeights(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -22,18 +23,19 @@ from typing import Iterator, Sequence as Seq
 
 import torch
 
-from ..errors import InputError, MonokernelError
+from ..errors import EngineBusy, InputError, InsufficientMemory, MonokernelError
 from ..models.formats import get_format
 from ..models.weights import PackedWeights
 from ..reference.model import ReferenceModel
 from .decoders import Decoder, ReferenceDecoder
 from .kv_cache import KVCache
+from .memory import GB, available_bytes, check_fits, estimate_memory, kv_cache_bytes, prefill_chunk, workspace_bytes
 from .sampling import SamplingParams, sample
 from .sequence import Generation, Sequence, TokenEvent
 
 ENGINES = ("auto", "mega", "reference")
 DEFAULT_MAX_SEQ = 4096          # KV-cache positions: 512 MiB of bf16 K+V per sequence on Llama-3.1-8B
-PREFILL_LOGITS_BYTES = 1 << 29  # the reference forward returns fp32 logits for every prompt position: cap them
+PREFILL_PROGRESS_CHUNKS = 4     # a CPU prefill of more chunks than this shows a progress bar
 LOOKAHEAD = 2                   # decode steps queued ahead of the host: the GPU never waits for Python
 
 
@@ -45,7 +47,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except (RuntimeError, TypeError) as e:
         raise InputError(f"device {device!r} is not a device name ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {str(device)!r} requested but no CUDA device is available; use --device cpu")
+        raise InputError(f"device={str(device)!r} requested but no CUDA device is available; use device='cpu'")
     return device
 
 
@@ -89,14 +91,16 @@ class Engine:
         self.device, self.dtype = weights.device, weights.dtype
         self.model = ReferenceModel(weights)
         limit = self.spec.max_position_embeddings
-        self.max_seq = min(limit, DEFAULT_MAX_SEQ) if max_seq is None else max_seq
-        if isinstance(self.max_seq, bool) or not isinstance(self.max_seq, int) or not 1 <= self.max_seq <= limit:
-            raise InputError(f"max_seq={max_seq!r} must be an integer in 1..{limit} (the model's max_position_embeddings)")
+        self.max_seq = _max_seq(max_seq, limit)
         self.eos_token_ids: tuple[int, ...] = tuple(tokenizer.eos_token_ids if tokenizer else self.spec.eos_token_ids)
         self.last_stats = GenerationStats()
         # on the CPU a step computes as it is called: running ahead would only waste steps
         self.lookahead = LOOKAHEAD if self.device.type == "cuda" else 0
         self._slot: tuple[str, int, KVCache, Decoder] | None = None   # (kind, batch, cache, decoder)
+        # One request at a time: a request owns the KV cache and the decoder from its prefill to its last token
+        # (held by the generator of Engine._run, released when it finishes or is closed).
+        self._busy = threading.Lock()
+        self.progress: bool | None = None   # a progress bar for long CPU prefills; None: when stderr is a terminal
         if engine not in ENGINES:
             raise InputError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
         self.requested = engine
@@ -108,12 +112,19 @@ class Engine:
              dtype: str | torch.dtype | None = None, engine: str = "auto", max_seq: int | None = None,
              seed: int = 0, quiet: bool = False) -> "Engine":
         """`model`: None (the default model), "preset:NAME" (random weights), a checkpoint dir or a .gguf file."""
-        from ..models.load import load_model
+        from ..models.load import load_model, load_spec, resolve_model
 
+        # everything that can be checked without the weights is, so a typo or a model too big costs no load
         device = resolve_device(device)
-        if engine not in ENGINES:   # before loading weights: a typo should not cost a model load
+        if engine not in ENGINES:
             raise InputError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
-        loaded = load_model(model, dtype=resolve_dtype(dtype, device), device=device, seed=seed)
+        dtype = resolve_dtype(dtype, device)
+        source = resolve_model(model)
+        spec = load_spec(source)
+        limit = spec.max_position_embeddings
+        check_fits(estimate_memory(spec, dtype, 1, _max_seq(max_seq, limit), device), device, str(source),
+                   max_seq_limit=limit)
+        loaded = load_model(source, dtype=dtype, device=device, seed=seed)
         eng = cls(loaded.weights, loaded.tokenizer, engine=engine, max_seq=max_seq, name=loaded.name)
         if eng.notice and not quiet:
             print(f"monokernel: using the reference engine: {eng.notice}", file=sys.stderr)
@@ -146,8 +157,9 @@ class Engine:
         and max_seq in, so its cache always holds max_seq; the reference one grows as requests need)."""
         if self._slot and self._slot[:2] == (kind, batch) and self._slot[2].max_seq >= positions:
             return self._slot[2:]
-        self._slot = None                 # release the old cache before allocating the new one
         size = self.max_seq if kind == "mega" else min(self.max_seq, -(-positions // 256) * 256)
+        self._check_memory(batch, size)
+        self._slot = None                 # release the old cache before allocating the new one
         cache = KVCache(self.spec, batch, size, self.dtype, self.device)
         if kind == "mega":
             from .mega import MegaDecoder
@@ -157,6 +169,19 @@ class Engine:
             decoder = ReferenceDecoder(self.model, cache)
         self._slot = (kind, batch, cache, decoder)
         return cache, decoder
+
+    def _check_memory(self, batch: int, size: int) -> None:
+        """A new KV cache (and a request's workspace) must fit in what is free once the old cache is released."""
+        free = available_bytes(self.device)
+        if free is None:
+            return
+        old = 0 if self._slot is None else 2 * self._slot[2].k.numel() * self._slot[2].k.element_size()
+        need = kv_cache_bytes(self.spec, batch, size, self.dtype) + workspace_bytes(self.spec, batch, size, self.device.type)
+        if need > free + old:
+            raise InsufficientMemory(
+                f"{batch} sequences of up to {size} positions need {need / GB:.1f} GB (KV cache and workspace) but "
+                f"{free / GB + old / GB:.1f} GB are free; send fewer prompts at once, shorter ones, or a smaller "
+                f"max_new_tokens")
 
     def _decoder(self, batch: int, positions: int) -> tuple[tuple[KVCache, Decoder], str]:
         if self.engine == "mega":
@@ -219,21 +244,31 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise InputError(f"stop strings need a tokenizer; model {self.name!r} has none")
         n = params.max_new_tokens
+        limit = self.spec.max_position_embeddings
         for i, p in enumerate(prompt_ids):
             if len(p) + n > self.max_seq:
+                fix = ("shorten the prompt or lower max_new_tokens" if self.max_seq >= limit else
+                       f"shorten the prompt, lower max_new_tokens, or raise max_seq (up to the model's {limit})")
                 raise InputError(
-                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={n} it needs "
-                    f"{len(p) + n} positions but the context holds {self.max_seq} (max_seq)")
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={n} it needs {len(p) + n} positions "
+                    f"but the context holds {self.max_seq} (max_seq={self.max_seq}): {fix}")
         eos = frozenset(self.eos_token_ids)
         seqs = [Sequence(i, p, n, eos, params.stop, self.tokenizer.stream() if self.tokenizer else None)
                 for i, p in enumerate(prompt_ids)]
-        gen = None
-        if params.seed is not None and not params.greedy:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        choose = lambda logits: sample(logits, params.temperature, params.top_k, params.top_p, gen)
-        return seqs, self._run(seqs, choose, params.greedy)
+        return seqs, self._run(seqs, _chooser(params, len(seqs), self.device), params.greedy)
 
     def _run(self, seqs: list[Sequence], choose, greedy: bool) -> Iterator[TokenEvent]:
+        """The request's events, with the engine held from its first event to its last (or to close())."""
+        if not self._busy.acquire(blocking=False):
+            raise EngineBusy("this Engine is still running another request (a stream not yet finished, or a call "
+                             "from another thread): finish or close() that stream first, or use one Engine per "
+                             "concurrent request")
+        try:
+            yield from self._steps(seqs, choose, greedy)
+        finally:
+            self._busy.release()
+
+    def _steps(self, seqs: list[Sequence], choose, greedy: bool) -> Iterator[TokenEvent]:
         """Keeps up to `self.lookahead` decode steps queued on the GPU ahead of the step whose tokens the host is
         reading: each step's input is the previous step's output, already on the device, so only eos/stop
         checks and streaming need the ids on the host, and they can lag. The price: up to `self.lookahead`
@@ -271,16 +306,23 @@ class Engine:
     @torch.no_grad()
     def _prefill(self, prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
         """Logits (B, V) at each prompt's last token, from the reference forward over the right-padded batch,
-        in chunks of positions so that the (B, chunk, V) fp32 logits stay within PREFILL_LOGITS_BYTES."""
+        in chunks of positions so that the (B, chunk, V) fp32 logits stay bounded (memory.prefill_chunk)."""
         B, V = len(prompts), self.spec.vocab_size
         lens = [len(p) for p in prompts]
         tokens = torch.zeros(B, max(lens), dtype=torch.long)   # pad id 0: any valid id, its K/V are never read
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = torch.tensor(p)
         tokens = tokens.to(self.device)
-        chunk = max(16, PREFILL_LOGITS_BYTES // (B * V * 4))
+        chunk = prefill_chunk(B, V, self.device.type)
         last = torch.empty(B, V, dtype=torch.float32, device=self.device)
-        for c0 in range(0, max(lens), chunk):
+        starts = range(0, max(lens), chunk)
+        show = self.progress if self.progress is not None else sys.stderr.isatty()
+        if show and self.device.type == "cpu" and len(starts) > PREFILL_PROGRESS_CHUNKS:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="prefill", unit="chunk", file=sys.stderr, leave=False,
+                          postfix=f"{max(lens)} positions in chunks of {chunk}")
+        for c0 in starts:
             logits = self.model.forward(tokens[:, c0:c0 + chunk], torch.full((B,), c0, device=self.device), cache)
             for b, n in enumerate(lens):
                 if c0 <= n - 1 < c0 + chunk:
@@ -305,6 +347,24 @@ class Engine:
                 raise InputError(f"prompt {i} holds token id {bad!r}, outside the vocabulary 0..{V - 1}")
             out.append([int(t) for t in p])
         return out
+
+
+def _max_seq(max_seq, limit: int) -> int:
+    value = min(limit, DEFAULT_MAX_SEQ) if max_seq is None else max_seq
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise InputError(f"max_seq={max_seq!r} must be an integer in 1..{limit} (the model's max_position_embeddings)")
+    return value
+
+
+def _chooser(params: SamplingParams, batch: int, device: torch.device):
+    """logits (B, V) -> tokens (B,). A seeded request gives every sequence its own generator seeded with the seed,
+    so a prompt samples the same tokens alone and inside any batch (one generator for the batch would hand each
+    sequence different random numbers depending on its neighbours)."""
+    t, k, p = params.temperature, params.top_k, params.top_p
+    if params.greedy or params.seed is None:
+        return lambda logits: sample(logits, t, k, p)
+    gens = [torch.Generator(device=device).manual_seed(params.seed) for _ in range(batch)]
+    return lambda logits: torch.cat([sample(logits[b:b + 1], t, k, p, g) for b, g in enumerate(gens)])
 
 
 def _sampling(params: SamplingParams | None, overrides: dict) -> SamplingParams:

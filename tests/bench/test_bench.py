@@ -232,6 +232,38 @@ def test_runner_skips_a_failing_engine(monkeypatch):
     assert "unknown preset" in reasons[("preset:no-such-model", "hf")]
 
 
+def test_runner_skips_what_cannot_fit(monkeypatch):
+    """A model whose weights cannot fit is skipped before it is loaded, a row whose KV cache cannot fit is skipped
+    before it is allocated, each with the numbers (the CPU's OOM killer would leave no message at all)."""
+    import monokernel.bench.runner as runner
+    from monokernel.models.presets import PRESETS
+
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("a model too big was loaded"))
+    free = 24 * 10**9
+    monkeypatch.setattr("monokernel.runtime.memory.available_bytes", lambda device: free)
+    monkeypatch.setattr(runner, "available_bytes", lambda device: free)
+    small = TINY.with_(name="small", max_position_embeddings=1 << 20)
+    # 4.3 GB of KV cache per sequence at context 2**16 (and twice that in the reference's expanded fp32 copies):
+    # batch 1 fits in 24 GB, batch 4 does not
+    wide = small.with_(name="wide", num_layers=2, num_heads=2, num_kv_heads=2, head_dim=4096)
+    cfg = BenchConfig(models=["preset:llama-3.1-70b", wide], engines=["torch-compile"], batches=[1, 4],
+                      contexts=[1 << 16], dtype=torch.bfloat16, steps=1, warmup=0, agreement_steps=0, device="cpu",
+                      compile=False, bandwidth_bytes=1 << 20, progress=False)
+    def built(*a, **k):
+        raise RuntimeError("built")
+
+    monkeypatch.setattr(runner, "build_engine", built)
+    monkeypatch.setattr(runner, "random_weights", lambda spec, *a: None)   # the weights are never read here
+    result = run_benchmark(cfg)
+    reasons = {(s["model"], s["batch"]): s["reason"] for s in result["skipped"]}
+    big = reasons[("preset:llama-3.1-70b", 1)]
+    assert big == reasons[("preset:llama-3.1-70b", 4)] and PRESETS["llama-3.1-70b"].num_params() > 7e10
+    assert big.startswith("preset:llama-3.1-70b needs ") and "weights 141." in big and "24.0 GB free" in big
+    assert reasons[("wide", 4)].startswith("needs ") and "KV cache 17.2 GB for 4 x 65600 positions" in reasons[("wide", 4)]
+    assert "24.0 GB free" in reasons[("wide", 4)]
+    assert "built" in reasons[("wide", 1)]    # fits, so it got as far as building the engine
+
+
 def test_agreement_counts_mismatches():
     ref_logits = torch.tensor([[[0.0, 2.0, 1.0]], [[3.0, 0.0, 2.9]]])          # (steps 2, B 1, V 3)
     ref = {"label": "ref", "greedy": ref_logits.argmax(-1), "logits": ref_logits}

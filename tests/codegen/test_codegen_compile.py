@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 
+from monokernel.cli import main
 from monokernel.codegen import cli as compile_cli
-from monokernel.codegen.compile import compile_kernel
-from monokernel.errors import CompileError
+from monokernel.codegen.compile import CompiledKernel, compile_kernel
+from monokernel.errors import CompileError, MonokernelError
 from monokernel.models.presets import preset
 from monokernel.schedule.plan import plan_for
 
@@ -57,3 +60,54 @@ def test_emit_source(capsys):
     src = capsys.readouterr().out
     assert "constexpr int H = 4096;" in src and "constexpr int ISIZE = 14336;" in src
     assert "monokernel_decode_step" in src and "OP_LMHEAD = 6" in src
+
+
+def _no_nvcc_needed(monkeypatch):
+    """The cache key names the nvcc version; these tests fail before nvcc would run."""
+    monkeypatch.setattr("monokernel.codegen.compile.nvcc_version", lambda: "test")
+
+
+def test_unusable_cache(tmp_path, monkeypatch, capsys):
+    """A kernel cache that cannot be created is a CompileError naming MONOKERNEL_CACHE_DIR, one line at the
+    CLI. (A path under a regular file: permission bits would not stop root, who runs CI.)"""
+    _no_nvcc_needed(monkeypatch)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MONOKERNEL_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(CompileError, match="set MONOKERNEL_CACHE_DIR to a writable directory"):
+        compile_kernel("// any source", "sm_90a", name="k")
+    assert main(["compile", "--model", "preset:llama-3.2-1b"]) == 2
+    err = capsys.readouterr().err
+    assert "MONOKERNEL_CACHE_DIR" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("arch, message", [("sm_80", "needs sm_90a \\(Hopper"), ("sm_90", "needs sm_90a"),
+                                           ("banana", "'banana' is not a CUDA architecture name")])
+def test_arch_refused(tmp_path, monkeypatch, capsys, arch, message):
+    """A wrong --arch is refused before anything is written to the cache, in one line."""
+    _no_nvcc_needed(monkeypatch)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MONOKERNEL_CACHE_DIR", str(cache))
+    with pytest.raises(MonokernelError, match=message):
+        compile_kernel("// any source", arch, name="k")
+    assert main(["compile", "--model", "preset:llama-3.2-1b", "--arch", arch]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and len(err.strip().splitlines()) == 1
+    assert not cache.exists()
+
+
+def test_fail_on_spill_exits_1(monkeypatch, capsys):
+    """--fail-on-spill exits 1 as its help says (2 is for bad arguments)."""
+    spilling = CompiledKernel(cubin=b"", path=Path("kernel.cubin"), registers=168, spill_bytes=132, stack_bytes=136,
+                              log="", cached=True)
+    monkeypatch.setattr(compile_cli, "compile_kernel", lambda *a, **k: spilling)
+    assert "exit 1" in compile_cli_help()
+    assert main(["compile", "--model", "preset:llama-3.2-1b", "--fail-on-spill"]) == 1
+    assert "spills 132 bytes" in capsys.readouterr().err
+    assert main(["compile", "--model", "preset:llama-3.2-1b"]) == 0
+
+
+def compile_cli_help() -> str:
+    p = argparse.ArgumentParser()
+    compile_cli.add_arguments(p)
+    return p.format_help()

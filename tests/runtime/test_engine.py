@@ -9,11 +9,11 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from monokernel.errors import InputError, MonokernelError
+from monokernel.errors import EngineBusy, InputError, InsufficientMemory, MonokernelError
 from monokernel.models.tokenizer import Tokenizer
 from monokernel.models.weights import random_weights
 from monokernel.reference.model import ReferenceModel
-from monokernel.runtime import engine as engine_module
+from monokernel.runtime import memory as memory_module
 from monokernel.runtime.engine import Engine
 from monokernel.runtime.kv_cache import KVCache
 from monokernel.runtime.sampling import SamplingParams, sample
@@ -75,7 +75,7 @@ def test_batched_equals_one_at_a_time(engine):
 def test_chunked_prefill_matches(engine, monkeypatch):
     long_prompt = [(7 * i + 3) % VOCAB for i in range(40)]
     whole = engine.generate_ids([long_prompt, PROMPTS[1]], max_new_tokens=6)
-    monkeypatch.setattr(engine_module, "PREFILL_LOGITS_BYTES", 1)   # -> chunks of 16 positions
+    monkeypatch.setattr(memory_module, "PREFILL_LOGITS_BYTES", 1)   # -> chunks of 16 positions
     chunked = engine.generate_ids([long_prompt, PROMPTS[1]], max_new_tokens=6)
     assert [g.token_ids for g in chunked] == [g.token_ids for g in whole]
 
@@ -86,6 +86,17 @@ def test_seeded_sampling(engine):
     assert run(5) == run(5)
     assert run(5) != run(6)
     assert run(5) != [g.token_ids for g in engine.generate_ids(PROMPTS, max_new_tokens=24)]
+
+
+def test_seed_alone_equals_batched(engine):
+    """A prompt with a seed samples the same tokens alone and at any place in a batch (each sequence has its
+    own generator seeded with the seed)."""
+    params = SamplingParams(temperature=1.0, top_k=20, seed=11, max_new_tokens=16)
+    alone = [engine.generate_ids([p], params)[0].token_ids for p in PROMPTS]
+    batched = [g.token_ids for g in engine.generate_ids(PROMPTS, params)]
+    reordered = [g.token_ids for g in engine.generate_ids(PROMPTS[::-1], params)][::-1]
+    assert batched == alone and reordered == alone
+    assert len({tuple(t) for t in alone}) == len(PROMPTS)   # and they are not all the same draw
 
 
 @pytest.mark.parametrize("opts", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4)])
@@ -162,8 +173,65 @@ def test_chat_uses_template(text_engine):
 def test_max_seq_limits_context(weights):
     eng = Engine.from_weights(weights, max_seq=20)
     assert len(eng.generate_ids([list(range(1, 11))], max_new_tokens=10)[0].token_ids) == 10   # exactly fits
-    with pytest.raises(InputError, match="prompt 0 has 11 tokens.*max_new_tokens=10.*21 positions.*20"):
+    with pytest.raises(InputError, match="prompt 0 has 11 tokens.*max_new_tokens=10.*21 positions.*20.*"
+                                         "raise max_seq \\(up to the model's 96\\)"):
         eng.generate_ids([list(range(1, 12))], max_new_tokens=10)
+    with pytest.raises(InputError, match="shorten the prompt or lower max_new_tokens$"):   # nothing more to raise
+        Engine.from_weights(weights, max_seq=96).generate_ids([[1] * 90], max_new_tokens=10)
+
+
+# ---- one request at a time -------------------------------------------------------------------------
+def test_stream_then_generate_is_busy(text_engine):
+    """A second request while a stream is running is refused, the stream's text is untouched, and the engine
+    serves the next request once the stream is done."""
+    want = text_engine.generate("w3 w5 w8", max_new_tokens=8)[0]
+    stream = text_engine.stream("w3 w5 w8", max_new_tokens=8)
+    first = [next(stream), next(stream)]
+    with pytest.raises(EngineBusy, match="still running another request.*close\\(\\)"):
+        text_engine.generate("w40 w2", max_new_tokens=4)
+    with pytest.raises(EngineBusy):
+        next(text_engine.stream_ids([[1, 2]], max_new_tokens=2))
+    events = first + list(stream)
+    assert [e.token_id for e in events] == want.token_ids and "".join(e.text for e in events) == want.text
+    assert text_engine.generate("w3 w5 w8", max_new_tokens=8)[0].token_ids == want.token_ids
+
+
+def test_closed_stream_frees_engine(engine):
+    stream = engine.stream_ids(PROMPTS, max_new_tokens=8)
+    next(stream)
+    stream.close()
+    unstarted = engine.stream_ids(PROMPTS, max_new_tokens=8)   # not started: holds nothing
+    assert len(engine.generate_ids(PROMPTS, max_new_tokens=3)) == 3
+    assert len(list(unstarted)) == 3 * 8
+
+
+def test_failed_request_frees_engine(engine, monkeypatch):
+    monkeypatch.setattr(Engine, "_prefill", lambda *a: (_ for _ in ()).throw(InputError("boom")))
+    with pytest.raises(InputError, match="boom"):
+        engine.generate_ids(PROMPTS, max_new_tokens=3)
+    monkeypatch.undo()
+    assert len(engine.generate_ids(PROMPTS, max_new_tokens=3)) == 3
+
+
+# ---- memory and progress ---------------------------------------------------------------------------
+def test_request_too_big_for_memory(engine, monkeypatch):
+    """A KV cache that cannot fit is refused before it is allocated, and the engine stays usable."""
+    monkeypatch.setattr("monokernel.runtime.engine.available_bytes", lambda device: 1 << 20)
+    with pytest.raises(InsufficientMemory, match=r"3 sequences of up to 96 positions need .* GB .* free; send fewer"):
+        engine.generate_ids(PROMPTS, max_new_tokens=20)
+    monkeypatch.undo()
+    assert len(engine.generate_ids(PROMPTS, max_new_tokens=3)) == 3
+
+
+def test_prefill_progress(engine, monkeypatch, capsys):
+    """A CPU prefill of many chunks shows a progress bar on stderr (when asked, or on a terminal)."""
+    monkeypatch.setattr(memory_module, "PREFILL_LOGITS_BYTES", 1)   # -> chunks of 16 positions
+    long_prompt = [(7 * i + 3) % VOCAB for i in range(90)]
+    engine.generate_ids([long_prompt], max_new_tokens=2)
+    assert "prefill" not in capsys.readouterr().err
+    engine.progress = True
+    engine.generate_ids([long_prompt], max_new_tokens=2)
+    assert "prefill" in capsys.readouterr().err
 
 
 # ---- bad input -------------------------------------------------------------------------------------
@@ -258,3 +326,39 @@ def test_sample_top_k_top_p():
     counts = torch.bincount(sample(logits, 1.0, generator=gen), minlength=5).float() / 4000
     assert torch.allclose(counts, logits[0].exp(), atol=0.03)
     assert torch.equal(sample(logits[:2], 0.0), torch.tensor([1, 1]))
+
+
+def test_load_refuses_what_cannot_fit(tiny_preset, monkeypatch):
+    """Engine.load estimates weights + KV cache + workspace before loading and refuses with the numbers."""
+    monkeypatch.setattr("monokernel.models.load.load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(memory_module, "available_bytes", lambda device: 10**6)
+    with pytest.raises(InsufficientMemory, match=r"preset:tiny needs .* GB \(weights 0\.0 GB in fp32, KV cache .* for "
+                                                 r"1 x 256 positions.*\) but the CPU has 0\.0 GB free; use dtype='bf16'"):
+        Engine.load("preset:tiny", device="cpu")
+
+
+def test_estimate_counts_everything():
+    from monokernel.models.presets import PRESETS
+
+    spec = PRESETS["llama-3.1-8b"]
+    est = memory_module.estimate_memory(spec, "bf16", 1, 4096, "cpu")
+    assert est.weights == spec.num_params() * 2 and abs(est.weights / 1e9 - 16.06) < 0.01
+    assert est.kv_cache == 2 * 32 * 8 * 4096 * 128 * 2       # K and V, 32 layers, 8 KV heads, bf16
+    assert 0 < est.workspace < 8e9
+    assert memory_module.estimate_memory(spec, "fp32", 1, 4096, "cpu").weights == 2 * est.weights
+
+
+def test_api_errors_name_arguments(weights, tiny_preset, monkeypatch):
+    """Errors of the Python API name Python arguments, never CLI flags (cli.cli_words translates them)."""
+    from monokernel.runtime.engine import resolve_device
+
+    calls = [lambda: Engine.from_weights(weights, max_seq=20).generate_ids([[1] * 15], max_new_tokens=10),
+             lambda: Engine.from_weights(weights, max_seq=0), lambda: SamplingParams(top_p=2.0)]
+    if not torch.cuda.is_available():
+        calls.append(lambda: resolve_device("cuda"))
+    monkeypatch.setattr(memory_module, "available_bytes", lambda device: 10**6)
+    calls.append(lambda: Engine.load("preset:tiny", device="cpu"))
+    for call in calls:
+        with pytest.raises(MonokernelError) as e:
+            call()
+        assert "--" not in str(e.value), str(e.value)

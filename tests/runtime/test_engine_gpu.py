@@ -46,3 +46,18 @@ def test_too_large_batch_falls_back(weights, capsys):
     gens = mega.generate_ids([[1, 2]] * 17, max_new_tokens=2)
     assert len(gens) == 17 and mega.last_stats.engine == "reference"
     assert "batch 17 runs on the reference engine" in capsys.readouterr().err
+
+
+def test_unusable_cache_falls_back(weights, tmp_path, monkeypatch):
+    """An unusable kernel cache is a notice under engine="auto" (naming MONOKERNEL_CACHE_DIR), an error under
+    "mega", never an OSError."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MONOKERNEL_CACHE_DIR", str(blocker / "cache"))
+    auto = Engine(weights, engine="auto", max_seq=256)
+    assert auto.engine == "reference" and "MONOKERNEL_CACHE_DIR" in auto.notice
+    assert len(auto.generate_ids(PROMPTS, max_new_tokens=4)) == 3
+    from monokernel.errors import CompileError
+
+    with pytest.raises(CompileError, match="MONOKERNEL_CACHE_DIR"):
+        Engine(weights, engine="mega", max_seq=256)
