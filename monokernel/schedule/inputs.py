@@ -32,7 +32,7 @@ class KernelInputs:
         act = kernel_activation(self.activations)
         w = get_format(self.weights)
         if not w.kernel:
-            raise UnsupportedModelError(f"the megakernel cannot read {w.name} weights; use --dtype bf16")
+            raise UnsupportedModelError(f"the megakernel cannot read {w.name} weights; use dtype='bf16'")
         if w.group_size or w != act:
             # the matrix-vector templates read weights in the activation type so far: the storage type
             # `WT` beside `T` is where a quantised format's unpacking goes
