@@ -1,5 +1,6 @@
-"""Renders the CUDA source of one megakernel: a generated constants/struct header followed by the
-hand-written per-op templates, as one translation unit."""
+"""Renders the CUDA source of one megakernel: the plan into config.cuh.j2 (constants, the Params and Task
+structs, error codes, per-op shapes, all from schedule/), then the kernel headers of templates/kernel/
+inlined after it by headers.resolve_includes, as one translation unit."""
 from __future__ import annotations
 
 import math

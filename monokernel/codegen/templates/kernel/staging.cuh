@@ -10,7 +10,7 @@
 namespace mk {
 
 // Token ids and positions are read from the caller's own int32 or int64 tensors (Params.ids_i64), so a step
-// needs no conversion kernel before it (two launches of ~2 us each on the step's timeline).
+// needs no conversion kernel before it (two launches on the step's critical path: perf note 24).
 __device__ __forceinline__ int input_id(const int* base, int i, bool wide) {
   return wide ? (int)__ldg(reinterpret_cast<const long long*>(base) + i) : __ldg(base + i);
 }
