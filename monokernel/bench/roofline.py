@@ -10,12 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.formats import get_format
 from ..models.spec import ModelSpec
-
-
-def dtype_bytes(dtype: torch.dtype) -> int:
-    return get_format(dtype).element_bytes
 
 
 @dataclass(frozen=True)
@@ -29,15 +24,10 @@ class StepBytes:
         return self.weights + self.kv_read + self.kv_written
 
 
-def kv_bytes_per_position(spec: ModelSpec, batch: int, elt: int) -> int:
-    """K and V of one position, all layers, all sequences."""
-    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * elt * batch
-
-
 def step_bytes(spec: ModelSpec, batch: int, context: int, dtype: torch.dtype) -> StepBytes:
     """One decode step of `batch` sequences that each hold `context` cached positions."""
-    per_pos = kv_bytes_per_position(spec, batch, dtype_bytes(dtype))
-    return StepBytes(weights=spec.weight_bytes_per_step(get_format(dtype)), kv_read=context * per_pos, kv_written=per_pos)
+    per_pos = spec.kv_bytes_per_position(dtype) * batch
+    return StepBytes(weights=spec.weight_bytes_per_step(dtype), kv_read=context * per_pos, kv_written=per_pos)
 
 
 def bytes_per_step(spec: ModelSpec, batch: int, context: int, dtype: torch.dtype) -> int:

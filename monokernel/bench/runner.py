@@ -258,8 +258,7 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
     if max_seq > spec.max_position_embeddings:
         return skip(f"context {context} + {max_seq - context} decode positions exceed the model's "
                     f"{spec.max_position_embeddings} positions")
-    elt = roofline.dtype_bytes(dtype)
-    per_pos = roofline.kv_bytes_per_position(spec, batch, elt)
+    per_pos = spec.kv_bytes_per_position(dtype) * batch
     kv_bytes = per_pos * max_seq
     fill_bytes = per_pos * context // spec.num_layers     # one layer's random K/V while filling
     free = available_bytes(device)

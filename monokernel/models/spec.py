@@ -110,6 +110,10 @@ class ModelSpec:
                 ("w_gu", 2 * self.intermediate_size, H, L), ("w_down", H, self.intermediate_size, L),
                 ("lm_head", self.vocab_size, H, 1))
 
+    def kv_bytes_per_position(self, dtype: str | Format = "bf16") -> int:
+        """K and V of one position of one sequence, all layers, stored as `dtype`."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * get_format(dtype).element_bytes
+
     def vector_elements(self) -> int:
         """Elements of the norms and biases a step reads (kept in the activation type)."""
         per_layer = 2 * self.hidden_size + (self.qkv_size if self.qkv_bias else 0) + (2 * self.head_dim if self.qk_norm else 0)

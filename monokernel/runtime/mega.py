@@ -11,13 +11,12 @@ from ..schedule.abi import ERROR_MESSAGES, KERNEL_NAME, PARAMS, PROFILE_STAMPS, 
 from ..codegen.compile import CompiledKernel, compile_kernel
 from ..codegen.render import kernel_entry_name, render_source
 from ..errors import KernelRuntimeError, UnsupportedModelError
-from ..models.formats import kernel_activation
 from ..models.spec import rope_inv_freq
 from ..models.weights import PackedWeights
 from .kv_cache import KVCache
 from ..schedule.build import Schedule, build_schedule
-from ..schedule.inputs import GpuInfo, KernelInputs
-from ..schedule.plan import KernelPlan, make_plan
+from ..schedule.inputs import GpuInfo
+from ..schedule.plan import KernelPlan, plan_for
 from ..schedule.tuning import Tuning
 from .cuda_driver import LoadedKernel
 
@@ -32,9 +31,7 @@ def gpu_info(device: torch.device) -> GpuInfo:
 def kernel_plan(weights: PackedWeights, batch: int, max_seq: int, gpu: GpuInfo, tuning: Tuning | None = None,
                 **knobs) -> KernelPlan:
     """The plan for these weights: their storage format, computed in their activation type."""
-    tuning = (tuning or Tuning()).replace(**knobs) if knobs else tuning
-    return make_plan(KernelInputs(weights.spec, batch, max_seq, weights.format, kernel_activation(weights.dtype), gpu),
-                     tuning)
+    return plan_for(weights.spec, batch, max_seq, weights.format, weights.dtype, gpu, tuning, **knobs)
 
 
 class MegaDecoder:

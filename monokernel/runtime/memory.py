@@ -38,7 +38,7 @@ class MemoryEstimate:
 
 
 def kv_cache_bytes(spec: ModelSpec, batch: int, max_seq: int, dtype) -> int:
-    return 2 * spec.num_layers * batch * spec.num_kv_heads * max_seq * spec.head_dim * get_format(dtype).element_bytes
+    return spec.kv_bytes_per_position(dtype) * batch * max_seq
 
 
 def prefill_chunk(batch: int, vocab: int, device_type: str) -> int:

@@ -63,7 +63,7 @@ class Layout:
     def __init__(self, i: KernelInputs, t: Tuning):
         self.i, self.t, self.s = i, t, i.spec
         self.num_blocks = i.gpu.sm_count
-        self.chain_blocks = self.num_blocks - (t.lookahead_blocks if t.l2_lookahead_kb else 0)
+        self.chain_blocks = chain_blocks(i, t)
         self.gemv = {op: self._gemv(op) for op in GEMV_OPS}
         self.input_len = self._input_len()
         self.result_floats = self._result_floats()
@@ -151,6 +151,11 @@ class Layout:
     def chain_fits_ring(self) -> bool:
         q, o = self.gemv[Op.QKV], self.gemv[Op.OPROJ]
         return (q.tile_rows * q.cols + o.tile_rows * o.cols) * self.i.wb <= self.ring_stages * self.t.slot_bytes
+
+
+def chain_blocks(i: KernelInputs, t: Tuning) -> int:
+    """Blocks that run QKV, attention and O: all, less the lookahead's helpers where it is on."""
+    return i.gpu.sm_count - (t.lookahead_blocks if t.l2_lookahead_kb else 0)
 
 
 def mma_kseg(i: KernelInputs, t: Tuning) -> int:

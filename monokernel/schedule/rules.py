@@ -3,7 +3,7 @@ rule may read what an earlier one decided), and says why, citing its perf note."
 from __future__ import annotations
 
 from .inputs import KernelInputs
-from .layout import MMA_ROWS, Layout, keys_per_pass, mma_row_stride
+from .layout import MMA_ROWS, Layout, chain_blocks, keys_per_pass, mma_row_stride
 from .tasks import Op
 from .tuning import Tuning
 
@@ -50,7 +50,7 @@ def rule_kv_splits(i: KernelInputs, t: Tuning) -> int:
     # no more attention tasks than blocks: one block running two would hold up the whole phase; and none where
     # one task per (sequence, kv head) already keeps a third of the SMs streaming KV rows: those blocks then
     # draw the copy bandwidth between them, and a split would only add the combine's round trips (perf note 20)
-    chain = i.gpu.sm_count - (t.lookahead_blocks if t.l2_lookahead_kb else 0)
+    chain = chain_blocks(i, t)
     per = i.batch * i.spec.num_kv_heads
     splits = 1 if 3 * per >= chain else chain // per
     return max(1, min(64, splits))
