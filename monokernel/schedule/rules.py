@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .inputs import KernelInputs
 from .layout import MMA_ROWS, Layout, chain_blocks, keys_per_pass, mma_row_stride
+from .registers import FULL_BUDGET_CONSUMERS
 from .tasks import Op
 from .tuning import Tuning
 
@@ -13,6 +14,12 @@ LOOKAHEAD_KB = 128    # perf note 23 (160 KB outran the helpers' issue rate)
 def rule_gemv_mma(i: KernelInputs, t: Tuning) -> bool:
     # from batch 3: at batch 8 the CUDA-core path is compute-bound, 4x too slow
     return i.batch > 2
+
+
+def rule_consumer_warps(i: KernelInputs, t: Tuning) -> int:
+    # 8 consumers and the producer are 9 warps, which caps a thread at 168 registers (registers.py); the
+    # tensor-core batch path spilled under that cap at batches 3-15 of the 3B and 8B presets (perf note 28)
+    return FULL_BUDGET_CONSUMERS if t.gemv_mma else 8
 
 
 def rule_slot_bytes(i: KernelInputs, t: Tuning) -> int:
@@ -69,7 +76,7 @@ def rule_min_kv_chunk(i: KernelInputs, t: Tuning) -> int:
     return keys_per_pass(i, t)   # a shorter split idles warps
 
 
-RULES = (("gemv_mma", rule_gemv_mma), ("slot_bytes", rule_slot_bytes), ("l2_lookahead_kb", rule_l2_lookahead_kb),
+RULES = (("gemv_mma", rule_gemv_mma), ("consumer_warps", rule_consumer_warps), ("slot_bytes", rule_slot_bytes), ("l2_lookahead_kb", rule_l2_lookahead_kb),
          ("next_step_lookahead", rule_next_step_lookahead), ("attn_prologue_early", rule_attn_prologue_early),
          ("kv_splits", rule_kv_splits), ("attn_key_batch", rule_attn_key_batch), ("attn_mma", rule_attn_mma),
          ("min_kv_chunk", rule_min_kv_chunk))
