@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from .inputs import KernelInputs
 from .layout import MMA_ROWS, Layout, chain_blocks, keys_per_pass, mma_row_stride
-from .registers import FULL_BUDGET_CONSUMERS
 from .tasks import Op
 from .tuning import Tuning
 
@@ -17,9 +16,10 @@ def rule_gemv_mma(i: KernelInputs, t: Tuning) -> bool:
 
 
 def rule_consumer_warps(i: KernelInputs, t: Tuning) -> int:
-    # 8 consumers and the producer are 9 warps, which caps a thread at 168 registers (registers.py); the
-    # tensor-core batch path spilled under that cap at batches 3-15 of the 3B and 8B presets (perf note 28)
-    return FULL_BUDGET_CONSUMERS if t.gemv_mma else 8
+    # 8 measured 3 % faster than 7 at batch 8 and 16 of the 8B preset (1B: 3 % at batch 8, 7 % slower at
+    # 16), although 8 consumers and the producer cap a thread at 168 registers (registers.py); where that
+    # spills, codegen/fit.py builds the kernel again with 7 (perf note 28)
+    return 8
 
 
 def rule_slot_bytes(i: KernelInputs, t: Tuning) -> int:
