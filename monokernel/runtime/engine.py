@@ -160,15 +160,32 @@ class Engine:
         size = self.max_seq if kind == "mega" else min(self.max_seq, -(-positions // 256) * 256)
         self._check_memory(batch, size)
         self._slot = None                 # release the old cache before allocating the new one
+        cache, decoder = self._build_decoder(batch, size, kind)
+        self._slot = (kind, batch, cache, decoder)
+        return cache, decoder
+
+    def _build_decoder(self, batch: int, size: int, kind: str) -> tuple[KVCache, Decoder]:
         cache = KVCache(self.spec, batch, size, self.dtype, self.device)
         if kind == "mega":
             from .mega import MegaDecoder
 
-            decoder: Decoder = MegaDecoder(self.weights, cache)
-        else:
-            decoder = ReferenceDecoder(self.model, cache)
-        self._slot = (kind, batch, cache, decoder)
-        return cache, decoder
+            return cache, MegaDecoder(self.weights, cache)
+        return cache, ReferenceDecoder(self.model, cache)
+
+    def make_decoder(self, batch: int, positions: int) -> tuple[KVCache, Decoder, str]:
+        """A KV cache of `positions` and a decoder of `batch` rows owned by the caller (the request-level
+        Scheduler), not shared with generate(); the megakernel when this engine runs it, else the reference."""
+        if self.engine == "mega":
+            try:
+                self._check_memory(batch, self.max_seq)
+                return (*self._build_decoder(batch, self.max_seq, "mega"), "mega")
+            except (ImportError, MonokernelError) as e:
+                if self.requested == "mega" or isinstance(e, InsufficientMemory):
+                    raise _unavailable(e) from e
+                print(f"monokernel: batch {batch} runs on the reference engine: {str(e).splitlines()[0]}",
+                      file=sys.stderr)
+        self._check_memory(batch, positions)
+        return (*self._build_decoder(batch, positions, "reference"), "reference")
 
     def _check_memory(self, batch: int, size: int) -> None:
         """A new KV cache (and a request's workspace) must fit in what is free once the old cache is released."""
