@@ -11,8 +11,8 @@ past its valid K/V: that write lands where nothing valid lives, its output is ig
 no notion of an empty row. Positions decide what attention reads, so a slot's old K/V never leak into a new
 request: its prefill overwrites every position the request will read.
 
-A step admits waiting requests into free slots, runs at most one prefill chunk (prefill.CHUNK positions, the
-bound on how long a long prompt stalls the running decodes), then one decode step. A free slot keeps the tokens
+A step admits waiting requests into free slots, prefills at most one chunk of prompt positions (prefill.CHUNK,
+over one or several prompts: the bound on how long prefill stalls the running decodes), then one decode step. A free slot keeps the tokens
 its last request left cached; a new request whose prompt starts with them (the next turn of the same chat)
 takes that slot and prefills only the rest.
 """
@@ -79,8 +79,10 @@ class Scheduler:
     # ---- Requests in ---------------------------------------------------------------------------
     def make_request(self, prompt: str | Seq[int] | None = None, params: SamplingParams | None = None, *,
                      messages: list[dict] | None = None, request_id: str | None = None,
-                     logprobs: int | None = None) -> Request:
-        """A checked request, not yet queued (reads nothing the step loop writes: another thread may call it)."""
+                     logprobs: int | None = None, ignore_eos: bool = False) -> Request:
+        """A checked request, not yet queued (reads nothing the step loop writes: another thread may call it).
+        logprobs: None, or k >= 0 to report the chosen token's log-probability and the k most likely;
+        ignore_eos: run to max_new_tokens (or a stop string) past any end-of-sequence token (benchmarks)."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise InputError(f"params must be a SamplingParams, not {type(params).__name__}")
@@ -96,7 +98,8 @@ class Scheduler:
         if params.stop and self.engine.tokenizer is None:
             raise InputError(f"stop strings need a tokenizer; model {self.engine.name!r} has none")
         tok = self.engine.tokenizer
-        seq = Sequence(0, ids, n, frozenset(self.engine.eos_token_ids), params.stop, tok.stream() if tok else None)
+        eos = frozenset() if ignore_eos else frozenset(self.engine.eos_token_ids)
+        seq = Sequence(0, ids, n, eos, params.stop, tok.stream() if tok else None)
         return Request(request_id or f"req-{next(self._ids)}", ids, params, seq, logprobs=logprobs)
 
     def encode(self, prompt: str | Seq[int] | None, messages: list[dict] | None) -> list[int]:
@@ -191,17 +194,24 @@ class Scheduler:
             self.stats.reused_tokens += reuse
 
     def _prefill(self) -> list[RequestEvent]:
-        pending = [r for r in self.slots if r is not None and r.prefilled < len(r.prompt_ids)]
-        if not pending:
-            return []
-        r = min(pending, key=lambda q: q.arrival)
-        start = r.prefilled
-        tokens = r.prompt_ids[start:start + self.chunk]
-        last = start + len(tokens) == len(r.prompt_ids)
-        logits = prefill_chunk(self.engine.model, tokens, start, self.cache, r.slot, last_logits=last)
-        r.prefilled += len(tokens)
-        self.stats.prefill_tokens += len(tokens)
-        return [self._choose(r, logits)] if last else []
+        """Prefills up to `self.chunk` prompt positions in all, oldest request first: one long prompt advances a
+        chunk, several short ones may all finish in one step; either way the step's stall stays bounded."""
+        events, budget = [], self.chunk
+        pending = sorted((r for r in self.slots if r is not None and r.prefilled < len(r.prompt_ids)),
+                         key=lambda q: q.arrival)
+        for r in pending:
+            if budget == 0:
+                break
+            start = r.prefilled
+            tokens = r.prompt_ids[start:start + budget]
+            last = start + len(tokens) == len(r.prompt_ids)
+            logits = prefill_chunk(self.engine.model, tokens, start, self.cache, r.slot, last_logits=last)
+            r.prefilled += len(tokens)
+            budget -= len(tokens)
+            self.stats.prefill_tokens += len(tokens)
+            if last:
+                events.append(self._choose(r, logits))
+        return events
 
     def _decode(self) -> list[RequestEvent]:
         running = [r for r in self.slots if r is not None and r.decoding]

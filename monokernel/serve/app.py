@@ -97,7 +97,7 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
             ids = sched.encode(prompt, messages)
             room = max(1, sched.max_seq - len(ids))
             max_tokens = req.max_tokens if default_max is None or req.max_tokens is not None else default_max(room)
-            return sched.make_request(ids, req.sampling(max_tokens), logprobs=logprobs,
+            return sched.make_request(ids, req.sampling(max_tokens), logprobs=logprobs, ignore_eos=req.ignore_eos,
                                       request_id=f"{'chatcmpl' if messages else 'cmpl'}-{uuid.uuid4().hex[:24]}")
 
         try:

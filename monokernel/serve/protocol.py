@@ -51,6 +51,7 @@ class _Request(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None                           # an end-user id for the caller's logs: nothing to do
+    ignore_eos: bool = False                          # vLLM's extension: run to max_tokens (benchmarks)
 
     # (field, its neutral value): anything else is refused by name
     UNSUPPORTED: ClassVar[tuple] = (("n", 1), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
