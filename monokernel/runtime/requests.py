@@ -63,11 +63,12 @@ class Request:
         """The position of the last sampled token, fed to the next decode step."""
         return len(self.prompt_ids) + len(self.seq.token_ids) - 1
 
-    def choose(self, logits: torch.Tensor) -> RequestEvent:
-        """Samples the next token from this request's logits row (V,) fp32 and appends it."""
+    def choose(self, logits: torch.Tensor, greedy: int | None = None) -> RequestEvent:
+        """Samples the next token from this request's logits row (V,) fp32 and appends it; `greedy`: the
+        decoder's own argmax of the row, already on the host, taken when the request is greedy."""
         p = self.params
         if p.greedy and self.logprobs is None:
-            token = int(logits.argmax())
+            token = int(logits.argmax()) if greedy is None else greedy
         else:
             row = logits[None].cpu()   # the generator lives on the CPU: the same draws on every device
             token = int(sample(row, p.temperature, p.top_k, p.top_p, self.generator)[0])

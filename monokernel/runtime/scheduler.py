@@ -53,8 +53,9 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, engine: "Engine", max_batch: int = 8, *, prefill_chunk_size: int | None = None,
-                 wrap_decoder: Callable[[Decoder], Decoder] | None = None):
-        """wrap_decoder: applied to every decoder built (at start and after a failed step's reset); a test hook
+                 max_positions: int | None = None, wrap_decoder: Callable[[Decoder], Decoder] | None = None):
+        """max_positions: KV-cache positions per slot (default, and always for the megakernel: engine.max_seq);
+        wrap_decoder: applied to every decoder built (at start and after a failed step's reset), a test hook
         for fault injection."""
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch={max_batch!r} must be an integer >= 1")
@@ -62,7 +63,7 @@ class Scheduler:
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise InputError(f"prefill_chunk_size={prefill_chunk_size!r} must be an integer >= 1")
         self.engine, self.batch, self.chunk = engine, max_batch, chunk
-        self.max_seq = engine.max_seq
+        self.max_seq = engine.max_seq if max_positions is None else min(max_positions, engine.max_seq)
         self.wrap_decoder = wrap_decoder
         self.waiting: deque[Request] = deque()
         self.slots: list[Request | None] = [None] * max_batch
@@ -74,6 +75,7 @@ class Scheduler:
 
     def _build(self) -> None:
         self.cache, decoder, self.kind = self.engine.make_decoder(self.batch, self.max_seq)
+        self.max_seq = self.cache.max_seq   # a megakernel's cache holds the engine's whole max_seq
         self.decoder = self.wrap_decoder(decoder) if self.wrap_decoder else decoder
 
     # ---- Requests in ---------------------------------------------------------------------------
@@ -226,12 +228,14 @@ class Scheduler:
             else:
                 positions[s] = r.prefilled
         device = self.engine.device
-        _, logits = self.decoder.step(torch.tensor(tokens, device=device), torch.tensor(positions, device=device))
+        greedy, logits = self.decoder.step(torch.tensor(tokens, device=device),
+                                           torch.tensor(positions, device=device))
+        greedy = greedy.tolist()   # one copy to the host for every greedy row
         self.stats.decode_steps += 1
-        return [self._choose(r, logits[r.slot]) for r in running]
+        return [self._choose(r, logits[r.slot], greedy[r.slot]) for r in running]
 
-    def _choose(self, r: Request, logits: torch.Tensor) -> RequestEvent:
-        ev = r.choose(logits)
+    def _choose(self, r: Request, logits: torch.Tensor, greedy: int | None = None) -> RequestEvent:
+        ev = r.choose(logits, greedy)
         self.stats.generated_tokens += 1
         if ev.finished:
             self.live.pop(r.id, None)
