@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -45,16 +45,17 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
         return JSONResponse(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
                                      type=kind).body(), status_code=e.status_code)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                e = APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
-                                  "key the server was started with (--api-key)", type="authentication_error",
-                             code="invalid_api_key")
-                return JSONResponse(e.body(), status_code=401)
-        return await call_next(request)
+    def authorize(request: Request) -> None:
+        # a dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware hides client disconnects
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
+                                "key the server was started with (--api-key)", type="authentication_error",
+                           code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
     @app.get("/health")
     async def health():
@@ -65,15 +66,23 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
     async def metrics():
         return PlainTextResponse(loop.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "monokernel", "max_model_len": sched.max_seq}]}
 
     async def read_body(request: Request):
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            raise APIError(413, f"the request body has {len(body)} bytes; the limit is {max_body_bytes}")
+        too_big = APIError(413, f"the request body is larger than the server's limit of {max_body_bytes} bytes")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise too_big   # refused before a byte of it is read
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > max_body_bytes:
+                raise too_big
+            parts.append(part)
+        body = b"".join(parts)
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -150,7 +159,7 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
             if not done:   # the client went away (the generator was closed or cancelled): free the slot
                 loop.abort(r.id)
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: Request):
         req = parse(CompletionRequest, await read_body(request))
         r, events = await start(request, req, prompt=req.single_prompt(), logprobs=req.logprobs)
@@ -159,7 +168,7 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
             return StreamingResponse(stream(request, r, events, render), media_type="text/event-stream")
         return render.full(await collect(request, r, events))
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat(request: Request):
         req = parse(ChatRequest, await read_body(request))
         if req.max_completion_tokens is not None:
@@ -173,6 +182,7 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
             return StreamingResponse(stream(request, r, events, render), media_type="text/event-stream")
         return render.full(await collect(request, r, events))
 
+    app.include_router(v1)
     app.state.loop = loop
     return app
 

@@ -120,7 +120,10 @@ class EngineLoop:
             events = [RequestEvent(rid, None, "", "error", error=e) for rid in list(self._sinks)]
             for rid in list(self.scheduler.live):
                 self.scheduler.abort(rid)
-            self.scheduler.reset()
+            try:
+                self.scheduler.reset()
+            except Exception:   # noqa: BLE001 - e.g. no memory for a new cache: the next step tries again
+                traceback.print_exc(file=sys.stderr)
         now = time.perf_counter()
         self.metrics.step.observe(now - t0)
         self.metrics.prefilled.inc(self.scheduler.stats.prefill_tokens - before)

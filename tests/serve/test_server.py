@@ -311,6 +311,25 @@ def test_disconnect_frees_slot(server, model):
     assert state["steps"] - closed["steps"] <= 3
 
 
+def test_disconnect_non_streamed(server, model):
+    """A non-streamed request whose client gives up is aborted too."""
+    wait_idle(server)
+    before = engine_state(server)["aborted"]
+    body = {"model": model, "prompt": PROMPTS[1], "max_tokens": 500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)
+    state = wait_idle(server, timeout=10)
+    assert state["aborted"] == before + 1
+
+
+def test_body_too_large(server, model):
+    small = ServeOptions(max_batch=1, max_body_bytes=1000)
+    with ServerThread(server.loop.scheduler.engine, small) as srv:
+        big = json.dumps({"model": model, "prompt": "x" * 2000})
+        assert_error(post(srv, "/v1/completions", big), 413, "1000 bytes")
+        assert post(srv, "/v1/completions", json.dumps({"model": model, "prompt": "Hi", "max_tokens": 1})).is_success
+
+
 def test_engine_fault(server, client, model, faults, engine):
     """A decoder step that raises: its requests get a 500, the engine resets, later requests are served."""
     faults.armed = True
