@@ -1,8 +1,9 @@
-"""`monokernel generate | info | bench | compile`.
+"""`monokernel generate | info | bench | compile | serve | chat | bench-serve`.
 
-bench and compile live in their own packages (monokernel.bench.cli, monokernel.codegen.cli, each with
-add_arguments(parser) and run(args) -> int); they are imported only when named or when help is asked for,
-so `generate` does not pay for their imports, and a missing one only removes its command.
+bench, compile and the serving commands live in their own modules (monokernel.bench.cli, monokernel.codegen.cli,
+monokernel.serve.cli / chat / bench, each with add_arguments(parser) and run(args) -> int); they are imported
+only when named or when help is asked for, so `generate` does not pay for their imports, and a missing one only
+removes its command.
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from . import __version__
 from .errors import InputError, MonokernelError
 
 _PLUGINS = {"bench": ("monokernel.bench.cli", "benchmark the megakernel against the baselines"),
-            "compile": ("monokernel.codegen.cli", "generate and compile the kernel for a model")}
+            "compile": ("monokernel.codegen.cli", "generate and compile the kernel for a model"),
+            "serve": ("monokernel.serve.cli", "OpenAI-compatible HTTP server with continuous batching"),
+            "chat": ("monokernel.serve.chat", "interactive multi-turn chat in the terminal, streamed"),
+            "bench-serve": ("monokernel.serve.bench", "load a running server: throughput, TTFT, TPOT, ITL")}
 
 
 def main(argv: list[str] | None = None) -> int:
