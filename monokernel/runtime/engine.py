@@ -96,6 +96,7 @@ class Engine:
         self.max_seq = _max_seq(max_seq, limit)
         self.eos_token_ids: tuple[int, ...] = tuple(tokenizer.eos_token_ids if tokenizer else self.spec.eos_token_ids)
         self.last_stats = GenerationStats()
+        self.last_speculative = None         # SpeculativeStats of the last speculative request
         self._scheduler: Scheduler | None = None   # generate()'s, kept for the next call of the same batch
         # One request at a time: a request owns the scheduler from its prefill to its last token (held by the
         # generator of Engine._run, released when it finishes or is closed).
@@ -206,27 +207,31 @@ class Engine:
 
     # ---- Public API --------------------------------------------------------------------------------
     def generate(self, prompts: str | Seq[str], params: SamplingParams | None = None, *, chat: bool = False,
-                 **overrides) -> list[Generation]:
-        """`params` (default: SamplingParams()) with any of its fields given as keywords on top."""
+                 speculative: str | None = None, draft_tokens: int = 4, **overrides) -> list[Generation]:
+        """`params` (default: SamplingParams()) with any of its fields given as keywords on top. speculative:
+        "ngram" decodes greedily with prompt-lookup drafts of up to `draft_tokens` tokens verified in one
+        pass (the same tokens, fewer passes; `last_speculative` says how many)."""
         params = _sampling(params, overrides)
-        return self.generate_ids(self.encode_prompts(prompts, chat), params)
+        return self.generate_ids(self.encode_prompts(prompts, chat), params, speculative=speculative,
+                                 draft_tokens=draft_tokens)
 
-    def generate_ids(self, prompt_ids: Seq[Seq[int]], params: SamplingParams | None = None,
-                     **overrides) -> list[Generation]:
-        seqs, events = self._start(prompt_ids, _sampling(params, overrides))
+    def generate_ids(self, prompt_ids: Seq[Seq[int]], params: SamplingParams | None = None, *,
+                     speculative: str | None = None, draft_tokens: int = 4, **overrides) -> list[Generation]:
+        seqs, events = self._start(prompt_ids, _sampling(params, overrides), speculative, draft_tokens)
         for _ in events:
             pass
         return [s.result() for s in seqs]
 
     def stream(self, prompts: str | Seq[str], params: SamplingParams | None = None, *, chat: bool = False,
-               **overrides) -> Iterator[TokenEvent]:
+               speculative: str | None = None, draft_tokens: int = 4, **overrides) -> Iterator[TokenEvent]:
         """Per-token events, in step order. Arguments are checked here, before the first event is asked for."""
         params = _sampling(params, overrides)
-        return self.stream_ids(self.encode_prompts(prompts, chat), params)
+        return self.stream_ids(self.encode_prompts(prompts, chat), params, speculative=speculative,
+                               draft_tokens=draft_tokens)
 
-    def stream_ids(self, prompt_ids: Seq[Seq[int]], params: SamplingParams | None = None,
-                   **overrides) -> Iterator[TokenEvent]:
-        return self._start(prompt_ids, _sampling(params, overrides))[1]
+    def stream_ids(self, prompt_ids: Seq[Seq[int]], params: SamplingParams | None = None, *,
+                   speculative: str | None = None, draft_tokens: int = 4, **overrides) -> Iterator[TokenEvent]:
+        return self._start(prompt_ids, _sampling(params, overrides), speculative, draft_tokens)[1]
 
     def encode_prompts(self, prompts: str | Seq[str], chat: bool = False) -> list[list[int]]:
         if self.tokenizer is None:
@@ -249,8 +254,11 @@ class Engine:
         return out
 
     # ---- The generation loop -----------------------------------------------------------------------
-    def _start(self, prompt_ids, params: SamplingParams):
+    def _start(self, prompt_ids, params: SamplingParams, speculative: str | None = None, draft_tokens: int = 4):
         prompt_ids = self._check_ids(prompt_ids)
+        if speculative is not None:
+            from ..speculative.run import check_speculative
+            check_speculative(speculative, draft_tokens, params, self.engine)
         if params.stop and self.tokenizer is None:
             raise InputError(f"stop strings need a tokenizer; model {self.name!r} has none")
         n = params.max_new_tokens
@@ -266,7 +274,30 @@ class Engine:
         reqs = [Request(str(i), p, params, Sequence(i, p, n, eos, params.stop,
                                                     self.tokenizer.stream() if self.tokenizer else None))
                 for i, p in enumerate(prompt_ids)]
+        if speculative is not None:
+            return [r.seq for r in reqs], self._run_speculative([r.seq for r in reqs], draft_tokens)
         return [r.seq for r in reqs], self._run(reqs)
+
+    def _run_speculative(self, seqs: list[Sequence], draft_tokens: int) -> Iterator[TokenEvent]:
+        from ..speculative.greedy import SpeculativeStats
+        from ..speculative.run import speculative_events
+
+        if not self._busy.acquire(blocking=False):
+            raise EngineBusy("this Engine is still running another request: finish or close() that stream first")
+        try:
+            stats = self.last_stats = GenerationStats(batch=len(seqs), prompt_tokens=sum(len(s.prompt_ids) for s in seqs),
+                                                      engine="reference, speculative ngram")
+            spec = self.last_speculative = SpeculativeStats()
+            t0 = time.perf_counter()
+            for ev in speculative_events(self, seqs, draft_tokens, spec):
+                stats.new_tokens += 1
+                if stats.new_tokens == 1:
+                    stats.prefill_s = time.perf_counter() - t0
+                stats.decode_steps = spec.passes
+                stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
+                yield ev
+        finally:
+            self._busy.release()
 
     def _run(self, reqs: list[Request]) -> Iterator[TokenEvent]:
         """The request's events, with the engine held from its first event to its last (or to close())."""
