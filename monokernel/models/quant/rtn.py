@@ -1,0 +1,68 @@
+"""Round-to-nearest quantisation of dense weights (`--quantize`), gpt-fast style: no calibration data, one pass.
+
+  int8        per output row, symmetric: s = absmax/127 (fp32), c = round(w/s) in -127..127
+  int4-gG     per group of G along K, symmetric: s = absmax/7 rounded to the scale type first, c = round(w/s) + 8
+              clamped to 0..15 (the same codes and unpacking as GPTQ/compressed-tensors symmetric checkpoints).
+              Symmetric by default: no zero points to stream, one fewer operation a weight in the kernel;
+              `-zp` formats are the asymmetric variant (s = (max-min)/15, z = round(-min/s)).
+  fp8         per output row: s = absmax/448 (fp32), c = e4m3(w/s) (round to nearest even)
+  fp8-b128    one scale per 128x128 block, as DeepSeek-V3 / Qwen3 FP8 checkpoints
+
+Scales are rounded to their storage type before the codes are computed, so the codes are the nearest ones for
+the scale the kernel will read. The LM head and the embedding stay dense (see quantize_weights).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..formats import FORMATS, Format, quantize_format
+from .tensor import QuantTensor, pack_nibbles
+
+FP8_MAX = 448.0
+_TINY = 1e-12     # a zero row or group gets scale 1e-12 rather than a division by zero
+
+
+def quantize(w: torch.Tensor, fmt: str | Format) -> QuantTensor:
+    """Dense (*S, R, K) -> QuantTensor in `fmt`, computed in fp32."""
+    f = quantize_format(fmt)
+    x = w.float()
+    *lead, rows, k = x.shape
+    scale_dtype = FORMATS[f.scale_format].torch_dtype
+    if f.name == "fp8-b128":
+        return _fp8_blocks(x, f)
+    g = f.group_size or k
+    # a group size that does not divide K leaves a shorter last group (the formula reads scale k // g either
+    # way); its padding is zeros, which change neither an absmax nor a min/max that includes 0
+    padded = torch.nn.functional.pad(x, (0, -k % g))
+    xg = padded.reshape(*lead, rows, -1, g)
+    if f.zero == "int":
+        lo, hi = xg.amin(-1).clamp(max=0), xg.amax(-1).clamp(min=0)
+        s = ((hi - lo) / 15).clamp(min=_TINY).to(scale_dtype)
+        sf = s.float()
+        z = torch.round(-lo / sf).clamp(0, 15)
+        c = torch.round(xg / sf[..., None] + z[..., None]).clamp(0, 15)
+        return QuantTensor(f, pack_nibbles(c.flatten(-2)[..., :k]), s, pack_nibbles(z), (*lead, rows, k))
+    amax = xg.abs().amax(-1)
+    limit = {4: 7.0, 8: 127.0}.get(f.bits) if f.torch_dtype != torch.float8_e4m3fn else FP8_MAX
+    s = (amax / limit).clamp(min=_TINY).to(scale_dtype)
+    q = xg / s.float()[..., None]
+    q = q.flatten(-2)[..., :k]
+    if f.torch_dtype == torch.float8_e4m3fn:
+        codes = q.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    elif f.bits == 8:
+        codes = torch.round(q).clamp(-127, 127).to(torch.int8)
+    else:
+        codes = pack_nibbles(torch.round(q).clamp(-8, 7) + 8)
+    return QuantTensor(f, codes, s, None, (*lead, rows, k))
+
+
+def _fp8_blocks(x: torch.Tensor, f: Format) -> QuantTensor:
+    *lead, rows, k = x.shape
+    b = f.block_rows
+    pr, pk = -(-rows // b) * b, -(-k // b) * b
+    padded = torch.nn.functional.pad(x, (0, pk - k, 0, pr - rows))
+    blocks = padded.reshape(*lead, pr // b, b, pk // b, b)
+    s = (blocks.abs().amax(dim=(-3, -1)) / FP8_MAX).clamp(min=_TINY)        # (*S, R/b, K/b) fp32
+    scaled = blocks / s[..., :, None, :, None]
+    codes = scaled.clamp(-FP8_MAX, FP8_MAX).reshape(*lead, pr, pk)[..., :rows, :k].to(torch.float8_e4m3fn)
+    return QuantTensor(f, codes.contiguous(), s, None, (*lead, rows, k))
