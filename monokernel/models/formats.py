@@ -142,9 +142,10 @@ def quantize_choices() -> list[str]:
 
 def quantize_format(name: str | Format) -> Format:
     """A format `--quantize` can produce from dense weights (round-to-nearest), or InputError listing them."""
-    f = get_format(QUANTIZE_ALIASES.get(str(name).lower(), name)) if not isinstance(name, Format) else name
-    if f.name not in quantize_choices():
-        raise InputError(f"quantize={f.name!r} is not a format round-to-nearest can produce; "
+    f = name if isinstance(name, Format) else _BY_ALIAS.get(QUANTIZE_ALIASES.get(str(name).lower(), str(name).lower()))
+    if f is None or f.name not in quantize_choices():
+        name = name.name if isinstance(name, Format) else name
+        raise InputError(f"quantize={name!r} is not a format round-to-nearest can produce; "
                          f"use one of {', '.join(quantize_choices())}")
     return f
 

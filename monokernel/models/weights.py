@@ -89,6 +89,16 @@ class PackedWeights:
             total += t.nbytes if not isinstance(t, torch.Tensor) else t.numel() * t.element_size()
         return total
 
+    def bytes_per_step(self) -> int:
+        """Bytes a decode step reads as these weights are stored: every layer matrix and the LM head (packed:
+        codes, scales and zeros exactly), the norms and biases; the embedding's B rows are not counted."""
+        total = 0
+        for name, t in self.tensors().items():
+            if name == "embed":
+                continue
+            total += t.nbytes if not isinstance(t, torch.Tensor) else t.numel() * t.element_size()
+        return total
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name != "spec" and getattr(self, f.name) is not None}
