@@ -19,7 +19,15 @@ from ..formats import FORMATS, Format, quantize_format
 from .tensor import QuantTensor, pack_nibbles
 
 FP8_MAX = 448.0
-_TINY = 1e-12     # a zero row or group gets scale 1e-12 rather than a division by zero
+
+
+def _scale(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scales in their storage type, rounded up (a scale rounded down would leave the group's extreme one code
+    short of its range), and at least the type's smallest normal: a zero group then quantises to zero codes
+    instead of dividing by zero (a scale that underflowed to 0 in fp16)."""
+    s = x.clamp(min=torch.finfo(dtype).tiny).to(dtype)
+    low = s.float() < x
+    return torch.where(low, torch.nextafter(s, torch.tensor(float("inf"), dtype=dtype)), s)
 
 
 def quantize(w: torch.Tensor, fmt: str | Format) -> QuantTensor:
@@ -37,14 +45,14 @@ def quantize(w: torch.Tensor, fmt: str | Format) -> QuantTensor:
     xg = padded.reshape(*lead, rows, -1, g)
     if f.zero == "int":
         lo, hi = xg.amin(-1).clamp(max=0), xg.amax(-1).clamp(min=0)
-        s = ((hi - lo) / 15).clamp(min=_TINY).to(scale_dtype)
+        s = _scale((hi - lo) / 15, scale_dtype)
         sf = s.float()
         z = torch.round(-lo / sf).clamp(0, 15)
         c = torch.round(xg / sf[..., None] + z[..., None]).clamp(0, 15)
         return QuantTensor(f, pack_nibbles(c.flatten(-2)[..., :k]), s, pack_nibbles(z), (*lead, rows, k))
     amax = xg.abs().amax(-1)
     limit = {4: 7.0, 8: 127.0}.get(f.bits) if f.torch_dtype != torch.float8_e4m3fn else FP8_MAX
-    s = (amax / limit).clamp(min=_TINY).to(scale_dtype)
+    s = _scale(amax / limit, scale_dtype)
     q = xg / s.float()[..., None]
     q = q.flatten(-2)[..., :k]
     if f.torch_dtype == torch.float8_e4m3fn:
@@ -62,7 +70,7 @@ def _fp8_blocks(x: torch.Tensor, f: Format) -> QuantTensor:
     pr, pk = -(-rows // b) * b, -(-k // b) * b
     padded = torch.nn.functional.pad(x, (0, pk - k, 0, pr - rows))
     blocks = padded.reshape(*lead, pr // b, b, pk // b, b)
-    s = (blocks.abs().amax(dim=(-3, -1)) / FP8_MAX).clamp(min=_TINY)        # (*S, R/b, K/b) fp32
+    s = _scale(blocks.abs().amax(dim=(-3, -1)) / FP8_MAX, torch.float32)     # (*S, R/b, K/b)
     scaled = blocks / s[..., :, None, :, None]
     codes = scaled.clamp(-FP8_MAX, FP8_MAX).reshape(*lead, pr, pk)[..., :rows, :k].to(torch.float8_e4m3fn)
     return QuantTensor(f, codes.contiguous(), s, None, (*lead, rows, k))

@@ -79,12 +79,15 @@ class QuantTensor:
                            None if self.zeros is None else fn(self.zeros), shape)
 
     def __getitem__(self, index) -> "QuantTensor":
-        """One matrix of a stack (an int), or a (layer, row slice) pair as the simulator takes tiles."""
+        """One matrix of a stack (an int), a (layer, row slice) pair as the simulator takes tiles, or rows of
+        one matrix (a slice)."""
         if isinstance(index, tuple):
             layer, rows = index
             return self[layer].rows(rows)
+        if isinstance(index, slice) and self.ndim == 2:
+            return self.rows(index)
         if not isinstance(index, int) or self.ndim < 3:
-            raise TypeError("a QuantTensor is indexed by layer (an int), or by (layer, row slice)")
+            raise TypeError("a QuantTensor stack is indexed by layer (an int) or (layer, row slice); one matrix by a row slice")
         return self._map(lambda t: t[index], self.shape[1:])
 
     def rows(self, rows: slice) -> "QuantTensor":
