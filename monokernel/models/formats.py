@@ -97,6 +97,9 @@ def _quantised() -> list[Format]:
                "compressed-tensors FP8 channel or tensor"),
         Format("fp8-b128", 8, torch.float8_e4m3fn, None, 128, "fp32", block_rows=128,
                source="compressed-tensors FP8 block [128, 128], DeepSeek/Qwen weight_scale_inv"),
+        Format("fp8-g128", 8, torch.float8_e4m3fn, None, 128, "fp32",
+               source="fp8-b128 matrices whose rows are interleaved (gate/up) or not whole blocks (k/v of 64 "
+                      "rows): each row repeats its block's scale, losslessly, for 1/32 more bytes"),
     ]
     for g in (32, 64, 128):
         for zero, zs in ((None, ""), ("int", "-zp")):

@@ -122,22 +122,37 @@ class QuantTensor:
         return f"QuantTensor({self.format.name}, shape={self.shape}, {self.nbytes} bytes)"
 
 
+# formats with blocks of rows -> the same values with a scale per row (the blocks' scales repeated)
+ROW_SCALED = {"fp8-b128": "fp8-g128"}
+
+
+def per_row_scales(qt: QuantTensor) -> QuantTensor:
+    """The matrix with one scale (group) per row: a block format's scales repeated over its rows, losslessly."""
+    f = qt.format
+    if f.block_rows == 1:
+        return qt
+    s = qt.scales.repeat_interleave(f.block_rows, dim=-2)[..., :qt.shape[-2], :]
+    return QuantTensor(ROW_SCALED[f.name], qt.codes, s.contiguous(), qt.zeros, qt.shape)
+
+
 def cat_rows(parts: list[QuantTensor]) -> QuantTensor:
-    """Matrices of one format and K stacked along rows (q, k and v into w_qkv)."""
+    """Matrices of one format and K stacked along rows (q, k and v into w_qkv); blocks of rows that would
+    straddle two matrices become a scale per row."""
+    if parts[0].format.block_rows > 1 and any(p.shape[-2] % p.format.block_rows for p in parts[:-1]):
+        parts = [per_row_scales(p) for p in parts]
     f = parts[0].format
     if any(p.format != f or p.shape[-1] != parts[0].shape[-1] for p in parts):
         raise CheckpointError(f"matrices stacked into one ({', '.join(p.format.name for p in parts)}) must share "
                               "one format and K")
-    if f.block_rows > 1 and any(p.shape[-2] % f.block_rows for p in parts[:-1]):
-        raise CheckpointError(f"{f.name} matrices stacked along rows must hold whole blocks of {f.block_rows} rows")
     zeros = None if f.zero is None else torch.cat([p.zeros for p in parts], dim=-2)
     return QuantTensor(f, torch.cat([p.codes for p in parts], dim=-2), torch.cat([p.scales for p in parts], dim=-2),
                        zeros, (*parts[0].shape[:-2], sum(p.shape[-2] for p in parts), parts[0].shape[-1]))
 
 
 def interleave_rows(a: QuantTensor, b: QuantTensor) -> QuantTensor:
-    """Rows a_0, b_0, a_1, b_1, ... (gate and up into w_gu); needs a scale per row."""
-    if a.format != b.format or a.shape != b.shape or a.format.block_rows != 1:
+    """Rows a_0, b_0, a_1, b_1, ... (gate and up into w_gu); blocks of rows become a scale per row."""
+    a, b = per_row_scales(a), per_row_scales(b)
+    if a.format != b.format or a.shape != b.shape:
         raise CheckpointError(f"gate and up ({a.format.name}, {b.format.name}) must share one format and shape "
                               "with a scale per row to be interleaved")
 
