@@ -22,7 +22,7 @@ import torch
 from ..errors import CheckpointError, UnsupportedModelError
 from .formats import Format, get_format
 from .quant import QuantTensor, dequantize
-from .quant.tensor import LayerStack, cat_rows, interleave_rows, stack_matrices
+from .quant.tensor import LayerStack, RowStack, cat_rows, format_label, interleave_rows, stack_matrices
 from .spec import ModelSpec
 
 Matrix = "torch.Tensor | QuantTensor | LayerStack"
@@ -70,8 +70,7 @@ class PackedWeights:
         out = {}
         for n in MATRICES:
             m = getattr(self, n)
-            out[n] = (m.formats if isinstance(m, LayerStack) else
-                      [m.format.name if isinstance(m, QuantTensor) else get_format(m.dtype).name])
+            out[n] = m.formats if isinstance(m, LayerStack) else [format_label(m)]
         return out
 
     @property
@@ -113,8 +112,8 @@ class PackedWeights:
         if rows is not None:
             if isinstance(m, QuantTensor) and m.format.block_rows > 1:   # 128-row blocks: expand, then cut
                 return dequantize(m, self.dtype)[rows]
-            m = m.rows(rows) if isinstance(m, QuantTensor) else m[rows]
-        return dequantize(m, self.dtype) if isinstance(m, QuantTensor) else m
+            m = m[rows] if isinstance(m, torch.Tensor) else m.rows(rows)
+        return m if isinstance(m, torch.Tensor) else dequantize(m, self.dtype)
 
     def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """Rows of the embedding for `tokens` (any shape) -> (*tokens.shape, H): a gather, dequantising only
@@ -158,7 +157,7 @@ class PackedWeights:
 
 
 def _dense(m, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(m, QuantTensor):
+    if isinstance(m, (QuantTensor, RowStack)):
         return dequantize(m, dtype)
     if isinstance(m, LayerStack):
         return torch.stack([_dense(x, dtype) for x in m.layers])
@@ -208,8 +207,8 @@ def pack_from_hf(spec: ModelSpec, get: Callable[[str], torch.Tensor], dtype: tor
             q_norm[i] = fetch(p + "self_attn.q_norm.weight", (spec.head_dim,))
             k_norm[i] = fetch(p + "self_attn.k_norm.weight", (spec.head_dim,))
         mats["w_o"].append(fetch(p + "self_attn.o_proj.weight", (H, spec.q_size)))
-        mats["w_gu"].append(interleave_gate_up(fetch(p + "mlp.gate_proj.weight", (I, H)),
-                                               fetch(p + "mlp.up_proj.weight", (I, H))))
+        mats["w_gu"].append(_interleave(fetch(p + "mlp.gate_proj.weight", (I, H)),
+                                        fetch(p + "mlp.up_proj.weight", (I, H)), dtype))
         mats["w_down"].append(fetch(p + "mlp.down_proj.weight", (H, I)))
         attn_norm[i] = fetch(p + "input_layernorm.weight", (H,))
         mlp_norm[i] = fetch(p + "post_attention_layernorm.weight", (H,))
@@ -223,11 +222,22 @@ def pack_from_hf(spec: ModelSpec, get: Callable[[str], torch.Tensor], dtype: tor
 
 
 def _cat_rows(parts: list):
-    if any(isinstance(p, QuantTensor) for p in parts):
-        if not all(isinstance(p, QuantTensor) for p in parts):
-            raise CheckpointError("q, k and v must all be quantised or all dense to share w_qkv")
+    """q, k and v into one w_qkv: one tensor where they share a format, else a RowStack of their own formats."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts)
+    try:
         return cat_rows(parts)
-    return torch.cat(parts)
+    except (CheckpointError, AttributeError):
+        return RowStack(parts)
+
+
+def _interleave(gate, up, dtype: torch.dtype):
+    """gate/up rows interleaved: packed where both share a format; dense (dequantised) where they differ, as no
+    row tile of w_gu may mix formats (a tile holds whole gate/up pairs)."""
+    try:
+        return interleave_gate_up(gate, up)
+    except (CheckpointError, AttributeError):
+        return interleave_gate_up(_dense(gate, dtype), _dense(up, dtype))
 
 
 class _Stacker:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .tensor import QuantTensor
+from .tensor import QuantTensor, RowStack
 
 
 def _unpack_float(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -20,7 +20,10 @@ def _unpack_float(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def dequantize(qt: QuantTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The dense matrix (*S, R, K) in `dtype`: computed in fp32 in the formula's order, rounded once."""
+    """The dense matrix (*S, R, K) in `dtype`: computed in fp32 in the formula's order, rounded once. A RowStack
+    dequantises each part in its own format."""
+    if isinstance(qt, RowStack):
+        return torch.cat([p.to(dtype) if isinstance(p, torch.Tensor) else dequantize(p, dtype) for p in qt.parts])
     f = qt.format
     *lead, rows, k = qt.shape
     g = f.group_size or k

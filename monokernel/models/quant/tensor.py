@@ -172,6 +172,66 @@ def stack_layers(parts: list[QuantTensor]) -> QuantTensor:
                        (len(parts), *parts[0].shape))
 
 
+def nbytes(m) -> int:
+    """Bytes a matrix holds, dense or packed."""
+    return m.numel() * m.element_size() if isinstance(m, torch.Tensor) else m.nbytes
+
+
+def format_label(m) -> str:
+    """A matrix's storage format as results and errors name it."""
+    if isinstance(m, QuantTensor):
+        return m.format.name
+    if isinstance(m, RowStack):
+        return "+".join(format_label(p) for p in m.parts)
+    return get_format(m.dtype).name
+
+
+class RowStack:
+    """Matrices of differing formats stacked along rows: a Q4_K_M GGUF stores a layer's q and k as Q4_K and its
+    v as Q6_K, all three in one w_qkv. Each part keeps its own format; a row range gives the parts it covers."""
+
+    def __init__(self, parts: list):
+        self.parts = list(parts)
+        if len({p.shape[-1] for p in self.parts}) != 1:
+            raise CheckpointError("matrices stacked along rows must share K")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (sum(p.shape[-2] for p in self.parts), self.parts[0].shape[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    ndim = 2
+
+    @property
+    def nbytes(self) -> int:
+        return sum(nbytes(p) for p in self.parts)
+
+    def rows(self, rows: slice) -> "RowStack":
+        r0, r1, _ = rows.indices(self.shape[0])
+        out, base = [], 0
+        for p in self.parts:
+            n = p.shape[-2]
+            lo, hi = max(r0 - base, 0), min(r1 - base, n)
+            if lo < hi:
+                out.append(p[lo:hi] if isinstance(p, torch.Tensor) else p.rows(slice(lo, hi)))
+            base += n
+        return RowStack(out)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.rows(index)
+        raise TypeError("a RowStack is one matrix: index it by a row slice")
+
+    def to(self, device=None) -> "RowStack":
+        return RowStack([p.to(device) for p in self.parts])
+
+    def __repr__(self) -> str:
+        return f"RowStack({format_label(self)}, shape={self.shape})"
+
+
 class LayerStack:
     """Per-layer matrices of one kind whose formats differ (a Q4_K_M GGUF stores some layers' ffn_down as Q6_K,
     the others as Q4_K): indexed like a stacked tensor, one QuantTensor (or dense tensor) a layer."""
@@ -193,11 +253,11 @@ class LayerStack:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.nbytes if isinstance(m, QuantTensor) else m.numel() * m.element_size() for m in self.layers)
+        return sum(nbytes(m) for m in self.layers)
 
     @property
     def formats(self) -> list[str]:
-        return [m.format.name if isinstance(m, QuantTensor) else get_format(m.dtype).name for m in self.layers]
+        return [format_label(m) for m in self.layers]
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -206,7 +266,7 @@ class LayerStack:
         if isinstance(index, tuple):
             layer, rows = index
             m = self.layers[layer]
-            return m.rows(rows) if isinstance(m, QuantTensor) else m[rows]
+            return m[rows] if isinstance(m, torch.Tensor) else m.rows(rows)
         return self.layers[index]
 
     def to(self, device=None) -> "LayerStack":
