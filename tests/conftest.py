@@ -55,6 +55,34 @@ ENGINE_SPEC = ModelSpec(name="tiny", arch="LlamaForCausalLM", vocab_size=61, hid
                         max_position_embeddings=96)
 
 
+# ---- quantised tiny models ------------------------------------------------------------------------
+# Every weight format, each on one architecture (together every architecture several times): the simulator and
+# reference tests run these. GGUF-shaped formats (int8-g32: Q8_0, int4-g32-min: Q4_1, int4-g32-min-fp32: Q4_K,
+# int8-g16-fp32: Q6_K) are made by round-to-nearest here; their GGUF conversions are proved in tests/models.
+QUANT_CASES = {"int8": "llama", "int4-g32": "qwen2", "int4-g64-zp": "qwen3", "int4-g128-bf16": "mistral",
+               "int4-g128-zp": "llama", "fp8": "qwen2", "fp8-b128": "llama", "int8-g32": "qwen3",
+               "int4-g32-min": "mistral", "int4-g32-min-fp32": "llama", "int8-g16-fp32": "qwen2"}
+
+
+def quantised_weights(spec: ModelSpec, fmt: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+                      head: bool = False):
+    """random_weights with the layer matrices in `fmt` (and the embedding/LM head too where `head`, as the
+    default GGUF's tied Q8_0 one)."""
+    import dataclasses
+
+    from monokernel.models.quant.rtn import quantize
+    from monokernel.models.quant.tensor import stack_matrices
+    from monokernel.models.weights import random_weights
+
+    w = random_weights(spec, dtype, seed=seed)
+    out = {n: stack_matrices([quantize(getattr(w, n)[i], fmt) for i in range(spec.num_layers)])
+           for n in ("w_qkv", "w_o", "w_gu", "w_down")}
+    if head:
+        out["embed"] = quantize(w.embed, fmt)
+        out["lm_head"] = out["embed"] if spec.tie_word_embeddings else quantize(w.lm_head, fmt)
+    return dataclasses.replace(w, **out)
+
+
 # ---- KV caches -------------------------------------------------------------------------------------
 JUNK = 3.0e4   # unused KV slots: an out-of-bounds read changes the answer instead of hiding
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import FORMATS, Format, quantize_format
+from ..formats import FORMATS, QUANTIZE_ALIASES, Format, get_format
 from .tensor import QuantTensor, pack_nibbles
 
 FP8_MAX = 448.0
@@ -31,18 +31,28 @@ def _scale(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def quantize(w: torch.Tensor, fmt: str | Format) -> QuantTensor:
-    """Dense (*S, R, K) -> QuantTensor in `fmt`, computed in fp32."""
-    f = quantize_format(fmt)
+    """Dense (*S, R, K) -> QuantTensor in `fmt`, computed in fp32. Any quantised format is accepted (the tests
+    make GGUF-shaped ones this way: `min` formats as Q4_1 does, s = (max-min)/15, m = min); --quantize offers
+    the ones of formats.quantize_choices()."""
+    f = get_format(QUANTIZE_ALIASES.get(fmt, fmt) if isinstance(fmt, str) else fmt)
+    if not f.quantised:
+        raise ValueError(f"{f.name} is not a quantised format")
     x = w.float()
     *lead, rows, k = x.shape
     scale_dtype = FORMATS[f.scale_format].torch_dtype
-    if f.name == "fp8-b128":
+    if f.block_rows > 1:
         return _fp8_blocks(x, f)
     g = f.group_size or k
     # a group size that does not divide K leaves a shorter last group (the formula reads scale k // g either
     # way); its padding is zeros, which change neither an absmax nor a min/max that includes 0
     padded = torch.nn.functional.pad(x, (0, -k % g))
     xg = padded.reshape(*lead, rows, -1, g)
+    if f.zero == "min":
+        lo, hi = xg.amin(-1), xg.amax(-1)
+        s = _scale((hi - lo) / 15, scale_dtype)
+        m = lo.to(scale_dtype)
+        c = torch.round((xg - m.float()[..., None]) / s.float()[..., None]).clamp(0, 15)
+        return QuantTensor(f, pack_nibbles(c.flatten(-2)[..., :k]), s, m, (*lead, rows, k))
     if f.zero == "int":
         lo, hi = xg.amin(-1).clamp(max=0), xg.amax(-1).clamp(min=0)
         s = _scale((hi - lo) / 15, scale_dtype)
