@@ -8,7 +8,6 @@ right too)."""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest

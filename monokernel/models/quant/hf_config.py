@@ -25,10 +25,6 @@ class Scheme(Protocol):
     def matrix(self, module: str, get: Get) -> QuantTensor: ...
 
 
-def field(cfg: dict, key: str, default: Any = None, where: str = "quantization_config") -> Any:
-    return cfg.get(key, default)
-
-
 def refuse(key: str, value: Any, why: str, where: str = "quantization_config") -> UnsupportedModelError:
     return UnsupportedModelError(f"{where}.{key}={value!r} is not supported: {why}")
 
