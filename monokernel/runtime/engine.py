@@ -55,7 +55,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     """Default: bf16 on CUDA (what the megakernel runs), fp32 on CPU (CPU bf16 matmuls are slow)."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return get_format(dtype).torch_dtype
+    f = get_format(dtype)
+    if f.quantised:
+        raise InputError(f"dtype={f.name!r} is a weight format, not an activation type: quantise with "
+                         f"weights={f.name!r} (the CLI's --quantize {f.name}) and compute in bf16, fp16 or fp32")
+    return f.torch_dtype
 
 
 @dataclass
