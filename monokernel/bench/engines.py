@@ -13,7 +13,10 @@ from ..models.weights import PackedWeights
 from ..runtime.decoders import Decoder
 from ..runtime.kv_cache import KVCache
 
-ENGINES = ("monokernel", "torch-compile", "hf", "hf-compile")
+ENGINES = ("monokernel", "torch-compile", "hf", "hf-compile", "reference")
+# The baselines read dense weights: a quantised row of theirs would stream bf16 bytes under an int4 roofline.
+_NO_QUANTISED = ("the quantised torch.compile baseline (gpt-fast int8/int4 weight-only, torch._weight_int8pack_mm / "
+                 "_weight_int4pack_mm) is not written yet; the reference engine reads the packed weights")
 
 
 class EngineUnavailable(MonokernelError):
@@ -51,6 +54,16 @@ def build_engine(name: str, weights: PackedWeights, batch: int, max_seq: int, *,
 
         mega = MegaDecoder(weights, KVCache(weights.spec, batch, max_seq, weights.dtype, weights.device))
         return BenchEngine(name, "megakernel", mega, {"kernel": mega.compiled.path.parent.name})
+    if name == "reference":
+        from ..reference.model import ReferenceModel
+        from ..runtime.decoders import ReferenceDecoder
+
+        cache = KVCache(weights.spec, batch, max_seq, weights.dtype, weights.device)
+        packed = "weights packed, dequantised per matmul" if weights.quantised else "dense weights"
+        return BenchEngine(name, f"eager, {packed}", ReferenceDecoder(ReferenceModel(weights), cache))
+    if weights.quantised and name != "monokernel":
+        raise EngineUnavailable(_NO_QUANTISED if name == "torch-compile" else
+                                "transformers reads dense weights; the reference engine reads the packed ones")
     if name == "torch-compile":
         from ..baselines.torch_compile import TorchCompileDecoder
 
