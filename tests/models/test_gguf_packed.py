@@ -105,3 +105,30 @@ def test_unpacked_type_notice(tmp_path, monkeypatch, tiny_tokenizer, capsys):
     assert err.count("Q5_K tensors are dequantised to float32 at load") == 1
     # gate (Q4_K) and up (Q5_K, dense) cannot share one packed w_gu: the layer's w_gu is dense
     assert isinstance(w.w_qkv, QuantTensor) and w.formats()["w_gu"] == ["fp32"]
+
+
+def test_simulator_on_mixed_formats(tmp_path, monkeypatch, tiny_tokenizer):
+    """The simulated schedule on a Q4_K_M-style GGUF (a w_qkv whose v rows are Q6_K, layers whose ffn_down formats
+    differ) matches the reference engine: row tiles crossing the q/k/v boundary take each part's rows."""
+    import random
+
+    from monokernel.schedule.build import build_schedule
+    from monokernel.schedule.inputs import GpuInfo
+    from monokernel.schedule.plan import plan_for
+    from monokernel.schedule.simulate import Simulator
+
+    model = _model(256, 512)
+    _quantising_writer(monkeypatch, lambda name: (Q.Q6_K if name in ("blk.0.attn_v.weight", "blk.1.ffn_down.weight")
+                                                  else Q.Q4_K) if name.startswith("blk.") else None)
+    path = _write_gguf(tmp_path / "m.gguf", model, tiny_tokenizer)
+    monkeypatch.undo()
+    spec, w, _ = load_gguf_checkpoint(path, torch.float32, "cpu")
+    ref = ReferenceModel(w)
+    sim = Simulator(build_schedule(plan_for(spec, 3, 32, gpu=GpuInfo(sm_count=7), min_kv_chunk=4)), w)
+    tok, pos = torch.tensor([5, 77, 300]), torch.tensor([0, 0, 0])
+    caches = [KVCache(spec, 3, 32, torch.float32, "cpu") for _ in range(2)]
+    for _ in range(2):
+        out, logits = sim.step(tok, pos, caches[0], random.Random(0))
+        expect = ref.forward(tok[:, None], pos, caches[1])[:, 0]
+        torch.testing.assert_close(logits, expect, rtol=1e-4, atol=1e-4)
+        tok, pos = out, pos + 1
