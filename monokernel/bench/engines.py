@@ -14,9 +14,6 @@ from ..runtime.decoders import Decoder
 from ..runtime.kv_cache import KVCache
 
 ENGINES = ("monokernel", "torch-compile", "hf", "hf-compile", "reference")
-# The baselines read dense weights: a quantised row of theirs would stream bf16 bytes under an int4 roofline.
-_NO_QUANTISED = ("the quantised torch.compile baseline (gpt-fast int8/int4 weight-only, torch._weight_int8pack_mm / "
-                 "_weight_int4pack_mm) is not written yet; the reference engine reads the packed weights")
 
 
 class EngineUnavailable(MonokernelError):
@@ -61,13 +58,17 @@ def build_engine(name: str, weights: PackedWeights, batch: int, max_seq: int, *,
         cache = KVCache(weights.spec, batch, max_seq, weights.dtype, weights.device)
         packed = "weights packed, dequantised per matmul" if weights.quantised else "dense weights"
         return BenchEngine(name, f"eager, {packed}", ReferenceDecoder(ReferenceModel(weights), cache))
-    if weights.quantised and name != "monokernel":
-        raise EngineUnavailable(_NO_QUANTISED if name == "torch-compile" else
-                                "transformers reads dense weights; the reference engine reads the packed ones")
+    if weights.quantised and name in ("hf", "hf-compile"):
+        raise EngineUnavailable("transformers reads dense weights; the reference engine reads the packed ones")
     if name == "torch-compile":
         from ..baselines.torch_compile import TorchCompileDecoder
 
-        tc = TorchCompileDecoder(weights, batch, max_seq, compile=compile, attention=attention)
+        from ..baselines.quantized import NoQuantisedPath
+
+        try:   # quantised weights: gpt-fast's int8 / int4 weight-only paths over the same values (quantized.py)
+            tc = TorchCompileDecoder(weights, batch, max_seq, compile=compile, attention=attention)
+        except NoQuantisedPath as e:
+            raise EngineUnavailable(f"torch-compile: {e}") from None
         return BenchEngine(name, tc.variant, tc)
     if name in ("hf", "hf-compile"):
         try:
