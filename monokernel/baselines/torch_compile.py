@@ -90,8 +90,7 @@ class DecodeModel(nn.Module):
         self.lm_head = None if self.tied else param(weights.lm_head)
         self.final_norm = param(weights.final_norm)
         self.attn_norm, self.mlp_norm = param(weights.attn_norm), param(weights.mlp_norm)
-        self.w_qkv, self.w_o = param(weights.w_qkv), param(weights.w_o)
-        self.w_gu, self.w_down = param(weights.w_gu), param(weights.w_down)
+        self._matrices(weights, param)
         self.b_qkv = param(weights.b_qkv)
         self.q_norm, self.k_norm = param(weights.q_norm), param(weights.k_norm)
 
@@ -104,6 +103,14 @@ class DecodeModel(nn.Module):
         self.register_buffer("batch_idx", torch.arange(batch, device=dev), persistent=False)
         shape = (batch, s.num_kv_heads, max_seq, s.head_dim)
         self.caches = nn.ModuleList(LayerCache(shape, dt, dev) for _ in range(s.num_layers))
+
+    def _matrices(self, weights: PackedWeights, param) -> None:
+        """The per-layer matrices as parameters (quantized.py overrides this and `_linear` for packed weights)."""
+        for name in ("w_qkv", "w_o", "w_gu", "w_down"):
+            setattr(self, name, param(getattr(weights, name)))
+
+    def _linear(self, name: str, i: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, getattr(self, name)[i], bias)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens, positions (B, T) long -> logits (B, T, V) fp32."""
@@ -120,7 +127,7 @@ class DecodeModel(nn.Module):
         s = self.spec
         B, T, _ = x.shape
         h = rms_norm(x, self.attn_norm[i], s.rms_norm_eps)
-        qkv = F.linear(h, self.w_qkv[i], None if self.b_qkv is None else self.b_qkv[i])
+        qkv = self._linear("w_qkv", i, h, None if self.b_qkv is None else self.b_qkv[i])
         q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
         q = q.view(B, T, s.num_heads, s.head_dim)
         k = k.view(B, T, s.num_kv_heads, s.head_dim)
@@ -135,10 +142,10 @@ class DecodeModel(nn.Module):
         cache.k[rows, :, positions] = k
         cache.v[rows, :, positions] = v
         att = self._attend(q, cache.k, cache.v, mask)                               # (B, T, nh * D)
-        x = x + F.linear(att, self.w_o[i])
+        x = x + self._linear("w_o", i, att)
         h = rms_norm(x, self.mlp_norm[i], s.rms_norm_eps)
-        gu = F.linear(h, self.w_gu[i]).unflatten(-1, (s.intermediate_size, 2))     # rows interleaved
-        return x + F.linear(F.silu(gu[..., 0]) * gu[..., 1], self.w_down[i])
+        gu = self._linear("w_gu", i, h).unflatten(-1, (s.intermediate_size, 2))    # rows interleaved
+        return x + self._linear("w_down", i, F.silu(gu[..., 0]) * gu[..., 1])
 
     def _attend(self, q, keys, values, mask):
         """q (B, T, nh, D), keys/values (B, KVH, S, D), mask (B, T, S) -> (B, T, nh * D)."""
@@ -180,7 +187,12 @@ class TorchCompileDecoder:
             raise InputError(f"max_seq={max_seq} exceeds the model's {weights.spec.max_position_embeddings} positions")
         self.spec, self.batch, self.max_seq = weights.spec, batch, max_seq
         self.device = weights.device
-        self.model = DecodeModel(weights, batch, max_seq, attention).eval()
+        if weights.quantised:
+            from .quantized import QuantDecodeModel   # gpt-fast's int8 / int4 weight-only paths
+
+            self.model = QuantDecodeModel(weights, batch, max_seq, attention).eval()
+        else:
+            self.model = DecodeModel(weights, batch, max_seq, attention).eval()
         self.compiled = compile
         self.inductor_settings = configure_inductor() if compile else {}
         self._decode = (torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
@@ -188,7 +200,9 @@ class TorchCompileDecoder:
 
     @property
     def variant(self) -> str:
-        return f"{'reduce-overhead' if self.compiled else 'eager (not compiled)'}, {self.model.attention} attention"
+        quant = getattr(self.model, "quant_variant", "")
+        return (f"{'reduce-overhead' if self.compiled else 'eager (not compiled)'}, {self.model.attention} attention"
+                + (f", {quant}" if quant else ""))
 
     @property
     def caches(self) -> list[LayerCache]:

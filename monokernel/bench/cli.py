@@ -40,6 +40,16 @@ def _engines(text: str) -> list[str]:
     return names
 
 
+def _weights(text: str) -> list[str]:
+    from .runner import weights_format
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return [n if weights_format(n) is None else weights_format(n).name for n in names] or ["dense"]
+    except MonokernelError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("quantize=", "")) from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", default=None, metavar="preset:NAME|PATH",
                    help="model(s): repeat the flag or give a comma list (default: "
@@ -51,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=_ints, default=[512, 2048, 8192, 32768],
                    help="cached positions when decoding starts, comma list (default: 512,2048,8192,32768)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--weights", type=_weights, default=["dense"], metavar="dense|FORMAT,...",
+                   help="weight formats, comma list: dense (as stored, in --dtype), or --quantize formats (int8, "
+                        "int4, int4-g64, fp8, ...: each model's round-to-nearest twin); quantised rows run on the "
+                        "reference engine (add it to --engines); default: dense")
     p.add_argument("--steps", type=int, default=100, help="timed steps per row (default: 100)")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps before them (default: 20)")
     p.add_argument("--agreement-steps", type=int, default=16,
@@ -79,7 +93,8 @@ def _models(values: list[str] | None) -> list[str]:
 
 def _child_args(args: argparse.Namespace) -> list[str]:
     """The flags every per-row process of a --devices run gets (model, batch, context, device: its own)."""
-    out = ["--engines", ",".join(args.engines), "--dtype", args.dtype, "--steps", str(args.steps),
+    out = ["--engines", ",".join(args.engines), "--dtype", args.dtype, "--weights", ",".join(args.weights),
+           "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--agreement-steps", str(args.agreement_steps), "--seed", str(args.seed),
            "--tc-attention", args.tc_attention]
     return out + (["--no-compile"] if args.no_compile else [])
@@ -97,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.warmup < 0 or args.agreement_steps < 0:
         raise MonokernelError("--steps must be >= 1, --warmup and --agreement-steps >= 0")
     cfg = BenchConfig(models=_models(args.model), engines=args.engines, batches=args.batch, contexts=args.context,
-                      dtype=DTYPES[args.dtype], steps=args.steps, warmup=args.warmup,
+                      dtype=DTYPES[args.dtype], weights=args.weights, steps=args.steps, warmup=args.warmup,
                       agreement_steps=args.agreement_steps, device=args.device, seed=args.seed,
                       compile=not args.no_compile, tc_attention=args.tc_attention, progress=not args.no_progress,
                       command=_command(getattr(args, "argv", None)))

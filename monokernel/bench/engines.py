@@ -13,7 +13,7 @@ from ..models.weights import PackedWeights
 from ..runtime.decoders import Decoder
 from ..runtime.kv_cache import KVCache
 
-ENGINES = ("monokernel", "torch-compile", "hf", "hf-compile")
+ENGINES = ("monokernel", "torch-compile", "hf", "hf-compile", "reference")
 
 
 class EngineUnavailable(MonokernelError):
@@ -51,10 +51,24 @@ def build_engine(name: str, weights: PackedWeights, batch: int, max_seq: int, *,
 
         mega = MegaDecoder(weights, KVCache(weights.spec, batch, max_seq, weights.dtype, weights.device))
         return BenchEngine(name, "megakernel", mega, {"kernel": mega.compiled.path.parent.name})
+    if name == "reference":
+        from ..reference.model import ReferenceModel
+        from ..runtime.decoders import ReferenceDecoder
+
+        cache = KVCache(weights.spec, batch, max_seq, weights.dtype, weights.device)
+        packed = "weights packed, dequantised per matmul" if weights.quantised else "dense weights"
+        return BenchEngine(name, f"eager, {packed}", ReferenceDecoder(ReferenceModel(weights), cache))
+    if weights.quantised and name in ("hf", "hf-compile"):
+        raise EngineUnavailable("transformers reads dense weights; the reference engine reads the packed ones")
     if name == "torch-compile":
         from ..baselines.torch_compile import TorchCompileDecoder
 
-        tc = TorchCompileDecoder(weights, batch, max_seq, compile=compile, attention=attention)
+        from ..baselines.quantized import NoQuantisedPath
+
+        try:   # quantised weights: gpt-fast's int8 / int4 weight-only paths over the same values (quantized.py)
+            tc = TorchCompileDecoder(weights, batch, max_seq, compile=compile, attention=attention)
+        except NoQuantisedPath as e:
+            raise EngineUnavailable(f"torch-compile: {e}") from None
         return BenchEngine(name, tc.variant, tc)
     if name in ("hf", "hf-compile"):
         try:

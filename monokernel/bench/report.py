@@ -2,7 +2,8 @@
 
 JSON schema (fields beyond these are informative):
   {"device": str, "date": "YYYY-MM-DD", "command": str, "copy_bandwidth_TBps": float,
-   "rows": [{"engine": "monokernel" | "torch-compile" | "hf", "variant": str, "model": str, "dtype": str,
+   "rows": [{"engine": "monokernel" | "torch-compile" | "hf" | "reference", "variant": str, "model": str,
+             "dtype": str (activations), "weights": str (the dtype when dense, else the weight format),
              "batch": int, "context": int, "ms_per_step": float, "tokens_per_s": float, "bytes_per_step": int,
              "roofline_fraction": float, "speedup_vs_torch_compile": float | null, "agreement": {...}, ...}],
    "skipped": [{"engine", "variant", "model", "dtype", "batch", "context", "reason"}], "notices": [str], ...}
@@ -18,7 +19,7 @@ from pathlib import Path
 ROW_FIELDS = ("engine", "model", "dtype", "batch", "context", "ms_per_step", "tokens_per_s", "bytes_per_step",
               "roofline_fraction", "speedup_vs_torch_compile")
 TOP_FIELDS = ("device", "date", "command", "copy_bandwidth_TBps", "rows")
-_KEY = ("engine", "variant", "model", "dtype", "batch", "context")
+_KEY = ("engine", "variant", "model", "dtype", "weights", "batch", "context")
 
 
 def gpu_slug(device: str) -> str:
@@ -32,7 +33,8 @@ def gpu_slug(device: str) -> str:
 def merge(old: dict, new: dict) -> dict:
     """`new`'s rows replace `old`'s rows of the same engine/variant/model/dtype/batch/context; the rest stay.
     Each row keeps the copy bandwidth and speed-up of the run that measured it."""
-    key = lambda r: tuple(r.get(k) for k in _KEY)
+    # rows written before the weights axis are dense: their weights are their dtype
+    key = lambda r: tuple(r.get(k, r.get("dtype")) if k == "weights" else r.get(k) for k in _KEY)
     fresh = {key(r) for r in new["rows"] + new.get("skipped", [])}
     merged = dict(new)
     merged["rows"] = [r for r in old.get("rows", []) if key(r) not in fresh] + new["rows"]
@@ -62,22 +64,25 @@ def markdown(result: dict) -> str:
     lines = [f"**{result['device']}**, {result['date']}, copy bandwidth {result['copy_bandwidth_TBps']:.2f} TB/s "
              f"(read + written); torch {result.get('torch')}, transformers {result.get('transformers')}",
              ""] + ([f"`{result['command']}`", ""] if result.get("command") else []) + [
-             "| model | batch | context | engine | variant | ms/step | tokens/s | MB/step | % roofline "
+             "| model | weights | batch | context | engine | variant | ms/step | tokens/s | MB/step | % roofline "
              "| × torch-compile | greedy agreement |",
-             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
     order = {"torch-compile": 0, "monokernel": 1, "hf": 2}
-    rows = sorted(result["rows"], key=lambda r: (r["model"], r["dtype"], r["batch"], r["context"],
-                                                 order.get(r["engine"], 9), r.get("variant", "")))
+    rows = sorted(result["rows"], key=lambda r: (r["model"], r["dtype"], r.get("weights", r["dtype"]), r["batch"],
+                                                 r["context"], order.get(r["engine"], 9), r.get("variant", "")))
     for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['engine']} | {r.get('variant', '')} "
+        lines.append(f"| {r['model']} | {r.get('weights', r['dtype'])} | {r['batch']} | {r['context']} | {r['engine']} "
+                     f"| {r.get('variant', '')} "
                      f"| {r['ms_per_step']:.3f} | {r['tokens_per_s']:.0f} | {r['bytes_per_step'] / 1e6:.4g} "
                      f"| {100 * r['roofline_fraction']:.1f} | {_fmt(r['speedup_vs_torch_compile'], '.2f')} "
                      f"| {_agreement_cell(r.get('agreement'))} |")
     if result.get("skipped"):
-        lines += ["", "Skipped:", "", "| model | batch | context | engine | reason |", "|---|---:|---:|---|---|"]
+        lines += ["", "Skipped:", "", "| model | weights | batch | context | engine | reason |",
+                  "|---|---|---:|---:|---|---|"]
         for r in result["skipped"]:
             reason = r["reason"].replace("|", "\\|")
-            lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['engine']} ({r.get('variant', '')}) "
+            lines.append(f"| {r['model']} | {r.get('weights', r['dtype'])} | {r['batch']} | {r['context']} "
+                         f"| {r['engine']} ({r.get('variant', '')}) "
                          f"| {reason} |")
     if result.get("notices"):
         lines += [""] + [f"- {n}" for n in result["notices"]]
@@ -96,14 +101,14 @@ def plot(result: dict, path: Path) -> bool:
     rows = result["rows"]
     if not rows:
         return False
-    models = sorted({(r["model"], r["dtype"]) for r in rows})
+    models = sorted({(r["model"], r.get("weights", r["dtype"])) for r in rows})
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(len(models), len(batches), figsize=(4.2 * len(batches), 3.4 * len(models)),
                              squeeze=False)
     for i, (model, dtype) in enumerate(models):
         for j, batch in enumerate(batches):
             ax = axes[i][j]
-            sel = [r for r in rows if (r["model"], r["dtype"], r["batch"]) == (model, dtype, batch)]
+            sel = [r for r in rows if (r["model"], r.get("weights", r["dtype"]), r["batch"]) == (model, dtype, batch)]
             if not sel:          # a combination the run did not measure
                 ax.set_axis_off()
                 continue

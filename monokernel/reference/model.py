@@ -2,6 +2,9 @@
 
 It computes what Hugging Face transformers computes, in the same dtype and with the same rounding
 points (norms in fp32 then cast, residual stream in the model dtype), over a static KV cache (runtime/kv_cache.py).
+
+Quantised weights stay packed: each matmul reads its layer's matrix through PackedWeights.matrix, which
+dequantises it (models/quant.dequantize, the formats' one oracle) into the activation dtype for that matmul only.
 """
 from __future__ import annotations
 
@@ -71,10 +74,10 @@ class ReferenceModel:
         mask = torch.arange(kv_len, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
         batch_idx = torch.arange(B, device=tokens.device)[:, None].expand(B, T)
 
-        x = F.embedding(tokens, w.embed)  # (B, T, H)
+        x = w.embedding(tokens)  # (B, T, H)
         for layer in range(s.num_layers):
             h = rms_norm(x, w.attn_norm[layer], s.rms_norm_eps)
-            qkv = F.linear(h, w.w_qkv[layer], None if w.b_qkv is None else w.b_qkv[layer])
+            qkv = F.linear(h, w.matrix("w_qkv", layer), None if w.b_qkv is None else w.b_qkv[layer])
             q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
             q = q.view(B, T, s.num_heads, D).transpose(1, 2)       # (B, nh, T, D)
             k = k.view(B, T, s.num_kv_heads, D).transpose(1, 2)    # (B, nkv, T, D)
@@ -89,10 +92,10 @@ class ReferenceModel:
             keys = cache.k[layer, :, :, :kv_len].repeat_interleave(G, dim=1)    # (B, nh, kv_len, D)
             values = cache.v[layer, :, :, :kv_len].repeat_interleave(G, dim=1)
             att = attention(q, keys, values, mask).transpose(1, 2).reshape(B, T, s.q_size)
-            x = x + F.linear(att, w.w_o[layer])
+            x = x + F.linear(att, w.matrix("w_o", layer))
 
             h = rms_norm(x, w.mlp_norm[layer], s.rms_norm_eps)
-            gu = F.linear(h, w.w_gu[layer])
-            x = x + F.linear(F.silu(gu[..., 0::2]) * gu[..., 1::2], w.w_down[layer])
+            gu = F.linear(h, w.matrix("w_gu", layer))
+            x = x + F.linear(F.silu(gu[..., 0::2]) * gu[..., 1::2], w.matrix("w_down", layer))
         x = rms_norm(x, w.final_norm, s.rms_norm_eps)
-        return F.linear(x, w.lm_head).float()
+        return F.linear(x, w.matrix("lm_head")).float()

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence as Seq
 import torch
 
 from ..errors import EngineBusy, InputError, InsufficientMemory, MonokernelError
-from ..models.formats import get_format
+from ..models.formats import get_format, quantize_format
 from ..models.weights import PackedWeights
 from ..reference.model import ReferenceModel
 from .decoders import Decoder, ReferenceDecoder
@@ -57,7 +57,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     """Default: bf16 on CUDA (what the megakernel runs), fp32 on CPU (CPU bf16 matmuls are slow)."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return get_format(dtype).torch_dtype
+    f = get_format(dtype)
+    if f.quantised:
+        raise InputError(f"dtype={f.name!r} is a weight format, not an activation type: quantise with "
+                         f"weights={f.name!r} (the CLI's --quantize {f.name}) and compute in bf16, fp16 or fp32")
+    return f.torch_dtype
 
 
 @dataclass
@@ -112,8 +116,11 @@ class Engine:
     @classmethod
     def load(cls, model: str | None = None, device: str | torch.device | None = None,
              dtype: str | torch.dtype | None = None, engine: str = "auto", max_seq: int | None = None,
-             seed: int = 0, quiet: bool = False) -> "Engine":
-        """`model`: None (the default model), "preset:NAME" (random weights), a checkpoint dir or a .gguf file."""
+             seed: int = 0, quiet: bool = False, weights: str | None = None) -> "Engine":
+        """`model`: None (the default model), "preset:NAME" (random weights), a checkpoint dir or a .gguf file.
+        `weights`: as models.load.load_model (None: the checkpoint's own storage, "dense", or a --quantize
+        format). None on a GPU with engine "auto"/"mega" loads dense, as the megakernel reads no packed format
+        yet (issue 18's kernel half); the reference engine computes from packed weights."""
         from ..models.load import load_model, load_spec, resolve_model
 
         # everything that can be checked without the weights is, so a typo or a model too big costs no load
@@ -124,9 +131,13 @@ class Engine:
         source = resolve_model(model)
         spec = load_spec(source)
         limit = spec.max_position_embeddings
-        check_fits(estimate_memory(spec, dtype, 1, _max_seq(max_seq, limit), device), device, str(source),
-                   max_seq_limit=limit)
-        loaded = load_model(source, dtype=dtype, device=device, seed=seed)
+        if weights is None and device.type == "cuda" and engine != "reference":
+            weights = "dense"
+        quantised = weights not in (None, "dense")
+        check_fits(estimate_memory(spec, dtype, 1, _max_seq(max_seq, limit), device,
+                                   weights=quantize_format(weights) if quantised else None),
+                   device, str(source), max_seq_limit=limit)
+        loaded = load_model(source, dtype=dtype, device=device, seed=seed, weights=weights)
         eng = cls(loaded.weights, loaded.tokenizer, engine=engine, max_seq=max_seq, name=loaded.name)
         if eng.notice and not quiet:
             print(f"monokernel: using the reference engine: {eng.notice}", file=sys.stderr)

@@ -65,12 +65,20 @@ def workspace_bytes(spec: ModelSpec, batch: int, max_seq: int, device_type: str,
 
 
 def estimate_memory(spec: ModelSpec, dtype, batch: int, max_seq: int, device: torch.device | str, *,
-                    step_positions: int | None = None) -> MemoryEstimate:
+                    step_positions: int | None = None, weights=None) -> MemoryEstimate:
     """Bytes to load `spec` in `dtype` and serve `batch` sequences of `max_seq` positions on `device`, with
-    prefills (default) or decode steps of `step_positions` positions only (the bench)."""
+    prefills (default) or decode steps of `step_positions` positions only (the bench). `weights`: a quantised
+    format the layer matrices are stored in (the embedding and LM head then stay in `dtype`)."""
     device_type = torch.device(device).type
     fmt = get_format(dtype)
-    return MemoryEstimate(weights=spec.num_params() * fmt.element_bytes,
+    wf = None if weights is None else get_format(weights)
+    if wf is not None and wf.quantised:
+        embed = spec.vocab_size * spec.hidden_size * fmt.element_bytes
+        head = 0 if spec.tie_word_embeddings else embed
+        weight_bytes = spec.weight_bytes_per_step(wf, fmt, fmt) - head + embed
+    else:
+        weight_bytes = spec.num_params() * fmt.element_bytes
+    return MemoryEstimate(weights=weight_bytes,
                           kv_cache=kv_cache_bytes(spec, batch, max_seq, dtype),
                           workspace=workspace_bytes(spec, batch, max_seq, device_type, step_positions=step_positions),
                           dtype=fmt.name, batch=batch, max_seq=max_seq)

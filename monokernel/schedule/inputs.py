@@ -34,6 +34,11 @@ class KernelInputs:
     def __post_init__(self):
         act = kernel_activation(self.activations)
         w = get_format(self.weights)
+        if w.quantised:
+            # the format table and the packed layout are ready (models/quant); the kernel's unpacking trait
+            # and tile layout are issue 18's kernel half
+            raise UnsupportedModelError(f"quantised weights ({w.name}) are not in the megakernel yet; "
+                                        "use engine='reference'")
         if not w.kernel:
             raise UnsupportedModelError(f"the megakernel cannot read {w.name} weights; use dtype='bf16'")
         if w.group_size or w != act:

@@ -3,6 +3,9 @@ the declared counter waits, with the same per-task math as the kernel.
 
 Intermediate buffers start as NaN each step, so a task that runs before the data it needs was written
 poisons the logits: a missing dependency shows up as a mismatch with the reference engine.
+
+Weight tiles are read through PackedWeights.matrix: a quantised model's rows are dequantised per task by the
+same oracle the reference engine uses, so a simulated step of a packed model matches the reference's.
 """
 from __future__ import annotations
 
@@ -67,25 +70,25 @@ class Simulator:
         s, w, L = self.spec, self.w, self.spec.num_layers
         rows = slice(t.row0, t.row0 + t.rows)
         if t.op == Op.EMBED:
-            buf.x[0] = w.embed[tokens]
+            buf.x[0] = w.embedding(tokens)
         elif t.op == Op.QKV:
             h = rms_norm(buf.x[t.layer], w.attn_norm[t.layer], s.rms_norm_eps)
             bias = None if w.b_qkv is None else w.b_qkv[t.layer, rows]
-            buf.qkv[t.layer][:, rows] = F.linear(h, w.w_qkv[t.layer, rows], bias)
+            buf.qkv[t.layer][:, rows] = F.linear(h, w.matrix("w_qkv", t.layer, rows), bias)
         elif t.op == Op.ATTN:
             self._attention(t, buf, positions, cache)
         elif t.op == Op.OPROJ:
             att = buf.attn_out[t.layer]
-            buf.x_mid[t.layer][:, rows] = buf.x[t.layer][:, rows] + F.linear(att, w.w_o[t.layer, rows])
+            buf.x_mid[t.layer][:, rows] = buf.x[t.layer][:, rows] + F.linear(att, w.matrix("w_o", t.layer, rows))
         elif t.op == Op.GATEUP:
             h = rms_norm(buf.x_mid[t.layer], w.mlp_norm[t.layer], s.rms_norm_eps)
-            gu = F.linear(h, w.w_gu[t.layer, rows])
+            gu = F.linear(h, w.matrix("w_gu", t.layer, rows))
             buf.act[t.layer][:, t.row0 // 2:(t.row0 + t.rows) // 2] = F.silu(gu[:, 0::2]) * gu[:, 1::2]
         elif t.op == Op.DOWN:
-            buf.x[t.layer + 1][:, rows] = buf.x_mid[t.layer][:, rows] + F.linear(buf.act[t.layer], w.w_down[t.layer, rows])
+            buf.x[t.layer + 1][:, rows] = buf.x_mid[t.layer][:, rows] + F.linear(buf.act[t.layer], w.matrix("w_down", t.layer, rows))
         elif t.op == Op.LMHEAD:
             h = rms_norm(buf.x[L], w.final_norm, s.rms_norm_eps)
-            logits = F.linear(h, w.lm_head[rows]).float()
+            logits = F.linear(h, w.matrix("lm_head", rows=rows)).float()
             buf.logits[:, rows] = logits
             m, i = logits.max(dim=1)   # first index of the maximum, as torch.argmax
             buf.lm_max[t.tile], buf.lm_idx[t.tile] = m, i + t.row0

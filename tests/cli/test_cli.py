@@ -89,6 +89,9 @@ def test_preset_8b_too_big_for_cpu(capsys, monkeypatch, no_load):
     (["--temperature", "-1"], "--temperature -1.0 must be a finite number"),
     (["--stop", "x"], "--stop needs a tokenizer"),
     (["--engine", "reference", "--dtype", "int3"], "int3"),
+    (["--quantize", "int5"], r"--quantize int5 is not a format round-to-nearest can produce; use one of int4, int8"),
+    (["--quantize", "int8", "--dequantize"], "--quantize and --dequantize exclude each other"),
+    (["--dtype", "int8"], r"--dtype int8 is a weight format, not an activation type: quantise with weights='int8' \(the CLI's --quantize int8\)"),
 ])
 def test_bad_flags_before_load(capsys, tiny_preset, no_load, argv, message):
     assert main(["generate", "1 2 3", "--model", "preset:tiny", *argv]) == 2
@@ -131,3 +134,12 @@ def test_cli_words():
     assert cli_words("max_seq=20 and max_new_tokens=10, dtype='bf16'") == "--max-seq 20 and --max-new-tokens 10, --dtype bf16"
     assert cli_words("a smaller max_seq (now 4096)") == "a smaller --max-seq (now 4096)"
     assert cli_words("config field max_position_embeddings=0") == "config field max_position_embeddings=0"
+
+
+def test_quantize(capsys, tiny_preset):
+    """--quantize on a preset: generate runs its int4 twin on the reference engine; info counts its bytes."""
+    assert main(["generate", "1 2 3", "--model", "preset:tiny", "--quantize", "int4-g64", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out.split()
+    assert len(out) == 3 and all(t.isdigit() for t in out)
+    assert main(["info", "--model", "preset:llama-3.1-8b", "--quantize", "int4"]) == 0
+    assert re.search(r"weight bytes per step \(int4-g128\)\s+4649\.9 MB", capsys.readouterr().out)
