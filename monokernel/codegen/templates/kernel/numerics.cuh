@@ -24,6 +24,30 @@ template <> __device__ __forceinline__ float2 pair_as_f2<__half>(uint32_t u) {
 }
 __device__ __forceinline__ float2 pair_to_f2(uint32_t u) { return pair_as_f2<T>(u); }
 
+// Four int8 weights of a word, each exactly as a float (I2F with a byte select).
+__device__ __forceinline__ void i8x4_to_f(uint32_t w, float* f) {
+  f[0] = (float)(signed char)(w & 0xffu);
+  f[1] = (float)(signed char)((w >> 8) & 0xffu);
+  f[2] = (float)(signed char)((w >> 16) & 0xffu);
+  f[3] = (float)(signed char)(w >> 24);
+}
+
+// Dot product of 16 int8 weight codes (one 16-byte vector) with 16 inputs (two vectors of 8), in fp32; the
+// row's scale multiplies the sum later (int8 weight-only: w = scale * code, exact in fp32).
+__device__ __forceinline__ float dot16_i8(const uint4& w, const uint4& x0, const uint4& x1, float acc) {
+  const uint32_t wv[4] = {w.x, w.y, w.z, w.w};
+  const uint32_t xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    float c[4];
+    i8x4_to_f(wv[q], c);
+    const float2 a = pair_to_f2(xv[2 * q]), b = pair_to_f2(xv[2 * q + 1]);
+    acc = fmaf(c[0], a.x, acc); acc = fmaf(c[1], a.y, acc);
+    acc = fmaf(c[2], b.x, acc); acc = fmaf(c[3], b.y, acc);
+  }
+  return acc;
+}
+
 // Dot product of 8 weights with 8 inputs (each a 16-byte vector), accumulated in fp32.
 __device__ __forceinline__ float dot8(const uint4& w, const uint4& x, float acc) {
   float2 a = pair_to_f2(w.x), b = pair_to_f2(x.x);
