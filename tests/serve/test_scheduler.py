@@ -162,6 +162,7 @@ def test_logprobs(engine):
     events = []
     while sched.has_work:
         events += sched.step()
+    assert [ev.request_id for ev in events] == [rid] * 3
     for ev in events:
         assert len(ev.top_logprobs) == 4 and ev.top_logprobs[0][1] >= ev.logprob - 1e-6 and ev.logprob <= 0
         assert ev.top_logprobs[0][0] == ev.token_id   # greedy: the most likely token
