@@ -12,9 +12,9 @@ no notion of an empty row. Positions decide what attention reads, so a slot's ol
 request: its prefill overwrites every position the request will read.
 
 A step admits waiting requests into free slots, prefills at most one chunk of prompt positions (prefill.CHUNK,
-over one or several prompts: the bound on how long prefill stalls the running decodes), then one decode step. A free slot keeps the tokens
-its last request left cached; a new request whose prompt starts with them (the next turn of the same chat)
-takes that slot and prefills only the rest.
+over one or several prompts: the bound on how long prefill stalls the running decodes), then one decode step.
+A free slot keeps the tokens its last request left cached; a new request whose prompt starts with them (the next
+turn of the same chat) takes that slot and prefills only the rest.
 """
 from __future__ import annotations
 

@@ -169,7 +169,8 @@ def test_logprobs(engine):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(prompt=[i % 60 for i in range(90)], params=SamplingParams(max_new_tokens=10)), "90 tokens and max_new_tokens=10.*96"),
+    (dict(prompt=[i % 60 for i in range(90)], params=SamplingParams(max_new_tokens=10)),
+     "90 tokens and max_new_tokens=10.*96"),
     (dict(prompt=list(range(60)) * 2), "120 tokens but the context holds 96"),
     (dict(prompt=[1, 99]), "token id 99, outside the vocabulary 0..60"),
     (dict(prompt=[]), "non-empty"),
