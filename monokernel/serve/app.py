@@ -59,8 +59,10 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "running": sched.num_running, "waiting": sched.num_waiting,
-                "max_batch": sched.batch, "engine": sched.kind}
+        body = {"status": "ok" if loop.alive else "engine thread stopped", "model": model_name,
+                "running": sched.num_running, "waiting": sched.num_waiting, "max_batch": sched.batch,
+                "engine": sched.kind, "failed_steps": sched.stats.failures}
+        return JSONResponse(body, status_code=200 if loop.alive else 503)
 
     @app.get("/metrics")
     async def metrics():
