@@ -109,6 +109,16 @@ def test_prefix_reuse(engine):
     assert second.token_ids == fresh[0].token_ids
 
 
+def test_unrelated_request_spares_longer_cache(engine):
+    """A request that matches no slot takes the one caching least, so a longer conversation keeps its K/V."""
+    sched = Scheduler(engine, 2)
+    long_turn, short_turn = sched.generate([PROMPTS[2], PROMPTS[1]], SamplingParams(max_new_tokens=4))
+    sched.generate([[50, 51, 52]], SamplingParams(max_new_tokens=2))
+    before = sched.stats.prefill_tokens
+    sched.generate([PROMPTS[2] + long_turn.token_ids + [9]], SamplingParams(max_new_tokens=2))
+    assert sched.stats.prefill_tokens - before == 2
+
+
 def test_abort_frees_slot(engine):
     sched = Scheduler(engine, 1)
     rid = sched.add_request(PROMPTS[0], SamplingParams(max_new_tokens=50))
