@@ -182,7 +182,7 @@ class Engine:
                 self._check_memory(batch, self.max_seq)
                 return (*self._build_decoder(batch, self.max_seq, "mega"), "mega")
             except (ImportError, MonokernelError) as e:
-                if self.requested == "mega" or isinstance(e, InsufficientMemory):
+                if self.requested == "mega":
                     raise _unavailable(e) from e
                 print(f"monokernel: batch {batch} runs on the reference engine: {str(e).splitlines()[0]}",
                       file=sys.stderr)
@@ -318,7 +318,8 @@ class Engine:
                              "concurrent request")
         sched = None
         try:
-            sched = self._scheduler_for(len(reqs), max(len(r.prompt_ids) for r in reqs) + reqs[0].params.max_new_tokens)
+            need = max(len(r.prompt_ids) for r in reqs) + reqs[0].params.max_new_tokens
+            sched = self._scheduler_for(len(reqs), need)
             for r in reqs:
                 sched.submit(r)
             yield from self._steps(sched, reqs)

@@ -95,7 +95,7 @@ def test_chat_multi_turn(monkeypatch, capsys):
     monkeypatch.setattr(Engine, "load", staticmethod(lambda *a, **k: engine))
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\nAnd of Spain?\n/reset\n"
                                                   "Hello\n/exit\nnever read\n"))
-    assert cli.main(["chat", "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    assert cli.main(["chat", "--max-new-tokens", "3", "--temperature", "0"]) == 0
     out, err = capsys.readouterr()
     stats = [ln for ln in err.splitlines() if ln.startswith("[")]
     assert len(stats) == 3 and len([ln for ln in out.splitlines() if ln.strip()]) == 3
