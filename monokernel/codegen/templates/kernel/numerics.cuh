@@ -24,12 +24,16 @@ template <> __device__ __forceinline__ float2 pair_as_f2<__half>(uint32_t u) {
 }
 __device__ __forceinline__ float2 pair_to_f2(uint32_t u) { return pair_as_f2<T>(u); }
 
-// Four int8 weights of a word, each exactly as a float (I2F with a byte select).
+// Four int8 codes of a word, each exactly as a float, without I2F (a quarter-rate conversion that bounded
+// the batch-1 step, perf note 29): code + 128 as the low mantissa byte of 2^23 (one byte permute), then one
+// subtraction of 2^23 + 128. codes_as_floats in tests/codegen/test_int8_unpack.py emulates it bit for bit.
 __device__ __forceinline__ void i8x4_to_f(uint32_t w, float* f) {
-  f[0] = (float)(signed char)(w & 0xffu);
-  f[1] = (float)(signed char)((w >> 8) & 0xffu);
-  f[2] = (float)(signed char)((w >> 16) & 0xffu);
-  f[3] = (float)(signed char)(w >> 24);
+  constexpr float OFFSET = 8388736.f;              // 2^23 + 128
+  const uint32_t u = w ^ 0x80808080u;              // each byte: code + 128, 0..255
+  f[0] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440)) - OFFSET;
+  f[1] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7441)) - OFFSET;
+  f[2] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7442)) - OFFSET;
+  f[3] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7443)) - OFFSET;
 }
 
 // Dot product of 16 int8 weight codes (one 16-byte vector) with 16 inputs (two vectors of 8), in fp32; the
