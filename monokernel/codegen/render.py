@@ -30,6 +30,7 @@ def render_source(plan: KernelPlan) -> str:
     header = env.from_string(_template("config.cuh.j2")).render(
         model=s.name, batch=plan.batch, dtype=i.activations.name, arch=plan.gpu.arch,
         ctype=i.activations.ctype, wtype=i.weights.ctype,
+        stype={"fp16": "__half", "bf16": "__nv_bfloat16"}.get(i.weights.scale_format, "float"),
         hidden=s.hidden_size, q_size=s.q_size, kv_size=s.kv_size, qkv_size=s.qkv_size,
         inter=s.intermediate_size, vocab=s.vocab_size, layers=s.num_layers, heads=s.num_heads,
         kv_heads=s.num_kv_heads, head_dim=s.head_dim, max_seq=plan.max_seq, kv_splits=a.splits, min_kv_chunk=a.min_chunk,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..schedule.abi import (ERROR_MESSAGES, INPUT_ERRORS, KERNEL_NAME, PARAMS, PROFILE_STAMPS, TASK_WORDS,
+from ..schedule.abi import (ERROR_MESSAGES, INPUT_ERRORS, KERNEL_NAME, OP_TABLE, PARAMS, PROFILE_STAMPS, TASK_WORDS,
                             alloc_buffers, params_struct)
 from ..schedule.step_check import input_error_message
 from ..codegen.compile import CompiledKernel
@@ -38,7 +38,8 @@ def kernel_plan(weights: PackedWeights, batch: int, max_seq: int, gpu: GpuInfo, 
 
 def _weight_part(m, role: str) -> torch.Tensor | None:
     """What the kernel reads of a PackedWeights matrix: a dense tensor itself, or a quantised one's codes
-    (role "weight") and scales (role "scale"); a dense matrix has no scales."""
+    (role "weight") and scales (role "scale"); a dense matrix has no scales. Formats without zero points only
+    (int8, symmetric int4): KernelInputs refuses the others first."""
     if m is None or isinstance(m, torch.Tensor):
         return m if role == "weight" else None
     from ..models.quant import QuantTensor
@@ -103,6 +104,7 @@ class MegaDecoder:
                            task_offsets=torch.from_numpy(offsets).to(dev),
                            tasks=torch.from_numpy(records.view("int32").reshape(-1)).to(dev))
         self.epoch = 0
+        self._scales: dict[str, torch.Tensor | None] = {}    # padded int4 scale tables the kernel reads
         self.params = self._params(timeout_s)
 
     def __getattr__(self, name):     # the buffers and tables by their Params names: mk.logits, mk.tasks
@@ -113,6 +115,15 @@ class MegaDecoder:
             return d["tables"][name]
         raise AttributeError(name)
 
+    def _padded_scales(self, weight: str, t: torch.Tensor | None) -> torch.Tensor | None:
+        """int4 group scales as the kernel copies them after a chunk's codes: each row padded to the plan's
+        whole 16-byte units (a copy only where the groups of a row fill none, as on the tiny test models)."""
+        op = next(op for op, g in OP_TABLE.items() if g.weight == weight)
+        srow = self.plan.gemv[op].scale_row_bytes
+        if t is None or not srow or t.shape[-1] * t.element_size() == srow:
+            return t
+        return torch.nn.functional.pad(t, (0, srow // t.element_size() - t.shape[-1])).contiguous()
+
     def _params(self, timeout_s: float):
         tensors = {"k_cache": self.cache.k, "v_cache": self.cache.v, **vars(self.buffers), **self.tables}
         ptrs = {}
@@ -121,6 +132,8 @@ class MegaDecoder:
                 continue
             if f.role in ("weight", "scale"):
                 t = _weight_part(getattr(self.w, f.name.removesuffix("_scale")), f.role)
+                if f.role == "scale":
+                    t = self._scales[f.name] = self._padded_scales(f.name.removesuffix("_scale"), t)
             else:
                 t = tensors[f.name]
             ptrs[f.name] = 0 if t is None else t.data_ptr()

@@ -9,6 +9,7 @@ from ..models.formats import Format, get_format, kernel_activation
 from ..models.spec import ModelSpec
 
 MAX_BATCH = 16
+FORMATS_SCALE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 # Query heads per KV head: the CUDA-core attention walk (past the tensor cores' 8) keeps per-lane state for
 # each, and 32 spill hundreds of bytes even with 255 registers a thread (perf note 28); 16 fit.
 MAX_GROUP = 16
@@ -54,7 +55,10 @@ class KernelInputs:
             raise UnsupportedModelError(
                 f"max_seq={self.max_seq} must be in 1..max_position_embeddings={self.spec.max_position_embeddings}")
         s = self.spec
-        per_vector = 16 // self.wb       # weights of one 16-byte load
+        per_vector = 128 // w.bits       # weights of one 16-byte load
+        if w.group_size and any(k % w.group_size for k in (s.hidden_size, s.q_size, s.intermediate_size)):
+            raise UnsupportedModelError(f"{w.name} groups of {w.group_size} must divide hidden_size, q_size and "
+                                        f"intermediate_size ({s.hidden_size}, {s.q_size}, {s.intermediate_size})")
         for name, k in (("hidden_size", s.hidden_size), ("q_size", s.q_size), ("intermediate_size", s.intermediate_size)):
             if k % per_vector:
                 raise UnsupportedModelError(f"{name}={k} must be a multiple of {per_vector} for 16-byte loads of "
@@ -68,19 +72,46 @@ class KernelInputs:
 
     @property
     def wb(self) -> int:
-        """Bytes of one stored weight element of the layers' matrices (a code, for int8)."""
+        """Bytes of one stored weight element of the layers' matrices where it is whole bytes (bf16, int8)."""
         return self.weights.bits // 8
 
+    def code_row_bytes(self, op) -> int:
+        """Bytes of one stored row of `op`'s matrix, codes only: the LM head stays in the activation type (a
+        quantised checkpoint's too: models/quant/rtn.py)."""
+        from .abi import op_matrix_shape
+        from .tasks import Op
+        k = op_matrix_shape(self.spec, op)[1]
+        return k * self.ab if op == Op.LMHEAD else k * self.weights.bits // 8
+
+    def scale_row_bytes(self, op) -> int:
+        """Bytes of one row's group scales as they follow a chunk's codes in a ring slot (int4): whole 16-byte
+        units, since the bulk copy moves nothing smaller (MegaDecoder pads the table to match); 0 without."""
+        from .abi import op_matrix_shape
+        from .tasks import Op
+        if op == Op.LMHEAD or not self.grouped:
+            return 0
+        groups = op_matrix_shape(self.spec, op)[1] // self.weights.group_size
+        size = FORMATS_SCALE_BYTES[self.weights.scale_format]
+        return -(-groups * size // 16) * 16
+
+    def row_bytes(self, op) -> int:
+        """Bytes one row of `op` takes in the ring: its codes and, for int4, its scales."""
+        return self.code_row_bytes(op) + self.scale_row_bytes(op)
+
     def weight_bytes(self, op) -> int:
-        """Bytes a stored weight of `op`'s matrix: the LM head stays in the activation type (a quantised
-        checkpoint's too: models/quant/rtn.py)."""
+        """Bytes a stored weight where whole bytes (the LM head, bf16 and int8 matrices); 0 for int4 codes."""
         from .tasks import Op
         return self.ab if op == Op.LMHEAD else self.wb
 
     @property
     def scaled(self) -> bool:
-        """The layers' matrices are int8 codes with a scale a row."""
-        return self.weights.quantised
+        """The layers' matrices are int8 codes with a scale a row (a table the epilogue reads)."""
+        return self.weights.quantised and not self.weights.group_size
+
+    @property
+    def grouped(self) -> bool:
+        """The layers' matrices are int4 codes with a scale a group along K (streamed after the codes)."""
+        return self.weights.quantised and bool(self.weights.group_size)
 
     @property
     def ab(self) -> int:

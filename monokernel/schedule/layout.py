@@ -33,8 +33,12 @@ class GemvPlan:
     in_smem: bool = True
     seg_staged: bool = False
     chain_only: bool = False
-    weight_bytes: int = 2     # bytes of one stored weight (1: int8 codes)
+    weight_bytes: int = 2     # bytes of one stored weight (1: int8 codes; 0: int4, two a byte)
     scaled: bool = False      # int8 codes times a scale a row
+    code_bits: int = 16       # bits of one stored weight
+    code_row_bytes: int = 0   # bytes of one row's codes
+    scale_row_bytes: int = 0  # bytes of one row's group scales after a chunk's codes in a slot (int4)
+    group: int = 0            # weights sharing one of those scales
 
     @property
     def tiles(self) -> int:
@@ -95,16 +99,19 @@ class Layout:
         return self.t.gemv_mma and self.t.seg_staging and not self.in_smem(op, cols)
 
     def _gemv(self, op: Op) -> GemvPlan:
-        s, t, wb = self.s, self.t, self.i.weight_bytes(op)
+        s, t, i = self.s, self.t, self.i
         rows, cols = op_matrix_shape(s, op)
         chain = self.chain_only(op)
         tile = -(-rows // (self.chain_blocks if chain else self.num_blocks))
+        dense = op == Op.LMHEAD or not i.weights.quantised
         extra = dict(in_smem=self.in_smem(op, cols), seg_staged=self.seg_staged(op, cols), chain_only=chain,
-                     weight_bytes=wb, scaled=self.i.scaled and op != Op.LMHEAD)
+                     weight_bytes=i.weight_bytes(op), scaled=i.scaled and op != Op.LMHEAD,
+                     code_bits=8 * i.ab if dense else i.weights.bits, code_row_bytes=i.code_row_bytes(op),
+                     scale_row_bytes=i.scale_row_bytes(op), group=0 if dense else i.weights.group_size)
         if t.gemv_mma:       # chunks are row groups x K segments; results reduce across warps per group
             tile += tile % 2
             return GemvPlan(rows, cols, tile, MMA_ROWS, 1, **extra)
-        chunk = max(1, t.slot_bytes // (cols * wb))
+        chunk = max(1, t.slot_bytes // i.row_bytes(op))
         if op == Op.GATEUP:       # gate/up pairs never straddle a tile or a chunk
             tile += tile % 2
             chunk -= chunk % 2
@@ -148,12 +155,13 @@ class Layout:
         """Gate/up rows of a tile that its block's ring already holds when the chain ends: the ring, less the
         O-projection tile it streams first."""
         o = self.gemv[Op.OPROJ]
-        ring_left = self.ring_stages * self.t.slot_bytes - o.tile_rows * o.cols * self.i.wb
-        return max(0, ring_left) // (self.s.hidden_size * self.i.wb)
+        ring_left = self.ring_stages * self.t.slot_bytes - o.tile_rows * self.i.row_bytes(Op.OPROJ)
+        return max(0, ring_left) // self.i.row_bytes(Op.GATEUP)
 
     def chain_fits_ring(self) -> bool:
         q, o = self.gemv[Op.QKV], self.gemv[Op.OPROJ]
-        return (q.tile_rows * q.cols + o.tile_rows * o.cols) * self.i.wb <= self.ring_stages * self.t.slot_bytes
+        return (q.tile_rows * self.i.row_bytes(Op.QKV) + o.tile_rows * self.i.row_bytes(Op.OPROJ)
+                <= self.ring_stages * self.t.slot_bytes)
 
 
 def chain_blocks(i: KernelInputs, t: Tuning) -> int:

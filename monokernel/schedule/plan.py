@@ -128,7 +128,7 @@ def make_plan(inputs: KernelInputs, tuning: Tuning | None = None) -> KernelPlan:
                       mma_kseg=mma_kseg(inputs, t), mma_row_stride=mma_row_stride(inputs, t), attn=attn,
                       scratch_len=0 if gemv[Op.QKV].in_smem else inputs.spec.hidden_size,
                       lookahead_skip_rows=lay.lookahead_skip_rows,
-                      lookahead_rows=t.l2_lookahead_kb * 1024 // (inputs.spec.hidden_size * inputs.wb),
+                      lookahead_rows=t.l2_lookahead_kb * 1024 // inputs.code_row_bytes(Op.GATEUP),
                       result_floats=lay.result_floats)
 
 

@@ -13,7 +13,7 @@ LOOKAHEAD_KB = 128    # perf note 23 (160 KB outran the helpers' issue rate)
 def rule_gemv_mma(i: KernelInputs, t: Tuning) -> bool:
     # from batch 3: at batch 8 the CUDA-core path is compute-bound, 4x too slow; int8 codes have no
     # tensor-core path yet (the mma's B fragments are 16-bit)
-    return i.batch > 2 and not i.scaled
+    return i.batch > 2 and not i.weights.quantised
 
 
 def rule_consumer_warps(i: KernelInputs, t: Tuning) -> int:
@@ -28,7 +28,7 @@ def rule_slot_bytes(i: KernelInputs, t: Tuning) -> int:
         return MMA_ROWS * mma_row_stride(i, t)
     # a slot holds one full row of the widest matrix (two for gate/up pairs); 32 KiB otherwise keeps 6 or so
     # slots in flight, enough bytes to cover HBM latency on one SM
-    need = max(i.spec.intermediate_size, 2 * i.spec.hidden_size, i.spec.q_size) * i.wb
+    need = max(i.row_bytes(Op.DOWN), 2 * i.row_bytes(Op.GATEUP), i.row_bytes(Op.OPROJ))
     return max(32 * 1024, -(-need // 1024) * 1024)
 
 

@@ -48,3 +48,24 @@ def test_unpacked_rows_scale_to_dequantize():
     floats = codes_as_floats(words.reshape(-1)).reshape(24, 64)
     scaled = torch.from_numpy(floats) * q.scales.float().reshape(24, 1)
     assert torch.equal(scaled, dequantize(q, torch.float32))
+
+
+def int4_codes_as_floats(words: np.ndarray) -> np.ndarray:
+    """(n,) uint32 words of 8 int4 codes -> (n, 8) float32 of code - 8, as i4_code computes them."""
+    lanes = [((((words >> np.uint32(4 * i)) & np.uint32(0xF)) | np.uint32(0x4B000000)).view(np.float32)
+              - np.float32(8388616.0)) for i in range(8)]
+    return np.stack(lanes, axis=1)
+
+
+def test_int4_rows_scale_to_dequantize():
+    """Symmetric int4 as the kernel reads it: 8 codes a little-endian word (element 8q + i in bits 4i of word
+    q: the canonical two-a-byte layout), code - 8 exactly, times the group's scale: dequantize() bit for bit."""
+    from monokernel.models.formats import FORMATS
+    for fmt in ("int4-g32", "int4-g64", "int4-g128-bf16"):
+        g = FORMATS[fmt].group_size
+        w = torch.randn(6, 256, generator=torch.Generator().manual_seed(g))
+        q = quantize(w, fmt)
+        words = q.codes.contiguous().numpy().view(np.uint32)        # (6, 32): 8 codes a word
+        vals = torch.from_numpy(int4_codes_as_floats(words.reshape(-1)).reshape(6, 256))
+        scales = q.scales.float().repeat_interleave(g, dim=-1)       # (6, 256)
+        assert torch.equal((vals * scales).to(torch.float32), dequantize(q, torch.float32)), fmt

@@ -1,5 +1,6 @@
-"""int8 weight-only (a scale a row) in the megakernel on the GPU (skipped without CUDA): the kernel reads the
-packed codes and scales, and its logits match the reference engine, which dequantises the same codes."""
+"""int8 weight-only (a scale a row) and symmetric int4 (a scale a group) in the megakernel on the GPU (skipped
+without CUDA): the kernel reads the packed codes and scales, and its logits match the reference engine, which
+dequantises the same codes."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,19 +24,23 @@ def _on_gpu(w):
     return dataclasses.replace(w, **moved)
 
 
-@pytest.mark.parametrize("name", list(TINY_SPECS))
+CASES = [(n, "int8") for n in TINY_SPECS] + [("qwen3", "int4-g128"), ("qwen2", "int4-g64"), ("mistral", "int4-g32"),
+                                              ("qwen3", "int4-g32-bf16")]
+
+
+@pytest.mark.parametrize("name,fmt", CASES, ids=[f"{n}-{f}" for n, f in CASES])
 @pytest.mark.parametrize("batch", [1, 2, 5])
-def test_int8_logits_match_reference(name, batch):
+def test_quantised_logits_match_reference(name, fmt, batch):
     from monokernel.runtime.mega import MegaDecoder
     spec = TINY_SPECS[name]
-    w = _on_gpu(quantised_weights(spec, "int8", torch.bfloat16, seed=batch))
-    assert isinstance(w.w_qkv, QuantTensor) and w.format.name == "int8"
+    w = _on_gpu(quantised_weights(spec, fmt, torch.bfloat16, seed=batch))
+    assert isinstance(w.w_qkv, QuantTensor) and w.format.name == fmt
     ref = ReferenceModel(w)
     gen = torch.Generator().manual_seed(batch)
     lengths = [int(x) for x in torch.randint(1, 300, (batch,), generator=gen)]
     c_ref, c_mk = prefilled(ref, batch, 320, lengths, gen)
     mk = MegaDecoder(w, c_mk, timeout_s=20.0)
-    assert mk.plan.gemv[next(iter(mk.plan.gemv))].weight_bytes == 1
+    assert mk.plan.gemv[next(iter(mk.plan.gemv))].code_bits == (8 if fmt == "int8" else 4)
     pos = torch.tensor(lengths, device="cuda")
     tok = torch.randint(0, spec.vocab_size, (batch,), generator=gen).cuda()
     for _ in range(4):

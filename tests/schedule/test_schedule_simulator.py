@@ -158,3 +158,27 @@ def test_int8_plan(name, batch):
         expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
         torch.testing.assert_close(logits, expect, rtol=1e-4, atol=1e-4)
         tok, pos = out, pos + 1
+
+
+@pytest.mark.parametrize("name, fmt", [("qwen3", "int4-g128"), ("qwen2", "int4-g64"), ("mistral", "int4-g32-bf16")])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_int4_plan(name, fmt, batch):
+    """The plan for symmetric int4 weights (half-byte codes and a slot's group scales: other chunks, tiles and
+    task costs) simulates to the reference on the same packed weights."""
+    spec = TINY_SPECS[name]
+    gen = torch.Generator().manual_seed(batch)
+    w = quantised_weights(spec, fmt, seed=batch)
+    ref = ReferenceModel(w)
+    lengths = [int(x) for x in torch.randint(1, MAX_SEQ - 4, (batch,), generator=gen)]
+    c_ref, c_sim = prefilled(ref, batch, MAX_SEQ, lengths, gen)
+    plan = plan_for(spec, batch, MAX_SEQ, fmt, "bf16", gpu=GpuInfo(sm_count=7), min_kv_chunk=4)
+    g = plan.gemv[Op.QKV]
+    assert g.code_bits == 4 and g.code_row_bytes == spec.hidden_size // 2 and g.scale_row_bytes % 16 == 0
+    sim = Simulator(build_schedule(plan), w)
+    tok, pos = torch.randint(0, spec.vocab_size, (batch,), generator=gen), torch.tensor(lengths)
+    rng = random.Random(batch)
+    for _ in range(2):
+        out, logits = sim.step(tok, pos, c_sim, rng)
+        expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
+        torch.testing.assert_close(logits, expect, rtol=1e-4, atol=1e-4)
+        tok, pos = out, pos + 1

@@ -14,7 +14,7 @@ namespace mk {
 template <int OP>
 __device__ bool gemv_task(const Params& p, const Task& t, const T* in, RingReader& rd, float* res) {
   constexpr int K = Gemv<OP>::K, CR = Gemv<OP>::CR, WPR = Gemv<OP>::WPR, FC = Gemv<OP>::FC;
-  constexpr int EPV = 16 / Gemv<OP>::WB;           // weights per 16-byte vector: 8 of 16 bits, 16 int8 codes
+  constexpr int EPV = 128 / Gemv<OP>::CODE_BITS;   // weights per 16-byte vector: 8 of 16 bits, 16 int8, 32 int4
   constexpr int KV8 = K / EPV;                     // 16-byte vectors per row
   constexpr int SEG = (KV8 + WPR - 1) / WPR;       // vectors per K-segment
   constexpr int RR = CR * FC;                      // rows whose results one epilogue writes
@@ -35,15 +35,26 @@ __device__ bool gemv_task(const Params& p, const Task& t, const T* in, RingReade
 #pragma unroll
         for (int b = 0; b < B; ++b) acc[b] = 0.f;
         const uint4* wr = w + (size_t)row * KV8;
+        // int4: the row's group scales follow the chunk's codes in the slot (the producer put them there)
+        const ST* sc = reinterpret_cast<const ST*>(reinterpret_cast<const unsigned char*>(w) + CR * Gemv<OP>::ROW_BYTES +
+                                                   row * Gemv<OP>::SROW);
         const int end = min(KV8, (seg + 1) * SEG);
 #pragma unroll (B <= 2 ? 4 : 1)   // more loads in flight where registers allow
         for (int v = seg * SEG + lane; v < end; v += 32) {
           const uint4 wv = wr[v];
+          float gs = 1.f;
+          if constexpr (Gemv<OP>::CODE_BITS == 4) gs = to_f(sc[v * EPV / Gemv<OP>::GROUP]);
 #pragma unroll
           for (int b = 0; b < B; ++b) {
             const T* x = in + (size_t)b * Gemv<OP>::IN_STRIDE + v * EPV;
-            if constexpr (Gemv<OP>::WB == 1) acc[b] = dot16_i8(wv, ld_in<OP>(x), ld_in<OP>(x + 8), acc[b]);
-            else acc[b] = dot8(wv, ld_in<OP>(x), acc[b]);
+            if constexpr (Gemv<OP>::CODE_BITS == 4) {
+              const uint4 xs[4] = {ld_in<OP>(x), ld_in<OP>(x + 8), ld_in<OP>(x + 16), ld_in<OP>(x + 24)};
+              acc[b] = fmaf(gs, dot32_i4(wv, xs), acc[b]);
+            } else if constexpr (Gemv<OP>::CODE_BITS == 8) {
+              acc[b] = dot16_i8(wv, ld_in<OP>(x), ld_in<OP>(x + 8), acc[b]);
+            } else {
+              acc[b] = dot8(wv, ld_in<OP>(x), acc[b]);
+            }
           }
         }
 #pragma unroll

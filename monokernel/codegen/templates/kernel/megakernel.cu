@@ -24,21 +24,32 @@ __device__ __forceinline__ void gemv_shape(int& chunk_rows, int& mma_pass) {
   mma_pass = Gemv<OP>::SEG_STAGED ? MMA_ROWS * Gemv<OP>::FC : MMA_ROWS;   // rows one pass over K covers (tensor cores)
 }
 
-// Weight rows of a task as one contiguous byte range (matrices are row-major, stacked over layers), and
-// the op's chunking: rows per chunk and rows per pass over K on the tensor-core path.
+// Weight rows of a task as one contiguous byte range (matrices are row-major, stacked over layers), the
+// op's chunking (rows per chunk, rows per pass over K on the tensor-core path), and for int4 the rows' group
+// scales (`srow` bytes a row, padded to 16; 0 for the others), which follow each chunk's codes in its slot.
+template <int OP>
+__device__ __forceinline__ const unsigned char* op_rows(const void* w, const ST* sc, const Task& t, uint32_t& row_bytes,
+                                                        int& chunk_rows, int& mma_pass, uint32_t& srow,
+                                                        const unsigned char*& scales) {
+  using G = Gemv<OP>;
+  gemv_shape<OP>(chunk_rows, mma_pass);
+  row_bytes = G::ROW_BYTES;
+  srow = G::SROW;
+  const size_t first = (size_t)(OP == OP_LMHEAD ? 0 : t.layer) * G::ROWS + t.arg0;
+  scales = G::SROW ? reinterpret_cast<const unsigned char*>(sc) + first * G::SROW : nullptr;
+  return reinterpret_cast<const unsigned char*>(w) + first * G::ROW_BYTES;
+}
+
 __device__ __forceinline__ const unsigned char* weight_rows(const Params& p, const Task& t, uint32_t& row_bytes,
-                                                            int& chunk_rows, int& mma_pass) {
-  const void* base;
-  int k;
+                                                            int& chunk_rows, int& mma_pass, uint32_t& srow,
+                                                            const unsigned char*& scales) {
   switch (t.op) {
-    case OP_QKV: base = p.w_qkv + (size_t)t.layer * QKV * H; k = H * Gemv<OP_QKV>::WB; gemv_shape<OP_QKV>(chunk_rows, mma_pass); break;
-    case OP_OPROJ: base = p.w_o + (size_t)t.layer * H * QSIZE; k = QSIZE * Gemv<OP_OPROJ>::WB; gemv_shape<OP_OPROJ>(chunk_rows, mma_pass); break;
-    case OP_GATEUP: base = p.w_gu + (size_t)t.layer * 2 * ISIZE * H; k = H * Gemv<OP_GATEUP>::WB; gemv_shape<OP_GATEUP>(chunk_rows, mma_pass); break;
-    case OP_DOWN: base = p.w_down + (size_t)t.layer * H * ISIZE; k = ISIZE * Gemv<OP_DOWN>::WB; gemv_shape<OP_DOWN>(chunk_rows, mma_pass); break;
-    default: base = p.lm_head; k = H * Gemv<OP_LMHEAD>::WB; gemv_shape<OP_LMHEAD>(chunk_rows, mma_pass); break;
+    case OP_QKV: return op_rows<OP_QKV>(p.w_qkv, p.w_qkv_scale, t, row_bytes, chunk_rows, mma_pass, srow, scales);
+    case OP_OPROJ: return op_rows<OP_OPROJ>(p.w_o, p.w_o_scale, t, row_bytes, chunk_rows, mma_pass, srow, scales);
+    case OP_GATEUP: return op_rows<OP_GATEUP>(p.w_gu, p.w_gu_scale, t, row_bytes, chunk_rows, mma_pass, srow, scales);
+    case OP_DOWN: return op_rows<OP_DOWN>(p.w_down, p.w_down_scale, t, row_bytes, chunk_rows, mma_pass, srow, scales);
+    default: return op_rows<OP_LMHEAD>(p.lm_head, nullptr, t, row_bytes, chunk_rows, mma_pass, srow, scales);
   }
-  row_bytes = k;
-  return reinterpret_cast<const unsigned char*>(base) + (size_t)t.arg0 * row_bytes;
 }
 
 // Walks the block's tasks in the consumers' order and streams everything they read from HBM through the
@@ -59,9 +70,10 @@ __device__ void producer(const Params& p, int t0, int t1, RingWriter& rw) {
       continue;
     }
     if (!is_gemv(t.op)) continue;
-    uint32_t row_bytes;
+    uint32_t row_bytes, srow;
     int cr, pass;
-    const unsigned char* src = weight_rows(p, t, row_bytes, cr, pass);
+    const unsigned char* scales;
+    const unsigned char* src = weight_rows(p, t, row_bytes, cr, pass, srow, scales);
     if constexpr (MMA) {
       // a chunk is up to 8 rows x one K segment, each row its own copy into a row of the slot; each pass of
       // `pass` rows walks K, segment by segment, over its row groups
@@ -80,10 +92,12 @@ __device__ void producer(const Params& p, int t0, int t1, RingWriter& rw) {
       }
     } else {
       for (int r = 0; r < t.arg1; r += cr, rw.next()) {
-        const uint32_t bytes = min(cr, t.arg1 - r) * row_bytes;
-        unsigned char* dst = rw.claim(bytes);
+        const int nr = min(cr, t.arg1 - r);
+        const uint32_t bytes = nr * row_bytes;
+        unsigned char* dst = rw.claim(bytes + nr * srow);
         if (!dst) return;
         rw.copy(dst, src + (size_t)r * row_bytes, bytes);
+        if (srow) rw.copy(dst + cr * row_bytes, scales + (size_t)r * srow, nr * srow);   // int4: the group scales
       }
     }
   }
@@ -94,9 +108,9 @@ __device__ void producer(const Params& p, int t0, int t1, RingWriter& rw) {
 // Pieces taken tiles round-robin: if the issue runs late, every tile has its first pieces.
 __device__ __forceinline__ void l2_lookahead(const Params& p, const Task& t) {
   using GU = Gemv<OP_GATEUP>;
-  constexpr size_t RB = H * Gemv<OP_GATEUP>::WB;
+  constexpr size_t RB = Gemv<OP_GATEUP>::ROW_BYTES;
   constexpr int PIECE = PREFETCH_PIECE, PIECES = (LOOKAHEAD_ROWS * RB + PIECE - 1) / PIECE;
-  const unsigned char* w = reinterpret_cast<const unsigned char*>(p.w_gu + (size_t)t.layer * GU::ROWS * H);
+  const unsigned char* w = reinterpret_cast<const unsigned char*>(p.w_gu) + (size_t)t.layer * GU::ROWS * RB;
   for (int i = threadIdx.x; i < PIECES * t.arg1; i += NCT) {
     const int r0 = (t.arg0 + i % t.arg1) * GU::TILE, n = min(GU::TILE, GU::ROWS - r0);
     const size_t lo = (r0 + min(n, LOOKAHEAD_SKIP_ROWS)) * RB + (size_t)(i / t.arg1) * PIECE;
@@ -114,9 +128,10 @@ __device__ __forceinline__ void next_step_lookahead(const Params& p, int t0, int
     const Task t = p.tasks[ti];
     if (t.op == OP_EMBED) continue;
     if (!is_gemv(t.op)) return;
-    uint32_t row_bytes;
+    uint32_t row_bytes, srow;
     int cr, pass;
-    const unsigned char* src = weight_rows(p, t, row_bytes, cr, pass);
+    const unsigned char* scales;
+    const unsigned char* src = weight_rows(p, t, row_bytes, cr, pass, srow, scales);
     const uint32_t bytes = row_bytes * (uint32_t)t.arg1;
     for (uint32_t a = threadIdx.x * PREFETCH_PIECE; a < bytes; a += NCT * PREFETCH_PIECE)
       bulk_prefetch_l2(src + a, min(PREFETCH_PIECE, bytes - a));

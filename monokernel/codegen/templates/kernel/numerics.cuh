@@ -7,6 +7,7 @@ namespace mk {
 
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(float v) { return v; }
 
 template <class U> __device__ U cast_from_f(float v);
 template <> __device__ __forceinline__ __nv_bfloat16 cast_from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
@@ -48,6 +49,30 @@ __device__ __forceinline__ float dot16_i8(const uint4& w, const uint4& x0, const
     const float2 a = pair_to_f2(xv[2 * q]), b = pair_to_f2(xv[2 * q + 1]);
     acc = fmaf(c[0], a.x, acc); acc = fmaf(c[1], a.y, acc);
     acc = fmaf(c[2], b.x, acc); acc = fmaf(c[3], b.y, acc);
+  }
+  return acc;
+}
+
+// int4 code i (bits 4i..4i+3) of a word minus 8, the symmetric formats' offset, exactly as a float: the nibble
+// under the exponent of 2^23, one subtraction of 2^23 + 8 (tests/codegen/test_int8_unpack.py emulates it).
+__device__ __forceinline__ float i4_code(uint32_t w, int i) {
+  return __uint_as_float(((w >> (4 * i)) & 0xFu) | 0x4B000000u) - 8388616.f;
+}
+
+// Dot product of 32 int4 codes (one 16-byte vector; element 8q + i in bits 4i of word q) with 32 inputs (four
+// vectors of 8), in fp32; the group's scale multiplies it after.
+__device__ __forceinline__ float dot32_i4(const uint4& w, const uint4* x) {
+  const uint32_t wv[4] = {w.x, w.y, w.z, w.w};
+  float acc = 0.f;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t xv[4] = {x[q].x, x[q].y, x[q].z, x[q].w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 a = pair_to_f2(xv[j]);
+      acc = fmaf(i4_code(wv[q], 2 * j), a.x, acc);
+      acc = fmaf(i4_code(wv[q], 2 * j + 1), a.y, acc);
+    }
   }
   return acc;
 }
