@@ -1,7 +1,7 @@
 """Every kernel the engine may build compiles for sm_90a without register spills, against the real cap of
 its block (schedule/registers.py), through fit_kernel as the engine builds it. CI compiles a representative
 set; MONOKERNEL_SPILL_SWEEP=1 pytest -m slow tests/codegen/test_no_spills.py compiles every preset and tiny
-spec at every batch 1-16, with bf16 and with int8 weights (256 kernels, about 25 minutes on 2 cores)."""
+spec at every batch 1-16, the presets also with int8 and int4 weights (256 kernels, about 30 minutes on 2 cores)."""
 from __future__ import annotations
 
 import os
@@ -31,10 +31,11 @@ SPECS = {**PRESETS, **{s.name: s for s in TINY_SPECS.values()},
 REPRESENTATIVE = [(n, b, "bf16") for n in PRESETS for b in (1, 3, 7, 16)] + \
     [("qwen3-1536", 5, "bf16"), ("tiny-qwen3", 2, "bf16"), ("tiny-qwen3", 14, "bf16"), ("gqa16", 3, "bf16"),
      ("d256", 1, "bf16"), ("d96", 15, "bf16"),
-     # int8 weights: the CUDA-core path at every batch, 16 codes a load
-     ("llama-3.1-8b", 1, "int8"), ("llama-3.2-1b", 8, "int8"), ("tiny-qwen3", 2, "int8")]
-EVERY = [(n, b, w) for n in list(PRESETS) + [s.name for s in TINY_SPECS.values()] for b in range(1, 17)
-         for w in ("bf16", "int8")]
+     # int8 and int4 weights: the CUDA-core path at every batch, 16 or 32 codes a load
+     ("llama-3.1-8b", 1, "int8"), ("llama-3.2-1b", 8, "int8"), ("tiny-qwen3", 2, "int8"),
+     ("llama-3.1-8b", 1, "int4-g128"), ("llama-3.2-3b", 5, "int4-g32"), ("tiny-qwen3", 2, "int4-g128-bf16")]
+EVERY = [(n, b, w) for n in PRESETS for b in range(1, 17) for w in ("bf16", "int8", "int4-g128")] + \
+    [(s.name, b, "bf16") for s in TINY_SPECS.values() for b in range(1, 17)]
 
 
 @pytest.fixture(autouse=True)
