@@ -1,8 +1,9 @@
-"""`monokernel generate | info | bench | compile`.
+"""`monokernel generate | info | bench | compile | serve | chat | bench-serve`.
 
-bench and compile live in their own packages (monokernel.bench.cli, monokernel.codegen.cli, each with
-add_arguments(parser) and run(args) -> int); they are imported only when named or when help is asked for,
-so `generate` does not pay for their imports, and a missing one only removes its command.
+bench, compile and the serving commands live in their own modules (monokernel.bench.cli, monokernel.codegen.cli,
+monokernel.serve.cli / chat / bench, each with add_arguments(parser) and run(args) -> int); they are imported
+only when named or when help is asked for, so `generate` does not pay for their imports, and a missing one only
+removes its command.
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from . import __version__
 from .errors import InputError, MonokernelError
 
 _PLUGINS = {"bench": ("monokernel.bench.cli", "benchmark the megakernel against the baselines"),
-            "compile": ("monokernel.codegen.cli", "generate and compile the kernel for a model")}
+            "compile": ("monokernel.codegen.cli", "generate and compile the kernel for a model"),
+            "serve": ("monokernel.serve.cli", "OpenAI-compatible HTTP server with continuous batching"),
+            "chat": ("monokernel.serve.chat", "interactive multi-turn chat in the terminal, streamed"),
+            "bench-serve": ("monokernel.serve.bench", "load a running server: throughput, TTFT, TPOT, ITL")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +60,10 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--engine", default="auto", choices=("auto", "reference", "mega"))
     g.add_argument("--max-seq", type=int, default=None, help="KV-cache positions (default: min(model limit, 4096))")
+    g.add_argument("--speculative", default=None, metavar="ngram",
+                   help="speculative greedy decoding with prompt-lookup drafts (reference engine): the same text in "
+                        "fewer forward passes; prints the tokens per pass")
+    g.add_argument("--draft-tokens", type=int, default=None, help="draft tokens a pass with --speculative (default 4)")
     g.set_defaults(func=_generate)
 
     i = sub.add_parser("info", help="show torch/CUDA/compiler availability and, with --model, a model summary")
@@ -136,6 +144,13 @@ def _generate(args) -> int:
                             max_new_tokens=args.max_new_tokens, stop=args.stop)
     if args.max_seq is not None and args.max_seq < 1:
         raise InputError(f"--max-seq {args.max_seq} must be >= 1")
+    spec_kw = {}
+    if args.speculative is not None:
+        from .speculative.run import check_speculative
+        # the engine is checked once it is loaded: "auto" may still pick the reference engine
+        draft = 4 if args.draft_tokens is None else args.draft_tokens
+        check_speculative(args.speculative, draft, params, "reference")
+        spec_kw = dict(speculative=args.speculative, draft_tokens=draft)
     source = resolve_model(args.model)
     if source.kind == "preset":   # no tokenizer: the prompt is token ids, the output too
         if args.stop:
@@ -150,19 +165,21 @@ def _generate(args) -> int:
             print("monokernel: note: --chat has no effect: the model has no tokenizer, so no chat template",
                   file=sys.stderr)
         ids = [_parse_ids(p) for p in prompts]
-        for i, gen in enumerate(engine.generate_ids(ids, params)):
+        for i, gen in enumerate(engine.generate_ids(ids, params, **spec_kw)):
             print(("" if len(ids) == 1 else f"[{i}] ") + " ".join(map(str, gen.token_ids)))
     elif len(prompts) == 1:
-        events = engine.stream(prompts, params, chat=args.chat)   # checks the prompt before printing
+        events = engine.stream(prompts, params, chat=args.chat, **spec_kw)   # checks the prompt before printing
         if not args.chat:
             print(prompts[0], end="", flush=True)   # the continuation then reads on from the prompt
         for ev in events:
             print(ev.text, end="", flush=True)
         print()
     else:
-        for i, gen in enumerate(engine.generate(prompts, params, chat=args.chat)):
+        for i, gen in enumerate(engine.generate(prompts, params, chat=args.chat, **spec_kw)):
             print(f"--- [{i}] {gen.finish_reason}\n{'' if args.chat else prompts[i]}{gen.text}")
     print(f"monokernel: {engine.last_stats.summary()}", file=sys.stderr)
+    if args.speculative is not None:
+        print(f"monokernel: {engine.last_speculative.summary()}", file=sys.stderr)
     return 0
 
 
@@ -193,6 +210,8 @@ def _unused_flags(args, params, preset: bool) -> list[str]:
                          "(greedy); give a --temperature above 0 to sample")
     if args.chat and preset:
         notes.append("--chat has no effect on a preset: it has no tokenizer, so no chat template")
+    if getattr(args, "draft_tokens", None) is not None and getattr(args, "speculative", None) is None:
+        notes.append("--draft-tokens has no effect without --speculative ngram")
     return notes
 
 

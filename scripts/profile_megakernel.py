@@ -41,7 +41,8 @@ def main():
     ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b")
     ap.add_argument("--batch", default="1")
     ap.add_argument("--context", default="512")
-    ap.add_argument("--variant", action="append", default=None, help="k=v,k=v Tuning knobs ('' = defaults)")
+    ap.add_argument("--variant", action="append", default=None,
+                    help="k=v,k=v Tuning knobs ('' = defaults); launch=plain times a plain (not cooperative) launch")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--json", default=None)
     ap.add_argument("--raw", default=None, help="folder for each run's raw stamps (.npz) to analyse offline")
@@ -58,7 +59,9 @@ def main():
                 tok = torch.randint(0, spec.vocab_size, (batch,), device="cuda")
                 pos = torch.full((batch,), ctx, device="cuda")
                 for var in args.variant or [""]:
-                    mk = MegaDecoder(w, cache, tuning=Tuning.parse(var))
+                    knobs = ",".join(kv for kv in var.split(",") if kv != "launch=plain")
+                    mk = MegaDecoder(w, cache, tuning=Tuning.parse(knobs))
+                    mk.kernel.cooperative = "launch=plain" not in var.split(",")
                     ms = time_steps(mk, tok, pos, args.steps)
                     mk.enable_profile()
                     mk.launch(tok, pos)

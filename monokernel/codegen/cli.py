@@ -11,8 +11,9 @@ from ..models.spec import ModelSpec
 from ..schedule.inputs import GpuInfo, KernelInputs
 from ..schedule.plan import make_plan
 from ..schedule.tuning import Tuning
-from .compile import KERNEL_ARCH, check_arch, compile_kernel
-from .render import kernel_entry_name, render_source
+from .compile import KERNEL_ARCH, check_arch
+from .fit import fit_kernel
+from .render import render_source
 
 
 def spec_for(model: str | None) -> ModelSpec:
@@ -31,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tuning", default="", help="knobs written k=v,k=v (schedule/tuning.py), e.g. gemv_mma=1,kv_splits=4")
     p.add_argument("--emit-source", action="store_true", help="print the generated CUDA source and exit")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--fail-on-spill", action="store_true", help="exit 1 when the kernel spills registers")
+    p.add_argument("--fail-on-spill", action="store_true",
+                   help="exit 1 when the kernel spills registers (the engine refuses such a kernel)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,22 +42,23 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--batch, --max-seq and --sm-count must be positive integers")
     spec = spec_for(args.model)
     max_seq = args.max_seq or min(spec.max_position_embeddings, 4096)
-    plan = make_plan(KernelInputs(spec, args.batch, max_seq, args.dtype, args.dtype,
-                                  GpuInfo(sm_count=args.sm_count, arch=args.arch)), Tuning.parse(args.tuning))
-    source = render_source(plan)
+    inputs = KernelInputs(spec, args.batch, max_seq, args.dtype, args.dtype,
+                          GpuInfo(sm_count=args.sm_count, arch=args.arch))
+    tuning = Tuning.parse(args.tuning)
     if args.emit_source:
-        print(source)
+        print(render_source(make_plan(inputs, tuning)))
         return 0
-    k = compile_kernel(source, args.arch, name=kernel_entry_name(plan))
-    report = {"registers": k.registers, "spill_bytes": k.spill_bytes, "stack_bytes": k.stack_bytes,
-              "cubin": str(k.path), "cached": k.cached, "plan": plan.summary()}
+    fitted = fit_kernel(inputs, tuning, allow_spills=True)
+    k = fitted.compiled
+    report = {**fitted.report(), "plan": fitted.plan.summary()}
     if args.json:
         print(json.dumps(report))
     else:
         _print_tree(report)
     if args.fail_on_spill and k.spill_bytes:
         # exit 1, not the usage-error 2: the command worked and the kernel failed the check
-        print(f"monokernel: error: the kernel spills {k.spill_bytes} bytes of registers", file=sys.stderr)
+        print(f"monokernel: error: the kernel spills {k.spill_bytes} bytes of registers "
+              f"({k.registers} used of {fitted.register_cap})", file=sys.stderr)
         return 1
     return 0
 

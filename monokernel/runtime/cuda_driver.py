@@ -1,5 +1,5 @@
 """Thin layer over cuda-python's driver API: load a cubin into the context PyTorch uses and launch
-a kernel whose only parameter is a struct, on PyTorch's current stream."""
+a kernel whose only parameter is a struct, as a cooperative grid on a given stream."""
 from __future__ import annotations
 
 import ctypes
@@ -43,11 +43,25 @@ class LoadedKernel:
         attr = self.drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         _check(self.drv.cuFuncSetAttribute(self.func, attr, smem_bytes), "cuFuncSetAttribute(shared memory)")
         self.smem_bytes, self.threads = smem_bytes, threads
+        self.cooperative = True    # False only to measure what the cooperative launch costs (a plain launch)
         self.blocks_per_sm = _check(self.drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(
             self.func, threads, smem_bytes), "cuOccupancyMaxActiveBlocksPerMultiprocessor")
 
     def launch(self, grid: int, params: ctypes.Structure, stream: torch.cuda.Stream) -> None:
+        """A cooperative launch: the driver starts the grid only with every block resident at once (the
+        blocks wait on each other's counters, so a block left waiting for an SM would spin the others into
+        their timeout), and refuses at once a grid that cannot be, e.g. with SMs taken by MPS limits."""
         args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-        _check(self.drv.cuLaunchKernel(self.func, grid, 1, 1, self.threads, 1, 1, self.smem_bytes,
-                                       self.drv.CUstream(stream.cuda_stream), ctypes.addressof(args), 0),
-               "cuLaunchKernel")
+        if not self.cooperative:
+            _check(self.drv.cuLaunchKernel(self.func, grid, 1, 1, self.threads, 1, 1, self.smem_bytes,
+                                           self.drv.CUstream(stream.cuda_stream), ctypes.addressof(args), 0),
+                   "cuLaunchKernel")
+            return
+        err, = self.drv.cuLaunchCooperativeKernel(self.func, grid, 1, 1, self.threads, 1, 1, self.smem_bytes,
+                                                  self.drv.CUstream(stream.cuda_stream), ctypes.addressof(args))
+        if int(err) == int(self.drv.CUresult.CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE):
+            raise KernelRuntimeError(
+                f"the megakernel's {grid} blocks cannot all be resident on this GPU at once ({self.blocks_per_sm} "
+                f"per SM fit, {self.threads} threads and {self.smem_bytes} B of shared memory each): fewer SMs "
+                "are available than the device reports (MPS or green-context limits?); run without them")
+        _check((err,), "cuLaunchCooperativeKernel")

@@ -1,14 +1,15 @@
-"""Engine: prompts in, text out. Prefill through the reference PyTorch forward, then one decoder step per token.
+"""Engine: prompts in, text out, over the request-level Scheduler (runtime/scheduler.py).
 
     engine = Engine.load()                                  # default model, best engine for this machine
     [g] = engine.generate("The capital of France is", max_new_tokens=12)
     params = SamplingParams(temperature=0.7, seed=0, max_new_tokens=8)
     for ev in engine.stream(["Hi", "Hello"], params): print(ev.index, ev.text)
 
-Prefill runs over the right-padded batch starting at position 0; padded rows write junk K/V only at
-positions each sequence's decode steps overwrite before reading (the attention mask never looks ahead).
-Decode steps feed every sequence at its own position; a finished sequence keeps stepping (its output is
-ignored) so the batch shape, and with it a compiled megakernel, stays fixed for the whole request.
+generate()/stream() hand their prompts to a Scheduler of as many slots as prompts: each prompt is prefilled
+on its own (chunked SDPA, runtime/prefill.py) and decodes as soon as its prefill is done, a finished sequence
+leaves the batch at once (its slot then runs a pad row), and the batch shape, with it a compiled megakernel,
+stays fixed. The Scheduler is kept for the next call of the same batch size, so a prompt extending the previous
+one (the next turn of a chat) prefills only its new tokens.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import dataclasses
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Iterator, Sequence as Seq
@@ -29,14 +29,16 @@ from ..models.weights import PackedWeights
 from ..reference.model import ReferenceModel
 from .decoders import Decoder, ReferenceDecoder
 from .kv_cache import KVCache
-from .memory import GB, available_bytes, check_fits, estimate_memory, kv_cache_bytes, prefill_chunk, workspace_bytes
-from .sampling import SamplingParams, sample
+from .memory import GB, available_bytes, check_fits, estimate_memory, kv_cache_bytes, workspace_bytes
+from .prefill import chunk_size
+from .requests import Request
+from .sampling import SamplingParams
+from .scheduler import Scheduler
 from .sequence import Generation, Sequence, TokenEvent
 
 ENGINES = ("auto", "mega", "reference")
 DEFAULT_MAX_SEQ = 4096          # KV-cache positions: 512 MiB of bf16 K+V per sequence on Llama-3.1-8B
 PREFILL_PROGRESS_CHUNKS = 4     # a CPU prefill of more chunks than this shows a progress bar
-LOOKAHEAD = 2                   # decode steps queued ahead of the host: the GPU never waits for Python
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -98,13 +100,13 @@ class Engine:
         self.max_seq = _max_seq(max_seq, limit)
         self.eos_token_ids: tuple[int, ...] = tuple(tokenizer.eos_token_ids if tokenizer else self.spec.eos_token_ids)
         self.last_stats = GenerationStats()
-        # on the CPU a step computes as it is called: running ahead would only waste steps
-        self.lookahead = LOOKAHEAD if self.device.type == "cuda" else 0
-        self._slot: tuple[str, int, KVCache, Decoder] | None = None   # (kind, batch, cache, decoder)
-        # One request at a time: a request owns the KV cache and the decoder from its prefill to its last token
-        # (held by the generator of Engine._run, released when it finishes or is closed).
+        self.last_speculative = None         # SpeculativeStats of the last speculative request
+        self._scheduler: Scheduler | None = None   # generate()'s, kept for the next call of the same batch
+        # One request at a time: a request owns the scheduler from its prefill to its last token (held by the
+        # generator of Engine._run, released when it finishes or is closed).
         self._busy = threading.Lock()
         self.progress: bool | None = None   # a progress bar for long CPU prefills; None: when stderr is a terminal
+        self.prefill_chunk: int | None = None   # positions per prefill step; None: prefill.CHUNK for the device
         if engine not in ENGINES:
             raise InputError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
         self.requested = engine
@@ -155,7 +157,8 @@ class Engine:
             self.notice = f"no CUDA device (the weights are on {self.device})"
             return "reference"
         try:
-            self._decoder_for(1, self.max_seq, "mega")
+            self._check_memory(1, self.max_seq)
+            self._build_decoder(1, self.max_seq, "mega")   # compiled (and cached on disk) now; built again on use
             return "mega"
         except (ImportError, MonokernelError) as e:
             if self.requested == "mega":
@@ -163,30 +166,36 @@ class Engine:
             self.notice = f"the megakernel is unavailable: {str(e).splitlines()[0]}"
             return "reference"
 
-    def _decoder_for(self, batch: int, positions: int, kind: str) -> tuple[KVCache, Decoder]:
-        """A KV cache and a decoder for this batch size; reused while it fits (a megakernel bakes the batch
-        and max_seq in, so its cache always holds max_seq; the reference one grows as requests need)."""
-        if self._slot and self._slot[:2] == (kind, batch) and self._slot[2].max_seq >= positions:
-            return self._slot[2:]
-        size = self.max_seq if kind == "mega" else min(self.max_seq, -(-positions // 256) * 256)
-        self._check_memory(batch, size)
-        self._slot = None                 # release the old cache before allocating the new one
+    def _build_decoder(self, batch: int, size: int, kind: str) -> tuple[KVCache, Decoder]:
         cache = KVCache(self.spec, batch, size, self.dtype, self.device)
         if kind == "mega":
             from .mega import MegaDecoder
 
-            decoder: Decoder = MegaDecoder(self.weights, cache)
-        else:
-            decoder = ReferenceDecoder(self.model, cache)
-        self._slot = (kind, batch, cache, decoder)
-        return cache, decoder
+            return cache, MegaDecoder(self.weights, cache)
+        return cache, ReferenceDecoder(self.model, cache)
+
+    def make_decoder(self, batch: int, positions: int) -> tuple[KVCache, Decoder, str]:
+        """A KV cache of `positions` and a decoder of `batch` rows owned by the caller (the request-level
+        Scheduler), not shared with generate(); the megakernel when this engine runs it, else the reference."""
+        if self.engine == "mega":
+            try:
+                self._check_memory(batch, self.max_seq)
+                return (*self._build_decoder(batch, self.max_seq, "mega"), "mega")
+            except (ImportError, MonokernelError) as e:
+                if self.requested == "mega" or isinstance(e, InsufficientMemory):
+                    raise _unavailable(e) from e
+                print(f"monokernel: batch {batch} runs on the reference engine: {str(e).splitlines()[0]}",
+                      file=sys.stderr)
+        self._check_memory(batch, positions)
+        return (*self._build_decoder(batch, positions, "reference"), "reference")
 
     def _check_memory(self, batch: int, size: int) -> None:
         """A new KV cache (and a request's workspace) must fit in what is free once the old cache is released."""
         free = available_bytes(self.device)
         if free is None:
             return
-        old = 0 if self._slot is None else 2 * self._slot[2].k.numel() * self._slot[2].k.element_size()
+        held = self._scheduler.cache if self._scheduler is not None else None
+        old = 0 if held is None else 2 * held.k.numel() * held.k.element_size()
         need = kv_cache_bytes(self.spec, batch, size, self.dtype) + workspace_bytes(self.spec, batch, size, self.device.type)
         if need > free + old:
             raise InsufficientMemory(
@@ -194,40 +203,46 @@ class Engine:
                 f"{free / GB + old / GB:.1f} GB are free; send fewer prompts at once, shorter ones, or a smaller "
                 f"max_new_tokens")
 
-    def _decoder(self, batch: int, positions: int) -> tuple[tuple[KVCache, Decoder], str]:
-        if self.engine == "mega":
-            try:
-                return self._decoder_for(batch, positions, "mega"), "mega"
-            except (ImportError, MonokernelError) as e:
-                if self.requested == "mega":
-                    raise _unavailable(e) from e
-                print(f"monokernel: batch {batch} runs on the reference engine: {str(e).splitlines()[0]}",
-                      file=sys.stderr)
-        return self._decoder_for(batch, positions, "reference"), "reference"
+    def _scheduler_for(self, batch: int, positions: int) -> Scheduler:
+        """generate()'s scheduler: the last one while its batch matches and its cache holds `positions` (a
+        megakernel bakes max_seq in, so its cache always holds max_seq; the reference one grows as needed)."""
+        s = self._scheduler
+        if s is not None and s.batch == batch and s.max_seq >= positions:
+            s.chunk = self.prefill_chunk or chunk_size(self.device)
+            return s
+        size = min(self.max_seq, -(-positions // 256) * 256)
+        self._check_memory(batch, size)
+        self._scheduler = None            # release the old cache before allocating the new one
+        self._scheduler = Scheduler(self, batch, prefill_chunk_size=self.prefill_chunk, max_positions=size)
+        return self._scheduler
 
     # ---- Public API --------------------------------------------------------------------------------
     def generate(self, prompts: str | Seq[str], params: SamplingParams | None = None, *, chat: bool = False,
-                 **overrides) -> list[Generation]:
-        """`params` (default: SamplingParams()) with any of its fields given as keywords on top."""
+                 speculative: str | None = None, draft_tokens: int = 4, **overrides) -> list[Generation]:
+        """`params` (default: SamplingParams()) with any of its fields given as keywords on top. speculative:
+        "ngram" decodes greedily with prompt-lookup drafts of up to `draft_tokens` tokens verified in one
+        pass (the same tokens, fewer passes; `last_speculative` says how many)."""
         params = _sampling(params, overrides)
-        return self.generate_ids(self.encode_prompts(prompts, chat), params)
+        return self.generate_ids(self.encode_prompts(prompts, chat), params, speculative=speculative,
+                                 draft_tokens=draft_tokens)
 
-    def generate_ids(self, prompt_ids: Seq[Seq[int]], params: SamplingParams | None = None,
-                     **overrides) -> list[Generation]:
-        seqs, events = self._start(prompt_ids, _sampling(params, overrides))
+    def generate_ids(self, prompt_ids: Seq[Seq[int]], params: SamplingParams | None = None, *,
+                     speculative: str | None = None, draft_tokens: int = 4, **overrides) -> list[Generation]:
+        seqs, events = self._start(prompt_ids, _sampling(params, overrides), speculative, draft_tokens)
         for _ in events:
             pass
         return [s.result() for s in seqs]
 
     def stream(self, prompts: str | Seq[str], params: SamplingParams | None = None, *, chat: bool = False,
-               **overrides) -> Iterator[TokenEvent]:
+               speculative: str | None = None, draft_tokens: int = 4, **overrides) -> Iterator[TokenEvent]:
         """Per-token events, in step order. Arguments are checked here, before the first event is asked for."""
         params = _sampling(params, overrides)
-        return self.stream_ids(self.encode_prompts(prompts, chat), params)
+        return self.stream_ids(self.encode_prompts(prompts, chat), params, speculative=speculative,
+                               draft_tokens=draft_tokens)
 
-    def stream_ids(self, prompt_ids: Seq[Seq[int]], params: SamplingParams | None = None,
-                   **overrides) -> Iterator[TokenEvent]:
-        return self._start(prompt_ids, _sampling(params, overrides))[1]
+    def stream_ids(self, prompt_ids: Seq[Seq[int]], params: SamplingParams | None = None, *,
+                   speculative: str | None = None, draft_tokens: int = 4, **overrides) -> Iterator[TokenEvent]:
+        return self._start(prompt_ids, _sampling(params, overrides), speculative, draft_tokens)[1]
 
     def encode_prompts(self, prompts: str | Seq[str], chat: bool = False) -> list[list[int]]:
         if self.tokenizer is None:
@@ -250,8 +265,11 @@ class Engine:
         return out
 
     # ---- The generation loop -----------------------------------------------------------------------
-    def _start(self, prompt_ids, params: SamplingParams):
+    def _start(self, prompt_ids, params: SamplingParams, speculative: str | None = None, draft_tokens: int = 4):
         prompt_ids = self._check_ids(prompt_ids)
+        if speculative is not None:
+            from ..speculative.run import check_speculative
+            check_speculative(speculative, draft_tokens, params, self.engine)
         if params.stop and self.tokenizer is None:
             raise InputError(f"stop strings need a tokenizer; model {self.name!r} has none")
         n = params.max_new_tokens
@@ -264,81 +282,92 @@ class Engine:
                     f"prompt {i} has {len(p)} tokens; with max_new_tokens={n} it needs {len(p) + n} positions "
                     f"but the context holds {self.max_seq} (max_seq={self.max_seq}): {fix}")
         eos = frozenset(self.eos_token_ids)
-        seqs = [Sequence(i, p, n, eos, params.stop, self.tokenizer.stream() if self.tokenizer else None)
+        reqs = [Request(str(i), p, params, Sequence(i, p, n, eos, params.stop,
+                                                    self.tokenizer.stream() if self.tokenizer else None))
                 for i, p in enumerate(prompt_ids)]
-        return seqs, self._run(seqs, _chooser(params, len(seqs), self.device), params.greedy)
+        if speculative is not None:
+            return [r.seq for r in reqs], self._run_speculative([r.seq for r in reqs], draft_tokens)
+        return [r.seq for r in reqs], self._run(reqs)
 
-    def _run(self, seqs: list[Sequence], choose, greedy: bool) -> Iterator[TokenEvent]:
+    def _run_speculative(self, seqs: list[Sequence], draft_tokens: int) -> Iterator[TokenEvent]:
+        from ..speculative.greedy import SpeculativeStats
+        from ..speculative.run import speculative_events
+
+        if not self._busy.acquire(blocking=False):
+            raise EngineBusy("this Engine is still running another request: finish or close() that stream first")
+        try:
+            stats = self.last_stats = GenerationStats(batch=len(seqs), prompt_tokens=sum(len(s.prompt_ids) for s in seqs),
+                                                      engine="reference, speculative ngram")
+            spec = self.last_speculative = SpeculativeStats()
+            t0 = time.perf_counter()
+            for ev in speculative_events(self, seqs, draft_tokens, spec):
+                stats.new_tokens += 1
+                if stats.new_tokens == 1:
+                    stats.prefill_s = time.perf_counter() - t0
+                stats.decode_steps = spec.passes
+                stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
+                yield ev
+        finally:
+            self._busy.release()
+
+    def _run(self, reqs: list[Request]) -> Iterator[TokenEvent]:
         """The request's events, with the engine held from its first event to its last (or to close())."""
         if not self._busy.acquire(blocking=False):
             raise EngineBusy("this Engine is still running another request (a stream not yet finished, or a call "
                              "from another thread): finish or close() that stream first, or use one Engine per "
                              "concurrent request")
+        sched = None
         try:
-            yield from self._steps(seqs, choose, greedy)
+            sched = self._scheduler_for(len(reqs), max(len(r.prompt_ids) for r in reqs) + reqs[0].params.max_new_tokens)
+            for r in reqs:
+                sched.submit(r)
+            yield from self._steps(sched, reqs)
         finally:
+            if sched is not None:   # a closed stream: its sequences leave their slots
+                for r in reqs:
+                    sched.abort(r.id)
             self._busy.release()
 
-    def _steps(self, seqs: list[Sequence], choose, greedy: bool) -> Iterator[TokenEvent]:
-        """Keeps up to `self.lookahead` decode steps queued on the GPU ahead of the step whose tokens the host is
-        reading: each step's input is the previous step's output, already on the device, so only eos/stop
-        checks and streaming need the ids on the host, and they can lag. The price: up to `self.lookahead`
-        wasted steps when every sequence stops early."""
-        B = len(seqs)
-        lens = [len(s.prompt_ids) for s in seqs]
-        steps_needed = seqs[0].max_new_tokens - 1   # the prefill yields the first token
-        (cache, decoder), kind = self._decoder(B, max(lens) + steps_needed + 1)
-        stats = self.last_stats = GenerationStats(batch=B, prompt_tokens=sum(lens), engine=kind)
-
-        t0 = time.perf_counter()
-        tokens = choose(self._prefill([s.prompt_ids for s in seqs], cache))
-        host = _HostCopy(tokens, None).result(decoder)
-        stats.prefill_s = time.perf_counter() - t0
-        positions = torch.tensor(lens, dtype=torch.long, device=self.device)
-        pending: deque[_HostCopy] = deque()
-        while True:
-            for s in seqs:
-                if not s.finished:
-                    stats.new_tokens += 1
-                    yield s.append(host[s.index])
+    def _steps(self, sched: Scheduler, reqs: list[Request]) -> Iterator[TokenEvent]:
+        stats = self.last_stats = GenerationStats(batch=len(reqs), prompt_tokens=sum(len(r.prompt_ids) for r in reqs),
+                                                  engine=sched.kind)
+        index = {r.id: r.seq.index for r in reqs}
+        steps0, t0 = sched.stats.decode_steps, time.perf_counter()
+        progress = self._progress_bar(sched, stats.prompt_tokens)
+        prefilling = len(reqs)
+        while any(not r.finished for r in reqs):
+            events = sched.step()
+            for ev in events:
+                if ev.error is not None:
+                    raise ev.error
+                if ev.token_id is None:
+                    continue
+                if len(reqs[index[ev.request_id]].seq.token_ids) == 1:
+                    prefilling -= 1
+                    if prefilling == 0:
+                        stats.prefill_s = time.perf_counter() - t0
+                        if progress is not None:
+                            progress.close()
+                            progress = None
+                stats.new_tokens += 1
+                yield TokenEvent(index[ev.request_id], ev.token_id, ev.text, ev.finish_reason)
+            if progress is not None:
+                progress.n = sched.stats.prefill_tokens - progress.start
+                progress.refresh()
+            stats.decode_steps = sched.stats.decode_steps - steps0
             stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
-            if all(s.finished for s in seqs):
-                return
-            while stats.decode_steps < steps_needed and len(pending) <= self.lookahead:
-                next_greedy, logits = decoder.enqueue(tokens, positions)
-                # the greedy ids may be the decoder's own buffer, rewritten by the step they feed; the logits
-                # are sampled in stream order before that step
-                tokens = next_greedy.clone() if greedy else choose(logits)
-                positions = positions + 1
-                stats.decode_steps += 1
-                pending.append(_HostCopy(tokens, decoder.status))
-            host = pending.popleft().result(decoder)
 
-    @torch.no_grad()
-    def _prefill(self, prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
-        """Logits (B, V) at each prompt's last token, from the reference forward over the right-padded batch,
-        in chunks of positions so that the (B, chunk, V) fp32 logits stay bounded (memory.prefill_chunk)."""
-        B, V = len(prompts), self.spec.vocab_size
-        lens = [len(p) for p in prompts]
-        tokens = torch.zeros(B, max(lens), dtype=torch.long)   # pad id 0: any valid id, its K/V are never read
-        for b, p in enumerate(prompts):
-            tokens[b, :len(p)] = torch.tensor(p)
-        tokens = tokens.to(self.device)
-        chunk = prefill_chunk(B, V, self.device.type)
-        last = torch.empty(B, V, dtype=torch.float32, device=self.device)
-        starts = range(0, max(lens), chunk)
+    def _progress_bar(self, sched: Scheduler, prompt_tokens: int):
+        """A progress bar over the prompt positions, for a CPU prefill of more than a few chunks."""
         show = self.progress if self.progress is not None else sys.stderr.isatty()
-        if show and self.device.type == "cpu" and len(starts) > PREFILL_PROGRESS_CHUNKS:
-            from tqdm import tqdm
+        if not show or self.device.type != "cpu" or prompt_tokens <= PREFILL_PROGRESS_CHUNKS * sched.chunk:
+            return None
+        from tqdm import tqdm
 
-            starts = tqdm(starts, desc="prefill", unit="chunk", file=sys.stderr, leave=False,
-                          postfix=f"{max(lens)} positions in chunks of {chunk}")
-        for c0 in starts:
-            logits = self.model.forward(tokens[:, c0:c0 + chunk], torch.full((B,), c0, device=self.device), cache)
-            for b, n in enumerate(lens):
-                if c0 <= n - 1 < c0 + chunk:
-                    last[b] = logits[b, n - 1 - c0]
-        return last
+        bar = tqdm(total=prompt_tokens, desc="prefill", unit="tok", file=sys.stderr, leave=False,
+                   postfix=f"chunks of {sched.chunk}")
+        bar.start = sched.stats.prefill_tokens
+        return bar
 
     # ---- Argument checks -------------------------------------------------------------------------
     def _check_ids(self, prompt_ids) -> list[list[int]]:
@@ -367,17 +396,6 @@ def _max_seq(max_seq, limit: int) -> int:
     return value
 
 
-def _chooser(params: SamplingParams, batch: int, device: torch.device):
-    """logits (B, V) -> tokens (B,). A seeded request gives every sequence its own generator seeded with the seed,
-    so a prompt samples the same tokens alone and inside any batch (one generator for the batch would hand each
-    sequence different random numbers depending on its neighbours)."""
-    t, k, p = params.temperature, params.top_k, params.top_p
-    if params.greedy or params.seed is None:
-        return lambda logits: sample(logits, t, k, p)
-    gens = [torch.Generator(device=device).manual_seed(params.seed) for _ in range(batch)]
-    return lambda logits: torch.cat([sample(logits[b:b + 1], t, k, p, g) for b, g in enumerate(gens)])
-
-
 def _sampling(params: SamplingParams | None, overrides: dict) -> SamplingParams:
     """`params` with `overrides` (SamplingParams fields given as keywords) on top; None: the defaults."""
     if params is None:
@@ -389,26 +407,3 @@ def _sampling(params: SamplingParams | None, overrides: dict) -> SamplingParams:
 
 def _unavailable(e: Exception) -> MonokernelError:
     return e if isinstance(e, MonokernelError) else MonokernelError(f"the megakernel cannot be imported: {e}")
-
-
-class _HostCopy:
-    """A step's token ids (and its decoder's status flag) on their way to the host: copied into pinned memory
-    behind the step in stream order, waited for by an event, so reading them never waits for later steps."""
-
-    def __init__(self, tokens: torch.Tensor, status: torch.Tensor | None):
-        self.event = None
-        if tokens.device.type != "cuda":
-            self.tokens, self.status = tokens, status
-            return
-        self.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True).copy_(tokens, non_blocking=True)
-        self.status = None if status is None else \
-            torch.empty(status.shape, dtype=status.dtype, pin_memory=True).copy_(status, non_blocking=True)
-        self.event = torch.cuda.Event()
-        self.event.record()
-
-    def result(self, decoder: Decoder) -> list[int]:
-        if self.event is not None:
-            self.event.synchronize()
-        if self.status is not None and bool(self.status.any()):
-            decoder.check()   # raises the decoder's own error
-        return self.tokens.tolist()

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import torch
 
-from ..schedule.abi import ERROR_MESSAGES, KERNEL_NAME, PARAMS, PROFILE_STAMPS, TASK_WORDS, alloc_buffers, params_struct
-from ..codegen.compile import CompiledKernel, compile_kernel
-from ..codegen.render import kernel_entry_name, render_source
-from ..errors import KernelRuntimeError, UnsupportedModelError
+from ..schedule.abi import (ERROR_MESSAGES, INPUT_ERRORS, KERNEL_NAME, PARAMS, PROFILE_STAMPS, TASK_WORDS,
+                            alloc_buffers, params_struct)
+from ..schedule.step_check import input_error_message
+from ..codegen.compile import CompiledKernel
+from ..codegen.fit import fit_kernel
+from ..errors import InputError, KernelRuntimeError, UnsupportedModelError
 from ..models.spec import rope_inv_freq
 from ..models.weights import PackedWeights
 from .kv_cache import KVCache
 from ..schedule.build import Schedule, build_schedule
-from ..schedule.inputs import GpuInfo
+from ..schedule.inputs import GpuInfo, KernelInputs
 from ..schedule.plan import KernelPlan, plan_for
 from ..schedule.tuning import Tuning
 from .cuda_driver import LoadedKernel
@@ -34,6 +36,21 @@ def kernel_plan(weights: PackedWeights, batch: int, max_seq: int, gpu: GpuInfo, 
     return plan_for(weights.spec, batch, max_seq, weights.format, weights.dtype, gpu, tuning, **knobs)
 
 
+def step_error(words: list[int], epoch: int, plan: KernelPlan, timeout_s: float
+               ) -> tuple[InputError | KernelRuntimeError, int | None]:
+    """The exception for the error words (code, epoch, sequence, value) read after the host's step `epoch`,
+    and the epoch to go back to: the step before the one with a bad input (that did nothing), or None
+    where the decoder must reset (a timeout: counters of an unknown step are out of step)."""
+    code, failed32, seq, value = words
+    if code in INPUT_ERRORS:
+        failed = epoch - ((epoch - failed32) & 0xFFFFFFFF)    # the kernel sees the epoch mod 2^32
+        msg = input_error_message(code, failed, seq, value, plan.spec.vocab_size, plan.max_seq)
+        return InputError(f"megakernel {msg}; the decoder runs on"), failed - 1
+    what = ERROR_MESSAGES.get(code, f"error code {code}")
+    return KernelRuntimeError(f"megakernel step {epoch} (or one queued before it) failed: {what} (timeout "
+                              f"{timeout_s:g} s); the decoder was reset and can run again"), None
+
+
 class MegaDecoder:
     def __init__(self, weights: PackedWeights, cache: KVCache, timeout_s: float = 10.0, tuning: Tuning | None = None,
                  **knobs):
@@ -45,22 +62,27 @@ class MegaDecoder:
         if not gpu.arch.startswith("sm_9"):
             raise UnsupportedModelError(f"the megakernel targets Hopper (sm_90); this GPU is {gpu.arch}")
         self.w, self.cache = weights, cache
-        self.plan = kernel_plan(weights, cache.batch, cache.max_seq, gpu, tuning, **knobs)
+        if knobs:
+            tuning = (tuning or Tuning()).replace(**knobs)
+        fitted = fit_kernel(KernelInputs(weights.spec, cache.batch, cache.max_seq, weights.format, weights.dtype, gpu),
+                            tuning)
+        self.plan, self.source = fitted.plan, fitted.source
+        self.compiled: CompiledKernel = fitted.compiled
         self.schedule: Schedule = build_schedule(self.plan)
-        self.source = render_source(self.plan)
-        self.compiled: CompiledKernel = compile_kernel(self.source, gpu.arch, name=kernel_entry_name(self.plan))
         smem, threads = self.plan.smem.total, self.plan.threads
         self.kernel = LoadedKernel(self.compiled.cubin, KERNEL_NAME, smem, threads, dev)
         if self.kernel.blocks_per_sm < 1:
             raise KernelRuntimeError(f"the kernel cannot be resident ({smem} B shared memory, "
                                      f"{self.compiled.registers} registers x {threads} threads)")
+        # Every launch goes to this stream: two launches of one decoder must never overlap (they share its
+        # counters and buffers), which a second stream would allow.
+        self.stream = torch.cuda.current_stream(dev)
         self.buffers = alloc_buffers(self.plan, self.schedule, self.w.dtype, dev)
         offsets, records = self.schedule.task_table()
         self.tables = dict(inv_freq=rope_inv_freq(self.plan.spec).to(dev),
                            task_offsets=torch.from_numpy(offsets).to(dev),
                            tasks=torch.from_numpy(records.view("int32").reshape(-1)).to(dev))
         self.epoch = 0
-        self._broken = False      # set once a step fails: counters are then out of step with the epoch
         self.params = self._params(timeout_s)
 
     def __getattr__(self, name):     # the buffers and tables by their Params names: mk.logits, mk.tasks
@@ -79,18 +101,29 @@ class MegaDecoder:
                 continue
             t = getattr(self.w, f.name) if f.role == "weight" else tensors[f.name]
             ptrs[f.name] = 0 if t is None else t.data_ptr()
+        self.timeout_s = timeout_s
         return params_struct()(**ptrs, profile=0, epoch=0, ids_i64=0, timeout_ns=int(timeout_s * 1e9))
 
     def launch(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
-        """Enqueues one decode step (no host synchronisation): tokens/positions (B,) on the device."""
-        if self._broken:
-            raise KernelRuntimeError("this decoder failed earlier; create a new one")
-        self.params.tokens, wide_tokens = self._read_in_place(tokens, self.tokens)
-        self.params.positions, wide_positions = self._read_in_place(positions, self.positions)
-        self.params.ids_i64 = int(wide_tokens) | int(wide_positions) << 1
-        self.epoch += 1
-        self.params.epoch = self.epoch & 0xFFFFFFFF
-        self.kernel.launch(self.plan.num_blocks, self.params, torch.cuda.current_stream(self.w.device))
+        """Enqueues one decode step (no host synchronisation): tokens/positions (B,) on the device, checked by
+        the kernel itself (an out-of-range one makes the step do nothing and raises at `check`). Called
+        from another stream than the decoder's, the step is ordered after that stream's work and before
+        its later work."""
+        caller = torch.cuda.current_stream(self.w.device)
+        if caller != self.stream:
+            self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            self.params.tokens, wide_tokens = self._read_in_place(tokens, self.tokens)
+            self.params.positions, wide_positions = self._read_in_place(positions, self.positions)
+            self.params.ids_i64 = int(wide_tokens) | int(wide_positions) << 1
+            self.epoch += 1
+            self.params.epoch = self.epoch & 0xFFFFFFFF
+            self.kernel.launch(self.plan.num_blocks, self.params, self.stream)
+        if caller != self.stream:
+            caller.wait_stream(self.stream)
+            for t in (tokens, positions):   # read on the decoder's stream: not to be freed before that
+                if t.device.type == "cuda":
+                    t.record_stream(self.stream)
 
     @staticmethod
     def _read_in_place(ids: torch.Tensor, own: torch.Tensor) -> tuple[int, bool]:
@@ -126,16 +159,32 @@ class MegaDecoder:
                     offsets=self.task_offsets.cpu().numpy(), sm_ids=buf[PROFILE_STAMPS * n:])
 
     def check(self) -> None:
-        code = int(self.error.item())
-        if code:
-            self._broken = True
-            raise KernelRuntimeError(f"megakernel step {self.epoch} failed: {ERROR_MESSAGES.get(code, code)}")
+        """Raises the error of a failed step (a synchronisation) and leaves the decoder ready for the next:
+        a step with a bad input did nothing, so the epoch goes back to the last step that ran; after any
+        other failure the counters are out of step and start again from zero (the steps queued behind a
+        failed one do nothing either: step_check.cuh)."""
+        with torch.cuda.stream(self.stream):
+            words = self.error.tolist()
+        if not words[0]:
+            return
+        error, rollback = step_error(words, self.epoch, self.plan, self.timeout_s)
+        if rollback is None:
+            self.reset()
+        else:
+            self.error.zero_()
+            self.epoch = rollback
+        raise error
+
+    def reset(self) -> None:
+        """Counters, split arrivals and the error back to a fresh decoder's; the KV cache is kept."""
+        with torch.cuda.stream(self.stream):
+            for f in PARAMS:
+                if f.role == "buffer" and f.init == "zeros":
+                    getattr(self.buffers, f.name).zero_()
+        self.epoch = 0
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor):
         """One decode step; returns (greedy next tokens (B,) long, logits (B, V) fp32), checked for errors."""
-        pos = positions.to("cpu") if positions.device.type != "cpu" else positions
-        if int(pos.max()) >= self.plan.max_seq or int(pos.min()) < 0:
-            raise KernelRuntimeError(f"positions {pos.tolist()} outside the KV cache (0..{self.plan.max_seq - 1})")
         self.launch(tokens, positions)
         self.check()
         return self.out_tokens.long(), self.logits
@@ -156,4 +205,4 @@ class MegaDecoder:
         self.cache.write(layer, k, v)
 
 
-__all__ = ["MegaDecoder", "gpu_info", "kernel_plan"]
+__all__ = ["MegaDecoder", "gpu_info", "kernel_plan", "step_error"]

@@ -61,8 +61,15 @@ class ErrorCode:
 
 ERRORS = (ErrorCode("ERR_NONE", 0, "no error"),
           ErrorCode("ERR_COUNTER_TIMEOUT", 1, "a block waited too long on a dependency counter"),
-          ErrorCode("ERR_RING_TIMEOUT", 2, "a block waited too long on its weight ring"))
+          ErrorCode("ERR_RING_TIMEOUT", 2, "a block waited too long on its weight ring"),
+          ErrorCode("ERR_BAD_TOKEN", 3, "an input token is outside the vocabulary"),
+          ErrorCode("ERR_BAD_POSITION", 4, "an input position is outside the KV cache"))
 ERROR_MESSAGES = {e.code: e.message for e in ERRORS}
+# Errors of the step's inputs: the kernel checks them before any block writes (step_check.cuh), so the step
+# did nothing and the decoder runs on; after any other error its counters are out of step and it resets.
+INPUT_ERRORS = frozenset({3, 4})
+# Params::error: the code, then for an input error the step's epoch, the sequence and the bad value.
+ERROR_WORDS = 4
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,8 @@ PARAMS: tuple[Field, ...] = (
     Field("int*", "out_tokens", "greedy next tokens", "buffer", "B", sim=True),
     Field("uint32_t*", "counters", "dependency counters, counting up across steps", "buffer", "COUNTERS",
           init="zeros"),
-    Field("int*", "error", "0, or the Error code of a failed wait", "buffer", "1", init="zeros"),
+    Field("int*", "error", "the Error code (0: none); for a bad input then its step's epoch, sequence, value",
+          "buffer", "ERROR_WORDS", init="zeros"),
     Field("const Task*", "tasks", "task table, block-major", "table"),
     Field("const int*", "task_offsets", "(blocks + 1)", "table"),
     Field("uint64_t*", "profile", f"(tasks, {PROFILE_STAMPS}) globaltimer ns: wait start, work start, end; then each "
@@ -144,7 +152,8 @@ def params_struct() -> type[ctypes.Structure]:
 def dims(plan, schedule) -> dict[str, int]:
     """The names buffer shapes are written in, as the kernel's constants of the same names."""
     return dict(spec_dims(plan.spec), B=plan.batch, KV_SPLITS=plan.attn.splits, LM_TILES=schedule.lm_tiles,
-                BLOCKS=plan.num_blocks, SCRATCH_LEN=plan.scratch_len, COUNTERS=schedule.num_counters)
+                BLOCKS=plan.num_blocks, SCRATCH_LEN=plan.scratch_len, COUNTERS=schedule.num_counters,
+                ERROR_WORDS=ERROR_WORDS)
 
 
 def element_dtype(f: Field, act: torch.dtype) -> torch.dtype:

@@ -9,6 +9,9 @@ from ..models.formats import Format, get_format, kernel_activation
 from ..models.spec import ModelSpec
 
 MAX_BATCH = 16
+# Query heads per KV head: the CUDA-core attention walk (past the tensor cores' 8) keeps per-lane state for
+# each, and 32 spill hundreds of bytes even with 255 registers a thread (perf note 28); 16 fit.
+MAX_GROUP = 16
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,10 @@ class KernelInputs:
         for name, k in (("hidden_size", s.hidden_size), ("q_size", s.q_size), ("intermediate_size", s.intermediate_size)):
             if k % 8:
                 raise UnsupportedModelError(f"{name}={k} must be a multiple of 8 for 16-byte weight loads")
+        if s.group_size > MAX_GROUP:
+            raise UnsupportedModelError(
+                f"{s.num_heads} query heads over {s.num_kv_heads} KV heads ({s.group_size} per KV head): the megakernel "
+                f"takes at most {MAX_GROUP} per KV head (more spill registers); use --engine reference")
         if s.head_dim % 32:
             raise UnsupportedModelError(f"head_dim={s.head_dim} must be a multiple of 32 (one warp spans a head)")
 

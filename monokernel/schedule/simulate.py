@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..models.weights import PackedWeights
 from ..reference.model import apply_rope, rms_norm, rope_cos_sin
 from ..models.spec import rope_inv_freq
 from .abi import alloc_buffers
 from .build import Schedule
+from .step_check import bad_input, input_error_message
 from .tasks import NO_COUNTER, Op, Task
 
 if TYPE_CHECKING:   # an annotation only: schedule/ sits below runtime/ in the pipeline
@@ -43,7 +45,11 @@ class Simulator:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rng: random.Random,
              tasks: list[Task] | None = None):
-        """Runs every task once in a random dependency-respecting order; returns (next_tokens, logits)."""
+        """Runs every task once in a random dependency-respecting order; returns (next_tokens, logits). Inputs
+        out of range raise InputError before any task runs, as the kernel refuses them (step_check.py)."""
+        bad = bad_input(tokens, positions, self.spec.vocab_size, self.plan.max_seq)
+        if bad:
+            raise InputError(input_error_message(bad[0], 1, *bad[1:], self.spec.vocab_size, self.plan.max_seq))
         buf = self._buffers()
         tasks = list(self.sched.tasks if tasks is None else tasks)
         counters = [0] * self.sched.num_counters

@@ -14,7 +14,9 @@ from .tasks import Op
 
 @dataclass(frozen=True)
 class Tuning:
-    consumer_warps: int = 8
+    # Consumer warps beside the one producer warp; None: 8, or 7 (8 warps in all: 255 registers a thread
+    # instead of 168, schedule/registers.py) where the kernel spills with 8 (codegen/fit.py).
+    consumer_warps: int | None = None
     # Bytes of one weight-ring slot; None: one full row of the widest matrix on CUDA cores (at least 32 KiB,
     # about 6 slots in flight), an 8-row chunk of one K segment on tensor cores.
     slot_bytes: int | None = None

@@ -11,10 +11,12 @@ import pytest
 
 from monokernel.cli import main
 from monokernel.codegen import cli as compile_cli
+from monokernel.codegen import fit
 from monokernel.codegen.compile import CompiledKernel, compile_kernel
 from monokernel.errors import CompileError, MonokernelError
 from monokernel.models.presets import preset
 from monokernel.schedule.plan import plan_for
+from monokernel.schedule.registers import register_cap
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 
@@ -32,12 +34,15 @@ def _compile(model: str, batch: int, capsys) -> dict:
 
 
 @needs_nvcc
-@pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"])
-@pytest.mark.parametrize("batch", [1, 8, 16])
-def test_presets_compile_without_spills(name, batch, capsys):
+@pytest.mark.parametrize("name, batch", [("llama-3.2-1b", 1), ("llama-3.1-8b", 3)])
+def test_compile_reports_the_register_budget(name, batch, capsys):
+    """`monokernel compile` reports registers against the cap of the block's warps (schedule/registers.py),
+    with the headroom; the 8B preset at batch 3 spilled 132 bytes under 8 consumer warps, so its kernel is
+    the one with 7."""
     r = _compile(f"preset:{name}", batch, capsys)
-    assert r["spill_bytes"] == 0 and r["stack_bytes"] <= 64
-    assert 0 < r["registers"] <= 65536 // plan_for(preset(name), batch, 4096).threads
+    plan = plan_for(preset(name), batch, 4096, consumer_warps=8 if batch == 1 else 7)
+    assert r["spill_bytes"] == 0 and r["threads"] == plan.threads and r["plan"]["threads"] == plan.threads
+    assert r["register_cap"] == register_cap(plan.threads) and r["headroom"] == r["register_cap"] - r["registers"] >= 0
     assert r["plan"]["smem"]["total"] <= 227 * 1024
 
 
@@ -100,10 +105,12 @@ def test_fail_on_spill_exits_1(monkeypatch, capsys):
     """--fail-on-spill exits 1 as its help says (2 is for bad arguments)."""
     spilling = CompiledKernel(cubin=b"", path=Path("kernel.cubin"), registers=168, spill_bytes=132, stack_bytes=136,
                               log="", cached=True)
-    monkeypatch.setattr(compile_cli, "compile_kernel", lambda *a, **k: spilling)
+    monkeypatch.setattr(fit, "compile_kernel", lambda *a, **k: spilling)
     assert "exit 1" in compile_cli_help()
     assert main(["compile", "--model", "preset:llama-3.2-1b", "--fail-on-spill"]) == 1
-    assert "spills 132 bytes" in capsys.readouterr().err
+    # the rules' 8 consumer warps spilled, so the kernel was built again with 7 (255 registers): spilled too
+    out, err = capsys.readouterr()
+    assert "spills 132 bytes of registers (168 used of 255)" in err and "threads: 256" in out and "headroom: 0" in out
     assert main(["compile", "--model", "preset:llama-3.2-1b"]) == 0
 
 

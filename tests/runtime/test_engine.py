@@ -72,10 +72,10 @@ def test_batched_equals_one_at_a_time(engine):
         assert engine.generate_ids([p], max_new_tokens=20)[0].token_ids == batched[b].token_ids
 
 
-def test_chunked_prefill_matches(engine, monkeypatch):
+def test_chunked_prefill_matches(engine):
     long_prompt = [(7 * i + 3) % VOCAB for i in range(40)]
     whole = engine.generate_ids([long_prompt, PROMPTS[1]], max_new_tokens=6)
-    monkeypatch.setattr(memory_module, "PREFILL_LOGITS_BYTES", 1)   # -> chunks of 16 positions
+    engine.prefill_chunk = 16
     chunked = engine.generate_ids([long_prompt, PROMPTS[1]], max_new_tokens=6)
     assert [g.token_ids for g in chunked] == [g.token_ids for g in whole]
 
@@ -136,20 +136,14 @@ def test_eos_stops_one_sequence_only(weights):
     assert gens[0].finish_reason == "eos" and len(gens[0].token_ids) <= 4
 
 
-def test_running_ahead_changes_nothing(weights):
-    """The GPU path queues steps ahead of the host; the same logic on the CPU must give the same outputs,
-    and stop no later than the host sees every sequence finish (plus the queued steps)."""
-    plain = Engine.from_weights(weights)
-    ahead = Engine.from_weights(weights)
-    ahead.lookahead = 3
-    eos = tuple(g.token_ids[b + 1] for b, g in enumerate(plain.generate_ids(PROMPTS, max_new_tokens=10)))
-    for eng in (plain, ahead):
-        eng.eos_token_ids = eos   # every sequence stops by its 4th token
-    want = plain.generate_ids(PROMPTS, max_new_tokens=10)
-    got = ahead.generate_ids(PROMPTS, max_new_tokens=10)
-    assert [(g.token_ids, g.finish_reason) for g in got] == [(g.token_ids, g.finish_reason) for g in want]
-    assert {g.finish_reason for g in want} == {"eos"} and plain.last_stats.decode_steps <= 3
-    assert ahead.last_stats.decode_steps == plain.last_stats.decode_steps + 3
+def test_finished_sequences_leave(weights):
+    """A sequence that finishes leaves the batch at once, and the run ends with the last one: no step is
+    spent past the longest sequence."""
+    eng = Engine.from_weights(weights)
+    eng.eos_token_ids = tuple(g.token_ids[b + 1] for b, g in enumerate(eng.generate_ids(PROMPTS, max_new_tokens=10)))
+    gens = eng.generate_ids(PROMPTS, max_new_tokens=10)   # every sequence stops by its 4th token
+    assert {g.finish_reason for g in gens} == {"eos"}
+    assert eng.last_stats.decode_steps == max(len(g.token_ids) for g in gens) - 1
 
 
 def test_stop_string(text_engine):
@@ -206,7 +200,8 @@ def test_closed_stream_frees_engine(engine):
 
 
 def test_failed_request_frees_engine(engine, monkeypatch):
-    monkeypatch.setattr(Engine, "_prefill", lambda *a: (_ for _ in ()).throw(InputError("boom")))
+    monkeypatch.setattr("monokernel.runtime.scheduler.prefill_chunk",
+                        lambda *a, **k: (_ for _ in ()).throw(InputError("boom")))
     with pytest.raises(InputError, match="boom"):
         engine.generate_ids(PROMPTS, max_new_tokens=3)
     monkeypatch.undo()
@@ -223,9 +218,9 @@ def test_request_too_big_for_memory(engine, monkeypatch):
     assert len(engine.generate_ids(PROMPTS, max_new_tokens=3)) == 3
 
 
-def test_prefill_progress(engine, monkeypatch, capsys):
+def test_prefill_progress(engine, capsys):
     """A CPU prefill of many chunks shows a progress bar on stderr (when asked, or on a terminal)."""
-    monkeypatch.setattr(memory_module, "PREFILL_LOGITS_BYTES", 1)   # -> chunks of 16 positions
+    engine.prefill_chunk = 16
     long_prompt = [(7 * i + 3) % VOCAB for i in range(90)]
     engine.generate_ids([long_prompt], max_new_tokens=2)
     assert "prefill" not in capsys.readouterr().err

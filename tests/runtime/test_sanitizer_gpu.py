@@ -23,7 +23,10 @@ CONFIGS = {"default": ("qwen3", ""), "gqa": ("llama", ""), "cuda-core-walk": ("q
            # rings hold whole gate/up tiles: the prefetch ranges are empty)
            "helpers": ("qwen3", "l2_lookahead_kb=64"),
            # the prefetch ranges as derived for a real model (batch 3)
-           "lookahead-1b": ("preset:llama-3.2-1b", "")}
+           "lookahead-1b": ("preset:llama-3.2-1b", ""),
+           # a step that times out with weight copies in flight (the producer drains them before its block
+           # exits), then one the kernel refuses for a bad token, then the good steps
+           "abort": ("llama", "", "abort")}
 # Racecheck on the preset also instruments the cuBLAS kernels of its torch reference (it reported hazards in
 # nvjet kernels, and took 5 minutes); the lookahead adds no shared-memory access, and the "helpers" config,
 # whose schedule has the same helper blocks and lookahead tasks, runs under racecheck.

@@ -112,6 +112,15 @@ def test_head_dim_refused():
         plan_for(spec, 1, 4096)
 
 
+def test_wide_groups_refused():
+    """More than 16 query heads a KV head is refused before anything compiles: 32 over 1 spills even with 255
+    registers a thread; 16 over 1 is planned (its kernel fits, on the CUDA-core attention walk)."""
+    spec = preset("llama-3.2-1b")
+    with pytest.raises(UnsupportedModelError, match=r"32 query heads over 1 KV heads \(32 per KV head\).*at most 16"):
+        plan_for(spec.with_(num_kv_heads=1), 1, 4096)
+    assert not plan_for(spec.with_(num_heads=16, num_kv_heads=1), 1, 4096).attn.mma
+
+
 def test_attn_key_batch():
     """The attention key batch is derived from the batch, and checked."""
     spec = preset("llama-3.1-8b")
@@ -130,6 +139,7 @@ def test_min_kv_chunk():
     assert plan_for(spec, 1, 4096, attn_mma=False).attn.min_chunk == 8 * 4 * 2
     assert plan_for(spec, 8, 4096, attn_mma=False).attn.min_chunk == 8 * 4 * 1
     assert plan_for(spec, 8, 4096).attn.min_chunk == plan_for(spec, 1, 4096).attn.min_chunk == 8 * 8
+    assert plan_for(spec, 8, 4096, consumer_warps=7).attn.min_chunk == 7 * 8     # as fit_kernel may rebuild it
     assert plan_for(spec, 1, 4096, min_kv_chunk=16).attn.kv_chunk(100) == 16
     assert plan_for(spec, 1, 4096).attn.kv_chunk(8192) == 8192 // plan_for(spec, 1, 4096).attn.splits
     with pytest.raises(UnsupportedModelError, match="min_kv_chunk=0 must be at least 1"):
@@ -155,7 +165,8 @@ def test_attn_mma():
     assert plan_for(spec, 1, 4096).attn.mma and plan_for(spec, 16, 4096).attn.mma
     assert plan_for(spec, 1, 4096, attn_mma=False).summary()["attn"]["mma"] is False
     cfg = plan_for(spec, 8, 4096)
-    assert cfg.attn.keys_per_slot % cfg.attn.keys_per_pass == 0 and cfg.attn.keys_per_pass == 64
+    assert cfg.attn.keys_per_slot % cfg.attn.keys_per_pass == 0
+    assert cfg.attn.keys_per_pass == 8 * cfg.tuning.consumer_warps == 64   # 8 keys a warp
     wide = spec.with_(num_kv_heads=2)          # 16 query heads per kv head: more than the mma's N of 8
     assert not plan_for(wide, 8, 4096).attn.mma
     with pytest.raises(UnsupportedModelError, match="attn_mma=1 needs at most 8 query heads per kv head"):

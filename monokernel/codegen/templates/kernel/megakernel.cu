@@ -1,5 +1,6 @@
 #include "config.cuh"
 #include "sync.cuh"
+#include "step_check.cuh"
 #include "ring.cuh"
 #include "staging.cuh"
 #include "gemv.cuh"
@@ -43,8 +44,7 @@ __device__ __forceinline__ const unsigned char* weight_rows(const Params& p, con
 // Walks the block's tasks in the consumers' order and streams everything they read from HBM through the
 // ring: weight chunks of the matrix-vector tasks and the K/V cache rows of the attention tasks (up to
 // ATTN_KEYS keys a slot, K rows then V rows). It is held back only by free slots, never by activations.
-__device__ void producer(const Params& p, int t0, int t1, unsigned char* ring, uint64_t* full, uint64_t* empty) {
-  RingWriter rw(p, ring, full, empty);
+__device__ void producer(const Params& p, int t0, int t1, RingWriter& rw) {
   for (int ti = t0; ti < t1; ++ti) {
     const Task t = p.tasks[ti];
     if (t.op == OP_ATTN) {
@@ -217,6 +217,7 @@ extern "C" __global__ void __launch_bounds__(mk::THREADS, 1) MK_KERNEL_NAME(cons
   extern __shared__ __align__(1024) unsigned char smem[];
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + FULL_BAR_OFFSET);
   uint64_t* empty = reinterpret_cast<uint64_t*>(smem + EMPTY_BAR_OFFSET);
+  if (!step_may_run(p)) return;
   if (threadIdx.x == 0) {
     for (int s = 0; s < NST; ++s) { mbar_init(&full[s], 1); mbar_init(&empty[s], NCT); }
     mbar_init_fence();
@@ -224,7 +225,11 @@ extern "C" __global__ void __launch_bounds__(mk::THREADS, 1) MK_KERNEL_NAME(cons
   __syncthreads();
   const int t0 = p.task_offsets[blockIdx.x], t1 = p.task_offsets[blockIdx.x + 1];
   if (threadIdx.x / 32 == NCW) {
-    if (threadIdx.x % 32 == 0) producer(p, t0, t1, smem + RING_OFFSET, full, empty);
+    if (threadIdx.x % 32 == 0) {
+      RingWriter rw(p, smem + RING_OFFSET, full, empty);
+      producer(p, t0, t1, rw);
+      rw.drain();   // a block that stopped early must not exit under copies still landing in its memory
+    }
     return;
   }
   consumer(p, t0, t1, smem, full, empty);

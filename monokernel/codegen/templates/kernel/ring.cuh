@@ -25,6 +25,12 @@ struct RingWriter {
   }
   __device__ void copy(unsigned char* dst, const void* src, uint32_t bytes) { bulk_copy_g2s(dst, src, bytes, &full[it % NST]); }
   __device__ void next() { ++it; }
+  // Waits until every copy issued lands: the fills of the last NST slots (older ones were consumed). Copies
+  // of valid addresses always complete, so this needs no deadline.
+  __device__ void drain() {
+    for (uint32_t j = it > NST ? it - NST : 0; j < it; ++j)
+      while (!mbar_try_wait(&full[j % NST], (j / NST) & 1)) {}
+  }
 };
 
 // The consumers' side of the ring: every consumer thread waits for the slot it reads next and releases it

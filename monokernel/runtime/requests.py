@@ -1,0 +1,95 @@
+"""One request of the request-level engine: its prompt, sampling, generation state, timings, and the events
+the engine's step() hands back for it."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import SamplingParams, sample
+from .sequence import Sequence
+
+
+@dataclass(frozen=True)
+class RequestEvent:
+    """What one step produced for one request: a token (with the text it released), or an error."""
+
+    request_id: str
+    token_id: int | None
+    text: str
+    finish_reason: str | None               # "eos", "stop", "length", "abort" or "error" on the last event
+    logprob: float | None = None            # of the chosen token, when the request asked for logprobs
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    error: BaseException | None = None      # set when finish_reason == "error": the step that failed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seq: Sequence
+    logprobs: int | None = None             # None: none; 0: the chosen token's; k: and the k most likely
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    slot: int | None = None
+    prefilled: int = 0                      # prompt positions whose K/V are in the slot
+    reused: int = 0                         # of those, positions found cached in the slot (not computed)
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        if not self.params.greedy:
+            # unseeded: a fresh random seed, so no request draws from (or disturbs) torch's global generator
+            seed = self.params.seed if self.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def finished(self) -> bool:
+        return self.seq.finished
+
+    @property
+    def decoding(self) -> bool:
+        return self.slot is not None and self.prefilled == len(self.prompt_ids) and not self.finished
+
+    @property
+    def next_position(self) -> int:
+        """The position of the last sampled token, fed to the next decode step."""
+        return len(self.prompt_ids) + len(self.seq.token_ids) - 1
+
+    def choose(self, logits: torch.Tensor, greedy: int | None = None) -> RequestEvent:
+        """Samples the next token from this request's logits row (V,) fp32 and appends it; `greedy`: the
+        decoder's own argmax of the row, already on the host, taken when the request is greedy."""
+        p = self.params
+        if p.greedy and self.logprobs is None:
+            token = int(logits.argmax()) if greedy is None else greedy
+        else:
+            row = logits[None].cpu()   # the generator lives on the CPU: the same draws on every device
+            token = int(sample(row, p.temperature, p.top_k, p.top_p, self.generator)[0])
+        lp, top = None, ()
+        if self.logprobs is not None:
+            logp = row[0].log_softmax(-1)
+            lp = float(logp[token])
+            if self.logprobs:
+                values, ids = logp.topk(self.logprobs)
+                top = tuple(zip(ids.tolist(), values.tolist()))
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        ev = self.seq.append(token)
+        if ev.finish_reason:
+            self.finished_at = now
+        return RequestEvent(self.id, token, ev.text, ev.finish_reason, lp, top)
+
+    def cached_tokens(self) -> list[int]:
+        """Tokens whose K/V this request left valid in its slot: the prompt prefilled so far and every generated
+        token but the last (a token's K/V are written by the step that reads it as input)."""
+        if self.prefilled < len(self.prompt_ids):
+            return self.prompt_ids[:self.prefilled]
+        return self.prompt_ids + self.seq.token_ids[:-1]

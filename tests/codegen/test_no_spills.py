@@ -1,0 +1,61 @@
+"""Every kernel the engine may build compiles for sm_90a without register spills, against the real cap of
+its block (schedule/registers.py), through fit_kernel as the engine builds it. CI compiles a representative
+set; MONOKERNEL_SPILL_SWEEP=1 pytest -m slow tests/codegen/test_no_spills.py compiles every preset and tiny
+spec at every batch 1-16 (128 kernels, about 10 minutes on 2 cores)."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from conftest import TINY_SPECS
+from monokernel.codegen.fit import fit_kernel
+from monokernel.models.presets import PRESETS
+from monokernel.schedule.inputs import KernelInputs
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+SPECS = {**PRESETS, **{s.name: s for s in TINY_SPECS.values()},
+         # Qwen3-shaped (head_dim 128, 6 query heads a KV head): spilled at batches 3, 5, 6, 7 under 168 registers
+         "qwen3-1536": TINY_SPECS["qwen3"].with_(name="qwen3-1536", hidden_size=1536, intermediate_size=4096,
+                                                 num_heads=12, num_kv_heads=2, vocab_size=1000),
+         # 16 query heads a KV head: the CUDA-core attention walk, which spilled 80-200 bytes
+         "gqa16": TINY_SPECS["llama"].with_(name="gqa16", hidden_size=2048, intermediate_size=4096, num_heads=32,
+                                            num_kv_heads=2, head_dim=64, vocab_size=1000),
+         # head_dim 256 (spilled 228-372 bytes) and 96 (72)
+         "d256": TINY_SPECS["llama"].with_(name="d256", hidden_size=2048, intermediate_size=4096, num_heads=8,
+                                           num_kv_heads=4, head_dim=256, vocab_size=1000),
+         "d96": TINY_SPECS["llama"].with_(name="d96", hidden_size=3072, intermediate_size=4096, num_heads=32,
+                                          num_kv_heads=8, head_dim=96, vocab_size=1000)}
+# the batches that spilled before (3, 5, 6, 7, 14, 15), the CUDA-core path (1) and the largest (16)
+REPRESENTATIVE = [(n, b) for n in PRESETS for b in (1, 3, 7, 16)] + \
+    [("qwen3-1536", 5), ("tiny-qwen3", 2), ("tiny-qwen3", 14), ("gqa16", 3), ("d256", 1), ("d96", 15)]
+EVERY = [(n, b) for n in list(PRESETS) + [s.name for s in TINY_SPECS.values()] for b in range(1, 17)]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MONOKERNEL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
+
+
+def _fits(name: str, batch: int) -> None:
+    spec = SPECS[name]
+    k = fit_kernel(KernelInputs(spec, batch, min(spec.max_position_embeddings, 4096)))   # raises on a spill
+    c = k.compiled
+    print(f"{name} b{batch}: {c.registers} of {k.register_cap} registers ({k.plan.threads} threads), headroom "
+          f"{k.headroom}, stack {c.stack_bytes} B")
+    assert c.spill_bytes == 0 and 0 < c.registers <= k.register_cap and c.stack_bytes <= 64
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name,batch", REPRESENTATIVE, ids=[f"{n}-b{b}" for n, b in REPRESENTATIVE])
+def test_representative_kernels_fit(name, batch):
+    _fits(name, batch)
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MONOKERNEL_SPILL_SWEEP") != "1", reason="set MONOKERNEL_SPILL_SWEEP=1")
+@pytest.mark.parametrize("name,batch", EVERY, ids=[f"{n}-b{b}" for n, b in EVERY])
+def test_every_batch_fits(name, batch):
+    _fits(name, batch)

@@ -1,0 +1,52 @@
+"""Speculative decoding through the Engine and the CLI: the same text as plain greedy, the tokens per pass
+reported, and what it cannot do refused by name before anything runs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_SPECS
+from monokernel.cli import main
+from monokernel.errors import InputError
+from monokernel.models.weights import random_weights
+from monokernel.runtime.engine import Engine
+from monokernel.runtime.sampling import SamplingParams
+from monokernel.speculative.run import check_speculative
+
+
+def test_engine_equals_plain_greedy():
+    spec = TINY_SPECS["qwen3"].with_(vocab_size=71)
+    eng = Engine.from_weights(random_weights(spec, torch.float32, seed=4), max_seq=128)
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 9, 3, 1, 9, 9, 3]]
+    plain = eng.generate_ids(prompts, max_new_tokens=24)
+    spec_out = eng.generate_ids(prompts, max_new_tokens=24, speculative="ngram", draft_tokens=6)
+    assert [g.token_ids for g in spec_out] == [g.token_ids for g in plain]
+    assert [g.finish_reason for g in spec_out] == [g.finish_reason for g in plain]
+    s = eng.last_speculative
+    assert s.passes + len(prompts) <= 2 * 24 and s.new_tokens == 2 * 23
+    events = list(eng.stream_ids(prompts[:1], max_new_tokens=10, speculative="ngram"))
+    assert [e.token_id for e in events] == plain[0].token_ids[:10] and events[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("method, draft, params, kind, match", [
+    ("beam", 4, SamplingParams(), "reference", "'beam' is not one of ngram"),
+    ("model:draft.gguf", 4, SamplingParams(), "reference", "draft model, model:PATH, is not built yet"),
+    ("ngram", 0, SamplingParams(), "reference", "draft_tokens=0 must be in 1..16"),
+    ("ngram", 4, SamplingParams(temperature=0.7), "reference", "greedy only"),
+    ("ngram", 4, SamplingParams(), "mega", "runs on the reference engine for now"),
+])
+def test_refused(method, draft, params, kind, match):
+    with pytest.raises(InputError, match=match):
+        check_speculative(method, draft, params, kind)
+
+
+def test_cli_prints_tokens_per_pass(capsys, tiny_preset):
+    assert main(["generate", "--model", "preset:tiny", "--speculative", "ngram", "--draft-tokens", "3",
+                 "--max-new-tokens", "12", "1 2 3 1 2 3 1 2"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.split()) == 12 and "tokens per pass over" in err
+    assert main(["generate", "--model", "preset:tiny", "--max-new-tokens", "12", "1 2 3 1 2 3 1 2"]) == 0
+    assert capsys.readouterr().out == out
+    assert main(["generate", "--model", "preset:tiny", "--speculative", "ngram", "--temperature", "0.5",
+                 "1 2"]) == 2
+    assert "greedy only" in capsys.readouterr().err
