@@ -40,10 +40,10 @@ def prefill_chunk(model: ReferenceModel, tokens: list[int], start: int, cache: K
     positions = torch.arange(start, end, device=w.device)[None]                  # (1, T)
     cos, sin = rope_cos_sin(model.inv_freq, positions, w.dtype)
     bias = causal_lower_right(T, end)
-    x = F.embedding(ids, w.embed)
+    x = w.embedding(ids)        # packed weights (models/quant) are read through PackedWeights, as the reference does
     for layer in range(s.num_layers):
         h = rms_norm(x, w.attn_norm[layer], s.rms_norm_eps)
-        qkv = F.linear(h, w.w_qkv[layer], None if w.b_qkv is None else w.b_qkv[layer])
+        qkv = F.linear(h, w.matrix("w_qkv", layer), None if w.b_qkv is None else w.b_qkv[layer])
         q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
         q = q.view(1, T, s.num_heads, D).transpose(1, 2)
         k = k.view(1, T, s.num_kv_heads, D).transpose(1, 2)
@@ -57,11 +57,11 @@ def prefill_chunk(model: ReferenceModel, tokens: list[int], start: int, cache: K
         keys = cache.k[layer, slot:slot + 1, :, :end].repeat_interleave(G, dim=1)     # (1, nh, end, D)
         values = cache.v[layer, slot:slot + 1, :, :end].repeat_interleave(G, dim=1)
         att = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
-        x = x + F.linear(att.transpose(1, 2).reshape(1, T, s.q_size), w.w_o[layer])
+        x = x + F.linear(att.transpose(1, 2).reshape(1, T, s.q_size), w.matrix("w_o", layer))
         h = rms_norm(x, w.mlp_norm[layer], s.rms_norm_eps)
-        gu = F.linear(h, w.w_gu[layer])
-        x = x + F.linear(F.silu(gu[..., 0::2]) * gu[..., 1::2], w.w_down[layer])
+        gu = F.linear(h, w.matrix("w_gu", layer))
+        x = x + F.linear(F.silu(gu[..., 0::2]) * gu[..., 1::2], w.matrix("w_down", layer))
     if not last_logits:
         return None
     x = rms_norm(x[0, -1], w.final_norm, s.rms_norm_eps)
-    return F.linear(x, w.lm_head).float()
+    return F.linear(x, w.matrix("lm_head")).float()
