@@ -18,7 +18,8 @@ run (engine unavailable, out of memory, context beyond the model) is recorded as
 The `weights` axis (`--weights bf16,int8,int4,fp8`) loads each model once per weight format: "dense" (or the
 dtype's name) as stored, a --quantize format as its round-to-nearest twin. A row's bytes per step are those of
 the weights as loaded (PackedWeights.bytes_per_step: packed codes, scales and zeros exactly). Quantised rows run
-on the reference engine (weights kept packed); the megakernel and the baselines say why they do not yet.
+on the reference engine (weights kept packed), on the gpt-fast-style torch.compile baselines where they have a
+path, and int8 on the megakernel; the others say why they do not yet.
 """
 from __future__ import annotations
 

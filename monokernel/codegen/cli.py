@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="preset:NAME, a checkpoint directory or a .gguf file (default: the bundled model)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--max-seq", type=int, default=None, help="KV-cache length (default: min(max_position_embeddings, 4096))")
-    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="activations and KV cache")
+    p.add_argument("--weights", choices=["dense", "int8"], default="dense",
+                   help="the layers' matrices: dense (in --dtype) or int8 codes with a scale a row")
     p.add_argument("--arch", default=KERNEL_ARCH, help=f"the kernel is written for {KERNEL_ARCH} (Hopper) only")
     p.add_argument("--sm-count", type=int, default=132, help="blocks of the persistent grid (H100 SXM: 132)")
     p.add_argument("--tuning", default="", help="knobs written k=v,k=v (schedule/tuning.py), e.g. gemv_mma=1,kv_splits=4")
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--batch, --max-seq and --sm-count must be positive integers")
     spec = spec_for(args.model)
     max_seq = args.max_seq or min(spec.max_position_embeddings, 4096)
-    inputs = KernelInputs(spec, args.batch, max_seq, args.dtype, args.dtype,
+    inputs = KernelInputs(spec, args.batch, max_seq, args.dtype if args.weights == "dense" else args.weights, args.dtype,
                           GpuInfo(sm_count=args.sm_count, arch=args.arch))
     tuning = Tuning.parse(args.tuning)
     if args.emit_source:

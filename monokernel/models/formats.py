@@ -9,7 +9,8 @@ codes plus their scales, so a roofline never counts more bytes than a step must 
 Quantised rows (int8, int4 g32/64/128 sym/zp with fp16/bf16 scales, fp8 per channel and 128x128, and the GGUF
 types mapped onto them) carry everything the kernel's unpacking needs: code bits, offset, zero kind, group,
 block rows and scale type. Their in-memory layout (models/quant) is one per family; `ctype` stays None
-until the megakernel has a trait for the row, so KernelInputs refuses it by name.
+until the megakernel has a trait for the row, so KernelInputs refuses it by name. int8 (a scale a row) has
+one: the CUDA-core matrix-vector path reads its codes and scales the row's sum (templates/kernel/gemv.cuh).
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def _quantised() -> list[Format]:
     `-zp`: integer zero points, GPTQ/AWQ/compressed-tensors asymmetric) and scale type (fp16, the checkpoints'
     default; `-bf16`)."""
     rows = [
-        Format("int8", 8, torch.int8, None, 0, "fp32", source="--quantize int8 (absmax/127 a row), "
+        Format("int8", 8, torch.int8, "int8_t", 0, "fp32", source="--quantize int8 (absmax/127 a row), "
                "compressed-tensors W8A16 channel; fp32 scales hold any checkpoint's bf16/fp16 scale exactly"),
         Format("int8-g32", 8, torch.int8, None, 32, "fp16", source="GGUF Q8_0"),
         Format("int8-g16-fp32", 8, torch.int8, None, 16, "fp32", source="GGUF Q6_K (codes q-32, scale d*sc)"),

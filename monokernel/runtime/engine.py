@@ -119,8 +119,8 @@ class Engine:
              seed: int = 0, quiet: bool = False, weights: str | None = None) -> "Engine":
         """`model`: None (the default model), "preset:NAME" (random weights), a checkpoint dir or a .gguf file.
         `weights`: as models.load.load_model (None: the checkpoint's own storage, "dense", or a --quantize
-        format). None on a GPU with engine "auto"/"mega" loads dense, as the megakernel reads no packed format
-        yet (issue 18's kernel half); the reference engine computes from packed weights."""
+        format). None on a GPU with engine "auto"/"mega" loads dense, as the megakernel reads none of the
+        checkpoints' packed formats yet (int8 of --quantize only); the reference engine computes from packed weights."""
         from ..models.load import load_model, load_spec, resolve_model
 
         # everything that can be checked without the weights is, so a typo or a model too big costs no load
@@ -182,7 +182,7 @@ class Engine:
                 self._check_memory(batch, self.max_seq)
                 return (*self._build_decoder(batch, self.max_seq, "mega"), "mega")
             except (ImportError, MonokernelError) as e:
-                if self.requested == "mega" or isinstance(e, InsufficientMemory):
+                if self.requested == "mega":
                     raise _unavailable(e) from e
                 print(f"monokernel: batch {batch} runs on the reference engine: {str(e).splitlines()[0]}",
                       file=sys.stderr)
@@ -318,7 +318,8 @@ class Engine:
                              "concurrent request")
         sched = None
         try:
-            sched = self._scheduler_for(len(reqs), max(len(r.prompt_ids) for r in reqs) + reqs[0].params.max_new_tokens)
+            need = max(len(r.prompt_ids) for r in reqs) + reqs[0].params.max_new_tokens
+            sched = self._scheduler_for(len(reqs), need)
             for r in reqs:
                 sched.submit(r)
             yield from self._steps(sched, reqs)

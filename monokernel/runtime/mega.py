@@ -36,6 +36,21 @@ def kernel_plan(weights: PackedWeights, batch: int, max_seq: int, gpu: GpuInfo, 
     return plan_for(weights.spec, batch, max_seq, weights.format, weights.dtype, gpu, tuning, **knobs)
 
 
+def _weight_part(m, role: str) -> torch.Tensor | None:
+    """What the kernel reads of a PackedWeights matrix: a dense tensor itself, or a quantised one's codes
+    (role "weight") and scales (role "scale"); a dense matrix has no scales."""
+    if m is None or isinstance(m, torch.Tensor):
+        return m if role == "weight" else None
+    from ..models.quant import QuantTensor
+    if not isinstance(m, QuantTensor) or m.zeros is not None:
+        raise UnsupportedModelError(f"the megakernel reads dense or int8 matrices, not {type(m).__name__} "
+                                    f"({getattr(m, 'format', '')})")
+    part = m.codes if role == "weight" else m.scales
+    if not part.is_contiguous():
+        raise UnsupportedModelError("the megakernel reads contiguous codes and scales")
+    return part
+
+
 def step_error(words: list[int], epoch: int, plan: KernelPlan, timeout_s: float
                ) -> tuple[InputError | KernelRuntimeError, int | None]:
     """The exception for the error words (code, epoch, sequence, value) read after the host's step `epoch`,
@@ -62,6 +77,11 @@ class MegaDecoder:
         if not gpu.arch.startswith("sm_9"):
             raise UnsupportedModelError(f"the megakernel targets Hopper (sm_90); this GPU is {gpu.arch}")
         self.w, self.cache = weights, cache
+        for name in ("embed", "lm_head"):     # read as T* (abi.PARAMS): a gather and the LM head stay dense
+            m = getattr(weights, name)
+            if not isinstance(m, torch.Tensor) or m.dtype != weights.dtype:
+                raise UnsupportedModelError(f"the megakernel reads the {name} in {weights.dtype} only, not "
+                                            f"{getattr(m, 'format', getattr(m, 'dtype', m))}")
         if knobs:
             tuning = (tuning or Tuning()).replace(**knobs)
         fitted = fit_kernel(KernelInputs(weights.spec, cache.batch, cache.max_seq, weights.format, weights.dtype, gpu),
@@ -99,7 +119,10 @@ class MegaDecoder:
         for f in PARAMS:
             if f.role == "launch":
                 continue
-            t = getattr(self.w, f.name) if f.role == "weight" else tensors[f.name]
+            if f.role in ("weight", "scale"):
+                t = _weight_part(getattr(self.w, f.name.removesuffix("_scale")), f.role)
+            else:
+                t = tensors[f.name]
             ptrs[f.name] = 0 if t is None else t.data_ptr()
         self.timeout_s = timeout_s
         return params_struct()(**ptrs, profile=0, epoch=0, ids_i64=0, timeout_ns=int(timeout_s * 1e9))

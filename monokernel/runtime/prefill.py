@@ -4,6 +4,7 @@ Attention goes through F.scaled_dot_product_attention with a lower-right causal 
 starts at position p0 sees keys 0..p0+t), so no (T, S) fp32 score matrix is built by us: on CUDA the bias
 dispatches to the flash / memory-efficient kernels, on the CPU to the fused CPU flash kernel. Only the last
 position's hidden state goes through the LM head: a prompt of T tokens costs one (V,) row of logits, not (T, V).
+Quantised weights are read as the reference reads them (PackedWeights.matrix: dequantised for the matmul only).
 
 CHUNK bounds how long prefill holds up the running decodes: the scheduler prefills at most CHUNK positions per
 step (one long prompt's chunk, or several short prompts), then runs a decode step for the batch. On the CPU, 128

@@ -12,9 +12,9 @@ no notion of an empty row. Positions decide what attention reads, so a slot's ol
 request: its prefill overwrites every position the request will read.
 
 A step admits waiting requests into free slots, prefills at most one chunk of prompt positions (prefill.CHUNK,
-over one or several prompts: the bound on how long prefill stalls the running decodes), then one decode step. A free slot keeps the tokens
-its last request left cached; a new request whose prompt starts with them (the next turn of the same chat)
-takes that slot and prefills only the rest.
+over one or several prompts: the bound on how long prefill stalls the running decodes), then one decode step.
+A free slot keeps the tokens its last request left cached; a new request whose prompt starts with them (the next
+turn of the same chat) takes that slot and prefills only the rest.
 """
 from __future__ import annotations
 
@@ -186,10 +186,11 @@ class Scheduler:
         free = [s for s, r in enumerate(self.slots) if r is None]
         while self.waiting and free:
             r = self.waiting.popleft()
-            # the slot whose cached tokens share the longest prefix with the prompt; at least the prompt's last
-            # token is prefilled, for its logits
-            reuse, slot = max((min(_common_prefix(self.cached[s], r.prompt_ids), len(r.prompt_ids) - 1), s)
-                              for s in free)
+            # the slot whose cached tokens share the longest prefix with the prompt (at least the prompt's last
+            # token is prefilled, for its logits); among equals the one caching least, keeping longer
+            # conversations for their next turn
+            reuse, _, slot = max((min(_common_prefix(self.cached[s], r.prompt_ids), len(r.prompt_ids) - 1),
+                                  -len(self.cached[s]), s) for s in free)
             free.remove(slot)
             r.slot, r.prefilled, r.reused = slot, reuse, reuse
             self.slots[slot] = r

@@ -75,7 +75,8 @@ ERROR_WORDS = 4
 @dataclass(frozen=True)
 class Field:
     """One member of Params. ctype: "T" is the activation type, "WT" the weight storage type. role: `weight`
-    (a PackedWeights tensor of that name), `cache` (the KV cache's k or v), `buffer` (the decoder allocates it:
+    (a PackedWeights tensor of that name, the codes of a quantised one), `scale` (the scales of the quantised
+    weight named before "_scale"), `cache` (the KV cache's k or v), `buffer` (the decoder allocates it:
     `shape` over the dims of `dims()`, `init` empty or zeros; `sim`: the simulator keeps one too), `table`
     (filled by the decoder from the schedule or the spec), `launch` (set per launch)."""
     ctype: str
@@ -92,8 +93,8 @@ class Field:
 
 
 PARAMS: tuple[Field, ...] = (
-    Field("const WT*", "embed", "(V, H)", "weight"),
-    Field("const WT*", "lm_head", "(V, H)", "weight"),
+    Field("const T*", "embed", "(V, H)", "weight"),
+    Field("const T*", "lm_head", "(V, H)", "weight"),
     Field("const T*", "final_norm", "(H)", "weight"),
     Field("const T*", "attn_norm", "(L, H)", "weight"),
     Field("const T*", "mlp_norm", "(L, H)", "weight"),
@@ -104,6 +105,10 @@ PARAMS: tuple[Field, ...] = (
     Field("const WT*", "w_o", "(L, H, QSIZE)", "weight"),
     Field("const WT*", "w_gu", "(L, 2*ISIZE, H), gate/up rows interleaved", "weight"),
     Field("const WT*", "w_down", "(L, H, ISIZE)", "weight"),
+    Field("const float*", "w_qkv_scale", "(L, QKV) per-row scales of int8 weights, or null", "scale"),
+    Field("const float*", "w_o_scale", "(L, H) or null", "scale"),
+    Field("const float*", "w_gu_scale", "(L, 2*ISIZE) or null", "scale"),
+    Field("const float*", "w_down_scale", "(L, H) or null", "scale"),
     Field("T*", "k_cache", "(L, B, NKV, MAX_SEQ, D)", "cache"),
     Field("T*", "v_cache", "(L, B, NKV, MAX_SEQ, D)", "cache"),
     Field("T*", "x", "residual stream entering each layer; x[L] feeds the final norm", "buffer", "L+1, B, H", sim=True),

@@ -51,7 +51,7 @@ class Schedule:
         for b, q in enumerate(self.blocks):
             for t in q:
                 if t.op in GEMV_OPS:
-                    out[b, counter_of(t.op, t.layer, plan.spec.num_layers)] += t.rows * plan.gemv[t.op].cols * plan.inputs.wb
+                    out[b, counter_of(t.op, t.layer, plan.spec.num_layers)] += t.rows * plan.gemv[t.op].cols * plan.gemv[t.op].weight_bytes
         return out
 
 
@@ -89,7 +89,7 @@ def build_schedule(plan: KernelPlan) -> Schedule:
         for tile, r0 in enumerate(range(0, g.rows, g.tile_rows)):
             n = min(g.tile_rows, g.rows - r0)
             tasks.append(Task.gemv(op, layer, r0, n, tile, wait, counter_of(op, layer, L)))
-            cost.append(n * g.cols * plan.inputs.wb)
+            cost.append(n * g.cols * g.weight_bytes)
         if g.chain_only:
             assign(tasks, cost, range(chain))
         elif op == Op.GATEUP and helpers:
@@ -100,7 +100,7 @@ def build_schedule(plan: KernelPlan) -> Schedule:
             per = max(2, -(-left // len(helpers) // 2) * 2)
             rest = [Task.gemv(op, layer, r0, min(per, g.rows - r0), chain + i, wait, counter_of(op, layer, L))
                     for i, r0 in enumerate(range(chain * g.tile_rows, g.rows, per))]
-            assign(rest, [t.rows * g.cols * plan.inputs.wb for t in rest], helpers)
+            assign(rest, [t.rows * g.cols * g.weight_bytes for t in rest], helpers)
             return min(chain, len(tasks)) + len(rest)
         else:
             assign(tasks, cost)

@@ -34,14 +34,14 @@ class KernelInputs:
     def __post_init__(self):
         act = kernel_activation(self.activations)
         w = get_format(self.weights)
-        if w.quantised:
+        if w.quantised and not w.kernel:
             # the format table and the packed layout are ready (models/quant); the kernel's unpacking trait
-            # and tile layout are issue 18's kernel half
+            # and tile layout for this row are issue 18's kernel half (int8 has one)
             raise UnsupportedModelError(f"quantised weights ({w.name}) are not in the megakernel yet; "
                                         "use engine='reference'")
         if not w.kernel:
             raise UnsupportedModelError(f"the megakernel cannot read {w.name} weights; use dtype='bf16'")
-        if w.group_size or w != act:
+        if not w.quantised and w != act:
             # the matrix-vector templates read weights in the activation type so far: the storage type
             # `WT` beside `T` is where a quantised format's unpacking goes
             raise UnsupportedModelError(f"{w.name} weights with {act.name} activations are not supported yet; "
@@ -54,9 +54,11 @@ class KernelInputs:
             raise UnsupportedModelError(
                 f"max_seq={self.max_seq} must be in 1..max_position_embeddings={self.spec.max_position_embeddings}")
         s = self.spec
+        per_vector = 16 // self.wb       # weights of one 16-byte load
         for name, k in (("hidden_size", s.hidden_size), ("q_size", s.q_size), ("intermediate_size", s.intermediate_size)):
-            if k % 8:
-                raise UnsupportedModelError(f"{name}={k} must be a multiple of 8 for 16-byte weight loads")
+            if k % per_vector:
+                raise UnsupportedModelError(f"{name}={k} must be a multiple of {per_vector} for 16-byte loads of "
+                                            f"{w.name} weights")
         if s.group_size > MAX_GROUP:
             raise UnsupportedModelError(
                 f"{s.num_heads} query heads over {s.num_kv_heads} KV heads ({s.group_size} per KV head): the megakernel "
@@ -66,8 +68,19 @@ class KernelInputs:
 
     @property
     def wb(self) -> int:
-        """Bytes of one stored weight element."""
-        return self.weights.element_bytes
+        """Bytes of one stored weight element of the layers' matrices (a code, for int8)."""
+        return self.weights.bits // 8
+
+    def weight_bytes(self, op) -> int:
+        """Bytes a stored weight of `op`'s matrix: the LM head stays in the activation type (a quantised
+        checkpoint's too: models/quant/rtn.py)."""
+        from .tasks import Op
+        return self.ab if op == Op.LMHEAD else self.wb
+
+    @property
+    def scaled(self) -> bool:
+        """The layers' matrices are int8 codes with a scale a row."""
+        return self.weights.quantised
 
     @property
     def ab(self) -> int:

@@ -33,6 +33,8 @@ class GemvPlan:
     in_smem: bool = True
     seg_staged: bool = False
     chain_only: bool = False
+    weight_bytes: int = 2     # bytes of one stored weight (1: int8 codes)
+    scaled: bool = False      # int8 codes times a scale a row
 
     @property
     def tiles(self) -> int:
@@ -93,11 +95,12 @@ class Layout:
         return self.t.gemv_mma and self.t.seg_staging and not self.in_smem(op, cols)
 
     def _gemv(self, op: Op) -> GemvPlan:
-        s, t, wb = self.s, self.t, self.i.wb
+        s, t, wb = self.s, self.t, self.i.weight_bytes(op)
         rows, cols = op_matrix_shape(s, op)
         chain = self.chain_only(op)
         tile = -(-rows // (self.chain_blocks if chain else self.num_blocks))
-        extra = dict(in_smem=self.in_smem(op, cols), seg_staged=self.seg_staged(op, cols), chain_only=chain)
+        extra = dict(in_smem=self.in_smem(op, cols), seg_staged=self.seg_staged(op, cols), chain_only=chain,
+                     weight_bytes=wb, scaled=self.i.scaled and op != Op.LMHEAD)
         if t.gemv_mma:       # chunks are row groups x K segments; results reduce across warps per group
             tile += tile % 2
             return GemvPlan(rows, cols, tile, MMA_ROWS, 1, **extra)

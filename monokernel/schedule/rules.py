@@ -11,8 +11,9 @@ LOOKAHEAD_KB = 128    # perf note 23 (160 KB outran the helpers' issue rate)
 
 
 def rule_gemv_mma(i: KernelInputs, t: Tuning) -> bool:
-    # from batch 3: at batch 8 the CUDA-core path is compute-bound, 4x too slow
-    return i.batch > 2
+    # from batch 3: at batch 8 the CUDA-core path is compute-bound, 4x too slow; int8 codes have no
+    # tensor-core path yet (the mma's B fragments are 16-bit)
+    return i.batch > 2 and not i.scaled
 
 
 def rule_consumer_warps(i: KernelInputs, t: Tuning) -> int:

@@ -59,8 +59,10 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "running": sched.num_running, "waiting": sched.num_waiting,
-                "max_batch": sched.batch, "engine": sched.kind}
+        body = {"status": "ok" if loop.alive else "engine thread stopped", "model": model_name,
+                "running": sched.num_running, "waiting": sched.num_waiting, "max_batch": sched.batch,
+                "engine": sched.kind, "failed_steps": sched.stats.failures}
+        return JSONResponse(body, status_code=200 if loop.alive else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -93,7 +95,7 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
             raise APIError(400, f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
                            ) from None
 
-    async def start(request: Request, req, prompt=None, messages=None, logprobs=None, default_max=None):
+    async def start(req, prompt=None, messages=None, logprobs=None, default_max=None):
         """Validates, tokenizes and queues one request; returns (engine request, its event queue)."""
         if req.model != model_name:
             raise APIError(404, f"the model {req.model!r} does not exist: this server serves {model_name!r} "
@@ -139,7 +141,7 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
             raise _engine_error(out[-1].error)
         return out
 
-    async def stream(request: Request, r, events, render) -> AsyncIterator[str]:
+    async def stream(r, events, render) -> AsyncIterator[str]:
         done = False
         try:
             for chunk in render.head():
@@ -162,10 +164,10 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
     @v1.post("/completions")
     async def completions(request: Request):
         req = parse(CompletionRequest, await read_body(request))
-        r, events = await start(request, req, prompt=req.single_prompt(), logprobs=req.logprobs)
+        r, events = await start(req, prompt=req.single_prompt(), logprobs=req.logprobs)
         render = _Render(r, req, model_name, tok, chat=False)
         if req.stream:
-            return StreamingResponse(stream(request, r, events, render), media_type="text/event-stream")
+            return StreamingResponse(stream(r, events, render), media_type="text/event-stream")
         return render.full(await collect(request, r, events))
 
     @v1.post("/chat/completions")
@@ -175,11 +177,11 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
             req.max_tokens = req.max_completion_tokens
         messages = [m.as_template_message() for m in req.messages]
         # no max_tokens: whatever room the context leaves, as OpenAI and vLLM do for chat
-        r, events = await start(request, req, messages=messages, logprobs=req.wanted_logprobs,
+        r, events = await start(req, messages=messages, logprobs=req.wanted_logprobs,
                                 default_max=lambda room: room)
         render = _Render(r, req, model_name, tok, chat=True)
         if req.stream:
-            return StreamingResponse(stream(request, r, events, render), media_type="text/event-stream")
+            return StreamingResponse(stream(r, events, render), media_type="text/event-stream")
         return render.full(await collect(request, r, events))
 
     app.include_router(v1)

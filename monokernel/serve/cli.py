@@ -48,6 +48,7 @@ def run(args) -> int:
     if args.host not in LOOPBACK and args.api_key is None:
         print(f"monokernel: warning: serving on {args.host} without --api-key: anyone who can reach this port can "
               "use the model", file=sys.stderr)
+    print(f"monokernel: loading {args.model or 'the default model'}", file=sys.stderr, flush=True)
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, engine=args.engine, max_seq=args.max_seq,
                          weights=weights_argument(args))
     name = options.model_name or engine.name

@@ -43,6 +43,10 @@ class EngineLoop:
     def capacity(self) -> int:
         return self.scheduler.batch + self.max_queue
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def start(self) -> "EngineLoop":
         self._thread.start()
         return self

@@ -62,7 +62,8 @@ class _Request(BaseModel):
             value = getattr(self, name)
             if value != neutral and not (neutral is None and value == {}):
                 raise APIError(400, f"{name}={value!r} is not supported by this server (supported: {name}="
-                                    f"{neutral!r}); remove it from the request", param=name, code="unsupported_parameter")
+                                    f"{neutral!r}); remove it from the request", param=name,
+                               code="unsupported_parameter")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
 

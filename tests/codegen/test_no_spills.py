@@ -1,7 +1,7 @@
 """Every kernel the engine may build compiles for sm_90a without register spills, against the real cap of
 its block (schedule/registers.py), through fit_kernel as the engine builds it. CI compiles a representative
 set; MONOKERNEL_SPILL_SWEEP=1 pytest -m slow tests/codegen/test_no_spills.py compiles every preset and tiny
-spec at every batch 1-16 (128 kernels, about 10 minutes on 2 cores)."""
+spec at every batch 1-16, with bf16 and with int8 weights (256 kernels, about 25 minutes on 2 cores)."""
 from __future__ import annotations
 
 import os
@@ -28,9 +28,13 @@ SPECS = {**PRESETS, **{s.name: s for s in TINY_SPECS.values()},
          "d96": TINY_SPECS["llama"].with_(name="d96", hidden_size=3072, intermediate_size=4096, num_heads=32,
                                           num_kv_heads=8, head_dim=96, vocab_size=1000)}
 # the batches that spilled before (3, 5, 6, 7, 14, 15), the CUDA-core path (1) and the largest (16)
-REPRESENTATIVE = [(n, b) for n in PRESETS for b in (1, 3, 7, 16)] + \
-    [("qwen3-1536", 5), ("tiny-qwen3", 2), ("tiny-qwen3", 14), ("gqa16", 3), ("d256", 1), ("d96", 15)]
-EVERY = [(n, b) for n in list(PRESETS) + [s.name for s in TINY_SPECS.values()] for b in range(1, 17)]
+REPRESENTATIVE = [(n, b, "bf16") for n in PRESETS for b in (1, 3, 7, 16)] + \
+    [("qwen3-1536", 5, "bf16"), ("tiny-qwen3", 2, "bf16"), ("tiny-qwen3", 14, "bf16"), ("gqa16", 3, "bf16"),
+     ("d256", 1, "bf16"), ("d96", 15, "bf16"),
+     # int8 weights: the CUDA-core path at every batch, 16 codes a load
+     ("llama-3.1-8b", 1, "int8"), ("llama-3.2-1b", 8, "int8"), ("tiny-qwen3", 2, "int8")]
+EVERY = [(n, b, w) for n in list(PRESETS) + [s.name for s in TINY_SPECS.values()] for b in range(1, 17)
+         for w in ("bf16", "int8")]
 
 
 @pytest.fixture(autouse=True)
@@ -38,24 +42,24 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MONOKERNEL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
 
 
-def _fits(name: str, batch: int) -> None:
+def _fits(name: str, batch: int, weights: str) -> None:
     spec = SPECS[name]
-    k = fit_kernel(KernelInputs(spec, batch, min(spec.max_position_embeddings, 4096)))   # raises on a spill
+    k = fit_kernel(KernelInputs(spec, batch, min(spec.max_position_embeddings, 4096), weights, "bf16"))  # raises on a spill
     c = k.compiled
-    print(f"{name} b{batch}: {c.registers} of {k.register_cap} registers ({k.plan.threads} threads), headroom "
+    print(f"{name} b{batch} {weights}: {c.registers} of {k.register_cap} registers ({k.plan.threads} threads), headroom "
           f"{k.headroom}, stack {c.stack_bytes} B")
     assert c.spill_bytes == 0 and 0 < c.registers <= k.register_cap and c.stack_bytes <= 64
 
 
 @needs_nvcc
-@pytest.mark.parametrize("name,batch", REPRESENTATIVE, ids=[f"{n}-b{b}" for n, b in REPRESENTATIVE])
-def test_representative_kernels_fit(name, batch):
-    _fits(name, batch)
+@pytest.mark.parametrize("name,batch,weights", REPRESENTATIVE, ids=[f"{n}-b{b}-{w}" for n, b, w in REPRESENTATIVE])
+def test_representative_kernels_fit(name, batch, weights):
+    _fits(name, batch, weights)
 
 
 @needs_nvcc
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("MONOKERNEL_SPILL_SWEEP") != "1", reason="set MONOKERNEL_SPILL_SWEEP=1")
-@pytest.mark.parametrize("name,batch", EVERY, ids=[f"{n}-b{b}" for n, b in EVERY])
-def test_every_batch_fits(name, batch):
-    _fits(name, batch)
+@pytest.mark.parametrize("name,batch,weights", EVERY, ids=[f"{n}-b{b}-{w}" for n, b, w in EVERY])
+def test_every_batch_fits(name, batch, weights):
+    _fits(name, batch, weights)

@@ -132,3 +132,27 @@ def test_quantised(fmt, batch):
     expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
     torch.testing.assert_close(logits, expect, rtol=1e-4, atol=1e-4)
     assert torch.equal(out, expect.argmax(-1))
+
+
+@pytest.mark.parametrize("name", list(TINY_SPECS))
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_int8_plan(name, batch):
+    """The plan the megakernel builds for int8 weights (1-byte rows: other chunks, tiles and task costs; the
+    CUDA-core path at every batch) simulates to the reference on the same packed weights."""
+    spec = TINY_SPECS[name]
+    gen = torch.Generator().manual_seed(batch)
+    w = quantised_weights(spec, "int8", seed=batch)
+    ref = ReferenceModel(w)
+    lengths = [int(x) for x in torch.randint(1, MAX_SEQ - 4, (batch,), generator=gen)]
+    c_ref, c_sim = prefilled(ref, batch, MAX_SEQ, lengths, gen)
+    plan = plan_for(spec, batch, MAX_SEQ, "int8", "bf16", gpu=GpuInfo(sm_count=7), min_kv_chunk=4)
+    assert not plan.tuning.gemv_mma and plan.gemv[Op.QKV].weight_bytes == 1 and plan.gemv[Op.LMHEAD].weight_bytes == 2
+    assert plan.gemv[Op.QKV].scaled and not plan.gemv[Op.LMHEAD].scaled
+    sim = Simulator(build_schedule(plan), w)
+    tok, pos = torch.randint(0, spec.vocab_size, (batch,), generator=gen), torch.tensor(lengths)
+    rng = random.Random(batch)
+    for _ in range(2):
+        out, logits = sim.step(tok, pos, c_sim, rng)
+        expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
+        torch.testing.assert_close(logits, expect, rtol=1e-4, atol=1e-4)
+        tok, pos = out, pos + 1

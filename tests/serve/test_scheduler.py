@@ -109,6 +109,16 @@ def test_prefix_reuse(engine):
     assert second.token_ids == fresh[0].token_ids
 
 
+def test_unrelated_request_spares_longer_cache(engine):
+    """A request that matches no slot takes the one caching least, so a longer conversation keeps its K/V."""
+    sched = Scheduler(engine, 2)
+    long_turn, short_turn = sched.generate([PROMPTS[2], PROMPTS[1]], SamplingParams(max_new_tokens=4))
+    sched.generate([[50, 51, 52]], SamplingParams(max_new_tokens=2))
+    before = sched.stats.prefill_tokens
+    sched.generate([PROMPTS[2] + long_turn.token_ids + [9]], SamplingParams(max_new_tokens=2))
+    assert sched.stats.prefill_tokens - before == 2
+
+
 def test_abort_frees_slot(engine):
     sched = Scheduler(engine, 1)
     rid = sched.add_request(PROMPTS[0], SamplingParams(max_new_tokens=50))
@@ -162,13 +172,15 @@ def test_logprobs(engine):
     events = []
     while sched.has_work:
         events += sched.step()
+    assert [ev.request_id for ev in events] == [rid] * 3
     for ev in events:
         assert len(ev.top_logprobs) == 4 and ev.top_logprobs[0][1] >= ev.logprob - 1e-6 and ev.logprob <= 0
         assert ev.top_logprobs[0][0] == ev.token_id   # greedy: the most likely token
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(prompt=[i % 60 for i in range(90)], params=SamplingParams(max_new_tokens=10)), "90 tokens and max_new_tokens=10.*96"),
+    (dict(prompt=[i % 60 for i in range(90)], params=SamplingParams(max_new_tokens=10)),
+     "90 tokens and max_new_tokens=10.*96"),
     (dict(prompt=list(range(60)) * 2), "120 tokens but the context holds 96"),
     (dict(prompt=[1, 99]), "token id 99, outside the vocabulary 0..60"),
     (dict(prompt=[]), "non-empty"),

@@ -9,12 +9,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import openai
 import pytest
 
 from monokernel.serve.server import ServeOptions, ServerThread
 
 from servehelp import SERVE_MAX_SEQ, Faults, load_default_engine
+
+openai = pytest.importorskip("openai")   # the test extra; absent on a bare GPU machine
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are",
            "Water boils at", "My favourite food is", "In 1969, the first", "The quick brown fox"]
@@ -185,12 +186,12 @@ def test_late_request_overtakes(client, model):
                 if len(times[name]) == 3:
                     started.set()
 
-    long = threading.Thread(target=stream, args=("long", 40))
+    long = threading.Thread(target=stream, args=("long", 30))
     long.start()
     assert started.wait(60)
     stream("short", 3)
     long.join(120)
-    assert len(times["long"]) >= 35 and len(times["short"]) >= 2
+    assert len(times["long"]) >= 25 and len(times["short"]) >= 2
     assert times["short"][0] < times["long"][-1] and times["short"][-1] < times["long"][-1]
 
 
@@ -336,6 +337,8 @@ def test_engine_fault(server, client, model, faults, engine):
     with pytest.raises(openai.InternalServerError, match="injected fault"):
         client.completions.create(model=model, prompt=PROMPTS[4], max_tokens=6, temperature=0)
     assert not faults.armed
+    health = httpx.get(server.url + "/health")
+    assert health.status_code == 200 and health.json()["failed_steps"] >= 1
     r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=8, temperature=0)
     assert r.choices[0].text == engine.generate(PROMPTS[0], max_new_tokens=8)[0].text
     faults.armed = True   # streamed: the 200 is sent already, so the error comes as the last event

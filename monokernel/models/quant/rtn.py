@@ -27,7 +27,7 @@ def _scale(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     instead of dividing by zero (a scale that underflowed to 0 in fp16)."""
     s = x.clamp(min=torch.finfo(dtype).tiny).to(dtype)
     low = s.float() < x
-    return torch.where(low, torch.nextafter(s, torch.tensor(float("inf"), dtype=dtype)), s)
+    return torch.where(low, torch.nextafter(s, torch.full_like(s, float("inf"))), s)   # on the weights' device
 
 
 def quantize(w: torch.Tensor, fmt: str | Format) -> QuantTensor:

@@ -14,11 +14,13 @@ namespace mk {
 template <int OP>
 __device__ bool gemv_task(const Params& p, const Task& t, const T* in, RingReader& rd, float* res) {
   constexpr int K = Gemv<OP>::K, CR = Gemv<OP>::CR, WPR = Gemv<OP>::WPR, FC = Gemv<OP>::FC;
-  constexpr int KV8 = K / 8;                       // 16-byte vectors per row
+  constexpr int EPV = 16 / Gemv<OP>::WB;           // weights per 16-byte vector: 8 of 16 bits, 16 int8 codes
+  constexpr int KV8 = K / EPV;                     // 16-byte vectors per row
   constexpr int SEG = (KV8 + WPR - 1) / WPR;       // vectors per K-segment
   constexpr int RR = CR * FC;                      // rows whose results one epilogue writes
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float pre = preload_residual<OP, RR>(p, t);
+  const float2 pre_scale = preload_scales<OP, RR>(p, t);
   for (int f0 = 0; f0 < t.arg1; f0 += RR) {
     const int fr = min(RR, t.arg1 - f0);
     // No block barrier per chunk: each warp takes its units of a slot as soon as the slot is full and
@@ -38,8 +40,11 @@ __device__ bool gemv_task(const Params& p, const Task& t, const T* in, RingReade
         for (int v = seg * SEG + lane; v < end; v += 32) {
           const uint4 wv = wr[v];
 #pragma unroll
-          for (int b = 0; b < B; ++b)
-            acc[b] = dot8(wv, ld_in<OP>(in + (size_t)b * Gemv<OP>::IN_STRIDE + v * 8), acc[b]);
+          for (int b = 0; b < B; ++b) {
+            const T* x = in + (size_t)b * Gemv<OP>::IN_STRIDE + v * EPV;
+            if constexpr (Gemv<OP>::WB == 1) acc[b] = dot16_i8(wv, ld_in<OP>(x), ld_in<OP>(x + 8), acc[b]);
+            else acc[b] = dot8(wv, ld_in<OP>(x), acc[b]);
+          }
         }
 #pragma unroll
         for (int b = 0; b < B; ++b) {
@@ -60,6 +65,11 @@ __device__ bool gemv_task(const Params& p, const Task& t, const T* in, RingReade
           g += res[(s * RR + 2 * pr) * B + b];
           up += res[(s * RR + 2 * pr + 1) * B + b];
         }
+        if constexpr (Gemv<OP>::SCALED) {
+          const float2 sc = scales_at<OP>(p, t, f0, 2 * pr, i, pre_scale);
+          g *= sc.x;
+          up *= sc.y;
+        }
         gateup_epilogue(p, t, t.arg0 + f0 + 2 * pr, b, g, up);
       }
     } else {
@@ -68,6 +78,7 @@ __device__ bool gemv_task(const Params& p, const Task& t, const T* in, RingReade
         float v = 0.f;
 #pragma unroll
         for (int s = 0; s < WPR; ++s) v += res[(s * RR + row) * B + b];
+        if constexpr (Gemv<OP>::SCALED) v *= scales_at<OP>(p, t, f0, row, i, pre_scale).x;
         epilogue<OP>(p, t, t.arg0 + f0 + row, b, v, residual_at<OP>(p, t, f0, i, pre));
       }
     }

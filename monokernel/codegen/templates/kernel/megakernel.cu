@@ -28,16 +28,16 @@ __device__ __forceinline__ void gemv_shape(int& chunk_rows, int& mma_pass) {
 // the op's chunking: rows per chunk and rows per pass over K on the tensor-core path.
 __device__ __forceinline__ const unsigned char* weight_rows(const Params& p, const Task& t, uint32_t& row_bytes,
                                                             int& chunk_rows, int& mma_pass) {
-  const T* base;
+  const void* base;
   int k;
   switch (t.op) {
-    case OP_QKV: base = p.w_qkv + (size_t)t.layer * QKV * H; k = H; gemv_shape<OP_QKV>(chunk_rows, mma_pass); break;
-    case OP_OPROJ: base = p.w_o + (size_t)t.layer * H * QSIZE; k = QSIZE; gemv_shape<OP_OPROJ>(chunk_rows, mma_pass); break;
-    case OP_GATEUP: base = p.w_gu + (size_t)t.layer * 2 * ISIZE * H; k = H; gemv_shape<OP_GATEUP>(chunk_rows, mma_pass); break;
-    case OP_DOWN: base = p.w_down + (size_t)t.layer * H * ISIZE; k = ISIZE; gemv_shape<OP_DOWN>(chunk_rows, mma_pass); break;
-    default: base = p.lm_head; k = H; gemv_shape<OP_LMHEAD>(chunk_rows, mma_pass); break;
+    case OP_QKV: base = p.w_qkv + (size_t)t.layer * QKV * H; k = H * Gemv<OP_QKV>::WB; gemv_shape<OP_QKV>(chunk_rows, mma_pass); break;
+    case OP_OPROJ: base = p.w_o + (size_t)t.layer * H * QSIZE; k = QSIZE * Gemv<OP_OPROJ>::WB; gemv_shape<OP_OPROJ>(chunk_rows, mma_pass); break;
+    case OP_GATEUP: base = p.w_gu + (size_t)t.layer * 2 * ISIZE * H; k = H * Gemv<OP_GATEUP>::WB; gemv_shape<OP_GATEUP>(chunk_rows, mma_pass); break;
+    case OP_DOWN: base = p.w_down + (size_t)t.layer * H * ISIZE; k = ISIZE * Gemv<OP_DOWN>::WB; gemv_shape<OP_DOWN>(chunk_rows, mma_pass); break;
+    default: base = p.lm_head; k = H * Gemv<OP_LMHEAD>::WB; gemv_shape<OP_LMHEAD>(chunk_rows, mma_pass); break;
   }
-  row_bytes = k * sizeof(T);
+  row_bytes = k;
   return reinterpret_cast<const unsigned char*>(base) + (size_t)t.arg0 * row_bytes;
 }
 
@@ -94,7 +94,7 @@ __device__ void producer(const Params& p, int t0, int t1, RingWriter& rw) {
 // Pieces taken tiles round-robin: if the issue runs late, every tile has its first pieces.
 __device__ __forceinline__ void l2_lookahead(const Params& p, const Task& t) {
   using GU = Gemv<OP_GATEUP>;
-  constexpr size_t RB = H * sizeof(T);
+  constexpr size_t RB = H * Gemv<OP_GATEUP>::WB;
   constexpr int PIECE = PREFETCH_PIECE, PIECES = (LOOKAHEAD_ROWS * RB + PIECE - 1) / PIECE;
   const unsigned char* w = reinterpret_cast<const unsigned char*>(p.w_gu + (size_t)t.layer * GU::ROWS * H);
   for (int i = threadIdx.x; i < PIECES * t.arg1; i += NCT) {

@@ -24,6 +24,34 @@ template <> __device__ __forceinline__ float2 pair_as_f2<__half>(uint32_t u) {
 }
 __device__ __forceinline__ float2 pair_to_f2(uint32_t u) { return pair_as_f2<T>(u); }
 
+// Four int8 codes of a word, each exactly as a float, without I2F (a quarter-rate conversion that bounded
+// the batch-1 step, perf note 29): code + 128 as the low mantissa byte of 2^23 (one byte permute), then one
+// subtraction of 2^23 + 128. codes_as_floats in tests/codegen/test_int8_unpack.py emulates it bit for bit.
+__device__ __forceinline__ void i8x4_to_f(uint32_t w, float* f) {
+  constexpr float OFFSET = 8388736.f;              // 2^23 + 128
+  const uint32_t u = w ^ 0x80808080u;              // each byte: code + 128, 0..255
+  f[0] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440)) - OFFSET;
+  f[1] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7441)) - OFFSET;
+  f[2] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7442)) - OFFSET;
+  f[3] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7443)) - OFFSET;
+}
+
+// Dot product of 16 int8 weight codes (one 16-byte vector) with 16 inputs (two vectors of 8), in fp32; the
+// row's scale multiplies the sum later (int8 weight-only: w = scale * code, exact in fp32).
+__device__ __forceinline__ float dot16_i8(const uint4& w, const uint4& x0, const uint4& x1, float acc) {
+  const uint32_t wv[4] = {w.x, w.y, w.z, w.w};
+  const uint32_t xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    float c[4];
+    i8x4_to_f(wv[q], c);
+    const float2 a = pair_to_f2(xv[2 * q]), b = pair_to_f2(xv[2 * q + 1]);
+    acc = fmaf(c[0], a.x, acc); acc = fmaf(c[1], a.y, acc);
+    acc = fmaf(c[2], b.x, acc); acc = fmaf(c[3], b.y, acc);
+  }
+  return acc;
+}
+
 // Dot product of 8 weights with 8 inputs (each a 16-byte vector), accumulated in fp32.
 __device__ __forceinline__ float dot8(const uint4& w, const uint4& x, float acc) {
   float2 a = pair_to_f2(w.x), b = pair_to_f2(x.x);
