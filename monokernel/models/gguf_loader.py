@@ -43,6 +43,11 @@ def load_gguf_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16, 
     reader, tensors = _open(path)
     spec = _spec_from_metadata(reader, tensors, name=path.stem)
     hf_to_gguf = _hf_names(spec, tensors)
+    # a corrupt block_count would size the layer stacks before a missing tensor is noticed (2M layers: 25 GB)
+    layers = {int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if layers != set(range(spec.num_layers)):
+        raise CheckpointError(f"GGUF llama.block_count={spec.num_layers} but the file holds the tensors of "
+                              f"{len(layers)} layers; the file is corrupt or incomplete")
     notices: set[str] = set()
 
     def get(name: str) -> torch.Tensor:

@@ -119,8 +119,8 @@ class Engine:
              seed: int = 0, quiet: bool = False, weights: str | None = None) -> "Engine":
         """`model`: None (the default model), "preset:NAME" (random weights), a checkpoint dir or a .gguf file.
         `weights`: as models.load.load_model (None: the checkpoint's own storage, "dense", or a --quantize
-        format). None on a GPU with engine "auto"/"mega" loads dense, as the megakernel reads no packed format
-        yet (issue 18's kernel half); the reference engine computes from packed weights."""
+        format). None on a GPU with engine "auto"/"mega" loads dense, as the megakernel reads none of the
+        checkpoints' packed formats yet (int8 of --quantize only); the reference engine computes from packed weights."""
         from ..models.load import load_model, load_spec, resolve_model
 
         # everything that can be checked without the weights is, so a typo or a model too big costs no load

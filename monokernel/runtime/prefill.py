@@ -41,7 +41,7 @@ def prefill_chunk(model: ReferenceModel, tokens: list[int], start: int, cache: K
     positions = torch.arange(start, end, device=w.device)[None]                  # (1, T)
     cos, sin = rope_cos_sin(model.inv_freq, positions, w.dtype)
     bias = causal_lower_right(T, end)
-    x = w.embedding(ids)
+    x = w.embedding(ids)        # packed weights (models/quant) are read through PackedWeights, as the reference does
     for layer in range(s.num_layers):
         h = rms_norm(x, w.attn_norm[layer], s.rms_norm_eps)
         qkv = F.linear(h, w.matrix("w_qkv", layer), None if w.b_qkv is None else w.b_qkv[layer])

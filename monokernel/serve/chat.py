@@ -26,13 +26,15 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from ..cli import weights_argument
     from ..runtime.engine import Engine
     from ..runtime.sampling import SamplingParams
     from ..runtime.scheduler import Scheduler
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_new_tokens=args.max_new_tokens)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, engine=args.engine, max_seq=args.max_seq)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, engine=args.engine, max_seq=args.max_seq,
+                         weights=weights_argument(args))
     if engine.tokenizer is None or not engine.tokenizer.chat_template:
         raise InputError(f"model {engine.name!r} has no chat template; use `monokernel generate` for plain prompts")
     sched = Scheduler(engine, 1)

@@ -34,6 +34,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from ..cli import weights_argument
     from ..runtime.engine import Engine
     from .server import ServeOptions, serve
 
@@ -48,7 +49,8 @@ def run(args) -> int:
         print(f"monokernel: warning: serving on {args.host} without --api-key: anyone who can reach this port can "
               "use the model", file=sys.stderr)
     print(f"monokernel: loading {args.model or 'the default model'}", file=sys.stderr, flush=True)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, engine=args.engine, max_seq=args.max_seq)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, engine=args.engine, max_seq=args.max_seq,
+                         weights=weights_argument(args))
     name = options.model_name or engine.name
     print(f"monokernel: serving {name!r} ({engine.engine} engine, {args.max_batch} slots of {engine.max_seq} "
           f"positions) on http://{args.host}:{args.port}/v1 - Ctrl-C stops", file=sys.stderr, flush=True)

@@ -162,13 +162,15 @@ def test_operations_commute_with_dequantize():
 
 def test_format_errors():
     """Format names: --quantize takes only what round-to-nearest makes; the megakernel refuses every quantised
-    format by name and points at the reference engine; --dtype refuses weight formats."""
+    format it has no trait for by name and points at the reference engine."""
     assert quantize_format("int4").name == "int4-g128" and quantize_format("INT4-G64").name == "int4-g64"
     assert {"int8", "int4", "int4-g64", "fp8"} <= set(quantize_choices())
     for bad in ("int4-g32-min", "int8-g32", "bf16", "int3"):
         with pytest.raises(InputError, match=f"quantize={bad!r} is not a format round-to-nearest can produce"):
             quantize_format(bad)
-    for name in QUANTISED:
+    assert FORMATS["int8"].kernel                       # the first format with a kernel trait (templates' gemv)
+    KernelInputs(preset("llama-3.2-1b"), 1, 4096, "int8", "bf16")
+    for name in (n for n in QUANTISED if not FORMATS[n].kernel):
         with pytest.raises(UnsupportedModelError, match=rf"quantised weights \({name}\) are not in the megakernel "
                                                          r"yet; use engine='reference'"):
             KernelInputs(preset("llama-3.2-1b"), 1, 4096, name, "bf16")

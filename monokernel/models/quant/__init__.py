@@ -16,8 +16,10 @@ channels, K = the reduction axis, row-major as the dense matrices):
   w[r, k] = s * (c - code_offset)            zero=None
           = s * (c - z)                      zero="int"
           = s * c + m                        zero="min"
-  with s = scales[r // block_rows, k // group_size], z and m of group k // group_size, computed in fp32 (every
-  product of a code and a scale here is exact in fp32), then rounded once to the activation dtype.
+  with s = scales[r // block_rows, k // group_size], z and m of group k // group_size, computed in fp32 in this
+  order, then rounded to the activation dtype. For every checkpoint format (fp16/bf16 scales, GGUF's) each step
+  is exact in fp32, so any order (an FMA too) gives the same bits and the only rounding is the last; an fp32
+  scale of our own (--quantize int8/fp8) makes the product one fp32 rounding, which a kernel must do the same.
 
 Every checkpoint format is converted to this layout at load losslessly (the tests compare `dequantize` of the
 converted tensor with the checkpoint's own published formula, bitwise); the kernel's tile layout will be made

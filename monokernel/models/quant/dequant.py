@@ -20,8 +20,8 @@ def _unpack_float(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def dequantize(qt: QuantTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The dense matrix (*S, R, K) in `dtype`: computed in fp32 in the formula's order, rounded once. A RowStack
-    dequantises each part in its own format."""
+    """The dense matrix (*S, R, K) in `dtype`: computed in fp32 in the formula's order (models/quant/__init__.py),
+    then rounded to `dtype`. A RowStack dequantises each part in its own format."""
     if isinstance(qt, RowStack):
         return torch.cat([p.to(dtype) if isinstance(p, torch.Tensor) else dequantize(p, dtype) for p in qt.parts])
     f = qt.format
