@@ -113,20 +113,21 @@ def _add_weight_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, metavar="FORMAT",
                    help="quantise a dense checkpoint or preset round-to-nearest: int8, int4 (= int4-g128), int4-g64, "
                         "fp8, or any int4-gG[-zp][-bf16] / fp8-b128 (the LM head and embedding stay dense)")
-    p.add_argument("--dequantize", action="store_true",
-                   help="dequantise a quantised checkpoint (GGUF, GPTQ, AWQ, compressed-tensors) to --dtype at load "
-                        "instead of keeping it packed")
+    p.add_argument("--packed", action="store_true",
+                   help="keep a quantised checkpoint (GGUF, GPTQ, AWQ, compressed-tensors) packed in memory, dequantised "
+                        "a matmul at a time (reference engine), instead of dense in --dtype at load: less memory, "
+                        "slower tokens (the default model on a CPU: 5.6x less memory, 3.5x the time a token)")
 
 
 def weights_argument(args) -> str | None:
-    """--quantize / --dequantize as the `weights` argument of Engine.load and load_model."""
-    if args.quantize and args.dequantize:
-        raise InputError("--quantize and --dequantize exclude each other: one stores the weights quantised, "
-                         "the other dense")
+    """--quantize / --packed as the `weights` argument of Engine.load and load_model."""
+    if args.quantize and args.packed:
+        raise InputError("--quantize and --packed exclude each other: one quantises dense weights, the other keeps "
+                         "a quantised checkpoint as stored")
     if args.quantize:
         from .models.formats import quantize_format
         return quantize_format(args.quantize).name
-    return "dense" if args.dequantize else None
+    return "packed" if args.packed else None
 
 
 # ---- generate ----------------------------------------------------------------------------------

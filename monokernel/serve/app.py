@@ -126,11 +126,17 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
 
     async def collect(request: Request, r, events) -> list[RequestEvent]:
         out: list[RequestEvent] = []
+        checked = time.monotonic()
         try:
             while not (out and out[-1].finished):
                 try:
                     out.append(await asyncio.wait_for(events.get(), DISCONNECT_POLL_S))
                 except asyncio.TimeoutError:
+                    pass
+                # every poll interval, also while tokens arrive faster than it (a GPU, or a dense model on a
+                # CPU, never leaves the queue empty that long)
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         loop.abort(r.id)
                         return out

@@ -90,7 +90,7 @@ def test_preset_8b_too_big_for_cpu(capsys, monkeypatch, no_load):
     (["--stop", "x"], "--stop needs a tokenizer"),
     (["--engine", "reference", "--dtype", "int3"], "int3"),
     (["--quantize", "int5"], r"--quantize int5 is not a format round-to-nearest can produce; use one of int4, int8"),
-    (["--quantize", "int8", "--dequantize"], "--quantize and --dequantize exclude each other"),
+    (["--quantize", "int8", "--packed"], "--quantize and --packed exclude each other"),
     (["--dtype", "int8"], r"--dtype int8 is a weight format, not an activation type: quantise with weights='int8' \(the CLI's --quantize int8\)"),
 ])
 def test_bad_flags_before_load(capsys, tiny_preset, no_load, argv, message):
