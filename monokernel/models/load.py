@@ -109,11 +109,12 @@ def load_model(model: str | Path | ModelSource | None = None, *, dtype: torch.dt
                device: torch.device | str = "cpu", seed: int = 0, weights: str | None = None) -> LoadedModel:
     """Spec, packed weights and tokenizer; a preset gets seeded random weights and no tokenizer.
 
-    `weights`: None keeps the checkpoint's own storage (a GGUF's or GPTQ/AWQ/compressed-tensors checkpoint's
-    quantised matrices stay packed, a bf16 checkpoint stays dense); "dense" dequantises everything to `dtype`
+    `weights`: None (or "packed") keeps the checkpoint's own storage (a GGUF's or GPTQ/AWQ/compressed-tensors
+    checkpoint's quantised matrices stay packed, a bf16 checkpoint stays dense); "dense" dequantises everything to `dtype`
     at load; a --quantize format (int8, int4, int4-g64, fp8, ...) quantises a dense checkpoint or preset
     round-to-nearest (models/quant/rtn.py)."""
     src = resolve_model(model)
+    weights = None if weights == "packed" else weights
     fmt = None if weights in (None, "dense") else quantize_format(weights)
     if src.kind == "preset":
         spec = PRESETS[src.preset]
