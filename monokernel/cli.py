@@ -293,7 +293,7 @@ def _model_rows(model: str | None, weights: str | None = None) -> list[tuple[str
             ("rope", f"theta {s.rope_theta:g}" + (f", llama3 scaling x{s.rope_scaling.factor:g}" if s.rope_scaling else "")),
             ("tied embeddings / qkv bias / qk norm", f"{s.tie_word_embeddings} / {s.qkv_bias} / {s.qk_norm}"),
             ("weight bytes per step (bf16)", f"{s.weight_bytes_per_step('bf16') / 1e6:.1f} MB")]
-    if weights not in (None, "dense"):
+    if weights not in (None, "dense", "packed"):
         rows.append((f"weight bytes per step ({weights})", f"{s.weight_bytes_per_step(weights) / 1e6:.1f} MB"))
     if storage:
         rows += [("weight storage", storage[0]), ("weights in memory", storage[1]),

