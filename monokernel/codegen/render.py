@@ -8,6 +8,7 @@ from importlib import resources
 
 import jinja2
 
+from ..models.formats import FORMATS
 from ..schedule.abi import ERRORS, KERNEL_NAME, OP_TABLE, PARAMS, PROFILE_STAMPS
 from ..schedule.layout import MMA_ROWS
 from ..schedule.plan import KernelPlan
@@ -30,7 +31,8 @@ def render_source(plan: KernelPlan) -> str:
     header = env.from_string(_template("config.cuh.j2")).render(
         model=s.name, batch=plan.batch, dtype=i.activations.name, arch=plan.gpu.arch,
         ctype=i.activations.ctype, wtype=i.weights.ctype,
-        stype={"fp16": "__half", "bf16": "__nv_bfloat16"}.get(i.weights.scale_format, "float"),
+        # the scales' C++ type from the format table; fp32 (which the kernel reads only as scales) is float
+        stype=(FORMATS[i.weights.scale_format].ctype if i.weights.scale_format else None) or "float",
         hidden=s.hidden_size, q_size=s.q_size, kv_size=s.kv_size, qkv_size=s.qkv_size,
         inter=s.intermediate_size, vocab=s.vocab_size, layers=s.num_layers, heads=s.num_heads,
         kv_heads=s.num_kv_heads, head_dim=s.head_dim, max_seq=plan.max_seq, kv_splits=a.splits, min_kv_chunk=a.min_chunk,

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UnsupportedModelError
-from ..models.formats import Format, get_format, kernel_activation
+from ..models.formats import FORMATS, Format, get_format, kernel_activation
 from ..models.spec import ModelSpec
 
 MAX_BATCH = 16
-FORMATS_SCALE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 # Query heads per KV head: the CUDA-core attention walk (past the tensor cores' 8) keeps per-lane state for
 # each, and 32 spill hundreds of bytes even with 255 registers a thread (perf note 28); 16 fit.
 MAX_GROUP = 16
@@ -91,17 +90,12 @@ class KernelInputs:
         if op == Op.LMHEAD or not self.grouped:
             return 0
         groups = op_matrix_shape(self.spec, op)[1] // self.weights.group_size
-        size = FORMATS_SCALE_BYTES[self.weights.scale_format]
+        size = FORMATS[self.weights.scale_format].element_bytes
         return -(-groups * size // 16) * 16
 
     def row_bytes(self, op) -> int:
         """Bytes one row of `op` takes in the ring: its codes and, for int4, its scales."""
         return self.code_row_bytes(op) + self.scale_row_bytes(op)
-
-    def weight_bytes(self, op) -> int:
-        """Bytes a stored weight where whole bytes (the LM head, bf16 and int8 matrices); 0 for int4 codes."""
-        from .tasks import Op
-        return self.ab if op == Op.LMHEAD else self.wb
 
     @property
     def scaled(self) -> bool:

@@ -33,7 +33,6 @@ class GemvPlan:
     in_smem: bool = True
     seg_staged: bool = False
     chain_only: bool = False
-    weight_bytes: int = 2     # bytes of one stored weight (1: int8 codes; 0: int4, two a byte)
     scaled: bool = False      # int8 codes times a scale a row
     code_bits: int = 16       # bits of one stored weight
     code_row_bytes: int = 0   # bytes of one row's codes
@@ -105,7 +104,7 @@ class Layout:
         tile = -(-rows // (self.chain_blocks if chain else self.num_blocks))
         dense = op == Op.LMHEAD or not i.weights.quantised
         extra = dict(in_smem=self.in_smem(op, cols), seg_staged=self.seg_staged(op, cols), chain_only=chain,
-                     weight_bytes=i.weight_bytes(op), scaled=i.scaled and op != Op.LMHEAD,
+                     scaled=i.scaled and op != Op.LMHEAD,
                      code_bits=8 * i.ab if dense else i.weights.bits, code_row_bytes=i.code_row_bytes(op),
                      scale_row_bytes=i.scale_row_bytes(op), group=0 if dense else i.weights.group_size)
         if t.gemv_mma:       # chunks are row groups x K segments; results reduce across warps per group

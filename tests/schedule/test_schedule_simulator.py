@@ -118,20 +118,30 @@ def test_quantised(fmt, batch):
     """The simulated schedule of a quantised tiny model (every weight format, each on one architecture) matches
     the reference engine on the same packed weights: each task dequantises its own row tile, the reference whole
     matrices. int8-g32 also packs the tied embedding / LM head, as the default GGUF does."""
-    name = QUANT_CASES[fmt]
-    spec = TINY_SPECS[name]
+    spec = TINY_SPECS[QUANT_CASES[fmt]]
+    plan = plan_for(spec, batch, MAX_SEQ, gpu=GpuInfo(sm_count=7), min_kv_chunk=4)
+    # one step: the KV appends across steps are the dense test's (test_matches_reference); the weights are this one's
+    _packed_matches_reference(quantised_weights(spec, fmt, head=fmt == "int8-g32"), plan, batch, steps=1, argmax=True)
+
+
+def _packed_matches_reference(w, plan, batch: int, steps: int, argmax: bool = False) -> None:
+    """The plan's schedule, simulated on packed weights `w`, against the reference on the same weights over
+    `steps` decode steps from random prompts (the logits, and where `argmax`, the greedy tokens)."""
+    spec = w.spec
     gen = torch.Generator().manual_seed(batch)
-    w = quantised_weights(spec, fmt, head=fmt == "int8-g32")
     ref = ReferenceModel(w)
     lengths = [int(x) for x in torch.randint(1, MAX_SEQ - 4, (batch,), generator=gen)]
     c_ref, c_sim = prefilled(ref, batch, MAX_SEQ, lengths, gen)
-    sim = Simulator(build_schedule(plan_for(spec, batch, MAX_SEQ, gpu=GpuInfo(sm_count=7), min_kv_chunk=4)), w)
+    sim = Simulator(build_schedule(plan), w)
     tok, pos = torch.randint(0, spec.vocab_size, (batch,), generator=gen), torch.tensor(lengths)
-    # one step: the KV appends across steps are the dense test's (test_matches_reference); the weights are this one's
-    out, logits = sim.step(tok, pos, c_sim, random.Random(batch))
-    expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
-    torch.testing.assert_close(logits, expect, rtol=1e-4, atol=1e-4)
-    assert torch.equal(out, expect.argmax(-1))
+    rng = random.Random(batch)
+    for _ in range(steps):
+        out, logits = sim.step(tok, pos, c_sim, rng)
+        expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
+        torch.testing.assert_close(logits, expect, rtol=1e-4, atol=1e-4)
+        if argmax:
+            assert torch.equal(out, expect.argmax(-1))
+        tok, pos = out, pos + 1
 
 
 @pytest.mark.parametrize("name", list(TINY_SPECS))
@@ -140,22 +150,10 @@ def test_int8_plan(name, batch):
     """The plan the megakernel builds for int8 weights (1-byte rows: other chunks, tiles and task costs; the
     CUDA-core path at every batch) simulates to the reference on the same packed weights."""
     spec = TINY_SPECS[name]
-    gen = torch.Generator().manual_seed(batch)
-    w = quantised_weights(spec, "int8", seed=batch)
-    ref = ReferenceModel(w)
-    lengths = [int(x) for x in torch.randint(1, MAX_SEQ - 4, (batch,), generator=gen)]
-    c_ref, c_sim = prefilled(ref, batch, MAX_SEQ, lengths, gen)
     plan = plan_for(spec, batch, MAX_SEQ, "int8", "bf16", gpu=GpuInfo(sm_count=7), min_kv_chunk=4)
-    assert not plan.tuning.gemv_mma and plan.gemv[Op.QKV].weight_bytes == 1 and plan.gemv[Op.LMHEAD].weight_bytes == 2
+    assert not plan.tuning.gemv_mma and plan.gemv[Op.QKV].code_bits == 8 and plan.gemv[Op.LMHEAD].code_bits == 16
     assert plan.gemv[Op.QKV].scaled and not plan.gemv[Op.LMHEAD].scaled
-    sim = Simulator(build_schedule(plan), w)
-    tok, pos = torch.randint(0, spec.vocab_size, (batch,), generator=gen), torch.tensor(lengths)
-    rng = random.Random(batch)
-    for _ in range(2):
-        out, logits = sim.step(tok, pos, c_sim, rng)
-        expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
-        torch.testing.assert_close(logits, expect, rtol=1e-4, atol=1e-4)
-        tok, pos = out, pos + 1
+    _packed_matches_reference(quantised_weights(spec, "int8", seed=batch), plan, batch, steps=2)
 
 
 @pytest.mark.parametrize("name, fmt", [("qwen3", "int4-g128"), ("qwen2", "int4-g64"), ("mistral", "int4-g32-bf16")])
@@ -164,19 +162,7 @@ def test_int4_plan(name, fmt, batch):
     """The plan for symmetric int4 weights (half-byte codes and a slot's group scales: other chunks, tiles and
     task costs) simulates to the reference on the same packed weights."""
     spec = TINY_SPECS[name]
-    gen = torch.Generator().manual_seed(batch)
-    w = quantised_weights(spec, fmt, seed=batch)
-    ref = ReferenceModel(w)
-    lengths = [int(x) for x in torch.randint(1, MAX_SEQ - 4, (batch,), generator=gen)]
-    c_ref, c_sim = prefilled(ref, batch, MAX_SEQ, lengths, gen)
     plan = plan_for(spec, batch, MAX_SEQ, fmt, "bf16", gpu=GpuInfo(sm_count=7), min_kv_chunk=4)
     g = plan.gemv[Op.QKV]
     assert g.code_bits == 4 and g.code_row_bytes == spec.hidden_size // 2 and g.scale_row_bytes % 16 == 0
-    sim = Simulator(build_schedule(plan), w)
-    tok, pos = torch.randint(0, spec.vocab_size, (batch,), generator=gen), torch.tensor(lengths)
-    rng = random.Random(batch)
-    for _ in range(2):
-        out, logits = sim.step(tok, pos, c_sim, rng)
-        expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
-        torch.testing.assert_close(logits, expect, rtol=1e-4, atol=1e-4)
-        tok, pos = out, pos + 1
+    _packed_matches_reference(quantised_weights(spec, fmt, seed=batch), plan, batch, steps=2)
