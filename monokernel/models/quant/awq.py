@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import CheckpointError, UnsupportedModelError
-from .hf_config import Get, check_group, refuse, scale_suffix
+from .hf_config import Get, check_group, packed_int4, refuse, scale_suffix
 from .tensor import QuantTensor, pack_nibbles
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -51,12 +51,7 @@ class AwqScheme:
         return has(f"{module}.qweight")
 
     def matrix(self, module: str, get: Get) -> QuantTensor:
-        qweight, scales = get(f"{module}.qweight"), get(f"{module}.scales")
-        try:
-            qzeros = get(f"{module}.qzeros")
-        except CheckpointError:
-            raise CheckpointError(f"AWQ tensor {module}.qzeros is missing (qweight and scales are there); the "
-                                  "checkpoint is incomplete: re-download it") from None
+        qweight, scales, qzeros = packed_int4("AWQ", module, get)
         k, n = qweight.shape[0], qweight.shape[1] * 8
         g = self.group
         if k % g:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import CheckpointError, UnsupportedModelError
-from .hf_config import Get, check_group, refuse, scale_suffix, trivial_g_idx
+from .hf_config import Get, check_group, packed_int4, refuse, scale_suffix, trivial_g_idx
 from .tensor import QuantTensor, pack_nibbles
 
 
@@ -47,12 +47,7 @@ class GptqScheme:
         return has(f"{module}.qweight")
 
     def matrix(self, module: str, get: Get) -> QuantTensor:
-        qweight, scales = get(f"{module}.qweight"), get(f"{module}.scales")
-        try:
-            qzeros = get(f"{module}.qzeros")
-        except CheckpointError:
-            raise CheckpointError(f"GPTQ tensor {module}.qzeros is missing (qweight and scales are there); the "
-                                  "checkpoint is incomplete: re-download it") from None
+        qweight, scales, qzeros = packed_int4("GPTQ", module, get)
         if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
             raise CheckpointError(f"GPTQ {module}: qweight and qzeros must be int32, not {qweight.dtype}/{qzeros.dtype}")
         k, n = qweight.shape[0] * 8, qweight.shape[1]

@@ -11,7 +11,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from ...errors import UnsupportedModelError
+from ...errors import CheckpointError, UnsupportedModelError
 from .tensor import QuantTensor
 
 Get = Callable[[str], torch.Tensor]
@@ -48,6 +48,17 @@ def scheme_for(config: dict) -> Scheme | None:
         return CompressedTensorsScheme.from_config(q)
     raise refuse("quant_method", method, "supported: gptq, awq, compressed-tensors (or a dense checkpoint with "
                  "--quantize)")
+
+
+def packed_int4(method: str, module: str, get: Get) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A GPTQ or AWQ layer's qweight, scales and qzeros; a missing qzeros is an incomplete checkpoint."""
+    qweight, scales = get(f"{module}.qweight"), get(f"{module}.scales")
+    try:
+        qzeros = get(f"{module}.qzeros")
+    except CheckpointError:
+        raise CheckpointError(f"{method} tensor {module}.qzeros is missing (qweight and scales are there); the "
+                              "checkpoint is incomplete: re-download it") from None
+    return qweight, scales, qzeros
 
 
 def check_group(group: Any, where: str = "quantization_config", key: str = "group_size") -> int:
