@@ -67,7 +67,7 @@ ERRORS = (ErrorCode("ERR_NONE", 0, "no error"),
 ERROR_MESSAGES = {e.code: e.message for e in ERRORS}
 # Errors of the step's inputs: the kernel checks them before any block writes (step_check.cuh), so the step
 # did nothing and the decoder runs on; after any other error its counters are out of step and it resets.
-INPUT_ERRORS = frozenset({3, 4})
+INPUT_ERRORS = frozenset(e.code for e in ERRORS if e.name in ("ERR_BAD_TOKEN", "ERR_BAD_POSITION"))
 # Params::error: the code, then for an input error the step's epoch, the sequence and the bad value.
 ERROR_WORDS = 4
 
