@@ -11,7 +11,10 @@ from ..models.spec import ModelSpec
 from ..schedule.inputs import GpuInfo, KernelInputs
 from ..schedule.plan import make_plan
 from ..schedule.tuning import Tuning
+from ..models.formats import FORMATS
 from .compile import KERNEL_ARCH, check_arch
+
+KERNEL_QUANT_FORMATS = [n for n, f in FORMATS.items() if f.quantised and f.kernel]
 from .fit import fit_kernel
 from .render import render_source
 
@@ -27,8 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--max-seq", type=int, default=None, help="KV-cache length (default: min(max_position_embeddings, 4096))")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="activations and KV cache")
-    p.add_argument("--weights", choices=["dense", "int8"], default="dense",
-                   help="the layers' matrices: dense (in --dtype) or int8 codes with a scale a row")
+    p.add_argument("--weights", choices=["dense", *KERNEL_QUANT_FORMATS], default="dense",
+                   help="the layers' matrices: dense (in --dtype), int8 codes with a scale a row, or symmetric int4 "
+                        "with a scale a group")
     p.add_argument("--arch", default=KERNEL_ARCH, help=f"the kernel is written for {KERNEL_ARCH} (Hopper) only")
     p.add_argument("--sm-count", type=int, default=132, help="blocks of the persistent grid (H100 SXM: 132)")
     p.add_argument("--tuning", default="", help="knobs written k=v,k=v (schedule/tuning.py), e.g. gemv_mma=1,kv_splits=4")

@@ -16,6 +16,7 @@ from ..errors import InputError, KernelRuntimeError, UnsupportedModelError
 from ..models.spec import rope_inv_freq
 from ..models.weights import PackedWeights
 from .kv_cache import KVCache
+from .mma_tiles import mma_rows
 from ..schedule.build import Schedule, build_schedule
 from ..schedule.inputs import GpuInfo, KernelInputs
 from ..schedule.plan import KernelPlan, plan_for
@@ -104,7 +105,7 @@ class MegaDecoder:
                            task_offsets=torch.from_numpy(offsets).to(dev),
                            tasks=torch.from_numpy(records.view("int32").reshape(-1)).to(dev))
         self.epoch = 0
-        self._scales: dict[str, torch.Tensor | None] = {}    # padded int4 scale tables the kernel reads
+        self._scales: dict[str, torch.Tensor | None] = {}    # padded scale tables and stored rows the kernel reads
         self.params = self._params(timeout_s)
 
     def __getattr__(self, name):     # the buffers and tables by their Params names: mk.logits, mk.tasks
@@ -124,6 +125,14 @@ class MegaDecoder:
             return t
         return torch.nn.functional.pad(t, (0, srow // t.element_size() - t.shape[-1])).contiguous()
 
+    def _tensor_core_rows(self, weight: str):
+        """The GemvPlan of a quantised matrix the tensor-core path reads in its own stored layout (codes in
+        lane order, each segment's scales after its codes: runtime/mma_tiles.py), or None. Those rows are a
+        copy the decoder holds beside the checkpoint's (for the 8B preset in int4, 4.7 GB)."""
+        op = next((op for op, g in OP_TABLE.items() if g.weight == weight), None)
+        g = self.plan.gemv.get(op) if op is not None else None
+        return g if g is not None and g.sblock else None
+
     def _params(self, timeout_s: float):
         tensors = {"k_cache": self.cache.k, "v_cache": self.cache.v, **vars(self.buffers), **self.tables}
         ptrs = {}
@@ -131,9 +140,12 @@ class MegaDecoder:
             if f.role == "launch":
                 continue
             if f.role in ("weight", "scale"):
-                t = _weight_part(getattr(self.w, f.name.removesuffix("_scale")), f.role)
+                m = getattr(self.w, f.name.removesuffix("_scale"))
+                t = _weight_part(m, f.role)
                 if f.role == "scale":
                     t = self._scales[f.name] = self._padded_scales(f.name.removesuffix("_scale"), t)
+                elif self._tensor_core_rows(f.name) is not None:
+                    t = self._scales[f.name] = mma_rows(m, self._tensor_core_rows(f.name))
             else:
                 t = tensors[f.name]
             ptrs[f.name] = 0 if t is None else t.data_ptr()

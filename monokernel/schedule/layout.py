@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UnsupportedModelError
+from ..models.formats import FORMATS
 from .abi import op_matrix_shape
 from .inputs import KernelInputs
 from .tasks import GEMV_OPS, Op
@@ -38,6 +40,13 @@ class GemvPlan:
     code_row_bytes: int = 0   # bytes of one row's codes
     scale_row_bytes: int = 0  # bytes of one row's group scales after a chunk's codes in a slot (int4)
     group: int = 0            # weights sharing one of those scales
+    # tensor-core ops: K elements of one ring chunk's rows, bytes between them in the slot, stored bytes of a
+    # full segment; quantised ones keep each segment's group scales after its codes (mma_tiles.py), and
+    # `sblock` is the K one warp step covers (4 lanes x one load of codes)
+    kseg: int = 0
+    row_stride: int = 0
+    seg_bytes: int = 0
+    sblock: int = 0
 
     @property
     def tiles(self) -> int:
@@ -109,7 +118,11 @@ class Layout:
                      scale_row_bytes=i.scale_row_bytes(op), group=0 if dense else i.weights.group_size)
         if t.gemv_mma:       # chunks are row groups x K segments; results reduce across warps per group
             tile += tile % 2
-            return GemvPlan(rows, cols, tile, MMA_ROWS, 1, **extra)
+            seg = MmaSegments(i, t, op)
+            if not dense:    # the segments' scales ride inside the stored rows: no scale copies of their own
+                extra.update(code_row_bytes=seg.stored_row_bytes, scale_row_bytes=0)
+            return GemvPlan(rows, cols, tile, MMA_ROWS, 1, kseg=seg.kseg, row_stride=seg.row_stride,
+                            seg_bytes=seg.seg_bytes(seg.kseg), sblock=0 if dense else seg.sblock, **extra)
         chunk = max(1, t.slot_bytes // i.row_bytes(op))
         if op == Op.GATEUP:       # gate/up pairs never straddle a tile or a chunk
             tile += tile % 2
@@ -175,11 +188,88 @@ def mma_kseg(i: KernelInputs, t: Tuning) -> int:
     return min(t.mma_kseg_max, -(-kmax // 32) * 32)
 
 
-def mma_row_stride(i: KernelInputs, t: Tuning) -> int:
+def banked_stride(b: int) -> int:
     # Rows sit 64 bytes off a multiple of 128 apart, so the two rows an 8-lane phase of 16-byte loads
     # touches fall in different banks.
-    b = mma_kseg(i, t) * i.wb
-    return b + (64 if b % 128 == 0 else 0)
+    return b + (64 - b) % 128
+
+
+def mma_row_stride(i: KernelInputs, t: Tuning) -> int:
+    """Row stride of a dense (16-bit) tensor-core chunk: MMA_KSEG elements."""
+    return banked_stride(mma_kseg(i, t) * 2)
+
+
+class MmaSegments:
+    """How one op's rows split into tensor-core ring chunks: K segments of `kseg` elements. A bf16 plan keeps
+    MMA_KSEG for every op. A quantised plan sizes every op's segment to the same bytes a row (its narrowest
+    layer matrix's row, at least 2 KB: 4096 int4 codes, and the bf16 LM head 1024 elements), so every chunk
+    fills its slot; each segment stores its groups' scales after its codes, padded to 16 bytes (the bulk
+    copy's unit): one copy a row and segment. A staged op's segment fits the staged input area."""
+
+    def __init__(self, i: KernelInputs, t: Tuning, op: Op):
+        self.i, self.op = i, op
+        self.k = op_matrix_shape(i.spec, op)[1]
+        self.dense = op == Op.LMHEAD or not i.weights.quantised
+        self.bits = 16 if self.dense else i.weights.bits
+        self.sblock = mma_sblock(i, op)
+        if not i.weights.quantised:
+            self.kseg, self.row_stride = min(self.k, mma_kseg(i, t)), mma_row_stride(i, t)
+            return
+        staged = t.gemv_mma and t.seg_staging and i.batch * self.k * i.ab > t.input_smem_budget
+        base = quantised_seg_bytes(i, t) * 8 // self.bits
+        if staged:
+            base = min(base, staged_capacity(i, t))
+        self.kseg = min(self.k, max(self.sblock, base // self.sblock * self.sblock))
+        if staged and self.kseg > staged_capacity(i, t):
+            raise UnsupportedModelError(f"mma_kseg_max={t.mma_kseg_max} is shorter than one warp step of {op.name} "
+                                        f"({self.sblock} of {i.weights.name}); raise it")
+        self.row_stride = banked_stride(self.seg_bytes(self.kseg))
+
+    def scale_bytes(self, klen: int) -> int:
+        g = self.i.weights.group_size
+        if self.dense or not g:
+            return 0
+        return -(-(klen // g) * FORMATS[self.i.weights.scale_format].element_bytes // 16) * 16
+
+    def seg_bytes(self, klen: int) -> int:
+        return klen * self.bits // 8 + self.scale_bytes(klen)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [min(self.kseg, self.k - k0) for k0 in range(0, self.k, self.kseg)]
+
+    @property
+    def stored_row_bytes(self) -> int:
+        return sum(self.seg_bytes(n) for n in self.lengths)
+
+
+def quantised_seg_bytes(i: KernelInputs, t: Tuning) -> int:
+    rows = [op_matrix_shape(i.spec, op)[1] * i.weights.bits // 8 for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN)]
+    return min(t.mma_kseg_max * 2, max(2048, min(rows)))
+
+
+def staged_capacity(i: KernelInputs, t: Tuning) -> int:
+    """K elements a staged input segment may take: the input area (Layout._input_len) of the ops that fit."""
+    widest = max((op_matrix_shape(i.spec, op)[1] for op in GEMV_OPS
+                  if i.batch * op_matrix_shape(i.spec, op)[1] * i.ab <= t.input_smem_budget), default=0)
+    return max(widest, -(-mma_kseg(i, t) // 64) * 64)
+
+
+def mma_sblock(i: KernelInputs, op: Op) -> int:
+    """K one warp step of a quantised tensor-core op covers: its 4 lanes (c = lane % 4) each load 16 bytes of
+    codes (32 int4, 16 int8) where K allows, 8 or 4 bytes where K is only a multiple of 64 or 32."""
+    k = op_matrix_shape(i.spec, op)[1]
+    if op == Op.LMHEAD or not i.weights.quantised:
+        return 32
+    per = 4 * 128 // i.weights.bits
+    while k % per and per > 32:
+        per //= 2
+    return per
+
+
+def mma_slot_bytes(i: KernelInputs, t: Tuning) -> int:
+    """A tensor-core slot: 8 rows of the widest op's segment."""
+    return MMA_ROWS * max(MmaSegments(i, t, op).row_stride for op in GEMV_OPS)
 
 
 def mma_tile_floats(t: Tuning) -> int:

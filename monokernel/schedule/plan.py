@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from ..errors import UnsupportedModelError
 from .inputs import GpuInfo, KernelInputs
 from .layout import MMA_ROWS, GemvPlan, Layout, SmemLayout, keys_per_pass, lanes_per_key, mma_kseg, mma_row_stride
-from .rules import helpers_fit, resolve
+from .rules import helpers_fit, mma_quantised_fits, resolve
 from .tasks import Op
 from .tuning import Tuning
 
@@ -100,6 +100,9 @@ def _check(i: KernelInputs, t: Tuning, lay: Layout) -> None:
                                     f"(the model has {s.group_size}); use attn_mma=0")
     if not 2 <= t.ring_stages_max <= 32:
         raise UnsupportedModelError(f"ring_stages_max={t.ring_stages_max} must be in 2..32 (barriers: 512 bytes)")
+    if t.gemv_mma and i.weights.quantised and not mma_quantised_fits(i):
+        raise UnsupportedModelError(f"gemv_mma=1 with {i.weights.name} weights needs every layer matrix's K to be a "
+                                    "multiple of 32 (8 codes a lane); use gemv_mma=0")
     if t.mma_kseg_max < 32 or t.mma_kseg_max % 32:
         raise UnsupportedModelError(f"mma_kseg_max={t.mma_kseg_max} must be a positive multiple of 32")
     if t.attn_key_batch < 1 or t.attn_pv_unroll < 1 or t.min_kv_chunk < 1:

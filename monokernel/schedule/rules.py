@@ -3,7 +3,8 @@ rule may read what an earlier one decided), and says why, citing its perf note."
 from __future__ import annotations
 
 from .inputs import KernelInputs
-from .layout import MMA_ROWS, Layout, chain_blocks, keys_per_pass, mma_row_stride
+from .abi import op_matrix_shape
+from .layout import MMA_ROWS, Layout, chain_blocks, keys_per_pass, mma_slot_bytes
 from .tasks import Op
 from .tuning import Tuning
 
@@ -11,21 +12,30 @@ LOOKAHEAD_KB = 128    # perf note 23 (160 KB outran the helpers' issue rate)
 
 
 def rule_gemv_mma(i: KernelInputs, t: Tuning) -> bool:
-    # from batch 3: at batch 8 the CUDA-core path is compute-bound, 4x too slow; int8 codes have no
-    # tensor-core path yet (the mma's B fragments are 16-bit)
-    return i.batch > 2 and not i.weights.quantised
+    # bf16 from batch 3: at batch 8 the CUDA-core path is compute-bound, 4x too slow. Quantised weights at
+    # every batch: on CUDA cores their unpacking and FMAs set the pace at batch 1 already (perf note 29); on
+    # tensor cores the codes only turn into bf16 pairs (perf note 30). int8 needs K % 32 (8 codes a lane).
+    if i.weights.quantised:
+        return mma_quantised_fits(i)
+    return i.batch > 2
+
+
+def mma_quantised_fits(i: KernelInputs) -> bool:
+    """Every layer matrix's K is whole warp steps of the tensor-core path (int4: always, K % 32 is checked)."""
+    return all(op_matrix_shape(i.spec, op)[1] % 32 == 0 for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN))
 
 
 def rule_consumer_warps(i: KernelInputs, t: Tuning) -> int:
     # 8 measured 3 % faster than 7 at batch 8 and 16 of the 8B preset (1B: 3 % at batch 8, 7 % slower at
     # 16), although 8 consumers and the producer cap a thread at 168 registers (registers.py); where that
-    # spills, codegen/fit.py builds the kernel again with 7 (perf note 28)
-    return 8
+    # spills, codegen/fit.py builds the kernel again with 7 (perf note 28). The tensor-core path at batch 1-2
+    # (every quantised kernel) spills 96-132 B with 8 on the 8B preset, bf16 and int4 alike: 7 at once.
+    return 7 if t.gemv_mma and i.batch <= 2 else 8
 
 
 def rule_slot_bytes(i: KernelInputs, t: Tuning) -> int:
     if t.gemv_mma:
-        return MMA_ROWS * mma_row_stride(i, t)
+        return mma_slot_bytes(i, t)
     # a slot holds one full row of the widest matrix (two for gate/up pairs); 32 KiB otherwise keeps 6 or so
     # slots in flight, enough bytes to cover HBM latency on one SM
     need = max(i.row_bytes(Op.DOWN), 2 * i.row_bytes(Op.GATEUP), i.row_bytes(Op.OPROJ))

@@ -7,6 +7,8 @@ import random
 import pytest
 import torch
 
+from monokernel.models.formats import FORMATS
+
 from monokernel.models.weights import random_weights
 from monokernel.reference.model import ReferenceModel
 from monokernel.schedule.build import build_schedule
@@ -144,25 +146,35 @@ def _packed_matches_reference(w, plan, batch: int, steps: int, argmax: bool = Fa
         tok, pos = out, pos + 1
 
 
+@pytest.mark.parametrize("mma", [None, False], ids=["rules", "cuda-cores"])
 @pytest.mark.parametrize("name", list(TINY_SPECS))
 @pytest.mark.parametrize("batch", [1, 3, 16])
-def test_int8_plan(name, batch):
+def test_int8_plan(name, batch, mma):
     """The plan the megakernel builds for int8 weights (1-byte rows: other chunks, tiles and task costs; the
-    CUDA-core path at every batch) simulates to the reference on the same packed weights."""
+    tensor-core path at every batch where every K is a multiple of 32, else CUDA cores) simulates to the
+    reference on the same packed weights."""
     spec = TINY_SPECS[name]
-    plan = plan_for(spec, batch, MAX_SEQ, "int8", "bf16", gpu=GpuInfo(sm_count=7), min_kv_chunk=4)
-    assert not plan.tuning.gemv_mma and plan.gemv[Op.QKV].code_bits == 8 and plan.gemv[Op.LMHEAD].code_bits == 16
+    plan = plan_for(spec, batch, MAX_SEQ, "int8", "bf16", gpu=GpuInfo(sm_count=7), min_kv_chunk=4, gemv_mma=mma)
+    assert plan.tuning.gemv_mma == (mma is None and spec.intermediate_size % 32 == 0)
+    assert plan.gemv[Op.QKV].code_bits == 8 and plan.gemv[Op.LMHEAD].code_bits == 16
     assert plan.gemv[Op.QKV].scaled and not plan.gemv[Op.LMHEAD].scaled
     _packed_matches_reference(quantised_weights(spec, "int8", seed=batch), plan, batch, steps=2)
 
 
+@pytest.mark.parametrize("mma", [None, False], ids=["rules", "cuda-cores"])
 @pytest.mark.parametrize("name, fmt", [("qwen3", "int4-g128"), ("qwen2", "int4-g64"), ("mistral", "int4-g32-bf16")])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_int4_plan(name, fmt, batch):
-    """The plan for symmetric int4 weights (half-byte codes and a slot's group scales: other chunks, tiles and
-    task costs) simulates to the reference on the same packed weights."""
+def test_int4_plan(name, fmt, batch, mma):
+    """The plan for symmetric int4 weights (half-byte codes and their group scales: a slot's after its codes on
+    CUDA cores, each segment's after its codes on tensor cores; other chunks, tiles and task costs) simulates
+    to the reference on the same packed weights."""
     spec = TINY_SPECS[name]
-    plan = plan_for(spec, batch, MAX_SEQ, fmt, "bf16", gpu=GpuInfo(sm_count=7), min_kv_chunk=4)
+    plan = plan_for(spec, batch, MAX_SEQ, fmt, "bf16", gpu=GpuInfo(sm_count=7), min_kv_chunk=4, gemv_mma=mma)
     g = plan.gemv[Op.QKV]
-    assert g.code_bits == 4 and g.code_row_bytes == spec.hidden_size // 2 and g.scale_row_bytes % 16 == 0
+    assert g.code_bits == 4 and plan.tuning.gemv_mma == (mma is None)
+    if mma is None:     # one segment: the codes, then the row's scales padded to 16 bytes
+        groups = spec.hidden_size // FORMATS[fmt].group_size
+        assert g.code_row_bytes == spec.hidden_size // 2 + -(-groups * 2 // 16) * 16 and g.scale_row_bytes == 0
+    else:
+        assert g.code_row_bytes == spec.hidden_size // 2 and g.scale_row_bytes % 16 == 0
     _packed_matches_reference(quantised_weights(spec, fmt, seed=batch), plan, batch, steps=2)

@@ -10,16 +10,95 @@
 namespace mk {
 
 // The results of rows f0 .. f0 + fr of a tensor-core task (res: row-major rows x B) through the op's epilogue.
+// int8 rows are scaled here (their scale table, as on CUDA cores); int4 groups were scaled in the mma loop.
 template <int OP>
-__device__ __forceinline__ void mma_epilogue(const Params& p, const Task& t, int f0, int fr, const float* res, float pre) {
+__device__ __forceinline__ void mma_epilogue(const Params& p, const Task& t, int f0, int fr, const float* res, float pre,
+                                             float2 pre_scale) {
   if constexpr (OP == OP_GATEUP) {
     for (int i = threadIdx.x; i < (fr / 2) * B; i += NCT) {
       const int pr = i / B, b = i % B;
-      gateup_epilogue(p, t, t.arg0 + f0 + 2 * pr, b, res[2 * pr * B + b], res[(2 * pr + 1) * B + b]);
+      float g = res[2 * pr * B + b], up = res[(2 * pr + 1) * B + b];
+      if constexpr (Gemv<OP>::SCALED) {
+        const float2 sc = scales_at<OP>(p, t, f0, 2 * pr, i, pre_scale);
+        g *= sc.x;
+        up *= sc.y;
+      }
+      gateup_epilogue(p, t, t.arg0 + f0 + 2 * pr, b, g, up);
     }
   } else {
-    for (int i = threadIdx.x; i < fr * B; i += NCT)
-      epilogue<OP>(p, t, t.arg0 + f0 + i / B, i % B, res[i], residual_at<OP>(p, t, f0, i, pre));
+    for (int i = threadIdx.x; i < fr * B; i += NCT) {
+      float v = res[i];
+      if constexpr (Gemv<OP>::SCALED) v *= scales_at<OP>(p, t, f0, i / B, i, pre_scale).x;
+      epilogue<OP>(p, t, t.arg0 + f0 + i / B, i % B, v, residual_at<OP>(p, t, f0, i, pre));
+    }
+  }
+}
+
+// One K segment (klen elements) of a quantised chunk through the tensor cores, for lane (g, c) of `warp`:
+// row g's codes times the inputs of sequences g and g + 8 (ldx(k): the two 8-element input vectors at
+// segment offset k) into d (sequences g, g + 8 x chunk rows 2c, 2c + 1), as the dense loop below, but
+// with the codes turned into operand pairs first (numerics.cuh). A warp step covers SBLOCK of K: each lane
+// loads SBLOCK / 8 (int4) or / 4 (int8) bytes of codes in one load (mma_tiles.py's lane order). int4 folds
+// each group's products into d times the group's scales of rows 2c and 2c + 1, which follow the segment's
+// codes in each row; int8 rows take their scale in the epilogue.
+template <int OP, class LoadX>
+__device__ __forceinline__ void mma_codes_segment(float* d, float* e, const unsigned char* slot, int klen, int warp,
+                                                  int g, int c, const LoadX& ldx) {
+  using GV = Gemv<OP>;
+  constexpr int SB = GV::SBLOCK, LB = SB * GV::CODE_BITS / 32;   // K a warp step, bytes a lane loads
+  constexpr int NW = LB / 4;                                     // words a lane loads
+  const unsigned char* wr = slot + g * GV::RSTRIDE;
+#pragma unroll 1
+  for (int sb = warp; sb < klen / SB; sb += NCW) {
+    uint32_t wv[NW];
+    const unsigned char* src = wr + sb * (SB * GV::CODE_BITS / 8) + c * LB;
+    if constexpr (NW == 4) {
+      const uint4 u = *reinterpret_cast<const uint4*>(src);
+      wv[0] = u.x; wv[1] = u.y; wv[2] = u.z; wv[3] = u.w;
+    } else if constexpr (NW == 2) {
+      const uint2 u = *reinterpret_cast<const uint2*>(src);
+      wv[0] = u.x; wv[1] = u.y;
+    } else {
+      wv[0] = *reinterpret_cast<const uint32_t*>(src);
+    }
+    if constexpr (GV::CODE_BITS == 4) {
+      // word q: the 8 codes at K sb * SB + 32 q + 8 c .. + 7 (one 32-wide window of the warp)
+      constexpr int GW = GV::GROUP / 32;                       // windows a group
+      static_assert(GV::GROUP % 32 == 0 && SB % GV::GROUP == 0, "a warp step holds whole groups");
+      const ST* s0 = reinterpret_cast<const ST*>(slot + 2 * c * GV::RSTRIDE + klen / 2);
+      const ST* s1 = reinterpret_cast<const ST*>(slot + (2 * c + 1) * GV::RSTRIDE + klen / 2);
+#pragma unroll
+      for (int gi = 0; gi < NW / GW; ++gi) {
+        float u[4] = {0.f, 0.f, 0.f, 0.f}, v[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int q = gi * GW; q < (gi + 1) * GW; ++q) {
+          uint32_t b[4];
+          i4x8_to_pairs(wv[q], b);
+          uint4 a0, a1;
+          ldx(sb * SB + 32 * q + 8 * c, a0, a1);
+          mma_bf16_16816(u, a0.x, a1.x, a0.y, a1.y, b[0], b[1]);
+          mma_bf16_16816(v, a0.z, a1.z, a0.w, a1.w, b[2], b[3]);
+        }
+        const int grp = (sb * SB) / GV::GROUP + gi;
+        const float c0 = to_f(s0[grp]), c1 = to_f(s1[grp]);
+        d[0] = fmaf(u[0] + v[0], c0, d[0]);
+        d[1] = fmaf(u[1] + v[1], c1, d[1]);
+        d[2] = fmaf(u[2] + v[2], c0, d[2]);
+        d[3] = fmaf(u[3] + v[3], c1, d[3]);
+      }
+    } else {
+      // word j: the 4 codes at K sb * SB + c * SB / 4 + 4 j .. + 3; two words a vector of 8 inputs
+#pragma unroll
+      for (int j = 0; j < NW; j += 2) {
+        uint32_t b[4];
+        i8x4_to_pairs(wv[j], b);
+        i8x4_to_pairs(wv[j + 1], b + 2);
+        uint4 a0, a1;
+        ldx(sb * SB + c * (SB / 4) + 4 * j, a0, a1);
+        mma_bf16_16816(d, a0.x, a1.x, a0.y, a1.y, b[0], b[1]);
+        mma_bf16_16816(e, a0.z, a1.z, a0.w, a1.w, b[2], b[3]);
+      }
+    }
   }
 }
 
@@ -32,13 +111,14 @@ __device__ __forceinline__ void mma_epilogue(const Params& p, const Task& t, int
 template <int OP>
 __device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, RingReader& rd, float* sm) {
   constexpr int K = Gemv<OP>::K;
-  constexpr int KSEG = MMA_KSEG < K ? MMA_KSEG : K;
+  constexpr int KSEG = Gemv<OP>::KSEG;
   constexpr int NSEG = (K + KSEG - 1) / KSEG;
   constexpr int RR = 8 * Gemv<OP>::FC;             // rows whose results one epilogue writes
   float* part = sm;                                // 2 x NCW x 16 x 8: accumulators, alternate groups
   float* res = sm + 2 * NCW * 128;                 // RR x B
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const float pre = preload_residual<OP, RR>(p, t);
+  const float2 pre_scale = preload_scales<OP, RR>(p, t);
   int group = 0;
   const uint4 zero = make_uint4(0, 0, 0, 0);
   for (int f0 = 0; f0 < t.arg1; f0 += RR) {
@@ -48,9 +128,18 @@ __device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, RingR
 #pragma unroll 1
       for (int seg = 0; seg < NSEG; ++seg) {
         const int k0 = seg * KSEG, klen = min(KSEG, K - k0);
-        const unsigned char* w = rd.wait() + g * MMA_RSTRIDE;
+        const unsigned char* slot = rd.wait();
         const T* x0 = in + (size_t)g * Gemv<OP>::IN_STRIDE + k0;
         const T* x1 = in + (size_t)(g + 8) * Gemv<OP>::IN_STRIDE + k0;
+        if constexpr (Gemv<OP>::CODE_BITS < 16) {
+          mma_codes_segment<OP>(d, e, slot, klen, warp, g, c, [&](int k, uint4& a0, uint4& a1) {
+            a0 = g < B ? ld_in<OP>(x0 + k) : zero;
+            a1 = B > 8 && g + 8 < B ? ld_in<OP>(x1 + k) : zero;
+          });
+          rd.release();
+          continue;
+        }
+        const unsigned char* w = slot + g * Gemv<OP>::RSTRIDE;
 #pragma unroll 4
         for (int kb = warp * 32 + c * 8; kb < klen + c * 8; kb += NCW * 32) {
           const bool kin = kb < klen;            // K tails are multiples of 8: whole lanes drop out
@@ -83,7 +172,7 @@ __device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, RingR
       }
     }
     consumer_sync();                       // `res` complete
-    mma_epilogue<OP>(p, t, f0, fr, res, pre);
+    mma_epilogue<OP>(p, t, f0, fr, res, pre, pre_scale);
     consumer_sync();                       // `res` is free again
   }
   return true;
@@ -92,11 +181,14 @@ __device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, RingR
 // Where 16-byte vector j of row b of a staged input segment sits: odd rows swap the two 64-byte halves of
 // each 128 bytes, so the two rows an 8-lane phase of mma operand loads touches fall in different banks.
 // Rows are whole 128-byte groups apart, so a swapped vector stays in its row.
-constexpr int SEG_ROW_VECS = (MMA_KSEG / 8 + 7) / 8 * 8;
-__device__ __forceinline__ int seg_vec(int b, int j) { return b * SEG_ROW_VECS + (j ^ ((b & 1) << 2)); }
+template <int KSEG>
+__device__ __forceinline__ int seg_vec(int b, int j) {
+  constexpr int SEG_ROW_VECS = (KSEG / 8 + 7) / 8 * 8;
+  return b * SEG_ROW_VECS + (j ^ ((b & 1) << 2));
+}
 
 // A tensor-core task whose input lives in global memory (the down projection at batch > 2): the ring brings
-// K segment by K segment every row group of a flush, and each input segment (B x MMA_KSEG) is staged once
+// K segment by K segment every row group of a flush, and each input segment (B x KSEG) is staged once
 // into the shared-memory input area (one L2 round trip, all copies in flight), so the mma loop reads only
 // shared memory. Loading the input from L2 inside the mma loop cost a round trip or two per ring slot,
 // more than the slot's HBM time at batch 8. Per-warp accumulators of every row group of the flush collect
@@ -104,13 +196,14 @@ __device__ __forceinline__ int seg_vec(int b, int j) { return b * SEG_ROW_VECS +
 template <int OP>
 __device__ bool gemv_mma_staged_task(const Params& p, const Task& t, const T* in, T* seg_in, RingReader& rd,
                                      float* sm) {
-  constexpr int K = Gemv<OP>::K, KSEG = MMA_KSEG, NSEG = (K + KSEG - 1) / KSEG;
+  constexpr int K = Gemv<OP>::K, KSEG = Gemv<OP>::KSEG, NSEG = (K + KSEG - 1) / KSEG;
   constexpr int RR = 8 * Gemv<OP>::FC;
-  static_assert(SEG_ROW_VECS * 8 <= INPUT_LEN, "a staged segment must fit the input area");
+  static_assert((KSEG / 8 + 7) / 8 * 64 <= INPUT_LEN, "a staged segment must fit the input area");
   float* part = sm;                                // FC x NCW x 16 x 8
   float* res = sm + Gemv<OP>::FC * NCW * 128;      // RR x B
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const float pre = preload_residual<OP, RR>(p, t);
+  const float2 pre_scale = preload_scales<OP, RR>(p, t);
   const uint4 zero = make_uint4(0, 0, 0, 0);
   const uint4* xs = reinterpret_cast<const uint4*>(seg_in);
   for (int f0 = 0; f0 < t.arg1; f0 += RR) {
@@ -122,21 +215,29 @@ __device__ bool gemv_mma_staged_task(const Params& p, const Task& t, const T* in
       // asynchronous copies (L2 -> shared, no registers): the whole segment in flight, one round trip
       for (int i = threadIdx.x; i < B * (klen / 8); i += NCT) {
         const int b = i / (klen / 8), j = i % (klen / 8);
-        cp_async16(seg_in + seg_vec(b, j) * 8, in + (size_t)b * Gemv<OP>::IN_STRIDE + k0 + j * 8);
+        cp_async16(seg_in + seg_vec<KSEG>(b, j) * 8, in + (size_t)b * Gemv<OP>::IN_STRIDE + k0 + j * 8);
       }
       cp_async_wait_all();
       consumer_sync();
       for (int g0 = 0; g0 < fr; g0 += 8) {
         float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
-        const unsigned char* w = rd.wait() + g * MMA_RSTRIDE;
+        const unsigned char* slot = rd.wait();
+        if constexpr (Gemv<OP>::CODE_BITS < 16) {
+          mma_codes_segment<OP>(d, e, slot, klen, warp, g, c, [&](int k, uint4& a0, uint4& a1) {
+            a0 = g < B ? xs[seg_vec<KSEG>(g, k / 8)] : zero;
+            a1 = B > 8 && g + 8 < B ? xs[seg_vec<KSEG>(g + 8, k / 8)] : zero;
+          });
+        } else {
+          const unsigned char* w = slot + g * Gemv<OP>::RSTRIDE;
 #pragma unroll (B > 8 ? 2 : 4)   // both operand halves' loads in flight cost registers at batch > 8
-        for (int kb = warp * 32 + c * 8; kb < klen + c * 8; kb += NCW * 32) {
-          const bool kin = kb < klen;
-          const uint4 wv = kin ? *reinterpret_cast<const uint4*>(w + kb * sizeof(T)) : zero;
-          const uint4 a0 = kin && g < B ? xs[seg_vec(g, kb / 8)] : zero;
-          const uint4 a1 = B > 8 && kin && g + 8 < B ? xs[seg_vec(g + 8, kb / 8)] : zero;
-          mma_bf16_16816(d, a0.x, a1.x, a0.y, a1.y, wv.x, wv.y);
-          mma_bf16_16816(e, a0.z, a1.z, a0.w, a1.w, wv.z, wv.w);
+          for (int kb = warp * 32 + c * 8; kb < klen + c * 8; kb += NCW * 32) {
+            const bool kin = kb < klen;
+            const uint4 wv = kin ? *reinterpret_cast<const uint4*>(w + kb * sizeof(T)) : zero;
+            const uint4 a0 = kin && g < B ? xs[seg_vec<KSEG>(g, kb / 8)] : zero;
+            const uint4 a1 = B > 8 && kin && g + 8 < B ? xs[seg_vec<KSEG>(g + 8, kb / 8)] : zero;
+            mma_bf16_16816(d, a0.x, a1.x, a0.y, a1.y, wv.x, wv.y);
+            mma_bf16_16816(e, a0.z, a1.z, a0.w, a1.w, wv.z, wv.w);
+          }
         }
         rd.release();
         // d0, d1: sequence g, rows 2c, 2c+1; d2, d3: sequence g + 8; each lane adds to its own four floats
@@ -156,7 +257,7 @@ __device__ bool gemv_mma_staged_task(const Params& p, const Task& t, const T* in
       res[r * B + b] = v;
     }
     consumer_sync();                       // `res` complete
-    mma_epilogue<OP>(p, t, f0, fr, res, pre);
+    mma_epilogue<OP>(p, t, f0, fr, res, pre, pre_scale);
     consumer_sync();                       // `res` and `part` are free again
   }
   return true;

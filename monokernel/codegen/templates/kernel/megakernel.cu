@@ -24,31 +24,40 @@ __device__ __forceinline__ void gemv_shape(int& chunk_rows, int& mma_pass) {
   mma_pass = Gemv<OP>::SEG_STAGED ? MMA_ROWS * Gemv<OP>::FC : MMA_ROWS;   // rows one pass over K covers (tensor cores)
 }
 
-// Weight rows of a task as one contiguous byte range (matrices are row-major, stacked over layers), the
-// op's chunking (rows per chunk, rows per pass over K on the tensor-core path), and for int4 the rows' group
-// scales (`srow` bytes a row, padded to 16; 0 for the others), which follow each chunk's codes in its slot.
+// Weight rows of a task as one contiguous byte range (matrices are row-major, stacked over layers), and how
+// the producer cuts them: rows per chunk; on the tensor-core path rows per pass over K, the stored bytes of a
+// K segment and the row stride in the slot; for int4 on CUDA cores the rows' group scales (`srow` bytes a
+// row, padded to 16; 0 for the others), which follow each chunk's codes in its slot (on tensor cores they
+// ride inside each stored segment).
+struct RowCut {
+  const unsigned char* src;
+  const unsigned char* scales;
+  uint32_t row_bytes, srow, seg_bytes, rstride;
+  int chunk_rows, mma_pass;
+};
+
 template <int OP>
-__device__ __forceinline__ const unsigned char* op_rows(const void* w, const ST* sc, const Task& t, uint32_t& row_bytes,
-                                                        int& chunk_rows, int& mma_pass, uint32_t& srow,
-                                                        const unsigned char*& scales) {
+__device__ __forceinline__ RowCut op_rows(const void* w, const ST* sc, const Task& t) {
   using G = Gemv<OP>;
-  gemv_shape<OP>(chunk_rows, mma_pass);
-  row_bytes = G::ROW_BYTES;
-  srow = G::SROW;
+  RowCut rc;
+  gemv_shape<OP>(rc.chunk_rows, rc.mma_pass);
+  rc.row_bytes = G::ROW_BYTES;
+  rc.srow = G::SROW;
+  rc.seg_bytes = G::SEG_BYTES;
+  rc.rstride = G::RSTRIDE;
   const size_t first = (size_t)(OP == OP_LMHEAD ? 0 : t.layer) * G::ROWS + t.arg0;
-  scales = G::SROW ? reinterpret_cast<const unsigned char*>(sc) + first * G::SROW : nullptr;
-  return reinterpret_cast<const unsigned char*>(w) + first * G::ROW_BYTES;
+  rc.scales = G::SROW ? reinterpret_cast<const unsigned char*>(sc) + first * G::SROW : nullptr;
+  rc.src = reinterpret_cast<const unsigned char*>(w) + first * G::ROW_BYTES;
+  return rc;
 }
 
-__device__ __forceinline__ const unsigned char* weight_rows(const Params& p, const Task& t, uint32_t& row_bytes,
-                                                            int& chunk_rows, int& mma_pass, uint32_t& srow,
-                                                            const unsigned char*& scales) {
+__device__ __forceinline__ RowCut weight_rows(const Params& p, const Task& t) {
   switch (t.op) {
-    case OP_QKV: return op_rows<OP_QKV>(p.w_qkv, p.w_qkv_scale, t, row_bytes, chunk_rows, mma_pass, srow, scales);
-    case OP_OPROJ: return op_rows<OP_OPROJ>(p.w_o, p.w_o_scale, t, row_bytes, chunk_rows, mma_pass, srow, scales);
-    case OP_GATEUP: return op_rows<OP_GATEUP>(p.w_gu, p.w_gu_scale, t, row_bytes, chunk_rows, mma_pass, srow, scales);
-    case OP_DOWN: return op_rows<OP_DOWN>(p.w_down, p.w_down_scale, t, row_bytes, chunk_rows, mma_pass, srow, scales);
-    default: return op_rows<OP_LMHEAD>(p.lm_head, nullptr, t, row_bytes, chunk_rows, mma_pass, srow, scales);
+    case OP_QKV: return op_rows<OP_QKV>(p.w_qkv, p.w_qkv_scale, t);
+    case OP_OPROJ: return op_rows<OP_OPROJ>(p.w_o, p.w_o_scale, t);
+    case OP_GATEUP: return op_rows<OP_GATEUP>(p.w_gu, p.w_gu_scale, t);
+    case OP_DOWN: return op_rows<OP_DOWN>(p.w_down, p.w_down_scale, t);
+    default: return op_rows<OP_LMHEAD>(p.lm_head, nullptr, t);
   }
 }
 
@@ -70,14 +79,15 @@ __device__ void producer(const Params& p, int t0, int t1, RingWriter& rw) {
       continue;
     }
     if (!is_gemv(t.op)) continue;
-    uint32_t row_bytes, srow;
-    int cr, pass;
-    const unsigned char* scales;
-    const unsigned char* src = weight_rows(p, t, row_bytes, cr, pass, srow, scales);
+    const RowCut rc = weight_rows(p, t);
+    const uint32_t row_bytes = rc.row_bytes, srow = rc.srow;
+    const int cr = rc.chunk_rows, pass = rc.mma_pass;
+    const unsigned char* scales = rc.scales;
+    const unsigned char* src = rc.src;
     if constexpr (MMA) {
       // a chunk is up to 8 rows x one K segment, each row its own copy into a row of the slot; each pass of
       // `pass` rows walks K, segment by segment, over its row groups
-      const uint32_t seg_bytes = min((uint32_t)MMA_KSEG * (uint32_t)sizeof(T), row_bytes);
+      const uint32_t seg_bytes = rc.seg_bytes;
       for (int f0 = 0; f0 < t.arg1; f0 += pass) {
         const int f1 = min(f0 + pass, t.arg1);
         for (uint32_t k0 = 0; k0 < row_bytes; k0 += seg_bytes) {
@@ -86,7 +96,7 @@ __device__ void producer(const Params& p, int t0, int t1, RingWriter& rw) {
             const int nv = min(MMA_ROWS, f1 - g0);
             unsigned char* dst = rw.claim(nv * len);
             if (!dst) return;
-            for (int r = 0; r < nv; ++r) rw.copy(dst + r * MMA_RSTRIDE, src + (size_t)(g0 + r) * row_bytes + k0, len);
+            for (int r = 0; r < nv; ++r) rw.copy(dst + r * rc.rstride, src + (size_t)(g0 + r) * row_bytes + k0, len);
           }
         }
       }
@@ -128,11 +138,9 @@ __device__ __forceinline__ void next_step_lookahead(const Params& p, int t0, int
     const Task t = p.tasks[ti];
     if (t.op == OP_EMBED) continue;
     if (!is_gemv(t.op)) return;
-    uint32_t row_bytes, srow;
-    int cr, pass;
-    const unsigned char* scales;
-    const unsigned char* src = weight_rows(p, t, row_bytes, cr, pass, srow, scales);
-    const uint32_t bytes = row_bytes * (uint32_t)t.arg1;
+    const RowCut rc = weight_rows(p, t);
+    const unsigned char* src = rc.src;
+    const uint32_t bytes = rc.row_bytes * (uint32_t)t.arg1;
     for (uint32_t a = threadIdx.x * PREFETCH_PIECE; a < bytes; a += NCT * PREFETCH_PIECE)
       bulk_prefetch_l2(src + a, min(PREFETCH_PIECE, bytes - a));
     return;

@@ -1,4 +1,5 @@
 #pragma once
+#include <type_traits>
 #include "config.cuh"
 
 // Conversions and the rounding points of the reference: every value the PyTorch reference holds in
@@ -75,6 +76,46 @@ __device__ __forceinline__ float dot32_i4(const uint4& w, const uint4* x) {
     }
   }
   return acc;
+}
+
+// Codes as pairs of the model dtype for the tensor cores' operands, exact, without any conversion
+// instruction: a code put under the exponent of 128 (bf16 0x4300, 7 mantissa bits) or 1024 (fp16 0x6400,
+// 10) by one AND-OR (a LOP3), then one paired subtraction. mma_tiles.py lays the codes out so each pair
+// lands in the order the mma consumes; tests/codegen/test_mma_unpack.py emulates both bit for bit.
+constexpr bool T_IS_BF16 = std::is_same<T, __nv_bfloat16>::value;
+__device__ __forceinline__ uint32_t sub_pairs(uint32_t a, uint32_t b) {
+  uint32_t r;
+  if constexpr (T_IS_BF16) {
+    const __nv_bfloat162 v = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+    r = *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __hsub2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+    r = *reinterpret_cast<const uint32_t*>(&v);
+  }
+  return r;
+}
+
+// 8 symmetric int4 codes of a word minus 8: pair p holds the nibbles at bits 4p (low half) and 16 + 4p.
+__device__ __forceinline__ void i4x8_to_pairs(uint32_t w, uint32_t* b) {
+  constexpr uint32_t MAGIC = T_IS_BF16 ? 0x43004300u : 0x64006400u;   // 128 | 1024 in both halves
+  constexpr uint32_t BIAS = T_IS_BF16 ? 0x43084308u : 0x64086408u;    // 136 | 1032
+#pragma unroll
+  for (int p = 0; p < 4; ++p) b[p] = sub_pairs(((w >> (4 * p)) & 0x000F000Fu) | MAGIC, BIAS);
+}
+
+// 4 int8 codes of a word: pair 0 holds bytes 0 and 2, pair 1 bytes 1 and 3. bf16 has 7 mantissa bits for
+// 8-bit codes: the low 7 bits go under 128, and the sign bit picks 128 or 256 to subtract.
+__device__ __forceinline__ void i8x4_to_pairs(uint32_t w, uint32_t* b) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if constexpr (T_IS_BF16) {
+      const uint32_t u = w >> (8 * h);
+      b[h] = sub_pairs((u & 0x007F007Fu) | 0x43004300u, (u & 0x00800080u) | 0x43004300u);
+    } else {
+      const uint32_t u = (w ^ 0x80808080u) >> (8 * h);   // code + 128 under 1024, minus 1152
+      b[h] = sub_pairs((u & 0x00FF00FFu) | 0x64006400u, 0x64806480u);
+    }
+  }
 }
 
 // Dot product of 8 weights with 8 inputs (each a 16-byte vector), accumulated in fp32.

@@ -1,0 +1,66 @@
+"""The stored rows of a quantised matrix as the tensor-core path reads them (templates/kernel/gemv_mma.cuh
+mma_codes_segment), built once when a MegaDecoder is made.
+
+A row is cut into the plan's K segments (GemvPlan.kseg); each segment is its codes in lane order, then (int4)
+its groups' scales, padded to 16 bytes, so one bulk copy a row and segment brings both. Within a segment, a
+warp step covers `sblock` of K and each of the 4 lanes c of a weight row loads one contiguous piece of it:
+- int4: word q of lane c holds the 8 codes at K 32 q + 8 c + e (e = 0..7) of the step, code e at bit
+  4 (e // 2) + 16 (e % 2), so that one AND-OR with 0x000F000F << 4p yields the pair (2p, 2p + 1);
+- int8: word j of lane c holds the 4 codes at K c sblock / 4 + 4 j + e, code e in byte (0, 2, 1, 3)[e], so
+  that bytes 0 and 2, then 1 and 3, are the pairs (0, 1) and (2, 3).
+The pairs (0, 1), (2, 3) of 8 consecutive K meet the inputs' 16-byte vector in that order.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models.quant import QuantTensor
+from ..models.quant.tensor import unpack_nibbles
+from ..schedule.layout import GemvPlan
+
+INT4_BIT = [4 * (e // 2) + 16 * (e % 2) for e in range(8)]     # where code e of a word sits
+INT8_BYTE = [0, 2, 1, 3]                                       # which byte holds code e of a word
+
+
+def lane_order(values: torch.Tensor, bits: int, sblock: int) -> torch.Tensor:
+    """(..., klen) integer codes (uint8: 0..15 for int4, the int8 bytes) -> (..., klen * bits / 8) uint8."""
+    *lead, klen = values.shape
+    v = values.to(torch.int32)
+    if bits == 4:
+        # (steps, window q, lane c, code e) -> (steps, lane c, window q, code e)
+        v = v.reshape(*lead, klen // sblock, sblock // 32, 4, 8).transpose(-3, -2)
+        word = torch.zeros(v.shape[:-1], dtype=torch.int64, device=v.device)
+        for e, bit in enumerate(INT4_BIT):
+            word |= v[..., e].to(torch.int64) << bit
+    else:
+        # (steps, lane c, word j, code e): already in lane order; the bytes of each word permuted
+        v = v.reshape(*lead, klen // sblock, 4, sblock // 16, 4)
+        word = torch.zeros(v.shape[:-1], dtype=torch.int64, device=v.device)
+        for e, byte in enumerate(INT8_BYTE):
+            word |= (v[..., e].to(torch.int64) & 0xFF) << (8 * byte)
+    shifts = torch.arange(0, 32, 8, device=v.device)
+    return ((word[..., None] >> shifts) & 0xFF).to(torch.uint8).reshape(*lead, klen * bits // 8)
+
+
+def mma_rows(q: QuantTensor, g: GemvPlan) -> torch.Tensor:
+    """The stored rows (..., rows, g.code_row_bytes) uint8 of `q` for an op planned as `g`, layer by layer
+    (the unpacked codes of one layer at a time)."""
+    *lead, rows, k = q.shape
+    if k != g.cols:
+        raise ValueError(f"a matrix of K={k} for an op of K={g.cols}")
+    if lead:
+        return torch.stack([mma_rows(q[i], g) for i in range(lead[0])])
+    bits, group = q.format.bits, q.format.group_size
+    codes = unpack_nibbles(q.codes, k) if bits == 4 else q.codes.view(torch.uint8)
+    scales = q.scales.contiguous().view(torch.uint8) if group else None      # (rows, groups * bytes)
+    sb = scales.shape[-1] // (k // group) if group else 0
+    parts = []
+    for k0 in range(0, k, g.kseg):
+        klen = min(g.kseg, k - k0)
+        parts.append(lane_order(codes[:, k0:k0 + klen], bits, g.sblock))
+        if group:
+            s = scales[:, k0 // group * sb:(k0 + klen) // group * sb]
+            parts.append(torch.nn.functional.pad(s, (0, -s.shape[-1] % 16)))
+    out = torch.cat(parts, dim=-1).contiguous()
+    assert out.shape[-1] == g.code_row_bytes, (out.shape, g.code_row_bytes)
+    return out

@@ -1,0 +1,135 @@
+"""The tensor-core path's quantised rows (runtime/mma_tiles.py) read and unpacked as the kernel does
+(gemv_mma.cuh mma_codes_segment, numerics.cuh i4x8_to_pairs / i8x4_to_pairs), emulated bit for bit in numpy:
+each lane's load at its offset, the AND-OR under 128 (bf16) or 1024 (fp16), the paired subtraction, the
+pair's K positions and the group scale it is folded with. Every weight of every row comes out exactly as
+dequantize() has it, once each, for every segment, warp-step width and group size."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from monokernel.models.presets import preset
+from monokernel.models.quant import dequantize
+from monokernel.models.quant.rtn import quantize
+from monokernel.runtime.mma_tiles import mma_rows
+from monokernel.schedule.plan import plan_for
+from monokernel.schedule.tasks import Op
+
+from conftest import TINY_SPECS
+
+
+def as_float(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """16-bit patterns -> float64 values of bf16 / fp16."""
+    bits = bits.astype(np.uint32) & 0xFFFF
+    if dtype == "bf16":
+        return (bits << 16).astype(np.uint32).view(np.float32).astype(np.float64)
+    return bits.astype(np.uint16).view(np.float16).astype(np.float64)
+
+
+def sub_pairs(a: np.ndarray, b: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The two halves of a - b in the 16-bit type; every result here is a small integer, which the test checks
+    is exact in that type (so the hardware's rounding cannot change it)."""
+    out = []
+    for shift in (0, 16):
+        v = as_float(a >> shift, dtype) - as_float(b >> shift, dtype)
+        assert np.array_equal(v, np.round(v)) and np.abs(v).max() <= 128
+        out.append(v)
+    return out[0], out[1]
+
+
+def i4_pairs(w: np.ndarray, dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    magic, bias = (0x43004300, 0x43084308) if dtype == "bf16" else (0x64006400, 0x64086408)
+    return [sub_pairs(((w >> (4 * p)) & 0x000F000F) | magic, np.full_like(w, bias), dtype) for p in range(4)]
+
+
+def i8_pairs(w: np.ndarray, dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    out = []
+    for h in range(2):
+        if dtype == "bf16":
+            u = w >> (8 * h)
+            out.append(sub_pairs((u & 0x007F007F) | 0x43004300, (u & 0x00800080) | 0x43004300, dtype))
+        else:
+            u = (w ^ 0x80808080) >> (8 * h)
+            out.append(sub_pairs((u & 0x00FF00FF) | 0x64006400, np.full_like(w, 0x64806480), dtype))
+    return out
+
+
+def kernel_view(stored: np.ndarray, g, dtype: str, scale_kind: str) -> np.ndarray:
+    """(rows, stored bytes) -> (rows, K) float64: what the kernel multiplies each input by (times its group's
+    scale for int4; the int8 row scale comes in the epilogue and is left out here)."""
+    rows, k = stored.shape[0], g.cols
+    out = np.full((rows, k), np.nan)
+    bits, sb, seg0 = g.code_bits, g.sblock, 0
+    lb = sb * bits // 32
+    for k0 in range(0, k, g.kseg):
+        klen = min(g.kseg, k - k0)
+        seg = stored[:, seg0:]
+        scale_bytes = -(-(klen // g.group) * 2 // 16) * 16 if bits == 4 else 0
+        scales = as_float(seg[:, klen * bits // 8:klen * bits // 8 + scale_bytes].copy().view("<u2"), scale_kind) \
+            if bits == 4 else None
+        for step in range(klen // sb):
+            for c in range(4):
+                off = step * sb * bits // 8 + c * lb
+                words = seg[:, off:off + lb].copy().view("<u4")            # (rows, lb / 4)
+                for q in range(words.shape[1]):
+                    if bits == 4:
+                        for p, (lo, hi) in enumerate(i4_pairs(words[:, q], dtype)):
+                            kk = k0 + step * sb + 32 * q + 8 * c + 2 * p
+                            s = scales[:, (step * sb + 32 * q) // g.group]
+                            assert np.isnan(out[:, kk:kk + 2]).all()
+                            out[:, kk], out[:, kk + 1] = lo * s, hi * s
+                    else:
+                        for h, (lo, hi) in enumerate(i8_pairs(words[:, q], dtype)):
+                            kk = k0 + step * sb + c * sb // 4 + 4 * q + 2 * h
+                            assert np.isnan(out[:, kk:kk + 2]).all()
+                            out[:, kk], out[:, kk + 1] = lo, hi
+        seg0 += klen * bits // 8 + scale_bytes
+    assert seg0 == stored.shape[1]
+    return out
+
+
+CASES = [(TINY_SPECS["mistral"], "int4-g32", Op.QKV), (TINY_SPECS["mistral"], "int4-g64", Op.DOWN),
+         (TINY_SPECS["qwen2"], "int4-g128-bf16", Op.GATEUP), (TINY_SPECS["qwen3"], "int4-g32-bf16", Op.OPROJ),
+         (TINY_SPECS["qwen3"], "int8", Op.DOWN), (TINY_SPECS["mistral"], "int8", Op.QKV),
+         (TINY_SPECS["qwen2"], "int8", Op.GATEUP)]
+
+
+@pytest.mark.parametrize("spec,fmt,op", CASES, ids=[f"{s.name}-{f}-{o.name}" for s, f, o in CASES])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_lanes_unpack_to_dequantize(spec, fmt, op, dtype):
+    g = plan_for(spec, 1, 256, weights=fmt, activations=dtype, mma_kseg_max=64).gemv[op]   # several segments
+    assert g.kseg < g.cols and g.sblock in (32, 64, 128)
+    w = torch.randn(g.rows, g.cols, generator=torch.Generator().manual_seed(g.cols))
+    q = quantize(w, fmt)
+    stored = mma_rows(q, g).numpy()
+    kind = "bf16" if q.scales.dtype == torch.bfloat16 else "fp16"
+    view = kernel_view(stored, g, dtype, kind)
+    assert not np.isnan(view).any()
+    if fmt == "int8":     # the codes themselves; the epilogue multiplies a row's sum by its scale
+        np.testing.assert_array_equal(view, q.codes.double().numpy())
+        view = view * q.scales.double().numpy().reshape(-1, 1)
+    np.testing.assert_array_equal(view.astype(np.float32), dequantize(q, torch.float32).numpy())
+
+
+def test_int8_every_code_both_halves():
+    """Every int8 code in each byte of a word comes out as itself, bf16 and fp16."""
+    codes = np.arange(-128, 128, dtype=np.int8)
+    for byte in range(4):
+        words = np.zeros((256, 4), dtype=np.int8)
+        words[:, byte] = codes
+        words[:, (byte + 1) % 4] = codes[::-1]
+        w = words.view("<u4")[:, 0]
+        for dtype in ("bf16", "fp16"):
+            pairs = i8_pairs(w, dtype)
+            got = {0: pairs[0][0], 2: pairs[0][1], 1: pairs[1][0], 3: pairs[1][1]}
+            assert np.array_equal(got[byte], codes.astype(np.float64))
+
+
+def test_8b_int4_plan_segments_are_whole():
+    """The 8B preset's int4 rows: 4096 codes and their 32 scales a segment, one 16-byte load a lane a step."""
+    p = plan_for(preset("llama-3.1-8b"), 1, 512, weights="int4-g128", activations="bf16")
+    for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN):
+        g = p.gemv[op]
+        assert g.sblock == 128 and g.kseg == 4096 and g.seg_bytes == 2048 + 64 and g.row_stride % 128 == 64
+    assert p.gemv[Op.DOWN].code_row_bytes == 3 * 2112 + 1024 + 32
