@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from monokernel.models.presets import preset
-from monokernel.models.weights import random_weights
+from monokernel.models.weights import quantize_weights, random_weights
 from monokernel.runtime.kv_cache import KVCache
 from monokernel.runtime.mega import MegaDecoder
 from monokernel.schedule.tuning import Tuning
@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--variant", action="append", default=None,
                     help="k=v,k=v Tuning knobs ('' = defaults); launch=plain times a plain (not cooperative) launch")
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--weights", default="bf16", help="formats of the layers' matrices, comma-separated (e.g. "
+                    "bf16,int8,int4-g128): random bf16 weights quantised round-to-nearest")
     ap.add_argument("--json", default=None)
     ap.add_argument("--raw", default=None, help="folder for each run's raw stamps (.npz) to analyse offline")
     args = ap.parse_args()
@@ -51,45 +53,51 @@ def main():
     for name in args.models.split(","):
         spec = preset(name)
         w = random_weights(spec, torch.bfloat16, "cuda", seed=0)
-        for batch in map(int, args.batch.split(",")):
-            for ctx in map(int, args.context.split(",")):
-                cache = KVCache(spec, batch, ctx + EXTRA_SEQ, torch.bfloat16, "cuda")
-                cache.k.normal_()
-                cache.v.normal_()
-                tok = torch.randint(0, spec.vocab_size, (batch,), device="cuda")
-                pos = torch.full((batch,), ctx, device="cuda")
-                for var in args.variant or [""]:
-                    knobs = ",".join(kv for kv in var.split(",") if kv != "launch=plain")
-                    mk = MegaDecoder(w, cache, tuning=Tuning.parse(knobs))
-                    mk.kernel.cooperative = "launch=plain" not in var.split(",")
-                    ms = time_steps(mk, tok, pos, args.steps)
-                    mk.enable_profile()
-                    mk.launch(tok, pos)
-                    torch.cuda.synchronize()
-                    s = mk.profile_summary()
-                    nb = s["blocks"]
-                    print(f"{name} b{batch} ctx{ctx} [{var or 'default'}] splits={mk.plan.attn.splits} "
-                          f"ring={mk.plan.smem.ring_stages}: {ms:.3f} ms/step (median of {args.steps}), "
-                          f"profiled span {s['span_us']:.0f} us", flush=True)
-                    for k, v in s.items():
-                        if isinstance(v, dict):
-                            print(f"  {k:7s} tasks {v['tasks']:5d}  wait/block {v['wait_us'] / nb:8.1f} us"
-                                  f"  work/block {v['work_us'] / nb:8.1f} us  path: sight {v.get('sight_us', 0):7.1f}"
-                                  f" median work {v.get('median_work_us', 0):8.1f} straggle {v.get('straggle_us', 0):7.1f} us")
-                    print(f"  last to finish a phase [block, times, SM]: {s.get('last_blocks')}")
-                    if args.raw:
-                        os.makedirs(args.raw, exist_ok=True)
-                        tag = f"{name}-b{batch}-ctx{ctx}-{var.replace(',', '_').replace('=', '') or 'default'}"
-                        np.savez_compressed(os.path.join(args.raw, tag + ".npz"), **mk.profile_raw())
-                    rows.append(dict(model=name, batch=batch, context=ctx, variant=var, ms=ms,
-                                     config=mk.plan.summary(), profile=s))
-                    del mk
-                del cache
-                torch.cuda.empty_cache()
+        for fmt in args.weights.split(","):
+            profile_format(args, name, spec, w if fmt == "bf16" else quantize_weights(w, fmt), fmt, rows)
         del w
         torch.cuda.empty_cache()
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
+
+
+def profile_format(args, name, spec, w, fmt, rows):
+    """Times and profiles one weight format of a model over the batches, contexts and variants."""
+    for batch in map(int, args.batch.split(",")):
+        for ctx in map(int, args.context.split(",")):
+            cache = KVCache(spec, batch, ctx + EXTRA_SEQ, torch.bfloat16, "cuda")
+            cache.k.normal_()
+            cache.v.normal_()
+            tok = torch.randint(0, spec.vocab_size, (batch,), device="cuda")
+            pos = torch.full((batch,), ctx, device="cuda")
+            for var in args.variant or [""]:
+                knobs = ",".join(kv for kv in var.split(",") if kv != "launch=plain")
+                mk = MegaDecoder(w, cache, tuning=Tuning.parse(knobs))
+                mk.kernel.cooperative = "launch=plain" not in var.split(",")
+                ms = time_steps(mk, tok, pos, args.steps)
+                mk.enable_profile()
+                mk.launch(tok, pos)
+                torch.cuda.synchronize()
+                s = mk.profile_summary()
+                nb = s["blocks"]
+                print(f"{name} {fmt} b{batch} ctx{ctx} [{var or 'default'}] splits={mk.plan.attn.splits} "
+                      f"ring={mk.plan.smem.ring_stages}: {ms:.3f} ms/step (median of {args.steps}), "
+                      f"profiled span {s['span_us']:.0f} us", flush=True)
+                for k, v in s.items():
+                    if isinstance(v, dict):
+                        print(f"  {k:7s} tasks {v['tasks']:5d}  wait/block {v['wait_us'] / nb:8.1f} us"
+                              f"  work/block {v['work_us'] / nb:8.1f} us  path: sight {v.get('sight_us', 0):7.1f}"
+                              f" median work {v.get('median_work_us', 0):8.1f} straggle {v.get('straggle_us', 0):7.1f} us")
+                print(f"  last to finish a phase [block, times, SM]: {s.get('last_blocks')}")
+                if args.raw:
+                    os.makedirs(args.raw, exist_ok=True)
+                    tag = f"{name}-{fmt}-b{batch}-ctx{ctx}-{var.replace(',', '_').replace('=', '') or 'default'}"
+                    np.savez_compressed(os.path.join(args.raw, tag + ".npz"), **mk.profile_raw())
+                rows.append(dict(model=name, weights=fmt, batch=batch, context=ctx, variant=var, ms=ms,
+                                 config=mk.plan.summary(), profile=s))
+                del mk
+            del cache
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ class GemvPlan:
     flush_chunks: int = 1
     in_smem: bool = True
     seg_staged: bool = False
+    seg_major: bool = False   # tensor cores: chunks segment-major over a flush, one cross-warp reduction a flush
     chain_only: bool = False
     scaled: bool = False      # int8 codes times a scale a row
     code_bits: int = 16       # bits of one stored weight
@@ -121,6 +122,7 @@ class Layout:
             seg = MmaSegments(i, t, op)
             if not dense:    # the segments' scales ride inside the stored rows: no scale copies of their own
                 extra.update(code_row_bytes=seg.stored_row_bytes, scale_row_bytes=0)
+            extra["seg_major"] = extra["seg_staged"] or i.weights.quantised
             return GemvPlan(rows, cols, tile, MMA_ROWS, 1, kseg=seg.kseg, row_stride=seg.row_stride,
                             seg_bytes=seg.seg_bytes(seg.kseg), sblock=0 if dense else seg.sblock, **extra)
         chunk = max(1, t.slot_bytes // i.row_bytes(op))
@@ -146,7 +148,7 @@ class Layout:
         chunks = -(-g.tile_rows // g.chunk_rows)
         per_chunk = g.warps_per_row * g.chunk_rows * self.i.batch * 4
         budget = result_budget(self.i, self.t)
-        if g.seg_staged:
+        if g.seg_major:
             return max(1, min(chunks, budget // (mma_tile_floats(self.t) * 4 + per_chunk)))
         budget -= self.mma_part_floats * 4 if self.t.gemv_mma else 0
         return max(1, min(chunks, budget // per_chunk))
@@ -154,7 +156,7 @@ class Layout:
     @property
     def mma_part_floats(self) -> int:
         # two buffers (alternate row groups), or one per row group of a segment-staged op's flush
-        staged = [self.flush_chunks(g) for g in self.gemv.values() if g.seg_staged]
+        staged = [self.flush_chunks(g) for g in self.gemv.values() if g.seg_major]
         return max([2] + staged) * mma_tile_floats(self.t)
 
     def _result_floats(self) -> int:
@@ -284,8 +286,10 @@ def attn_floats(i: KernelInputs, t: Tuning) -> int:
 
 
 def result_budget(i: KernelInputs, t: Tuning) -> int:
-    # the attention partials need this much scratch anyway; results may use as much (at least 8 KiB)
-    return max(8 * 1024, attn_floats(i, t) * 4)
+    # the attention partials need this much scratch anyway; results may use as much (at least 8 KiB), and a
+    # quantised kernel's segment-major flushes 32 KiB (8 row groups of accumulators a flush at 7 warps)
+    least = 32 * 1024 if i.weights.quantised and t.gemv_mma else 8 * 1024
+    return max(least, attn_floats(i, t) * 4)
 
 
 def lanes_per_key(i: KernelInputs) -> int:

@@ -30,8 +30,8 @@ CASES = [(n, "int8") for n in TINY_SPECS] + [("qwen3", "int4-g128"), ("qwen2", "
 
 # The paths a quantised matrix takes: the rules' (tensor cores wherever every K is a multiple of 32: tiny
 # llama's 688 keeps int8 on CUDA cores), CUDA cores forced, and the tensor-core op whose global input is
-# staged segment by segment (input_smem_budget=0), over several K segments (mma_kseg_max=64).
-PATHS = {"rules": {}, "cuda-cores": dict(gemv_mma=False), "staged": dict(input_smem_budget=0, mma_kseg_max=64)}
+# staged segment by segment (input_smem_budget=0), over several K segments (mma_kseg_max=128).
+PATHS = {"rules": {}, "cuda-cores": dict(gemv_mma=False), "staged": dict(input_smem_budget=0, mma_kseg_max=128)}
 
 
 @pytest.mark.parametrize("path", list(PATHS))

@@ -34,7 +34,8 @@ __device__ __forceinline__ void mma_epilogue(const Params& p, const Task& t, int
   }
 }
 
-// One K segment (klen elements) of a quantised chunk through the tensor cores, for lane (g, c) of `warp`:
+// One K segment (klen elements) of a quantised chunk through the tensor cores, for lane (g, c) of a warp
+// whose first step is `first` (then every NCW-th):
 // row g's codes times the inputs of sequences g and g + 8 (ldx(k): the two 8-element input vectors at
 // segment offset k) into d (sequences g, g + 8 x chunk rows 2c, 2c + 1), as the dense loop below, but
 // with the codes turned into operand pairs first (numerics.cuh). A warp step covers SBLOCK of K: each lane
@@ -42,14 +43,14 @@ __device__ __forceinline__ void mma_epilogue(const Params& p, const Task& t, int
 // each group's products into d times the group's scales of rows 2c and 2c + 1, which follow the segment's
 // codes in each row; int8 rows take their scale in the epilogue.
 template <int OP, class LoadX>
-__device__ __forceinline__ void mma_codes_segment(float* d, float* e, const unsigned char* slot, int klen, int warp,
+__device__ __forceinline__ void mma_codes_segment(float* d, float* e, const unsigned char* slot, int klen, int first,
                                                   int g, int c, const LoadX& ldx) {
   using GV = Gemv<OP>;
   constexpr int SB = GV::SBLOCK, LB = SB * GV::CODE_BITS / 32;   // K a warp step, bytes a lane loads
   constexpr int NW = LB / 4;                                     // words a lane loads
   const unsigned char* wr = slot + g * GV::RSTRIDE;
-#pragma unroll 1
-  for (int sb = warp; sb < klen / SB; sb += NCW) {
+#pragma unroll 2   // two steps' loads and mma chains in flight: one alone is latency-bound
+  for (int sb = first; sb < klen / SB; sb += NCW) {
     uint32_t wv[NW];
     const unsigned char* src = wr + sb * (SB * GV::CODE_BITS / 8) + c * LB;
     if constexpr (NW == 4) {
@@ -113,6 +114,7 @@ __device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, RingR
   constexpr int K = Gemv<OP>::K;
   constexpr int KSEG = Gemv<OP>::KSEG;
   constexpr int NSEG = (K + KSEG - 1) / KSEG;
+  static_assert(Gemv<OP>::CODE_BITS == 16, "quantised ops stream segment-major (gemv_mma_flush_task)");
   constexpr int RR = 8 * Gemv<OP>::FC;             // rows whose results one epilogue writes
   float* part = sm;                                // 2 x NCW x 16 x 8: accumulators, alternate groups
   float* res = sm + 2 * NCW * 128;                 // RR x B
@@ -131,14 +133,6 @@ __device__ bool gemv_mma_task(const Params& p, const Task& t, const T* in, RingR
         const unsigned char* slot = rd.wait();
         const T* x0 = in + (size_t)g * Gemv<OP>::IN_STRIDE + k0;
         const T* x1 = in + (size_t)(g + 8) * Gemv<OP>::IN_STRIDE + k0;
-        if constexpr (Gemv<OP>::CODE_BITS < 16) {
-          mma_codes_segment<OP>(d, e, slot, klen, warp, g, c, [&](int k, uint4& a0, uint4& a1) {
-            a0 = g < B ? ld_in<OP>(x0 + k) : zero;
-            a1 = B > 8 && g + 8 < B ? ld_in<OP>(x1 + k) : zero;
-          });
-          rd.release();
-          continue;
-        }
         const unsigned char* w = slot + g * Gemv<OP>::RSTRIDE;
 #pragma unroll 4
         for (int kb = warp * 32 + c * 8; kb < klen + c * 8; kb += NCW * 32) {
@@ -187,18 +181,22 @@ __device__ __forceinline__ int seg_vec(int b, int j) {
   return b * SEG_ROW_VECS + (j ^ ((b & 1) << 2));
 }
 
-// A tensor-core task whose input lives in global memory (the down projection at batch > 2): the ring brings
-// K segment by K segment every row group of a flush, and each input segment (B x KSEG) is staged once
-// into the shared-memory input area (one L2 round trip, all copies in flight), so the mma loop reads only
-// shared memory. Loading the input from L2 inside the mma loop cost a round trip or two per ring slot,
-// more than the slot's HBM time at batch 8. Per-warp accumulators of every row group of the flush collect
-// in `part` across the segments.
+// A tensor-core task whose chunks stream segment-major over a flush: the ring brings K segment by K segment
+// every row group of the flush, and per-warp accumulators of every row group collect in `part` across the
+// segments, reduced across warps once a flush (one barrier a flush, not one a row group: the warps drift
+// apart by up to the ring, as on CUDA cores). Two kinds of op: those whose input lives in global memory (the
+// down projection at batch > 2), each input segment (B x KSEG) staged once into the shared-memory input
+// area (one L2 round trip, all copies in flight) so the mma loop reads only shared memory (loading it from
+// L2 inside the loop cost a round trip or two per slot, more than the slot's HBM time at batch 8); and every
+// op of a quantised kernel, whose short chunks (16 KB of int4) made a barrier each the bound (perf note 30).
+// Their warp steps rotate over the chunks so no warp takes the odd step of each.
 template <int OP>
-__device__ bool gemv_mma_staged_task(const Params& p, const Task& t, const T* in, T* seg_in, RingReader& rd,
-                                     float* sm) {
+__device__ bool gemv_mma_flush_task(const Params& p, const Task& t, const T* in, T* seg_in, RingReader& rd,
+                                    float* sm) {
   constexpr int K = Gemv<OP>::K, KSEG = Gemv<OP>::KSEG, NSEG = (K + KSEG - 1) / KSEG;
   constexpr int RR = 8 * Gemv<OP>::FC;
-  static_assert((KSEG / 8 + 7) / 8 * 64 <= INPUT_LEN, "a staged segment must fit the input area");
+  constexpr bool STAGE = Gemv<OP>::SEG_STAGED;
+  static_assert(!STAGE || (KSEG / 8 + 7) / 8 * 64 <= INPUT_LEN, "a staged segment must fit the input area");
   float* part = sm;                                // FC x NCW x 16 x 8
   float* res = sm + Gemv<OP>::FC * NCW * 128;      // RR x B
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
@@ -206,35 +204,50 @@ __device__ bool gemv_mma_staged_task(const Params& p, const Task& t, const T* in
   const float2 pre_scale = preload_scales<OP, RR>(p, t);
   const uint4 zero = make_uint4(0, 0, 0, 0);
   const uint4* xs = reinterpret_cast<const uint4*>(seg_in);
+  int chunk = 0;                         // chunks of the task so far: the codes' warp steps rotate with it
   for (int f0 = 0; f0 < t.arg1; f0 += RR) {
     const int fr = min(RR, t.arg1 - f0);
 #pragma unroll 1
     for (int seg = 0; seg < NSEG; ++seg) {
       const int k0 = seg * KSEG, klen = min(KSEG, K - k0);
-      consumer_sync();                     // the previous segment's readers are done
-      // asynchronous copies (L2 -> shared, no registers): the whole segment in flight, one round trip
-      for (int i = threadIdx.x; i < B * (klen / 8); i += NCT) {
-        const int b = i / (klen / 8), j = i % (klen / 8);
-        cp_async16(seg_in + seg_vec<KSEG>(b, j) * 8, in + (size_t)b * Gemv<OP>::IN_STRIDE + k0 + j * 8);
+      if constexpr (STAGE) {
+        consumer_sync();                     // the previous segment's readers are done
+        // asynchronous copies (L2 -> shared, no registers): the whole segment in flight, one round trip
+        for (int i = threadIdx.x; i < B * (klen / 8); i += NCT) {
+          const int b = i / (klen / 8), j = i % (klen / 8);
+          cp_async16(seg_in + seg_vec<KSEG>(b, j) * 8, in + (size_t)b * Gemv<OP>::IN_STRIDE + k0 + j * 8);
+        }
+        cp_async_wait_all();
+        consumer_sync();
       }
-      cp_async_wait_all();
-      consumer_sync();
-      for (int g0 = 0; g0 < fr; g0 += 8) {
+      const T* x0 = in + (size_t)g * Gemv<OP>::IN_STRIDE + k0;
+      const T* x1 = in + (size_t)(g + 8) * Gemv<OP>::IN_STRIDE + k0;
+      // input vector j (8 elements) of the segment for sequences g and g + 8
+      auto ldx = [&](int j, bool kin, uint4& a0, uint4& a1) {
+        if constexpr (STAGE) {
+          a0 = kin && g < B ? xs[seg_vec<KSEG>(g, j)] : zero;
+          a1 = B > 8 && kin && g + 8 < B ? xs[seg_vec<KSEG>(g + 8, j)] : zero;
+        } else {
+          a0 = kin && g < B ? ld_in<OP>(x0 + 8 * j) : zero;
+          a1 = B > 8 && kin && g + 8 < B ? ld_in<OP>(x1 + 8 * j) : zero;
+        }
+      };
+      for (int g0 = 0; g0 < fr; g0 += 8, ++chunk) {
         float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
         const unsigned char* slot = rd.wait();
         if constexpr (Gemv<OP>::CODE_BITS < 16) {
-          mma_codes_segment<OP>(d, e, slot, klen, warp, g, c, [&](int k, uint4& a0, uint4& a1) {
-            a0 = g < B ? xs[seg_vec<KSEG>(g, k / 8)] : zero;
-            a1 = B > 8 && g + 8 < B ? xs[seg_vec<KSEG>(g + 8, k / 8)] : zero;
-          });
+          constexpr int SB = Gemv<OP>::SBLOCK;
+          const int first = ((warp - chunk * (klen / SB)) % NCW + NCW) % NCW;
+          mma_codes_segment<OP>(d, e, slot, klen, first, g, c,
+                                [&](int k, uint4& a0, uint4& a1) { ldx(k / 8, true, a0, a1); });
         } else {
           const unsigned char* w = slot + g * Gemv<OP>::RSTRIDE;
 #pragma unroll (B > 8 ? 2 : 4)   // both operand halves' loads in flight cost registers at batch > 8
           for (int kb = warp * 32 + c * 8; kb < klen + c * 8; kb += NCW * 32) {
             const bool kin = kb < klen;
             const uint4 wv = kin ? *reinterpret_cast<const uint4*>(w + kb * sizeof(T)) : zero;
-            const uint4 a0 = kin && g < B ? xs[seg_vec<KSEG>(g, kb / 8)] : zero;
-            const uint4 a1 = B > 8 && kin && g + 8 < B ? xs[seg_vec<KSEG>(g + 8, kb / 8)] : zero;
+            uint4 a0, a1;
+            ldx(kb / 8, kin, a0, a1);
             mma_bf16_16816(d, a0.x, a1.x, a0.y, a1.y, wv.x, wv.y);
             mma_bf16_16816(e, a0.z, a1.z, a0.w, a1.w, wv.z, wv.w);
           }

@@ -21,7 +21,7 @@ __device__ __forceinline__ bool is_gemv(int op) {
 template <int OP>
 __device__ __forceinline__ void gemv_shape(int& chunk_rows, int& mma_pass) {
   chunk_rows = Gemv<OP>::CR;
-  mma_pass = Gemv<OP>::SEG_STAGED ? MMA_ROWS * Gemv<OP>::FC : MMA_ROWS;   // rows one pass over K covers (tensor cores)
+  mma_pass = Gemv<OP>::SEG_MAJOR ? MMA_ROWS * Gemv<OP>::FC : MMA_ROWS;   // rows one pass over K covers (tensor cores)
 }
 
 // Weight rows of a task as one contiguous byte range (matrices are row-major, stacked over layers), and how
@@ -151,7 +151,7 @@ __device__ __forceinline__ void next_step_lookahead(const Params& p, int t0, int
 template <int OP>
 __device__ __forceinline__ bool gemv(const Params& p, const Task& t, const T* in, T* in_smem, RingReader& rd,
                                      float* sm) {
-  if constexpr (Gemv<OP>::SEG_STAGED) return gemv_mma_staged_task<OP>(p, t, in, in_smem, rd, sm);
+  if constexpr (Gemv<OP>::SEG_MAJOR) return gemv_mma_flush_task<OP>(p, t, in, in_smem, rd, sm);
   else if constexpr (MMA) return gemv_mma_task<OP>(p, t, in, rd, sm);
   else return gemv_task<OP>(p, t, in, rd, sm);
 }
