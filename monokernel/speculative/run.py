@@ -30,8 +30,9 @@ def check_speculative(method: str, draft_tokens: int, engine_kind: str) -> None:
     """Refuses what speculative decoding cannot do here, before anything runs (or loads)."""
     if not isinstance(method, str) or not (method == "ngram" or method.startswith(PREFIX)):
         raise InputError(f"speculative method {method!r} is not one of {', '.join(METHODS)}")
-    if method.startswith(PREFIX):
-        draft_source(method)
+    if method.startswith(PREFIX):   # a draft model that is not there is named before any weights load
+        from ..models.load import resolve_model
+        resolve_model(draft_source(method))
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
         raise InputError(f"draft_tokens={draft_tokens!r} must be an integer in 1..{MAX_DRAFT_TOKENS}")
     if engine_kind != "reference":

@@ -48,3 +48,42 @@ def test_cli_prints_tokens_per_pass(capsys, tiny_preset):
     assert main(["generate", "--model", "preset:tiny", "--speculative", "ngram", "--draft-tokens", "17",
                  "1 2"]) == 2
     assert "--draft-tokens 17 must be an integer in 1..16" in capsys.readouterr().err
+
+
+def test_cli_draft_model_and_sampling(capsys, tiny_preset, monkeypatch):
+    """--speculative model:PATH gives plain greedy's tokens; sampling with a seed repeats itself; a draft model
+    of another vocabulary is refused with both sizes."""
+    from monokernel.models.presets import PRESETS
+    monkeypatch.setitem(PRESETS, "tiny-other", TINY_SPECS["llama"].with_(name="tiny-other", vocab_size=103))
+    base = ["generate", "--model", "preset:tiny", "--max-new-tokens", "10", "1 2 3 1 2 3"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main(base + ["--speculative", "model:preset:tiny", "--draft-tokens", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain and "speculative model:preset:tiny" in err and "(100 %)" in err
+    sampled = base + ["--speculative", "ngram", "--temperature", "0.8", "--seed", "3"]
+    assert main(sampled) == 0 and main(sampled) == 0
+    a, b = capsys.readouterr().out.splitlines()
+    assert a == b and len(a.split()) == 10
+    assert main(base + ["--speculative", "model:preset:tiny-other"]) == 2
+    assert "vocabulary of 103 tokens but the target has 101" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+@pytest.mark.parametrize("flags, message", [
+    (["--speculative", "beam"], "'beam' is not one of ngram, model:PATH"),
+    (["--speculative", "model:"], "names no draft model"),
+    (["--speculative", "ngram", "--draft-tokens", "0"], "--draft-tokens 0 must be an integer in 1..16"),
+    (["--speculative", "model:/no/such/dir"], "model '/no/such/dir' not found"),
+])
+def test_cli_bad_speculative_flags(capsys, tiny_preset, monkeypatch, command, flags, message):
+    """Refused in one line, before any weights load."""
+    from monokernel.runtime.engine import Engine
+    loads = []
+    real = Engine.load
+    monkeypatch.setattr(Engine, "load", lambda *a, **k: loads.append(1) or real(*a, **k))
+    prompt = ["1 2 3"] if command == "generate" else []
+    assert main([command, "--model", "preset:tiny", *flags, *prompt]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not loads
