@@ -41,10 +41,11 @@ def check_same_tokenizer(target_vocab: int, target_tok, draft_vocab: int, draft_
     if target_tok is not None:
         a, b = target_tok._tok.get_vocab(with_added_tokens=True), draft_tok._tok.get_vocab(with_added_tokens=True)
         if a != b:
-            diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])[0]
+            ta, tb = ({i: t for t, i in v.items()} for v in (a, b))
+            i = min(i for i in ta.keys() | tb.keys() if ta.get(i) != tb.get(i))
             raise InputError(f"draft model {draft_name!r} has another tokenizer than the target ({len(b)} vs "
-                             f"{len(a)} tokens; token {diff[0]!r} differs): a draft model needs the target's "
-                             "tokenizer")
+                             f"{len(a)} tokens; id {i} is {tb.get(i)!r} to it, {ta.get(i)!r} to the target): a "
+                             "draft model needs the target's tokenizer")
 
 
 class DraftModel:
