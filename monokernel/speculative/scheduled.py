@@ -27,10 +27,10 @@ class ScheduledSpeculation:
         self._drafters: dict[int, DraftModel | None] = {}     # slot -> its draft model state (own cache)
 
     def _drafter(self, slot: int) -> DraftModel | None:
+        """The slot's own draft model state (the loaded weights, a cache of its own: not the Engine's, which
+        generate() may use from another thread)."""
         if slot not in self._drafters:
-            sp = self.speculation
-            first = sp.drafter is not None and not any(d is sp.drafter for d in self._drafters.values())
-            self._drafters[slot] = sp.drafter if first else sp.new_drafter()
+            self._drafters[slot] = self.speculation.new_drafter()
         return self._drafters[slot]
 
     @torch.no_grad()
