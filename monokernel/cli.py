@@ -60,10 +60,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--engine", default="auto", choices=("auto", "reference", "mega"))
     g.add_argument("--max-seq", type=int, default=None, help="KV-cache positions (default: min(model limit, 4096))")
-    g.add_argument("--speculative", default=None, metavar="ngram",
-                   help="speculative greedy decoding with prompt-lookup drafts (reference engine): the same text in "
-                        "fewer forward passes; prints the tokens per pass")
-    g.add_argument("--draft-tokens", type=int, default=None, help="draft tokens a pass with --speculative (default 4)")
+    add_speculative_arguments(g)
     g.set_defaults(func=_generate)
 
     i = sub.add_parser("info", help="show torch/CUDA/compiler availability and, with --model, a model summary")
@@ -90,7 +87,8 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
 
 # Python argument names in the API's errors -> the flags that set them (the API never names flags).
 _FLAGS = {name: "--" + name.replace("_", "-") for name in
-          ("max_seq", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "dtype", "device", "engine", "quantize")}
+          ("max_seq", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "dtype", "device", "engine",
+           "quantize", "draft_tokens")}
 _ARGUMENT = re.compile(r"\b(" + "|".join(_FLAGS) + r")=(?:'([^']*)'|(\S+?))(?=[\s,;:)]|$)")
 
 
@@ -130,6 +128,27 @@ def weights_argument(args) -> str | None:
     return "packed" if args.packed else None
 
 
+def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", default=None, metavar="ngram|model:PATH",
+                   help="speculative decoding (reference engine): drafts by prompt lookup (ngram) or by a small model "
+                        "of the same tokenizer (model:PATH, PATH as --model, or model:default), verified a pass at a "
+                        "time: greedy gives the same text, sampling the same distribution, in fewer forward passes; "
+                        "prints the tokens per pass")
+    p.add_argument("--draft-tokens", type=int, default=None, help="draft tokens a pass with --speculative (default 4)")
+
+
+def speculative_arguments(args) -> dict:
+    """--speculative / --draft-tokens as the Engine's keywords, checked before any weights load (the engine is
+    checked once it is loaded: "auto" may still pick the reference engine)."""
+    if args.speculative is None:
+        return {}
+    from .speculative.run import check_speculative
+
+    draft = 4 if args.draft_tokens is None else args.draft_tokens
+    check_speculative(args.speculative, draft, "reference")
+    return dict(speculative=args.speculative, draft_tokens=draft)
+
+
 # ---- generate ----------------------------------------------------------------------------------
 def _generate(args) -> int:
     from .runtime.engine import Engine
@@ -145,13 +164,7 @@ def _generate(args) -> int:
                             max_new_tokens=args.max_new_tokens, stop=args.stop)
     if args.max_seq is not None and args.max_seq < 1:
         raise InputError(f"--max-seq {args.max_seq} must be >= 1")
-    spec_kw = {}
-    if args.speculative is not None:
-        from .speculative.run import check_speculative
-        # the engine is checked once it is loaded: "auto" may still pick the reference engine
-        draft = 4 if args.draft_tokens is None else args.draft_tokens
-        check_speculative(args.speculative, draft, params, "reference")
-        spec_kw = dict(speculative=args.speculative, draft_tokens=draft)
+    spec_kw = speculative_arguments(args)
     source = resolve_model(args.model)
     if source.kind == "preset":   # no tokenizer: the prompt is token ids, the output too
         if args.stop:
@@ -212,7 +225,7 @@ def _unused_flags(args, params, preset: bool) -> list[str]:
     if args.chat and preset:
         notes.append("--chat has no effect on a preset: it has no tokenizer, so no chat template")
     if getattr(args, "draft_tokens", None) is not None and getattr(args, "speculative", None) is None:
-        notes.append("--draft-tokens has no effect without --speculative ngram")
+        notes.append("--draft-tokens has no effect without --speculative")
     return notes
 
 

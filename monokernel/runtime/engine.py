@@ -101,6 +101,7 @@ class Engine:
         self.eos_token_ids: tuple[int, ...] = tuple(tokenizer.eos_token_ids if tokenizer else self.spec.eos_token_ids)
         self.last_stats = GenerationStats()
         self.last_speculative = None         # SpeculativeStats of the last speculative request
+        self._drafters: dict = {}            # speculative "model:PATH" -> its DraftModel, loaded once
         self._scheduler: Scheduler | None = None   # generate()'s, kept for the next call of the same batch
         # One request at a time: a request owns the scheduler from its prefill to its last token (held by the
         # generator of Engine._run, released when it finishes or is closed).
@@ -221,8 +222,10 @@ class Engine:
     def generate(self, prompts: str | Seq[str], params: SamplingParams | None = None, *, chat: bool = False,
                  speculative: str | None = None, draft_tokens: int = 4, **overrides) -> list[Generation]:
         """`params` (default: SamplingParams()) with any of its fields given as keywords on top. speculative:
-        "ngram" decodes greedily with prompt-lookup drafts of up to `draft_tokens` tokens verified in one
-        pass (the same tokens, fewer passes; `last_speculative` says how many)."""
+        "ngram" (prompt-lookup drafts) or "model:PATH" (a draft model of the same tokenizer: PATH as `model`
+        of load(), or "default") proposes up to `draft_tokens` tokens that the target verifies in one pass:
+        greedy decoding gives the same tokens, sampling the same distribution, in fewer passes
+        (`last_speculative` says how many). Reference engine only."""
         params = _sampling(params, overrides)
         return self.generate_ids(self.encode_prompts(prompts, chat), params, speculative=speculative,
                                  draft_tokens=draft_tokens)
@@ -268,9 +271,6 @@ class Engine:
     # ---- The generation loop -----------------------------------------------------------------------
     def _start(self, prompt_ids, params: SamplingParams, speculative: str | None = None, draft_tokens: int = 4):
         prompt_ids = self._check_ids(prompt_ids)
-        if speculative is not None:
-            from ..speculative.run import check_speculative
-            check_speculative(speculative, draft_tokens, params, self.engine)
         if params.stop and self.tokenizer is None:
             raise InputError(f"stop strings need a tokenizer; model {self.name!r} has none")
         n = params.max_new_tokens
@@ -282,26 +282,30 @@ class Engine:
                 raise InputError(
                     f"prompt {i} has {len(p)} tokens; with max_new_tokens={n} it needs {len(p) + n} positions "
                     f"but the context holds {self.max_seq} (max_seq={self.max_seq}): {fix}")
+        speculation = None
+        if speculative is not None:   # checked, and any draft model loaded, before the first event is asked for
+            from ..speculative.run import Speculation
+            speculation = Speculation.create(speculative, draft_tokens, self, self._drafters)
         eos = frozenset(self.eos_token_ids)
         reqs = [Request(str(i), p, params, Sequence(i, p, n, eos, params.stop,
                                                     self.tokenizer.stream() if self.tokenizer else None))
                 for i, p in enumerate(prompt_ids)]
-        if speculative is not None:
-            return [r.seq for r in reqs], self._run_speculative([r.seq for r in reqs], draft_tokens)
+        if speculation is not None:
+            return [r.seq for r in reqs], self._run_speculative(reqs, speculation)
         return [r.seq for r in reqs], self._run(reqs)
 
-    def _run_speculative(self, seqs: list[Sequence], draft_tokens: int) -> Iterator[TokenEvent]:
-        from ..speculative.greedy import SpeculativeStats
+    def _run_speculative(self, reqs: list[Request], speculation) -> Iterator[TokenEvent]:
         from ..speculative.run import speculative_events
+        from ..speculative.verify import SpeculativeStats
 
         if not self._busy.acquire(blocking=False):
             raise EngineBusy("this Engine is still running another request: finish or close() that stream first")
         try:
-            stats = self.last_stats = GenerationStats(batch=len(seqs), prompt_tokens=sum(len(s.prompt_ids) for s in seqs),
-                                                      engine="reference, speculative ngram")
+            stats = self.last_stats = GenerationStats(batch=len(reqs), prompt_tokens=sum(len(r.prompt_ids) for r in reqs),
+                                                      engine=f"reference, speculative {speculation.method}")
             spec = self.last_speculative = SpeculativeStats()
             t0 = time.perf_counter()
-            for ev in speculative_events(self, seqs, draft_tokens, spec):
+            for ev in speculative_events(self, reqs, speculation, spec):
                 stats.new_tokens += 1
                 if stats.new_tokens == 1:
                     stats.prefill_s = time.perf_counter() - t0

@@ -24,6 +24,13 @@ class KVCache:
     def batch(self) -> int:
         return self.k.shape[1]
 
+    def slot(self, s: int) -> "KVCache":
+        """Slot s as a cache of batch 1 over the same storage: what a forward pass writes through it lands in
+        the slot."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, s:s + 1], self.v[:, s:s + 1]
+        return view
+
     @torch.no_grad()
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """K/V (B, KVH, T, D) of one layer into positions 0..T-1 (a benchmark's context without a prefill)."""

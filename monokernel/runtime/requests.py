@@ -68,13 +68,16 @@ class Request:
         decoder's own argmax of the row, already on the host, taken when the request is greedy."""
         p = self.params
         if p.greedy and self.logprobs is None:
-            token = int(logits.argmax()) if greedy is None else greedy
-        else:
-            row = logits[None].cpu()   # the generator lives on the CPU: the same draws on every device
-            token = int(sample(row, p.temperature, p.top_k, p.top_p, self.generator)[0])
+            return self.take(int(logits.argmax()) if greedy is None else greedy)
+        row = logits.cpu()   # the generator lives on the CPU: the same draws on every device
+        return self.take(int(sample(row[None], p.temperature, p.top_k, p.top_p, self.generator)[0]), row)
+
+    def take(self, token: int, logits: torch.Tensor | None = None) -> RequestEvent:
+        """Appends `token`, chosen by choose() or by a speculative pass; `logits` (V,), the row it was chosen
+        from, gives the logprobs where the request asked for them."""
         lp, top = None, ()
         if self.logprobs is not None:
-            logp = row[0].log_softmax(-1)
+            logp = logits.float().cpu().log_softmax(-1)
             lp = float(logp[token])
             if self.logprobs:
                 values, ids = logp.topk(self.logprobs)

@@ -46,11 +46,10 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) fp32 -> token ids (B,) long. temperature 0 is argmax (top_k/top_p are then moot)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """logits (B, V) -> the distribution (B, V) fp32 that sample() draws from at temperature > 0: softmax of
+    logits / temperature over the top-k tokens and the smallest top-p head of them."""
     scores = logits.float() / temperature
     if top_k is not None and top_k < scores.shape[-1]:
         # keep exactly k per row (by index, so ties at the k-th value cannot let more through)
@@ -63,5 +62,13 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
         sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
         scores = torch.empty_like(scores).scatter(-1, order, sorted_scores)
-    probs = scores.softmax(dim=-1)
+    return scores.softmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) fp32 -> token ids (B,) long. temperature 0 is argmax (top_k/top_p are then moot)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = probabilities(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -53,10 +53,12 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, engine: "Engine", max_batch: int = 8, *, prefill_chunk_size: int | None = None,
-                 max_positions: int | None = None, wrap_decoder: Callable[[Decoder], Decoder] | None = None):
+                 max_positions: int | None = None, wrap_decoder: Callable[[Decoder], Decoder] | None = None,
+                 speculative: Callable[["Scheduler", list[Request]], list[RequestEvent]] | None = None):
         """max_positions: KV-cache positions per slot (default, and always for the megakernel: engine.max_seq);
         wrap_decoder: applied to every decoder built (at start and after a failed step's reset), a test hook
-        for fault injection."""
+        for fault injection; speculative: replaces the batched decode step (speculative.scheduled: a verify
+        pass per decoding request, which may yield several tokens of it in one step)."""
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch={max_batch!r} must be an integer >= 1")
         chunk = chunk_size(engine.device) if prefill_chunk_size is None else prefill_chunk_size
@@ -64,7 +66,7 @@ class Scheduler:
             raise InputError(f"prefill_chunk_size={prefill_chunk_size!r} must be an integer >= 1")
         self.engine, self.batch, self.chunk = engine, max_batch, chunk
         self.max_seq = engine.max_seq if max_positions is None else min(max_positions, engine.max_seq)
-        self.wrap_decoder = wrap_decoder
+        self.wrap_decoder, self.speculative = wrap_decoder, speculative
         self.waiting: deque[Request] = deque()
         self.slots: list[Request | None] = [None] * max_batch
         self.cached: list[list[int]] = [[] for _ in range(max_batch)]   # tokens valid in each free slot
@@ -220,6 +222,9 @@ class Scheduler:
         running = [r for r in self.slots if r is not None and r.decoding]
         if not running:
             return []
+        if self.speculative is not None:
+            self.stats.decode_steps += 1
+            return self.speculative(self, running)
         tokens, positions = [PAD_TOKEN] * self.batch, [0] * self.batch
         for s, r in enumerate(self.slots):
             if r is None:
@@ -236,7 +241,10 @@ class Scheduler:
         return [self._choose(r, logits[r.slot], greedy[r.slot]) for r in running]
 
     def _choose(self, r: Request, logits: torch.Tensor, greedy: int | None = None) -> RequestEvent:
-        ev = r.choose(logits, greedy)
+        return self.took(r, r.choose(logits, greedy))
+
+    def took(self, r: Request, ev: RequestEvent) -> RequestEvent:
+        """Counts the token `ev` appended to `r` (by Request.choose or .take), and frees r's slot if it ended."""
         self.stats.generated_tokens += 1
         if ev.finished:
             self.live.pop(r.id, None)

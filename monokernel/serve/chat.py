@@ -2,7 +2,8 @@
 
 Every turn resends the whole conversation through the chat template; the slot still holds the previous turns'
 K/V, so only the new message is prefilled (the stats line after each reply counts it). /reset forgets the
-conversation, /exit (or end of input) quits, Ctrl-C stops a reply.
+conversation, /exit (or end of input) quits, Ctrl-C stops a reply. With --speculative (reference engine) each
+step verifies a draft (speculative/scheduled.py) and the tokens per pass follow the stats line.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import sys
 import time
 
 from ..errors import InputError
-from .cli import add_model_arguments
+from ..cli import add_speculative_arguments
+from .cli import add_model_arguments, speculative_hook
 
 HELP = "/reset forgets the conversation, /exit quits, Ctrl-C stops a reply"
 
@@ -23,21 +25,24 @@ def add_arguments(p) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    add_speculative_arguments(p)
 
 
 def run(args) -> int:
-    from ..cli import weights_argument
+    from ..cli import speculative_arguments, weights_argument
     from ..runtime.engine import Engine
     from ..runtime.sampling import SamplingParams
     from ..runtime.scheduler import Scheduler
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_new_tokens=args.max_new_tokens)
+    spec_kw = speculative_arguments(args)
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, engine=args.engine, max_seq=args.max_seq,
                          weights=weights_argument(args))
     if engine.tokenizer is None or not engine.tokenizer.chat_template:
         raise InputError(f"model {engine.name!r} has no chat template; use `monokernel generate` for plain prompts")
-    sched = Scheduler(engine, 1)
+    hook = speculative_hook(engine, spec_kw)
+    sched = Scheduler(engine, 1, speculative=hook)
     opening = [{"role": "system", "content": args.system}] if args.system else []
     history = list(opening)
     tty = sys.stdin.isatty()
@@ -60,6 +65,9 @@ def run(args) -> int:
         history.append({"role": "user", "content": text})
         try:
             reply = _turn(sched, history, params)
+            if hook is not None:
+                print(f"[{hook.stats.summary()}]", file=sys.stderr)
+                hook.stats = type(hook.stats)()
         except InputError as e:
             history.pop()
             print(f"monokernel: {e} (/reset starts a new conversation)", file=sys.stderr)

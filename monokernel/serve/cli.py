@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from ..cli import add_speculative_arguments
 from ..errors import InputError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -31,10 +32,23 @@ def add_arguments(p) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt positions prefilled per engine step (bounds how long a prefill stalls decoding; "
                         "default 128 on CPU, 1024 on CUDA)")
+    add_speculative_arguments(p)
+
+
+def speculative_hook(engine, spec_kw: dict):
+    """The Scheduler's speculative decode step for --speculative (None without): it needs the reference
+    engine, and refuses another with the reason."""
+    if not spec_kw:
+        return None
+    from ..speculative.run import Speculation
+    from ..speculative.scheduled import ScheduledSpeculation
+
+    return ScheduledSpeculation(Speculation.create(spec_kw["speculative"], spec_kw["draft_tokens"], engine,
+                                                   engine._drafters))
 
 
 def run(args) -> int:
-    from ..cli import weights_argument
+    from ..cli import speculative_arguments, weights_argument
     from ..runtime.engine import Engine
     from .server import ServeOptions, serve
 
@@ -44,7 +58,8 @@ def run(args) -> int:
             raise InputError(f"{flag} {value} must be >= {least}")
     options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                            queue_full_status=args.queue_full_status, api_key=args.api_key,
-                           model_name=args.served_model_name, prefill_chunk=args.prefill_chunk)
+                           model_name=args.served_model_name, prefill_chunk=args.prefill_chunk,
+                           **speculative_arguments(args))
     if args.host not in LOOPBACK and args.api_key is None:
         print(f"monokernel: warning: serving on {args.host} without --api-key: anyone who can reach this port can "
               "use the model", file=sys.stderr)
@@ -52,6 +67,8 @@ def run(args) -> int:
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, engine=args.engine, max_seq=args.max_seq,
                          weights=weights_argument(args))
     name = options.model_name or engine.name
+    if options.speculative:   # refused before serving: the megakernel has no verify step yet
+        speculative_hook(engine, {"speculative": options.speculative, "draft_tokens": options.draft_tokens})
     print(f"monokernel: serving {name!r} ({engine.engine} engine, {args.max_batch} slots of {engine.max_seq} "
           f"positions) on http://{args.host}:{args.port}/v1 - Ctrl-C stops", file=sys.stderr, flush=True)
     serve(engine, options)

@@ -26,6 +26,8 @@ class ServeOptions:
     model_name: str | None = None    # the id clients send as `model`; default: the model's own name
     max_body_bytes: int = MAX_BODY_BYTES
     prefill_chunk: int | None = None
+    speculative: str | None = None   # "ngram" or "model:PATH": every request decodes speculatively (reference engine)
+    draft_tokens: int = 4
 
     def __post_init__(self):
         for name in ("max_batch", "port"):
@@ -36,11 +38,19 @@ class ServeOptions:
             raise InputError(f"max_queue={self.max_queue!r} must be an integer >= 0")
         if self.queue_full_status not in (429, 503):
             raise InputError(f"queue_full_status={self.queue_full_status!r} must be 429 or 503")
+        if self.speculative is not None:
+            from ..speculative.run import check_speculative
+            check_speculative(self.speculative, self.draft_tokens, "reference")   # the engine: once it is known
 
 
 def build(engine, options: ServeOptions, *, wrap_decoder=None):
     """(app, loop) over `engine`; the loop's thread is started."""
-    sched = Scheduler(engine, options.max_batch, prefill_chunk_size=options.prefill_chunk, wrap_decoder=wrap_decoder)
+    from .cli import speculative_hook
+
+    hook = speculative_hook(engine, {"speculative": options.speculative, "draft_tokens": options.draft_tokens}
+                            if options.speculative else {})
+    sched = Scheduler(engine, options.max_batch, prefill_chunk_size=options.prefill_chunk, wrap_decoder=wrap_decoder,
+                      speculative=hook)
     loop = EngineLoop(sched, options.max_queue).start()
     app = create_app(loop, model_name=options.model_name or engine.name, api_key=options.api_key,
                      queue_full_status=options.queue_full_status, max_body_bytes=options.max_body_bytes)

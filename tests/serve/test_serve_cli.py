@@ -103,3 +103,32 @@ def test_chat_multi_turn(monkeypatch, capsys):
     prompt = [int(s.split("prompt ")[1].split()[0]) for s in stats]
     assert reused[1] > prompt[0] // 2   # the first turn's K/V, still in the slot
     assert "conversation forgotten" in err
+
+
+def test_chat_speculative(monkeypatch, capsys):
+    """`chat --speculative ngram` at temperature 0: the replies of plain chat, the tokens per pass after each."""
+    from monokernel.runtime.engine import Engine
+
+    engine = load_default_engine()
+    monkeypatch.setattr(Engine, "load", staticmethod(lambda *a, **k: engine))
+    turns = "Repeat: one two three one two three\nAgain?\n/exit\n"
+    replies = []
+    for flags in ([], ["--speculative", "ngram", "--draft-tokens", "3"]):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(turns))
+        assert cli.main(["chat", "--max-new-tokens", "6", "--temperature", "0", *flags]) == 0
+        out, err = capsys.readouterr()
+        replies.append(out)
+    assert replies[0] == replies[1] and err.count("tokens per pass over") == 2
+
+
+def test_serve_speculative_needs_the_reference_engine(monkeypatch, capsys):
+    """--speculative with the megakernel engine: refused at startup with the reason, nothing served."""
+    from monokernel.runtime.engine import Engine
+
+    engine = load_default_engine()
+    monkeypatch.setattr(engine, "engine", "mega")
+    monkeypatch.setattr(Engine, "load", staticmethod(lambda *a, **k: engine))
+    monkeypatch.setattr("monokernel.serve.server.serve", lambda *a: pytest.fail("served"))
+    assert cli.main(["serve", "--speculative", "ngram", "--port", str(free_port())]) == 2
+    assert "runs on the reference engine for now (the megakernel has no multi-token verify step" in \
+        capsys.readouterr().err

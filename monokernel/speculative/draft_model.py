@@ -1,0 +1,115 @@
+"""A draft model: a small model of the target's tokenizer, run by the reference model over a KV cache of its
+own, proposing up to K tokens a pass (greedily, or sampled with the request's parameters, its distributions q
+returned for the acceptance rule). Its cache keeps the tokens whose K/V it holds; a call finds where the new
+context leaves them (rejected drafts, a new prompt) and computes only the rest: positions decide, nothing is
+cleared."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import InputError
+from ..models.weights import PackedWeights
+from ..reference.model import ReferenceModel
+from ..runtime.kv_cache import KVCache
+from ..runtime.prefill import chunk_size, prefill_chunk
+from ..runtime.sampling import SamplingParams, probabilities
+
+PREFIX = "model:"
+
+
+def draft_source(method: str) -> str | None:
+    """`model:PATH` -> PATH as the model loader reads it (`model:default` -> None, the default model)."""
+    path = method.removeprefix(PREFIX)
+    if not path:
+        raise InputError("speculative='model:' names no draft model: give model:PATH (a checkpoint dir, a .gguf, "
+                         "preset:NAME or default)")
+    return None if path == "default" else path
+
+
+def check_same_tokenizer(target_vocab: int, target_tok, draft_vocab: int, draft_tok, draft_name: str) -> None:
+    """A draft token must mean to the target what it means to the drafter: the same vocabulary size and, where
+    the models have tokenizers, the same token for every id."""
+    if target_vocab != draft_vocab:
+        raise InputError(f"draft model {draft_name!r} has a vocabulary of {draft_vocab} tokens but the target has "
+                         f"{target_vocab}: a draft model needs the target's tokenizer")
+    if (target_tok is None) != (draft_tok is None):
+        has, lacks = ("the target", "the draft model") if draft_tok is None else ("the draft model", "the target")
+        raise InputError(f"{has} has a tokenizer and {lacks} ({draft_name!r}) has none: their token ids cannot be "
+                         "shown to mean the same; use a draft model with the target's tokenizer")
+    if target_tok is not None:
+        a, b = target_tok._tok.get_vocab(with_added_tokens=True), draft_tok._tok.get_vocab(with_added_tokens=True)
+        if a != b:
+            ta, tb = ({i: t for t, i in v.items()} for v in (a, b))
+            i = min(i for i in ta.keys() | tb.keys() if ta.get(i) != tb.get(i))
+            raise InputError(f"draft model {draft_name!r} has another tokenizer than the target ({len(b)} vs "
+                             f"{len(a)} tokens; id {i} is {tb.get(i)!r} to it, {ta.get(i)!r} to the target): a "
+                             "draft model needs the target's tokenizer")
+
+
+class DraftModel:
+    def __init__(self, weights: PackedWeights, tokenizer=None, name: str | None = None):
+        self.model, self.tokenizer = ReferenceModel(weights), tokenizer
+        self.spec, self.name = weights.spec, name or weights.spec.name
+        self.cache: KVCache | None = None
+        self.cached: list[int] = []      # tokens whose K/V are valid at positions 0 .. len - 1
+
+    @classmethod
+    def load(cls, method: str, target) -> "DraftModel":
+        """The drafter of `model:PATH` for `target` (an Engine), in its device and dtype, dense."""
+        from ..models.load import load_model
+
+        m = load_model(draft_source(method), dtype=target.dtype, device=target.device, weights="dense")
+        check_same_tokenizer(target.spec.vocab_size, target.tokenizer, m.spec.vocab_size, m.tokenizer, m.name)
+        return cls(m.weights, m.tokenizer, m.name)
+
+    def _reserve(self, positions: int) -> int:
+        """A cache of at least `positions` (within the drafter's own limit); its size."""
+        limit = self.spec.max_position_embeddings
+        if self.cache is None or self.cache.max_seq < min(positions, limit):
+            size = min(limit, max(positions, 2 * (self.cache.max_seq if self.cache else 0), 256))
+            self.cache, self.cached = None, []     # release the old one first
+            w = self.model.w
+            self.cache = KVCache(self.spec, 1, size, w.dtype, w.device)
+        return self.cache.max_seq
+
+    @torch.no_grad()
+    def _run(self, context: Sequence[int], k: int, choose) -> list[int]:
+        size = self._reserve(len(context) + k)
+        k = min(k, size - len(context) + 1)      # drafts 1 .. k-1 are fed back at positions len .. len + k - 2
+        if k < 1:
+            return []
+        n = 0                                    # reuse the cached prefix the context still agrees with
+        for a, b in zip(self.cached, context[:-1]):
+            if a != b:
+                break
+            n += 1
+        chunk = chunk_size(self.model.w.device)
+        for start in range(n, len(context), chunk):
+            logits = prefill_chunk(self.model, list(context[start:start + chunk]), start, self.cache, 0,
+                                   last_logits=start + chunk >= len(context))
+        out = []
+        for i in range(k):
+            out.append(choose(logits))
+            if i < k - 1:
+                logits = prefill_chunk(self.model, [out[-1]], len(context) + i, self.cache, 0)
+        self.cached = list(context) + out[:-1]
+        return out
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        """Up to k greedy draft tokens after `context` (the greedy Drafter)."""
+        return self._run(context, k, lambda logits: int(logits.argmax()))
+
+    def sampler(self, params: SamplingParams, generator: torch.Generator | None):
+        """A verify.Draft that samples with `params` from `generator` and returns its distributions q."""
+        def draft(context: Sequence[int], k: int) -> tuple[list[int], torch.Tensor | None]:
+            rows = []
+
+            def choose(logits):
+                rows.append(probabilities(logits[None].float().cpu(), params.temperature, params.top_k,
+                                          params.top_p)[0])
+                return int(torch.multinomial(rows[-1], 1, generator=generator))
+            tokens = self._run(context, k, choose)
+            return tokens, torch.stack(rows) if rows else None
+        return draft

@@ -1,0 +1,80 @@
+"""Speculation inside the request-level Scheduler (chat, serve): requests arriving and leaving while others
+decode get plain greedy's tokens, several a step; a follow-up turn reuses its slot's cache; sampled requests are
+reproducible by seed; logprobs come from the verify pass's rows."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ENGINE_SPEC
+from monokernel.errors import InputError
+from monokernel.models.weights import random_weights
+from monokernel.runtime.engine import Engine
+from monokernel.runtime.sampling import SamplingParams
+from monokernel.runtime.scheduler import Scheduler
+from monokernel.speculative.draft_model import DraftModel
+from monokernel.speculative.run import Speculation
+from monokernel.speculative.scheduled import ScheduledSpeculation
+
+PROMPTS = [[3, 17, 9, 44, 3, 17, 9], [30], [12, 7, 7, 58, 1, 2, 3, 12, 7, 7], [5, 5, 6]]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_weights(random_weights(ENGINE_SPEC, torch.float32, "cpu", seed=3))
+
+
+def hook(engine, method: str, k: int = 4, drafter: DraftModel | None = None) -> ScheduledSpeculation:
+    return ScheduledSpeculation(Speculation(method, k, drafter))
+
+
+def run(sched: Scheduler, params: SamplingParams, logprobs=None) -> tuple[list[list[int]], int]:
+    """Two requests at step 0, two more at step 2; the tokens of each and the steps taken."""
+    ids, out, step = [], {}, 0
+    while step < 3 or sched.has_work:
+        if step in (0, 2):
+            ids += [sched.add_request(p, params, logprobs=logprobs) for p in PROMPTS[step:step + 2]]
+        for ev in sched.step():
+            assert ev.error is None
+            out.setdefault(ev.request_id, []).append(ev)
+        step += 1
+    return [out[i] for i in ids], step
+
+
+@pytest.mark.parametrize("method", ["ngram", "model", "self"])
+def test_greedy_equals_plain(engine, method):
+    params = SamplingParams(max_new_tokens=20)
+    plain, plain_steps = run(Scheduler(engine, 3), params)
+    drafter = {"ngram": None, "self": DraftModel(engine.weights),
+               "model": DraftModel(random_weights(ENGINE_SPEC.with_(num_layers=1), torch.float32, seed=9))}[method]
+    h = hook(engine, "ngram" if drafter is None else "model:x", 4, drafter)
+    spec, steps = run(Scheduler(engine, 3, speculative=h), params)
+    assert [[e.token_id for e in r] for r in spec] == [[e.token_id for e in r] for r in plain]
+    assert [r[-1].finish_reason for r in spec] == [r[-1].finish_reason for r in plain]
+    if method == "self":
+        assert h.stats.accepted == h.stats.drafted and steps < plain_steps // 2
+
+
+def test_next_turn_reuses_the_slot(engine):
+    h = hook(engine, "model:x", 3, DraftModel(engine.weights))
+    sched = Scheduler(engine, 1, speculative=h)
+    [first] = sched.generate([PROMPTS[0]], SamplingParams(max_new_tokens=8))
+    turn = PROMPTS[0] + first.token_ids + [4, 5]
+    before = sched.stats.reused_tokens
+    [second] = sched.generate([turn], SamplingParams(max_new_tokens=8))
+    assert sched.stats.reused_tokens - before == len(turn) - 3    # the prompt, the first reply less its last token
+    assert second.token_ids == Scheduler(engine, 1).generate([turn], SamplingParams(max_new_tokens=8))[0].token_ids
+
+
+def test_sampled_reproducible_with_logprobs(engine):
+    params = SamplingParams(temperature=0.8, top_k=20, seed=5, max_new_tokens=12)
+    runs = [run(Scheduler(engine, 2, speculative=hook(engine, "ngram")), params, logprobs=2)[0] for _ in range(2)]
+    assert [[e.token_id for e in r] for r in runs[0]] == [[e.token_id for e in r] for r in runs[1]]
+    ev = runs[0][0][3]
+    assert ev.logprob is not None and len(ev.top_logprobs) == 2 and ev.top_logprobs[0][1] >= ev.logprob - 1e-6
+
+
+def test_engine_kind_refused(engine, monkeypatch):
+    monkeypatch.setattr(engine, "engine", "mega")
+    with pytest.raises(InputError, match="runs on the reference engine for now"):
+        Speculation.create("ngram", 4, engine)
