@@ -96,7 +96,10 @@ __device__ void producer(const Params& p, int t0, int t1, RingWriter& rw) {
             const int nv = min(MMA_ROWS, f1 - g0);
             unsigned char* dst = rw.claim(nv * len);
             if (!dst) return;
-            for (int r = 0; r < nv; ++r) rw.copy(dst + r * rc.rstride, src + (size_t)(g0 + r) * row_bytes + k0, len);
+            if (len == row_bytes && rc.rstride == row_bytes)   // the rows lie back to back in both: one copy
+              rw.copy(dst, src + (size_t)g0 * row_bytes, nv * len);
+            else
+              for (int r = 0; r < nv; ++r) rw.copy(dst + r * rc.rstride, src + (size_t)(g0 + r) * row_bytes + k0, len);
           }
         }
       }
