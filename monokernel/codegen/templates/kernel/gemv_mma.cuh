@@ -222,14 +222,14 @@ __device__ bool gemv_mma_flush_task(const Params& p, const Task& t, const T* in,
       }
       const T* x0 = in + (size_t)g * Gemv<OP>::IN_STRIDE + k0;
       const T* x1 = in + (size_t)(g + 8) * Gemv<OP>::IN_STRIDE + k0;
-      // input vector j (8 elements) of the segment for sequences g and g + 8
-      auto ldx = [&](int j, bool kin, uint4& a0, uint4& a1) {
+      // the 8 inputs at segment offset k (a multiple of 8) of sequences g and g + 8
+      auto ldx = [&](int k, bool kin, uint4& a0, uint4& a1) {
         if constexpr (STAGE) {
-          a0 = kin && g < B ? xs[seg_vec<KSEG>(g, j)] : zero;
-          a1 = B > 8 && kin && g + 8 < B ? xs[seg_vec<KSEG>(g + 8, j)] : zero;
+          a0 = kin && g < B ? xs[seg_vec<KSEG>(g, (unsigned)k / 8)] : zero;
+          a1 = B > 8 && kin && g + 8 < B ? xs[seg_vec<KSEG>(g + 8, (unsigned)k / 8)] : zero;
         } else {
-          a0 = kin && g < B ? ld_in<OP>(x0 + 8 * j) : zero;
-          a1 = B > 8 && kin && g + 8 < B ? ld_in<OP>(x1 + 8 * j) : zero;
+          a0 = kin && g < B ? ld_in<OP>(x0 + k) : zero;
+          a1 = B > 8 && kin && g + 8 < B ? ld_in<OP>(x1 + k) : zero;
         }
       };
       for (int g0 = 0; g0 < fr; g0 += 8, ++chunk) {
@@ -239,7 +239,7 @@ __device__ bool gemv_mma_flush_task(const Params& p, const Task& t, const T* in,
           constexpr int SB = Gemv<OP>::SBLOCK;
           const int first = ((warp - chunk * (klen / SB)) % NCW + NCW) % NCW;
           mma_codes_segment<OP>(d, e, slot, klen, first, g, c,
-                                [&](int k, uint4& a0, uint4& a1) { ldx(k / 8, true, a0, a1); });
+                                [&](int k, uint4& a0, uint4& a1) { ldx(k, true, a0, a1); });
         } else {
           const unsigned char* w = slot + g * Gemv<OP>::RSTRIDE;
 #pragma unroll (B > 8 ? 2 : 4)   // both operand halves' loads in flight cost registers at batch > 8
@@ -247,7 +247,7 @@ __device__ bool gemv_mma_flush_task(const Params& p, const Task& t, const T* in,
             const bool kin = kb < klen;
             const uint4 wv = kin ? *reinterpret_cast<const uint4*>(w + kb * sizeof(T)) : zero;
             uint4 a0, a1;
-            ldx(kb / 8, kin, a0, a1);
+            ldx(kb, kin, a0, a1);
             mma_bf16_16816(d, a0.x, a1.x, a0.y, a1.y, wv.x, wv.y);
             mma_bf16_16816(e, a0.z, a1.z, a0.w, a1.w, wv.z, wv.w);
           }
