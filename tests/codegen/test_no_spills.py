@@ -31,9 +31,11 @@ SPECS = {**PRESETS, **{s.name: s for s in TINY_SPECS.values()},
 REPRESENTATIVE = [(n, b, "bf16") for n in PRESETS for b in (1, 3, 7, 16)] + \
     [("qwen3-1536", 5, "bf16"), ("tiny-qwen3", 2, "bf16"), ("tiny-qwen3", 14, "bf16"), ("gqa16", 3, "bf16"),
      ("d256", 1, "bf16"), ("d96", 15, "bf16"),
-     # int8 and int4 weights: the CUDA-core path at every batch, 16 or 32 codes a load
-     ("llama-3.1-8b", 1, "int8"), ("llama-3.2-1b", 8, "int8"), ("tiny-qwen3", 2, "int8"),
-     ("llama-3.1-8b", 1, "int4-g128"), ("llama-3.2-3b", 5, "int4-g32"), ("tiny-qwen3", 2, "int4-g128-bf16")]
+     # int8 and int4 weights: int8 on CUDA cores at batch 1-2 (16 codes a load), on tensor cores from 3; int4 on
+     # tensor cores at every batch (segment-major flushes; the down projection's input staged from batch 4)
+     ("llama-3.1-8b", 1, "int8"), ("llama-3.2-1b", 8, "int8"), ("tiny-qwen3", 2, "int8"), ("llama-3.1-8b", 16, "int8"),
+     ("llama-3.1-8b", 1, "int4-g128"), ("llama-3.2-3b", 5, "int4-g32"), ("tiny-qwen3", 2, "int4-g128-bf16"),
+     ("llama-3.1-8b", 16, "int4-g128"), ("llama-3.2-1b", 1, "int4-g64")]
 EVERY = [(n, b, w) for n in PRESETS for b in range(1, 17) for w in ("bf16", "int8", "int4-g128")] + \
     [(s.name, b, "bf16") for s in TINY_SPECS.values() for b in range(1, 17)]
 

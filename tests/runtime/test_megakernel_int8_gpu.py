@@ -28,10 +28,11 @@ CASES = [(n, "int8") for n in TINY_SPECS] + [("qwen3", "int4-g128"), ("qwen2", "
                                               ("qwen3", "int4-g32-bf16")]
 
 
-# The paths a quantised matrix takes: the rules' (tensor cores wherever every K is a multiple of 32: tiny
-# llama's 688 keeps int8 on CUDA cores), CUDA cores forced, and the tensor-core op whose global input is
-# staged segment by segment (input_smem_budget=0), over several K segments (mma_kseg_max=128).
-PATHS = {"rules": {}, "cuda-cores": dict(gemv_mma=False), "staged": dict(input_smem_budget=0, mma_kseg_max=128)}
+# The paths a quantised matrix takes: the rules' (int4 on tensor cores, int8 from batch 3 where every K is a
+# multiple of 32: tiny llama's 688 keeps int8 on CUDA cores), CUDA cores forced, and tensor cores forced with
+# every op's global input staged segment by segment (input_smem_budget=0), over several K segments.
+PATHS = {"rules": {}, "cuda-cores": dict(gemv_mma=False),
+         "staged": dict(gemv_mma=True, input_smem_budget=0, mma_kseg_max=128)}
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -52,7 +53,8 @@ def test_quantised_logits_match_reference(name, fmt, batch, path):
     mk = MegaDecoder(w, c_mk, timeout_s=20.0, **knobs)
     g = mk.plan.gemv[next(iter(mk.plan.gemv))]
     assert g.code_bits == (8 if fmt == "int8" else 4)
-    assert mk.plan.tuning.gemv_mma == (path != "cuda-cores" and not (fmt == "int8" and name == "llama"))
+    int8_mma = name != "llama" and (batch > 2 or path == "staged")
+    assert mk.plan.tuning.gemv_mma == (path != "cuda-cores" and (fmt != "int8" or int8_mma))
     assert path != "staged" or any(x.seg_staged for x in mk.plan.gemv.values())
     pos = torch.tensor(lengths, device="cuda")
     tok = torch.randint(0, spec.vocab_size, (batch,), generator=gen).cuda()

@@ -151,11 +151,11 @@ def _packed_matches_reference(w, plan, batch: int, steps: int, argmax: bool = Fa
 @pytest.mark.parametrize("batch", [1, 3, 16])
 def test_int8_plan(name, batch, mma):
     """The plan the megakernel builds for int8 weights (1-byte rows: other chunks, tiles and task costs; the
-    tensor-core path at every batch where every K is a multiple of 32, else CUDA cores) simulates to the
+    tensor-core path from batch 3 where every K is a multiple of 32, else CUDA cores) simulates to the
     reference on the same packed weights."""
     spec = TINY_SPECS[name]
     plan = plan_for(spec, batch, MAX_SEQ, "int8", "bf16", gpu=GpuInfo(sm_count=7), min_kv_chunk=4, gemv_mma=mma)
-    assert plan.tuning.gemv_mma == (mma is None and spec.intermediate_size % 32 == 0)
+    assert plan.tuning.gemv_mma == (mma is None and spec.intermediate_size % 32 == 0 and batch > 2)
     assert plan.gemv[Op.QKV].code_bits == 8 and plan.gemv[Op.LMHEAD].code_bits == 16
     assert plan.gemv[Op.QKV].scaled and not plan.gemv[Op.LMHEAD].scaled
     _packed_matches_reference(quantised_weights(spec, "int8", seed=batch), plan, batch, steps=2)
