@@ -13,12 +13,14 @@ import time
 import httpx
 import pytest
 
+pytest.importorskip("uvicorn")   # the serve extra; absent on a bare GPU machine
+openai = pytest.importorskip("openai")   # the test extra; absent on a bare GPU machine
+
 from monokernel import cli
 from monokernel.serve.server import free_port
 
 from servehelp import load_default_engine
 
-openai = pytest.importorskip("openai")   # the test extra; absent on a bare GPU machine
 
 
 @pytest.fixture(scope="module")

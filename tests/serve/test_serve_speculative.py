@@ -6,11 +6,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+pytest.importorskip("uvicorn")   # the serve extra; absent on a bare GPU machine
+openai = pytest.importorskip("openai")
+
 from monokernel.serve.server import ServeOptions, ServerThread
 
 from servehelp import load_default_engine
 
-openai = pytest.importorskip("openai")
 
 PROMPTS = ["List: red, green, blue, red, green, blue, red,", "def add(a, b):\n    return a + b\n\ndef add("]
 

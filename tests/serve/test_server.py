@@ -11,11 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+pytest.importorskip("uvicorn")   # the serve extra; absent on a bare GPU machine
+openai = pytest.importorskip("openai")   # the test extra; absent on a bare GPU machine
+
 from monokernel.serve.server import ServeOptions, ServerThread
 
 from servehelp import SERVE_MAX_SEQ, Faults, load_default_engine
 
-openai = pytest.importorskip("openai")   # the test extra; absent on a bare GPU machine
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are",
            "Water boils at", "My favourite food is", "In 1969, the first", "The quick brown fox"]
