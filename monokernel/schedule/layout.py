@@ -161,15 +161,7 @@ class Layout:
 
     def _result_floats(self) -> int:
         res = max(g.chunk_rows * g.warps_per_row * self.flush_chunks(g) for g in self.gemv.values()) * self.i.batch
-        return res + (self.mma_part_floats if self.t.gemv_mma else 0) + self.group_sum_floats
-
-    @property
-    def group_sum_floats(self) -> int:
-        """int4 on tensor cores at batch 1-2 with the input in shared memory: each group's input sum (the
-        kernel's BIAS_FOLD, gemv_mma.cuh), after a flush's results."""
-        if not (self.t.gemv_mma and self.i.grouped and self.i.batch <= 2):
-            return 0
-        return self.i.batch * max((g.cols // g.group for g in self.gemv.values() if g.group and g.in_smem), default=0)
+        return res + (self.mma_part_floats if self.t.gemv_mma else 0)
 
     # the L2 lookahead's test: does the chain leave HBM idle, and gate/up rows to prefetch?
     @property

@@ -98,7 +98,7 @@ CASES = [(TINY_SPECS["mistral"], "int4-g32", Op.QKV), (TINY_SPECS["mistral"], "i
 @pytest.mark.parametrize("spec,fmt,op", CASES, ids=[f"{s.name}-{f}-{o.name}" for s, f, o in CASES])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_lanes_unpack_to_dequantize(spec, fmt, op, dtype):
-    g = plan_for(spec, 1, 256, weights=fmt, activations=dtype, mma_kseg_max=64, gemv_mma=True).gemv[op]  # several segments
+    g = plan_for(spec, 1, 256, weights=fmt, activations=dtype, mma_kseg_max=64).gemv[op]   # several segments
     assert g.kseg < g.cols and g.sblock in (32, 64, 128)
     w = torch.randn(g.rows, g.cols, generator=torch.Generator().manual_seed(g.cols))
     q = quantize(w, fmt)
@@ -133,16 +133,3 @@ def test_8b_int4_plan_segments_are_whole():
         g = p.gemv[op]
         assert g.sblock == 128 and g.kseg == 4096 and g.seg_bytes == 2048 + 64 and g.row_stride % 128 == 64
     assert p.gemv[Op.DOWN].code_row_bytes == 3 * 2112 + 1024 + 32
-
-
-def test_int4_biased_pairs_fold_to_the_codes():
-    """The BIAS_FOLD variant (i4x8_to_biased_pairs) leaves each nibble under the magic exponent (128 + n in bf16,
-    1024 + n in fp16) without the subtraction: minus I4_BIAS (136, 1032) it is the plain path's code - 8, so a
-    group's sum of biased products less I4_BIAS times the group's input sum is the plain path's sum, exactly in
-    exact arithmetic."""
-    w = np.random.default_rng(0).integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32)
-    for dtype, magic, bias in (("bf16", 0x43004300, 136.0), ("fp16", 0x64006400, 1032.0)):
-        for p, (lo, hi) in enumerate(i4_pairs(w, dtype)):
-            biased = ((w >> (4 * p)) & 0x000F000F) | magic
-            assert np.array_equal(as_float(biased, dtype) - bias, lo)
-            assert np.array_equal(as_float(biased >> 16, dtype) - bias, hi)

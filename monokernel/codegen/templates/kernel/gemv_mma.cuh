@@ -42,15 +42,9 @@ __device__ __forceinline__ void mma_epilogue(const Params& p, const Task& t, int
 // loads SBLOCK / 8 (int4) or / 4 (int8) bytes of codes in one load (mma_tiles.py's lane order). int4 folds
 // each group's products into d times the group's scales of rows 2c and 2c + 1, which follow the segment's
 // codes in each row; int8 rows take their scale in the epilogue.
-// int4 with few sequences and the input in shared memory: each task first sums the input over every group
-// (gsum, B x K / GROUP floats), so the codes enter the mma as code + 128 and the fold takes 136 x the sum off
-// once a group: four paired subtractions a window fewer, of about 18 instructions (perf note 30).
-template <int OP>
-constexpr bool BIAS_FOLD = Gemv<OP>::CODE_BITS == 4 && Gemv<OP>::IN_SMEM && B <= 2;
-
 template <int OP, class LoadX>
 __device__ __forceinline__ void mma_codes_segment(float* d, float* e, const unsigned char* slot, int klen, int first,
-                                                  int g, int c, const LoadX& ldx, const float* gsum) {
+                                                  int g, int c, const LoadX& ldx) {
   using GV = Gemv<OP>;
   constexpr int SB = GV::SBLOCK, LB = SB * GV::CODE_BITS / 32;   // K a warp step, bytes a lane loads
   constexpr int NW = LB / 4;                                     // words a lane loads
@@ -80,8 +74,7 @@ __device__ __forceinline__ void mma_codes_segment(float* d, float* e, const unsi
 #pragma unroll
         for (int q = gi * GW; q < (gi + 1) * GW; ++q) {
           uint32_t b[4];
-          if constexpr (BIAS_FOLD<OP>) i4x8_to_biased_pairs(wv[q], b);
-          else i4x8_to_pairs(wv[q], b);
+          i4x8_to_pairs(wv[q], b);
           uint4 a0, a1;
           ldx(sb * SB + 32 * q + 8 * c, a0, a1);
           mma_bf16_16816(u, a0.x, a1.x, a0.y, a1.y, b[0], b[1]);
@@ -89,16 +82,10 @@ __device__ __forceinline__ void mma_codes_segment(float* d, float* e, const unsi
         }
         const int grp = (sb * SB) / GV::GROUP + gi;
         const float c0 = to_f(s0[grp]), c1 = to_f(s1[grp]);
-        float t[4] = {u[0] + v[0], u[1] + v[1], u[2] + v[2], u[3] + v[3]};
-        if constexpr (BIAS_FOLD<OP>) {       // sequence g only: B <= 2 < g + 8
-          const float off = g < B ? I4_BIAS * gsum[g * (GV::K / GV::GROUP) + grp] : 0.f;
-          t[0] -= off;
-          t[1] -= off;
-        }
-        d[0] = fmaf(t[0], c0, d[0]);
-        d[1] = fmaf(t[1], c1, d[1]);
-        d[2] = fmaf(t[2], c0, d[2]);
-        d[3] = fmaf(t[3], c1, d[3]);
+        d[0] = fmaf(u[0] + v[0], c0, d[0]);
+        d[1] = fmaf(u[1] + v[1], c1, d[1]);
+        d[2] = fmaf(u[2] + v[2], c0, d[2]);
+        d[3] = fmaf(u[3] + v[3], c1, d[3]);
       }
     } else {
       // word j: the 4 codes at K sb * SB + c * SB / 4 + 4 j .. + 3; two words a vector of 8 inputs
@@ -217,23 +204,6 @@ __device__ bool gemv_mma_flush_task(const Params& p, const Task& t, const T* in,
   const float2 pre_scale = preload_scales<OP, RR>(p, t);
   const uint4 zero = make_uint4(0, 0, 0, 0);
   const uint4* xs = reinterpret_cast<const uint4*>(seg_in);
-  float* gsum = res + RR * B;            // BIAS_FOLD: B x K / GROUP input sums, one a group
-  if constexpr (BIAS_FOLD<OP>) {
-    constexpr int NG = K / Gemv<OP>::GROUP;
-    for (int i = threadIdx.x; i < B * NG; i += NCT) {
-      const T* x = in + (size_t)(i / NG) * Gemv<OP>::IN_STRIDE + (i % NG) * Gemv<OP>::GROUP;
-      float s = 0.f;
-#pragma unroll 4
-      for (int j = 0; j < Gemv<OP>::GROUP; j += 8) {
-        float f[8];
-        unpack8(ld_in<OP>(x + j), f);
-#pragma unroll
-        for (int q = 0; q < 8; ++q) s += f[q];
-      }
-      gsum[i] = s;
-    }
-    consumer_sync();
-  }
   int chunk = 0;                         // chunks of the task so far: the codes' warp steps rotate with it
   for (int f0 = 0; f0 < t.arg1; f0 += RR) {
     const int fr = min(RR, t.arg1 - f0);
@@ -269,8 +239,7 @@ __device__ bool gemv_mma_flush_task(const Params& p, const Task& t, const T* in,
           constexpr int SB = Gemv<OP>::SBLOCK;
           const int first = ((warp - chunk * (klen / SB)) % NCW + NCW) % NCW;
           mma_codes_segment<OP>(d, e, slot, klen, first, g, c,
-                                [&](int k, uint4& a0, uint4& a1) { ldx(k, true, a0, a1); },
-                                gsum + k0 / (Gemv<OP>::GROUP ? Gemv<OP>::GROUP : 1));
+                                [&](int k, uint4& a0, uint4& a1) { ldx(k, true, a0, a1); });
         } else {
           const unsigned char* w = slot + g * Gemv<OP>::RSTRIDE;
 #pragma unroll (B > 8 ? 2 : 4)   // both operand halves' loads in flight cost registers at batch > 8

@@ -103,15 +103,6 @@ __device__ __forceinline__ void i4x8_to_pairs(uint32_t w, uint32_t* b) {
   for (int p = 0; p < 4; ++p) b[p] = sub_pairs(((w >> (4 * p)) & 0x000F000Fu) | MAGIC, BIAS);
 }
 
-// The same pairs without the subtraction, code + 128 (bf16) or + 1024 (fp16) each: where the inputs' group
-// sums are at hand, the offset comes off once a group (I4_BIAS times the sum) instead of once a pair.
-constexpr float I4_BIAS = T_IS_BF16 ? 136.f : 1032.f;
-__device__ __forceinline__ void i4x8_to_biased_pairs(uint32_t w, uint32_t* b) {
-  constexpr uint32_t MAGIC = T_IS_BF16 ? 0x43004300u : 0x64006400u;
-#pragma unroll
-  for (int p = 0; p < 4; ++p) b[p] = ((w >> (4 * p)) & 0x000F000Fu) | MAGIC;
-}
-
 // 4 int8 codes of a word: pair 0 holds bytes 0 and 2, pair 1 bytes 1 and 3. bf16 has 7 mantissa bits for
 // 8-bit codes: the low 7 bits go under 128, and the sign bit picks 128 or 256 to subtract.
 __device__ __forceinline__ void i8x4_to_pairs(uint32_t w, uint32_t* b) {
