@@ -10,8 +10,9 @@ Quantised rows (int8, int4 g32/64/128 sym/zp with fp16/bf16 scales, fp8 per chan
 types mapped onto them) carry everything the kernel's unpacking needs: code bits, offset, zero kind, group,
 block rows and scale type. Their in-memory layout (models/quant) is one per family; `ctype` stays None
 until the megakernel has a trait for the row, so KernelInputs refuses it by name. int8 (a scale a row) has
-one: the CUDA-core matrix-vector path reads its codes and scales the row's sum (templates/kernel/gemv.cuh);
-so do the symmetric int4 rows (their group scales ride in the ring after each chunk's codes).
+one: the CUDA-core matrix-vector path reads its codes and scales the row's sum (templates/kernel/gemv.cuh),
+the tensor-core path turns them into operand pairs (gemv_mma.cuh); so do the int4 rows, symmetric or with an
+integer zero point a group (GPTQ asym, AWQ; tensor cores only), their group scales in the stored rows.
 """
 from __future__ import annotations
 
@@ -108,8 +109,9 @@ def _quantised() -> list[Format]:
             for scale, ss in (("fp16", ""), ("bf16", "-bf16")):
                 src = {None: "symmetric: GPTQ sym, compressed-tensors pack-quantized sym" + (", GGUF Q4_0" if g == 32 and scale == "fp16" else ""),
                        "int": "GPTQ asym, AWQ GEMM, compressed-tensors pack-quantized asym"}[zero]
-                # symmetric rows have the kernel's int4 trait (codes two a byte, group scales after a chunk's codes)
-                rows.append(Format(f"int4-g{g}{zs}{ss}", 4, torch.uint8, "uint8_t" if zero is None else None, g, scale,
+                # every int4 row has the kernel's trait (codes two a byte; the tensor-core path also subtracts a
+                # zero point a group, which rides after the scales in each stored segment)
+                rows.append(Format(f"int4-g{g}{zs}{ss}", 4, torch.uint8, "uint8_t", g, scale,
                                    zero=zero,
                                    code_offset=8 if zero is None else 0, source=src))
     return rows

@@ -40,7 +40,8 @@ def kernel_plan(weights: PackedWeights, batch: int, max_seq: int, gpu: GpuInfo, 
 def _weight_part(m, role: str) -> torch.Tensor | None:
     """What the kernel reads of a PackedWeights matrix: a dense tensor itself, or a quantised one's codes
     (role "weight") and scales (role "scale"); a dense matrix has no scales. Formats without zero points only
-    (int8, symmetric int4): KernelInputs refuses the others first."""
+    here (int8, symmetric int4 on CUDA cores): the tensor-core rows (mma_tiles.py) carry an int4 matrix's zero
+    points themselves, and the plan refuses them elsewhere."""
     if m is None or isinstance(m, torch.Tensor):
         return m if role == "weight" else None
     from ..models.quant import QuantTensor
@@ -141,11 +142,15 @@ class MegaDecoder:
                 continue
             if f.role in ("weight", "scale"):
                 m = getattr(self.w, f.name.removesuffix("_scale"))
-                t = _weight_part(m, f.role)
-                if f.role == "scale":
-                    t = self._scales[f.name] = self._padded_scales(f.name.removesuffix("_scale"), t)
-                elif self._tensor_core_rows(f.name) is not None:
-                    t = self._scales[f.name] = mma_rows(m, self._tensor_core_rows(f.name))
+                rows = self._tensor_core_rows(f.name.removesuffix("_scale"))
+                if rows is not None and rows.group:      # int4 on tensor cores: scales (and zeros) inside the rows
+                    t = self._scales[f.name] = mma_rows(m, rows) if f.role == "weight" else None
+                else:
+                    t = _weight_part(m, f.role)
+                    if f.role == "scale":
+                        t = self._scales[f.name] = self._padded_scales(f.name.removesuffix("_scale"), t)
+                    elif rows is not None:
+                        t = self._scales[f.name] = mma_rows(m, rows)
             else:
                 t = tensors[f.name]
             ptrs[f.name] = 0 if t is None else t.data_ptr()

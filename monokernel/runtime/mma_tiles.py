@@ -2,7 +2,8 @@
 mma_codes_segment), built once when a MegaDecoder is made.
 
 A row is cut into the plan's K segments (GemvPlan.kseg); each segment is its codes in lane order, then (int4)
-its groups' scales, padded to 16 bytes, so one bulk copy a row and segment brings both. Within a segment, a
+its groups' scales, padded to 16 bytes, then (integer-zero int4) its groups' zero points two a byte, padded to 16,
+so one bulk copy a row and segment brings all of them. Within a segment, a
 warp step covers `sblock` of K and each of the 4 lanes c of a weight row loads one contiguous piece of it:
 - int4: word q of lane c holds the 8 codes at K 32 q + 8 c + e (e = 0..7) of the step, code e at bit
   4 (e // 2) + 16 (e % 2), so that one AND-OR with 0x000F000F << 4p yields the pair (2p, 2p + 1);
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..models.quant import QuantTensor
-from ..models.quant.tensor import unpack_nibbles
+from ..models.quant.tensor import pack_nibbles, unpack_nibbles
 from ..schedule.layout import GemvPlan
 
 INT4_BIT = [4 * (e // 2) + 16 * (e % 2) for e in range(8)]     # where code e of a word sits
@@ -54,6 +55,7 @@ def mma_rows(q: QuantTensor, g: GemvPlan) -> torch.Tensor:
     codes = unpack_nibbles(q.codes, k) if bits == 4 else q.codes.view(torch.uint8)
     scales = q.scales.contiguous().view(torch.uint8) if group else None      # (rows, groups * bytes)
     sb = scales.shape[-1] // (k // group) if group else 0
+    zeros = unpack_nibbles(q.zeros, k // group) if q.format.zero == "int" else None   # (rows, groups)
     parts = []
     for k0 in range(0, k, g.kseg):
         klen = min(g.kseg, k - k0)
@@ -61,6 +63,9 @@ def mma_rows(q: QuantTensor, g: GemvPlan) -> torch.Tensor:
         if group:
             s = scales[:, k0 // group * sb:(k0 + klen) // group * sb]
             parts.append(torch.nn.functional.pad(s, (0, -s.shape[-1] % 16)))
+        if zeros is not None:
+            z = pack_nibbles(zeros[:, k0 // group:(k0 + klen) // group])
+            parts.append(torch.nn.functional.pad(z, (0, -z.shape[-1] % 16)))
     out = torch.cat(parts, dim=-1).contiguous()
     assert out.shape[-1] == g.code_row_bytes, (out.shape, g.code_row_bytes)
     return out

@@ -48,6 +48,7 @@ class GemvPlan:
     row_stride: int = 0
     seg_bytes: int = 0
     sblock: int = 0
+    zero_points: bool = False   # int4 with a zero point a group (two a byte after each segment's scales)
 
     @property
     def tiles(self) -> int:
@@ -124,7 +125,8 @@ class Layout:
                 extra.update(code_row_bytes=seg.stored_row_bytes, scale_row_bytes=0)
             extra["seg_major"] = extra["seg_staged"] or i.weights.quantised
             return GemvPlan(rows, cols, tile, MMA_ROWS, 1, kseg=seg.kseg, row_stride=seg.row_stride,
-                            seg_bytes=seg.seg_bytes(seg.kseg), sblock=0 if dense else seg.sblock, **extra)
+                            seg_bytes=seg.seg_bytes(seg.kseg), sblock=0 if dense else seg.sblock,
+                            zero_points=not dense and i.weights.zero == "int", **extra)
         chunk = max(1, t.slot_bytes // i.row_bytes(op))
         if op == Op.GATEUP:       # gate/up pairs never straddle a tile or a chunk
             tile += tile % 2
@@ -233,8 +235,14 @@ class MmaSegments:
             return 0
         return -(-(klen // g) * FORMATS[self.i.weights.scale_format].element_bytes // 16) * 16
 
+    def zero_bytes(self, klen: int) -> int:
+        """A segment's zero points, two a byte, padded to 16 (integer-zero int4: GPTQ asym, AWQ)."""
+        if self.dense or self.i.weights.zero != "int":
+            return 0
+        return -(-(-(-(klen // self.i.weights.group_size) // 2)) // 16) * 16
+
     def seg_bytes(self, klen: int) -> int:
-        return klen * self.bits // 8 + self.scale_bytes(klen)
+        return klen * self.bits // 8 + self.scale_bytes(klen) + self.zero_bytes(klen)
 
     @property
     def lengths(self) -> list[int]:

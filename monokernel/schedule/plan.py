@@ -100,6 +100,9 @@ def _check(i: KernelInputs, t: Tuning, lay: Layout) -> None:
                                     f"(the model has {s.group_size}); use attn_mma=0")
     if not 2 <= t.ring_stages_max <= 32:
         raise UnsupportedModelError(f"ring_stages_max={t.ring_stages_max} must be in 2..32 (barriers: 512 bytes)")
+    if i.weights.zero and not t.gemv_mma:
+        raise UnsupportedModelError(f"{i.weights.name} weights (a zero point a group) run on the tensor-core path "
+                                    "only; use gemv_mma=1 (the default)")
     if t.gemv_mma and i.weights.quantised and not mma_quantised_fits(i):
         raise UnsupportedModelError(f"gemv_mma=1 with {i.weights.name} weights needs every layer matrix's K to be a "
                                     "multiple of 32 (8 codes a lane); use gemv_mma=0")

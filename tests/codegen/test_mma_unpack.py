@@ -38,9 +38,11 @@ def sub_pairs(a: np.ndarray, b: np.ndarray, dtype: str) -> tuple[np.ndarray, np.
     return out[0], out[1]
 
 
-def i4_pairs(w: np.ndarray, dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    magic, bias = (0x43004300, 0x43084308) if dtype == "bf16" else (0x64006400, 0x64086408)
-    return [sub_pairs(((w >> (4 * p)) & 0x000F000F) | magic, np.full_like(w, bias), dtype) for p in range(4)]
+def i4_pairs(w: np.ndarray, dtype: str, zero=8) -> list[tuple[np.ndarray, np.ndarray]]:
+    """numerics.cuh i4x8_to_pairs: the zero point (8, or each row's) under the same exponent, i4_zero_pair."""
+    magic = 0x43004300 if dtype == "bf16" else 0x64006400
+    zpair = (np.asarray(zero, dtype=np.uint32) * 0x00010001) | magic
+    return [sub_pairs(((w >> (4 * p)) & 0x000F000F) | magic, np.broadcast_to(zpair, w.shape), dtype) for p in range(4)]
 
 
 def i8_pairs(w: np.ndarray, dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -68,15 +70,19 @@ def kernel_view(stored: np.ndarray, g, dtype: str, scale_kind: str) -> np.ndarra
         scale_bytes = -(-(klen // g.group) * 2 // 16) * 16 if bits == 4 else 0
         scales = as_float(seg[:, klen * bits // 8:klen * bits // 8 + scale_bytes].copy().view("<u2"), scale_kind) \
             if bits == 4 else None
+        zero_bytes = -(-(-(-(klen // g.group) // 2)) // 16) * 16 if g.zero_points else 0
+        zbytes = seg[:, klen * bits // 8 + scale_bytes:][:, :zero_bytes]
         for step in range(klen // sb):
             for c in range(4):
                 off = step * sb * bits // 8 + c * lb
                 words = seg[:, off:off + lb].copy().view("<u4")            # (rows, lb / 4)
                 for q in range(words.shape[1]):
                     if bits == 4:
-                        for p, (lo, hi) in enumerate(i4_pairs(words[:, q], dtype)):
+                        grp = (step * sb + 32 * q) // g.group
+                        zero = (zbytes[:, grp // 2] >> (4 * (grp % 2))) & 0xF if g.zero_points else 8
+                        for p, (lo, hi) in enumerate(i4_pairs(words[:, q], dtype, zero)):
                             kk = k0 + step * sb + 32 * q + 8 * c + 2 * p
-                            s = scales[:, (step * sb + 32 * q) // g.group]
+                            s = scales[:, grp]
                             assert np.isnan(out[:, kk:kk + 2]).all()
                             out[:, kk], out[:, kk + 1] = lo * s, hi * s
                     else:
@@ -84,12 +90,13 @@ def kernel_view(stored: np.ndarray, g, dtype: str, scale_kind: str) -> np.ndarra
                             kk = k0 + step * sb + c * sb // 4 + 4 * q + 2 * h
                             assert np.isnan(out[:, kk:kk + 2]).all()
                             out[:, kk], out[:, kk + 1] = lo, hi
-        seg0 += klen * bits // 8 + scale_bytes
+        seg0 += klen * bits // 8 + scale_bytes + zero_bytes
     assert seg0 == stored.shape[1]
     return out
 
 
 CASES = [(TINY_SPECS["mistral"], "int4-g32", Op.QKV), (TINY_SPECS["mistral"], "int4-g64", Op.DOWN),
+         (TINY_SPECS["qwen2"], "int4-g128-zp", Op.DOWN), (TINY_SPECS["mistral"], "int4-g32-zp-bf16", Op.GATEUP),
          (TINY_SPECS["qwen2"], "int4-g128-bf16", Op.GATEUP), (TINY_SPECS["qwen3"], "int4-g32-bf16", Op.OPROJ),
          (TINY_SPECS["qwen3"], "int8", Op.DOWN), (TINY_SPECS["mistral"], "int8", Op.QKV),
          (TINY_SPECS["qwen2"], "int8", Op.GATEUP)]
@@ -98,7 +105,7 @@ CASES = [(TINY_SPECS["mistral"], "int4-g32", Op.QKV), (TINY_SPECS["mistral"], "i
 @pytest.mark.parametrize("spec,fmt,op", CASES, ids=[f"{s.name}-{f}-{o.name}" for s, f, o in CASES])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_lanes_unpack_to_dequantize(spec, fmt, op, dtype):
-    g = plan_for(spec, 1, 256, weights=fmt, activations=dtype, mma_kseg_max=64).gemv[op]   # several segments
+    g = plan_for(spec, 1, 256, weights=fmt, activations=dtype, mma_kseg_max=64, gemv_mma=True).gemv[op]  # several segments
     assert g.kseg < g.cols and g.sblock in (32, 64, 128)
     w = torch.randn(g.rows, g.cols, generator=torch.Generator().manual_seed(g.cols))
     q = quantize(w, fmt)

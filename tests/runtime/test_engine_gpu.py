@@ -68,9 +68,9 @@ def test_quantised_falls_back(tiny_preset):
     engine "mega" refuses with the same reason."""
     from monokernel.errors import UnsupportedModelError
 
-    eng = Engine.load("preset:tiny", device="cuda", weights="int4-g64-zp", quiet=True)
+    eng = Engine.load("preset:tiny", device="cuda", weights="fp8", quiet=True)
     assert eng.engine == "reference" and "not in the megakernel yet" in eng.notice
     [g] = eng.generate_ids([[1, 2, 3]], max_new_tokens=4)
     assert len(g.token_ids) == 4
-    with pytest.raises(UnsupportedModelError, match=r"quantised weights \(int4-g64-zp\) are not in the megakernel yet"):
-        Engine.load("preset:tiny", device="cuda", engine="mega", weights="int4-g64-zp")
+    with pytest.raises(UnsupportedModelError, match=r"quantised weights \(fp8\) are not in the megakernel yet"):
+        Engine.load("preset:tiny", device="cuda", engine="mega", weights="fp8")

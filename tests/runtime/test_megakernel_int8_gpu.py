@@ -1,4 +1,5 @@
-"""int8 weight-only (a scale a row) and symmetric int4 (a scale a group) in the megakernel on the GPU (skipped
+"""int8 weight-only (a scale a row) and int4 (a scale a group; symmetric, or a zero point a group as GPTQ asym and
+AWQ store it) in the megakernel on the GPU (skipped
 without CUDA): the kernel reads the packed codes and scales, and its logits match the reference engine, which
 dequantises the same codes."""
 from __future__ import annotations
@@ -25,7 +26,8 @@ def _on_gpu(w):
 
 
 CASES = [(n, "int8") for n in TINY_SPECS] + [("qwen3", "int4-g128"), ("qwen2", "int4-g64"), ("mistral", "int4-g32"),
-                                              ("qwen3", "int4-g32-bf16")]
+                                              ("qwen3", "int4-g32-bf16"), ("qwen2", "int4-g128-zp"),
+                                              ("mistral", "int4-g32-zp-bf16"), ("qwen3", "int4-g64-zp")]
 
 
 # The paths a quantised matrix takes: the rules' (int4 on tensor cores, int8 from batch 3 where every K is a
@@ -44,6 +46,8 @@ def test_quantised_logits_match_reference(name, fmt, batch, path):
     knobs = PATHS[path]
     if path == "staged" and fmt == "int8" and name == "llama":
         pytest.skip("K=688 is no multiple of 32: int8 stays on CUDA cores")
+    if path == "cuda-cores" and "-zp" in fmt:
+        pytest.skip("zero points run on tensor cores only (the plan refuses gemv_mma=0: test_schedule_simulator)")
     w = _on_gpu(quantised_weights(spec, fmt, torch.bfloat16, seed=batch))
     assert isinstance(w.w_qkv, QuantTensor) and w.format.name == fmt
     ref = ReferenceModel(w)
@@ -85,7 +89,7 @@ def test_quantised_bitwise_deterministic(name, fmt):
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4-g64", "int4-g128-bf16"])
+@pytest.mark.parametrize("fmt", ["int8", "int4-g64", "int4-g128-bf16", "int4-g128-zp"])
 def test_fp16_activations(fmt):
     """The codes turned into fp16 pairs (under 1024) where the model runs in fp16."""
     from monokernel.runtime.mega import MegaDecoder

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from monokernel.errors import UnsupportedModelError
 from monokernel.models.formats import FORMATS
 
 from monokernel.models.weights import random_weights
@@ -162,19 +163,27 @@ def test_int8_plan(name, batch, mma):
 
 
 @pytest.mark.parametrize("mma", [None, False], ids=["rules", "cuda-cores"])
-@pytest.mark.parametrize("name, fmt", [("qwen3", "int4-g128"), ("qwen2", "int4-g64"), ("mistral", "int4-g32-bf16")])
+@pytest.mark.parametrize("name, fmt", [("qwen3", "int4-g128"), ("qwen2", "int4-g64"), ("mistral", "int4-g32-bf16"),
+                                       ("qwen2", "int4-g128-zp"), ("mistral", "int4-g32-zp-bf16")])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_int4_plan(name, fmt, batch, mma):
     """The plan for symmetric int4 weights (half-byte codes and their group scales: a slot's after its codes on
     CUDA cores, each segment's after its codes on tensor cores; other chunks, tiles and task costs) simulates
     to the reference on the same packed weights."""
     spec = TINY_SPECS[name]
+    zp = FORMATS[fmt].zero == "int"
+    if zp and mma is False:
+        with pytest.raises(UnsupportedModelError, match="zero point a group.*tensor-core path only"):
+            plan_for(spec, batch, MAX_SEQ, fmt, "bf16", gemv_mma=False)
+        return
     plan = plan_for(spec, batch, MAX_SEQ, fmt, "bf16", gpu=GpuInfo(sm_count=7), min_kv_chunk=4, gemv_mma=mma)
     g = plan.gemv[Op.QKV]
-    assert g.code_bits == 4 and plan.tuning.gemv_mma == (mma is None)
-    if mma is None:     # one segment: the codes, then the row's scales padded to 16 bytes
+    assert g.code_bits == 4 and plan.tuning.gemv_mma == (mma is None) and g.zero_points == zp
+    if mma is None:     # one segment: the codes, the row's scales padded to 16 bytes, its zero points likewise
         groups = spec.hidden_size // FORMATS[fmt].group_size
-        assert g.code_row_bytes == spec.hidden_size // 2 + -(-groups * 2 // 16) * 16 and g.scale_row_bytes == 0
+        zeros = -(-(-(-groups // 2)) // 16) * 16 if zp else 0
+        assert g.code_row_bytes == spec.hidden_size // 2 + -(-groups * 2 // 16) * 16 + zeros
+        assert g.scale_row_bytes == 0
     else:
         assert g.code_row_bytes == spec.hidden_size // 2 and g.scale_row_bytes % 16 == 0
     _packed_matches_reference(quantised_weights(spec, fmt, seed=batch), plan, batch, steps=2)

@@ -41,7 +41,8 @@ __device__ __forceinline__ void mma_epilogue(const Params& p, const Task& t, int
 // with the codes turned into operand pairs first (numerics.cuh). A warp step covers SBLOCK of K: each lane
 // loads SBLOCK / 8 (int4) or / 4 (int8) bytes of codes in one load (mma_tiles.py's lane order). int4 folds
 // each group's products into d times the group's scales of rows 2c and 2c + 1, which follow the segment's
-// codes in each row; int8 rows take their scale in the epilogue.
+// codes in each row (then row g's zero points, where the format has them); int8 rows take their scale in the
+// epilogue.
 template <int OP, class LoadX>
 __device__ __forceinline__ void mma_codes_segment(float* d, float* e, const unsigned char* slot, int klen, int first,
                                                   int g, int c, const LoadX& ldx) {
@@ -68,19 +69,23 @@ __device__ __forceinline__ void mma_codes_segment(float* d, float* e, const unsi
       static_assert(GV::GROUP % 32 == 0 && SB % GV::GROUP == 0, "a warp step holds whole groups");
       const ST* s0 = reinterpret_cast<const ST*>(slot + 2 * c * GV::RSTRIDE + klen / 2);
       const ST* s1 = reinterpret_cast<const ST*>(slot + (2 * c + 1) * GV::RSTRIDE + klen / 2);
+      // zero points (GPTQ asym, AWQ): row g's, two a byte, after the segment's scales (padded to 16 bytes)
+      const unsigned char* zr = wr + klen / 2 + ((klen / GV::GROUP) * (int)sizeof(ST) + 15) / 16 * 16;
 #pragma unroll
       for (int gi = 0; gi < NW / GW; ++gi) {
         float u[4] = {0.f, 0.f, 0.f, 0.f}, v[4] = {0.f, 0.f, 0.f, 0.f};
+        const int grp = (sb * SB) / GV::GROUP + gi;
+        uint32_t zero = i4_zero_pair(8);
+        if constexpr (GV::ZERO_POINTS) zero = i4_zero_pair((zr[grp / 2] >> (4 * (grp % 2))) & 0xFu);
 #pragma unroll
         for (int q = gi * GW; q < (gi + 1) * GW; ++q) {
           uint32_t b[4];
-          i4x8_to_pairs(wv[q], b);
+          i4x8_to_pairs(wv[q], b, zero);
           uint4 a0, a1;
           ldx(sb * SB + 32 * q + 8 * c, a0, a1);
           mma_bf16_16816(u, a0.x, a1.x, a0.y, a1.y, b[0], b[1]);
           mma_bf16_16816(v, a0.z, a1.z, a0.w, a1.w, b[2], b[3]);
         }
-        const int grp = (sb * SB) / GV::GROUP + gi;
         const float c0 = to_f(s0[grp]), c1 = to_f(s1[grp]);
         d[0] = fmaf(u[0] + v[0], c0, d[0]);
         d[1] = fmaf(u[1] + v[1], c1, d[1]);

@@ -95,12 +95,13 @@ __device__ __forceinline__ uint32_t sub_pairs(uint32_t a, uint32_t b) {
   return r;
 }
 
-// 8 symmetric int4 codes of a word minus 8: pair p holds the nibbles at bits 4p (low half) and 16 + 4p.
-__device__ __forceinline__ void i4x8_to_pairs(uint32_t w, uint32_t* b) {
-  constexpr uint32_t MAGIC = T_IS_BF16 ? 0x43004300u : 0x64006400u;   // 128 | 1024 in both halves
-  constexpr uint32_t BIAS = T_IS_BF16 ? 0x43084308u : 0x64086408u;    // 136 | 1032
+// 8 int4 codes of a word minus their zero point z (8 for the symmetric formats): pair p holds the nibbles at
+// bits 4p (low half) and 16 + 4p. `zero` is z under the same exponent in both halves (i4_zero_pair).
+constexpr uint32_t I4_MAGIC = T_IS_BF16 ? 0x43004300u : 0x64006400u;   // 128 | 1024 in both halves
+__device__ __forceinline__ uint32_t i4_zero_pair(uint32_t z) { return z * 0x00010001u | I4_MAGIC; }
+__device__ __forceinline__ void i4x8_to_pairs(uint32_t w, uint32_t* b, uint32_t zero = i4_zero_pair(8)) {
 #pragma unroll
-  for (int p = 0; p < 4; ++p) b[p] = sub_pairs(((w >> (4 * p)) & 0x000F000Fu) | MAGIC, BIAS);
+  for (int p = 0; p < 4; ++p) b[p] = sub_pairs(((w >> (4 * p)) & 0x000F000Fu) | I4_MAGIC, zero);
 }
 
 // 4 int8 codes of a word: pair 0 holds bytes 0 and 2, pair 1 bytes 1 and 3. bf16 has 7 mantissa bits for
