@@ -12,7 +12,8 @@ block rows and scale type. Their in-memory layout (models/quant) is one per fami
 until the megakernel has a trait for the row, so KernelInputs refuses it by name. int8 (a scale a row) has
 one: the CUDA-core matrix-vector path reads its codes and scales the row's sum (templates/kernel/gemv.cuh),
 the tensor-core path turns them into operand pairs (gemv_mma.cuh); so do the int4 rows, symmetric or with an
-integer zero point a group (GPTQ asym, AWQ; tensor cores only), their group scales in the stored rows.
+integer zero point a group (GPTQ asym, AWQ; tensor cores only), their group scales in the stored rows, and fp8
+e4m3 with a scale a row (tensor cores only: the hardware's e4m3 pair conversion).
 """
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def _quantised() -> list[Format]:
         Format("int4-g32-min", 4, torch.uint8, None, 32, "fp16", zero="min", source="GGUF Q4_1 (w = d*q + m)"),
         Format("int4-g32-min-fp32", 4, torch.uint8, None, 32, "fp32", zero="min",
                source="GGUF Q4_K (scale d*sc, min -dmin*m a sub-block of 32)"),
-        Format("fp8", 8, torch.float8_e4m3fn, None, 0, "fp32", source="--quantize fp8 (absmax/448 a row), "
+        Format("fp8", 8, torch.float8_e4m3fn, "uint8_t", 0, "fp32", source="--quantize fp8 (absmax/448 a row), "
                "compressed-tensors FP8 channel or tensor"),
         Format("fp8-b128", 8, torch.float8_e4m3fn, None, 128, "fp32", block_rows=128,
                source="compressed-tensors FP8 block [128, 128], DeepSeek/Qwen weight_scale_inv"),

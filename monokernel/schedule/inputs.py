@@ -99,7 +99,7 @@ class KernelInputs:
 
     @property
     def scaled(self) -> bool:
-        """The layers' matrices are int8 codes with a scale a row (a table the epilogue reads)."""
+        """The layers' matrices are int8 or fp8 codes with a scale a row (a table the epilogue reads)."""
         return self.weights.quantised and not self.weights.group_size
 
     @property

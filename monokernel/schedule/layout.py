@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import UnsupportedModelError
 from ..models.formats import FORMATS
 from .abi import op_matrix_shape
@@ -49,6 +51,7 @@ class GemvPlan:
     seg_bytes: int = 0
     sblock: int = 0
     zero_points: bool = False   # int4 with a zero point a group (two a byte after each segment's scales)
+    fp8: bool = False           # the 8-bit codes are e4m3 values, not integers
 
     @property
     def tiles(self) -> int:
@@ -126,7 +129,7 @@ class Layout:
             extra["seg_major"] = extra["seg_staged"] or i.weights.quantised
             return GemvPlan(rows, cols, tile, MMA_ROWS, 1, kseg=seg.kseg, row_stride=seg.row_stride,
                             seg_bytes=seg.seg_bytes(seg.kseg), sblock=0 if dense else seg.sblock,
-                            zero_points=not dense and i.weights.zero == "int", **extra)
+                            zero_points=not dense and i.weights.zero == "int", fp8=not dense and is_fp8(i), **extra)
         chunk = max(1, t.slot_bytes // i.row_bytes(op))
         if op == Op.GATEUP:       # gate/up pairs never straddle a tile or a chunk
             tile += tile % 2
@@ -263,6 +266,10 @@ def staged_capacity(i: KernelInputs, t: Tuning) -> int:
     widest = max((op_matrix_shape(i.spec, op)[1] for op in GEMV_OPS
                   if i.batch * op_matrix_shape(i.spec, op)[1] * i.ab <= t.input_smem_budget), default=0)
     return max(widest, -(-mma_kseg(i, t) // 64) * 64)
+
+
+def is_fp8(i: KernelInputs) -> bool:
+    return i.weights.quantised and i.weights.torch_dtype == torch.float8_e4m3fn
 
 
 def mma_sblock(i: KernelInputs, op: Op) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from ..errors import UnsupportedModelError
 from .inputs import GpuInfo, KernelInputs
-from .layout import MMA_ROWS, GemvPlan, Layout, SmemLayout, keys_per_pass, lanes_per_key, mma_kseg, mma_row_stride
+from .layout import MMA_ROWS, GemvPlan, Layout, SmemLayout, is_fp8, keys_per_pass, lanes_per_key, mma_kseg, mma_row_stride
 from .rules import helpers_fit, mma_quantised_fits, resolve
 from .tasks import Op
 from .tuning import Tuning
@@ -103,6 +103,11 @@ def _check(i: KernelInputs, t: Tuning, lay: Layout) -> None:
     if i.weights.zero and not t.gemv_mma:
         raise UnsupportedModelError(f"{i.weights.name} weights (a zero point a group) run on the tensor-core path "
                                     "only; use gemv_mma=1 (the default)")
+    if is_fp8(i) and not mma_quantised_fits(i):
+        raise UnsupportedModelError("fp8 weights need every layer matrix's K to be a multiple of 32 (the tensor-core "
+                                    "path's 8 codes a lane); use engine='reference'")
+    if is_fp8(i) and not t.gemv_mma:
+        raise UnsupportedModelError("fp8 weights run on the tensor-core path only; use gemv_mma=1 (the default)")
     if t.gemv_mma and i.weights.quantised and not mma_quantised_fits(i):
         raise UnsupportedModelError(f"gemv_mma=1 with {i.weights.name} weights needs every layer matrix's K to be a "
                                     "multiple of 32 (8 codes a lane); use gemv_mma=0")

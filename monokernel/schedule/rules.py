@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .inputs import KernelInputs
 from .abi import op_matrix_shape
-from .layout import MMA_ROWS, Layout, chain_blocks, keys_per_pass, mma_slot_bytes
+from .layout import MMA_ROWS, Layout, chain_blocks, is_fp8, keys_per_pass, mma_slot_bytes
 from .tasks import Op
 from .tuning import Tuning
 
@@ -14,11 +14,12 @@ LOOKAHEAD_KB = 128    # perf note 23 (160 KB outran the helpers' issue rate)
 def rule_gemv_mma(i: KernelInputs, t: Tuning) -> bool:
     # bf16 from batch 3: at batch 8 the CUDA-core path is compute-bound, 4x too slow. Quantised weights at
     # every batch: on CUDA cores their unpacking and FMAs set the pace at batch 1 already (perf note 29); on
-    # tensor cores the codes only turn into bf16 pairs (perf note 30). int8 needs K % 32 (8 codes a lane).
+    # tensor cores the codes only turn into bf16 pairs (perf note 30). int8 needs K % 32 (8 codes a lane). fp8
+    # has no CUDA-core path: tensor cores at every batch.
     # int8 at batch 1-2 stays on CUDA cores: 2.65 against 3.58 ms at 8B batch 1 (its byte permute already
     # cheap, the tensor-core loop issue-bound on unpacking and operand traffic: perf note 30)
     if i.weights.quantised:
-        return mma_quantised_fits(i) and (i.weights.bits == 4 or i.batch > 2)
+        return mma_quantised_fits(i) and (i.weights.bits == 4 or is_fp8(i) or i.batch > 2)
     return i.batch > 2
 
 

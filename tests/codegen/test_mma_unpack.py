@@ -57,6 +57,32 @@ def i8_pairs(w: np.ndarray, dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def byte_perm(x: np.ndarray, selector: int) -> np.ndarray:
+    """__byte_perm(x, 0, selector) for selectors that pick bytes 0-3 of x (4 = a zero byte)."""
+    out = np.zeros_like(x)
+    for i in range(4):
+        sel = (selector >> (4 * i)) & 7
+        byte = (x >> np.uint32(8 * sel)) & np.uint32(0xFF) if sel < 4 else np.zeros_like(x)
+        out |= byte << np.uint32(8 * i)
+    return out
+
+
+def e4m3_value(codes: np.ndarray) -> np.ndarray:
+    """fp8 e4m3 bytes -> float64 through torch's own float8 type (the value the format defines)."""
+    t = torch.from_numpy(codes.astype(np.uint8)).view(torch.float8_e4m3fn)
+    return t.double().numpy()
+
+
+def e4m3_pairs(w: np.ndarray, dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """numerics.cuh e4m3x4_to_pairs: bytes 0 and 2, then 1 and 3, each byte's value (cvt.rn.f16x2.e4m3x2 is exact,
+    test_e4m3_conversion_is_exact shows the fp16 -> fp32 -> bf16 step is)."""
+    out = []
+    for sel in (0x0020, 0x0031):
+        two = byte_perm(w, sel)
+        out.append((e4m3_value(two & 0xFF), e4m3_value((two >> 8) & 0xFF)))
+    return out
+
+
 def kernel_view(stored: np.ndarray, g, dtype: str, scale_kind: str) -> np.ndarray:
     """(rows, stored bytes) -> (rows, K) float64: what the kernel multiplies each input by (times its group's
     scale for int4; the int8 row scale comes in the epilogue and is left out here)."""
@@ -86,7 +112,8 @@ def kernel_view(stored: np.ndarray, g, dtype: str, scale_kind: str) -> np.ndarra
                             assert np.isnan(out[:, kk:kk + 2]).all()
                             out[:, kk], out[:, kk + 1] = lo * s, hi * s
                     else:
-                        for h, (lo, hi) in enumerate(i8_pairs(words[:, q], dtype)):
+                        pairs = e4m3_pairs(words[:, q], dtype) if g.fp8 else i8_pairs(words[:, q], dtype)
+                        for h, (lo, hi) in enumerate(pairs):
                             kk = k0 + step * sb + c * sb // 4 + 4 * q + 2 * h
                             assert np.isnan(out[:, kk:kk + 2]).all()
                             out[:, kk], out[:, kk + 1] = lo, hi
@@ -99,7 +126,8 @@ CASES = [(TINY_SPECS["mistral"], "int4-g32", Op.QKV), (TINY_SPECS["mistral"], "i
          (TINY_SPECS["qwen2"], "int4-g128-zp", Op.DOWN), (TINY_SPECS["mistral"], "int4-g32-zp-bf16", Op.GATEUP),
          (TINY_SPECS["qwen2"], "int4-g128-bf16", Op.GATEUP), (TINY_SPECS["qwen3"], "int4-g32-bf16", Op.OPROJ),
          (TINY_SPECS["qwen3"], "int8", Op.DOWN), (TINY_SPECS["mistral"], "int8", Op.QKV),
-         (TINY_SPECS["qwen2"], "int8", Op.GATEUP)]
+         (TINY_SPECS["qwen2"], "int8", Op.GATEUP), (TINY_SPECS["qwen3"], "fp8", Op.GATEUP),
+         (TINY_SPECS["mistral"], "fp8", Op.DOWN)]
 
 
 @pytest.mark.parametrize("spec,fmt,op", CASES, ids=[f"{s.name}-{f}-{o.name}" for s, f, o in CASES])
@@ -113,7 +141,7 @@ def test_lanes_unpack_to_dequantize(spec, fmt, op, dtype):
     kind = "bf16" if q.scales.dtype == torch.bfloat16 else "fp16"
     view = kernel_view(stored, g, dtype, kind)
     assert not np.isnan(view).any()
-    if fmt == "int8":     # the codes themselves; the epilogue multiplies a row's sum by its scale
+    if fmt in ("int8", "fp8"):     # the codes themselves; the epilogue multiplies a row's sum by its scale
         np.testing.assert_array_equal(view, q.codes.double().numpy())
         view = view * q.scales.double().numpy().reshape(-1, 1)
     np.testing.assert_array_equal(view.astype(np.float32), dequantize(q, torch.float32).numpy())
@@ -140,3 +168,14 @@ def test_8b_int4_plan_segments_are_whole():
         g = p.gemv[op]
         assert g.sblock == 128 and g.kseg == 4096 and g.seg_bytes == 2048 + 64 and g.row_stride % 128 == 64
     assert p.gemv[Op.DOWN].code_row_bytes == 3 * 2112 + 1024 + 32
+
+
+def test_e4m3_conversion_is_exact():
+    """Every finite e4m3 value passes the kernel's chain unchanged: to fp16 (the hardware pair conversion), to
+    fp32, to bf16 (round to nearest, here never rounding) or kept in fp16."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    finite = torch.isfinite(codes.float())
+    exact = codes.double()[finite]
+    h = codes.to(torch.float16)[finite]
+    assert torch.equal(h.double(), exact)
+    assert torch.equal(h.float().to(torch.bfloat16).double(), exact)

@@ -35,7 +35,10 @@ REPRESENTATIVE = [(n, b, "bf16") for n in PRESETS for b in (1, 3, 7, 16)] + \
      # tensor cores at every batch (segment-major flushes; the down projection's input staged from batch 4)
      ("llama-3.1-8b", 1, "int8"), ("llama-3.2-1b", 8, "int8"), ("tiny-qwen3", 2, "int8"), ("llama-3.1-8b", 16, "int8"),
      ("llama-3.1-8b", 1, "int4-g128"), ("llama-3.2-3b", 5, "int4-g32"), ("tiny-qwen3", 2, "int4-g128-bf16"),
-     ("llama-3.1-8b", 16, "int4-g128"), ("llama-3.2-1b", 1, "int4-g64")]
+     ("llama-3.1-8b", 16, "int4-g128"), ("llama-3.2-1b", 1, "int4-g64"),
+     # a zero point a group (GPTQ asym, AWQ) and fp8 e4m3: tensor cores only
+     ("llama-3.1-8b", 1, "int4-g128-zp"), ("llama-3.1-8b", 16, "int4-g32-zp-bf16"), ("llama-3.1-8b", 1, "fp8"),
+     ("llama-3.2-1b", 8, "fp8")]
 EVERY = [(n, b, w) for n in PRESETS for b in range(1, 17) for w in ("bf16", "int8", "int4-g128")] + \
     [(s.name, b, "bf16") for s in TINY_SPECS.values() for b in range(1, 17)]
 

@@ -162,6 +162,25 @@ def test_int8_plan(name, batch, mma):
     _packed_matches_reference(quantised_weights(spec, "int8", seed=batch), plan, batch, steps=2)
 
 
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_fp8_plan(name, batch):
+    """fp8 e4m3 with a scale a row: the tensor-core path at every batch (it has no CUDA-core one: refused there),
+    simulating to the reference on the same packed weights."""
+    spec = TINY_SPECS[name]
+    with pytest.raises(UnsupportedModelError, match="fp8 weights run on the tensor-core path only"):
+        plan_for(spec, batch, MAX_SEQ, "fp8", "bf16", gemv_mma=False)
+    plan = plan_for(spec, batch, MAX_SEQ, "fp8", "bf16", gpu=GpuInfo(sm_count=7), min_kv_chunk=4)
+    g = plan.gemv[Op.QKV]
+    assert plan.tuning.gemv_mma and g.fp8 and g.scaled and g.code_bits == 8 and not plan.gemv[Op.LMHEAD].fp8
+    _packed_matches_reference(quantised_weights(spec, "fp8", seed=batch), plan, batch, steps=2)
+
+
+def test_fp8_refused_where_k_is_not_whole_warp_steps():
+    with pytest.raises(UnsupportedModelError, match="fp8 weights need every layer matrix's K to be a multiple of 32"):
+        plan_for(TINY_SPECS["llama"], 1, MAX_SEQ, "fp8", "bf16")
+
+
 @pytest.mark.parametrize("mma", [None, False], ids=["rules", "cuda-cores"])
 @pytest.mark.parametrize("name, fmt", [("qwen3", "int4-g128"), ("qwen2", "int4-g64"), ("mistral", "int4-g32-bf16"),
                                        ("qwen2", "int4-g128-zp"), ("mistral", "int4-g32-zp-bf16")])

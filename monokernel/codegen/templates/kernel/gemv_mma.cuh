@@ -41,8 +41,8 @@ __device__ __forceinline__ void mma_epilogue(const Params& p, const Task& t, int
 // with the codes turned into operand pairs first (numerics.cuh). A warp step covers SBLOCK of K: each lane
 // loads SBLOCK / 8 (int4) or / 4 (int8) bytes of codes in one load (mma_tiles.py's lane order). int4 folds
 // each group's products into d times the group's scales of rows 2c and 2c + 1, which follow the segment's
-// codes in each row (then row g's zero points, where the format has them); int8 rows take their scale in the
-// epilogue.
+// codes in each row (then row g's zero points, where the format has them); int8 and fp8 rows take their scale
+// in the epilogue.
 template <int OP, class LoadX>
 __device__ __forceinline__ void mma_codes_segment(float* d, float* e, const unsigned char* slot, int klen, int first,
                                                   int g, int c, const LoadX& ldx) {
@@ -97,8 +97,13 @@ __device__ __forceinline__ void mma_codes_segment(float* d, float* e, const unsi
 #pragma unroll
       for (int j = 0; j < NW; j += 2) {
         uint32_t b[4];
-        i8x4_to_pairs(wv[j], b);
-        i8x4_to_pairs(wv[j + 1], b + 2);
+        if constexpr (GV::FP8) {
+          e4m3x4_to_pairs(wv[j], b);
+          e4m3x4_to_pairs(wv[j + 1], b + 2);
+        } else {
+          i8x4_to_pairs(wv[j], b);
+          i8x4_to_pairs(wv[j + 1], b + 2);
+        }
         uint4 a0, a1;
         ldx(sb * SB + c * (SB / 4) + 4 * j, a0, a1);
         mma_bf16_16816(d, a0.x, a1.x, a0.y, a1.y, b[0], b[1]);

@@ -119,6 +119,25 @@ __device__ __forceinline__ void i8x4_to_pairs(uint32_t w, uint32_t* b) {
   }
 }
 
+// 4 fp8 e4m3 codes of a word, in the same byte pairs as i8x4_to_pairs: the hardware's exact e4m3 pair
+// conversion to fp16 (every e4m3 value is an fp16 value), and for bf16 on through fp32 (exact again: bf16's
+// exponent covers fp16's, and e4m3's 3 mantissa bits fit its 7).
+__device__ __forceinline__ uint32_t e4m3x2_to_pair(uint32_t two) {   // two codes in the low 16 bits
+  uint32_t h;
+  asm("{ .reg .b16 lo; cvt.u16.u32 lo, %1; cvt.rn.f16x2.e4m3x2 %0, lo; }" : "=r"(h) : "r"(two));
+  if constexpr (T_IS_BF16) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+    const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+    return *reinterpret_cast<const uint32_t*>(&b);
+  } else {
+    return h;
+  }
+}
+__device__ __forceinline__ void e4m3x4_to_pairs(uint32_t w, uint32_t* b) {
+  b[0] = e4m3x2_to_pair(__byte_perm(w, 0, 0x0020));   // bytes 0 and 2
+  b[1] = e4m3x2_to_pair(__byte_perm(w, 0, 0x0031));   // bytes 1 and 3
+}
+
 // Dot product of 8 weights with 8 inputs (each a 16-byte vector), accumulated in fp32.
 __device__ __forceinline__ float dot8(const uint4& w, const uint4& x, float acc) {
   float2 a = pair_to_f2(w.x), b = pair_to_f2(x.x);
