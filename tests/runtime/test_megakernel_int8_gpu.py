@@ -25,6 +25,19 @@ def _on_gpu(w):
     return dataclasses.replace(w, **moved)
 
 
+def _teacher_forced(mk, ref, c_ref, lengths, vocab, gen, steps):
+    """`steps` steps from random tokens, each fed the reference's argmax: the kernel's logits (poisoned first)
+    finite and within HALF_TOL of the reference's."""
+    pos = torch.tensor(lengths, device="cuda")
+    tok = torch.randint(0, vocab, (len(lengths),), generator=gen).cuda()
+    for _ in range(steps):
+        mk.logits.fill_(float("nan"))
+        nxt, logits = mk.step(tok, pos)
+        expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
+        assert torch.isfinite(logits).all() and rel_norm(logits, expect) < HALF_TOL
+        tok, pos = expect.argmax(-1), pos + 1
+
+
 CASES = [(n, "int8") for n in TINY_SPECS] + [("qwen3", "int4-g128"), ("qwen2", "int4-g64"), ("mistral", "int4-g32"),
                                               ("qwen3", "int4-g32-bf16"), ("qwen2", "int4-g128-zp"),
                                               ("mistral", "int4-g32-zp-bf16"), ("qwen3", "int4-g64-zp"),
@@ -61,14 +74,7 @@ def test_quantised_logits_match_reference(name, fmt, batch, path):
     int8_mma = name != "llama" and (batch > 2 or path == "staged")
     assert mk.plan.tuning.gemv_mma == (path != "cuda-cores" and (fmt != "int8" or int8_mma))
     assert path != "staged" or any(x.seg_staged for x in mk.plan.gemv.values())
-    pos = torch.tensor(lengths, device="cuda")
-    tok = torch.randint(0, spec.vocab_size, (batch,), generator=gen).cuda()
-    for _ in range(4):
-        mk.logits.fill_(float("nan"))
-        nxt, logits = mk.step(tok, pos)
-        expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
-        assert torch.isfinite(logits).all() and rel_norm(logits, expect) < HALF_TOL
-        tok, pos = expect.argmax(-1), pos + 1
+    _teacher_forced(mk, ref, c_ref, lengths, spec.vocab_size, gen, steps=4)
 
 
 @pytest.mark.parametrize("name,fmt", [("llama", "int8"), ("qwen2", "int8"), ("mistral", "int4-g32")])
@@ -102,11 +108,4 @@ def test_fp16_activations(fmt):
     c_ref, c_mk = prefilled(ref, 3, 320, lengths, gen)
     mk = MegaDecoder(w, c_mk, timeout_s=20.0)
     assert mk.plan.tuning.gemv_mma
-    pos = torch.tensor(lengths, device="cuda")
-    tok = torch.randint(0, spec.vocab_size, (3,), generator=gen).cuda()
-    for _ in range(3):
-        mk.logits.fill_(float("nan"))
-        nxt, logits = mk.step(tok, pos)
-        expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
-        assert torch.isfinite(logits).all() and rel_norm(logits, expect) < HALF_TOL
-        tok, pos = expect.argmax(-1), pos + 1
+    _teacher_forced(mk, ref, c_ref, lengths, spec.vocab_size, gen, steps=3)
