@@ -68,9 +68,9 @@ def test_quantised_falls_back(tiny_preset):
     engine "mega" refuses with the same reason."""
     from monokernel.errors import UnsupportedModelError
 
-    eng = Engine.load("preset:tiny", device="cuda", weights="fp8", quiet=True)
+    eng = Engine.load("preset:tiny", device="cuda", weights="fp8-g128", quiet=True)
     assert eng.engine == "reference" and "not in the megakernel yet" in eng.notice
     [g] = eng.generate_ids([[1, 2, 3]], max_new_tokens=4)
     assert len(g.token_ids) == 4
-    with pytest.raises(UnsupportedModelError, match=r"quantised weights \(fp8\) are not in the megakernel yet"):
-        Engine.load("preset:tiny", device="cuda", engine="mega", weights="fp8")
+    with pytest.raises(UnsupportedModelError, match=r"quantised weights \(fp8-g128\) are not in the megakernel yet"):
+        Engine.load("preset:tiny", device="cuda", engine="mega", weights="fp8-g128")
