@@ -106,7 +106,8 @@ class MegaDecoder:
                            task_offsets=torch.from_numpy(offsets).to(dev),
                            tasks=torch.from_numpy(records.view("int32").reshape(-1)).to(dev))
         self.epoch = 0
-        self._scales: dict[str, torch.Tensor | None] = {}    # padded scale tables and stored rows the kernel reads
+        self._held: dict[str, torch.Tensor | None] = {}    # what the kernel reads that the decoder built: padded
+        # scale tables, tensor-core stored rows
         self.params = self._params(timeout_s)
 
     def __getattr__(self, name):     # the buffers and tables by their Params names: mk.logits, mk.tasks
@@ -143,14 +144,14 @@ class MegaDecoder:
             if f.role in ("weight", "scale"):
                 m = getattr(self.w, f.name.removesuffix("_scale"))
                 rows = self._tensor_core_rows(f.name.removesuffix("_scale"))
-                if rows is not None and rows.group:      # int4 on tensor cores: scales (and zeros) inside the rows
-                    t = self._scales[f.name] = mma_rows(m, rows) if f.role == "weight" else None
+                if rows is not None and f.role == "weight":
+                    t = self._held[f.name] = mma_rows(m, rows)
+                elif rows is not None and rows.group:    # int4 on tensor cores: its scales are in those rows
+                    t = None
                 else:
                     t = _weight_part(m, f.role)
                     if f.role == "scale":
-                        t = self._scales[f.name] = self._padded_scales(f.name.removesuffix("_scale"), t)
-                    elif rows is not None:
-                        t = self._scales[f.name] = mma_rows(m, rows)
+                        t = self._held[f.name] = self._padded_scales(f.name.removesuffix("_scale"), t)
             else:
                 t = tensors[f.name]
             ptrs[f.name] = 0 if t is None else t.data_ptr()

@@ -100,16 +100,10 @@ class Layout:
         return op in CHAIN_OPS or op in self.t.helpers_skip
 
     def in_smem(self, op: Op, cols: int) -> bool:
-        """An op's input (B x K) lives in shared memory when it fits beside a useful ring. Otherwise the
-        RMSNorm ops stage it in a per-block global (L2-resident) scratch, and the O projection and the down
-        projection read the attention output and the activations where other blocks wrote them."""
-        return self.i.batch * cols * self.i.ab <= self.t.input_smem_budget
+        return input_in_smem(self.i, self.t, cols)
 
     def seg_staged(self, op: Op, cols: int) -> bool:
-        """Tensor-core ops whose input lives in global memory: the producer streams their chunks K segment by
-        K segment and the consumers stage each input segment once in the shared-memory input area, instead of
-        loading the input from L2 inside the mma loop, where each slot waited a round trip (perf note 17)."""
-        return self.t.gemv_mma and self.t.seg_staging and not self.in_smem(op, cols)
+        return seg_staged(self.i, self.t, cols)
 
     def _gemv(self, op: Op) -> GemvPlan:
         s, t, i = self.s, self.t, self.i
@@ -160,9 +154,9 @@ class Layout:
 
     @property
     def mma_part_floats(self) -> int:
-        # two buffers (alternate row groups), or one per row group of a segment-staged op's flush
-        staged = [self.flush_chunks(g) for g in self.gemv.values() if g.seg_major]
-        return max([2] + staged) * mma_tile_floats(self.t)
+        # two buffers (alternate row groups), or one per row group of a segment-major op's flush
+        major = [self.flush_chunks(g) for g in self.gemv.values() if g.seg_major]
+        return max([2] + major) * mma_tile_floats(self.t)
 
     def _result_floats(self) -> int:
         res = max(g.chunk_rows * g.warps_per_row * self.flush_chunks(g) for g in self.gemv.values()) * self.i.batch
@@ -222,7 +216,7 @@ class MmaSegments:
         if not i.weights.quantised:
             self.kseg, self.row_stride = min(self.k, mma_kseg(i, t)), mma_row_stride(i, t)
             return
-        staged = t.gemv_mma and t.seg_staging and i.batch * self.k * i.ab > t.input_smem_budget
+        staged = seg_staged(i, t, self.k)
         base = quantised_seg_bytes(i, t) * 8 // self.bits
         if staged:
             base = min(base, staged_capacity(i, t))
@@ -236,13 +230,13 @@ class MmaSegments:
         g = self.i.weights.group_size
         if self.dense or not g:
             return 0
-        return -(-(klen // g) * FORMATS[self.i.weights.scale_format].element_bytes // 16) * 16
+        return whole_copies(klen // g * FORMATS[self.i.weights.scale_format].element_bytes)
 
     def zero_bytes(self, klen: int) -> int:
         """A segment's zero points, two a byte, padded to 16 (integer-zero int4: GPTQ asym, AWQ)."""
         if self.dense or self.i.weights.zero != "int":
             return 0
-        return -(-(-(-(klen // self.i.weights.group_size) // 2)) // 16) * 16
+        return whole_copies(-(-(klen // self.i.weights.group_size) // 2))
 
     def seg_bytes(self, klen: int) -> int:
         return klen * self.bits // 8 + self.scale_bytes(klen) + self.zero_bytes(klen)
@@ -263,9 +257,28 @@ def quantised_seg_bytes(i: KernelInputs, t: Tuning) -> int:
 
 def staged_capacity(i: KernelInputs, t: Tuning) -> int:
     """K elements a staged input segment may take: the input area (Layout._input_len) of the ops that fit."""
-    widest = max((op_matrix_shape(i.spec, op)[1] for op in GEMV_OPS
-                  if i.batch * op_matrix_shape(i.spec, op)[1] * i.ab <= t.input_smem_budget), default=0)
+    widest = max((k for k in (op_matrix_shape(i.spec, op)[1] for op in GEMV_OPS) if input_in_smem(i, t, k)),
+                 default=0)
     return max(widest, -(-mma_kseg(i, t) // 64) * 64)
+
+
+def input_in_smem(i: KernelInputs, t: Tuning, cols: int) -> bool:
+    """An op's input (B x K) lives in shared memory when it fits beside a useful ring. Otherwise the RMSNorm
+    ops stage it in a per-block global (L2-resident) scratch, and the O projection and the down projection
+    read the attention output and the activations where other blocks wrote them."""
+    return i.batch * cols * i.ab <= t.input_smem_budget
+
+
+def seg_staged(i: KernelInputs, t: Tuning, cols: int) -> bool:
+    """Tensor-core ops whose input lives in global memory: the producer streams their chunks K segment by K
+    segment and the consumers stage each input segment once in the shared-memory input area, instead of
+    loading the input from L2 inside the mma loop, where each slot waited a round trip (perf note 17)."""
+    return t.gemv_mma and t.seg_staging and not input_in_smem(i, t, cols)
+
+
+def whole_copies(nbytes: int) -> int:
+    """Bytes rounded up to the bulk copy's 16-byte unit."""
+    return -(-nbytes // 16) * 16
 
 
 def is_fp8(i: KernelInputs) -> bool:

@@ -15,21 +15,14 @@ from monokernel.models.quant import QuantTensor
 from monokernel.reference.model import ReferenceModel
 from monokernel.runtime.kv_cache import KVCache
 
+from hf_tiny import tiny_hf_model
 from test_loaders import VOCAB, _write_gguf, tiny_tokenizer  # noqa: F401 (tiny_tokenizer: a fixture)
 
 _FP16_FIELDS = {Q.Q4_K: (0, 2), Q.Q6_K: (208,), Q.Q5_K: (0, 2)}
 
 
 def _model(hidden: int, inter: int) -> transformers.PreTrainedModel:
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) * p.shape[-1] ** -0.5)
-    return model
+    return tiny_hf_model(VOCAB, hidden, inter)
 
 
 def _quantising_writer(monkeypatch, kind_of):

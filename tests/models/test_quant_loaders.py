@@ -22,6 +22,7 @@ from monokernel.reference.model import ReferenceModel
 from monokernel.runtime.kv_cache import KVCache
 
 from conftest import FP32_ATOL, FP32_RTOL
+from hf_tiny import tiny_hf_model
 
 VOCAB, H, I = 211, 64, 96
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -30,16 +31,15 @@ AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
 
 def _hf(arch: str = "llama", hidden: int = H, inter: int = I) -> transformers.PreTrainedModel:
-    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
-    cfg = (transformers.Qwen2Config(**common, tie_word_embeddings=False) if arch == "qwen2"
-           else transformers.LlamaConfig(**common, tie_word_embeddings=False))
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) * p.shape[-1] ** -0.5)
-    return model
+    return tiny_hf_model(VOCAB, hidden, inter, arch)
+
+
+def _linears(model):
+    """(module name, N, K) of each quantisable linear layer's weight."""
+    for name, p in model.state_dict().items():
+        module = name.removesuffix(".weight")
+        if any(module.endswith(m) for m in LINEARS):
+            yield (module, *p.shape)
 
 
 def _words(values: np.ndarray, axis: int, bits: int = 4, order=None) -> torch.Tensor:
@@ -114,11 +114,7 @@ def _gptq(model, group: int, sym: bool, v1: bool, scale_dtype=torch.float16, g_i
     scales (K/g, N). Published formula: W[n, k] = scales[g, n] * (q[k, n] - zero[g, n]), g = g_idx[k]."""
     gen = torch.Generator().manual_seed(7)
     tensors, formula = _rest(model), {}
-    for name, p in model.state_dict().items():
-        module = name.removesuffix(".weight")
-        if not any(module.endswith(m) for m in LINEARS):
-            continue
-        n, k = p.shape
+    for module, n, k in _linears(model):
         q = _codes((k, n), gen)
         zero = torch.full((k // group, n), 8) if sym else _codes((k // group, n), gen, 1, 16)
         scales = _fp16_scales((k // group, n), gen, scale_dtype)
@@ -198,11 +194,7 @@ def test_awq(tmp_path):
     model = _hf()
     gen = torch.Generator().manual_seed(3)
     tensors, formula, g = _rest(model), {}, 32
-    for name, p in model.state_dict().items():
-        module = name.removesuffix(".weight")
-        if not any(module.endswith(m) for m in LINEARS):
-            continue
-        n, k = p.shape
+    for module, n, k in _linears(model):
         q, zero, scales = _codes((k, n), gen), _codes((k // g, n), gen), _fp16_scales((k // g, n), gen)
         tensors[module + ".qweight"] = _words(q.numpy(), axis=1, order=AWQ_ORDER)
         tensors[module + ".qzeros"] = _words(zero.numpy(), axis=1, order=AWQ_ORDER)
@@ -237,11 +229,7 @@ def test_compressed_tensors(tmp_path, case):
     model = _hf()
     gen = torch.Generator().manual_seed(5)
     tensors, formula, g = _rest(model), {}, 32
-    for name, p in model.state_dict().items():
-        module = name.removesuffix(".weight")
-        if not any(module.endswith(m) for m in LINEARS):
-            continue
-        n, k = p.shape
+    for module, n, k in _linears(model):
         zp = None
         if case.startswith("w4a16"):
             q = _codes((n, k), gen, -8, 8)
