@@ -226,3 +226,14 @@ def test_lookahead_helpers(skip):
             assert helper_rows == [] and gu.tiles <= cfg.chain_blocks
         else:   # the helpers' prefetching may outlast the chain, so their own gate/up rows are fewer
             assert len(helper_rows) == len(helpers) and max(helper_rows) < gu.tile_rows
+
+
+def test_quantised_tensor_core_refusals():
+    """Forced onto tensor cores, int8 needs every K a multiple of 32 (tiny llama's 688 is not); and a staged
+    quantised op whose staged input area is shorter than one warp step of its codes is refused by name."""
+    with pytest.raises(UnsupportedModelError, match=r"gemv_mma=1 with int8 weights needs every layer matrix's K"):
+        plan_for(TINY_SPECS["llama"], 3, 256, "int8", "bf16", gemv_mma=True)
+    with pytest.raises(UnsupportedModelError, match=r"mma_kseg_max=32 is shorter than one warp step of QKV \(128 of "
+                                                    r"int4-g128\); raise it"):
+        plan_for(TINY_SPECS["qwen3"], 3, 256, "int4-g128", "bf16", input_smem_budget=0, mma_kseg_max=32)
+    plan_for(TINY_SPECS["qwen3"], 3, 256, "int4-g128", "bf16", input_smem_budget=0, mma_kseg_max=128)   # one step fits
