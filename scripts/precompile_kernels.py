@@ -16,11 +16,11 @@ from profile_megakernel import EXTRA_SEQ   # the same cache length as the profil
 
 
 def build(job):
-    name, fmt, batch, max_seq, var, gpu = job
+    name, fmt, batch, max_seq, var, gpu, t = job
     knobs = ",".join(kv for kv in var.split(",") if kv != "launch=plain")   # profile_megakernel's launch variant
-    k = fit_kernel(KernelInputs(preset(name), batch, max_seq, fmt, "bf16", gpu), Tuning.parse(knobs),
+    k = fit_kernel(KernelInputs(preset(name), batch * t, max_seq, fmt, "bf16", gpu, t), Tuning.parse(knobs),
                    allow_spills=True)
-    return (f"{name} {fmt} b{batch} max_seq {max_seq} [{var}]: {k.compiled.registers} of {k.register_cap} registers, "
+    return (f"{name} {fmt} b{batch} t{t} max_seq {max_seq} [{var}]: {k.compiled.registers} of {k.register_cap} registers, "
             f"{k.compiled.spill_bytes} B spilled")
 
 
@@ -30,13 +30,15 @@ def main():
     ap.add_argument("--batch", default="1")
     ap.add_argument("--weights", default="bf16", help="formats of the layers' matrices, as profile_megakernel.py")
     ap.add_argument("--context", default="512")
+    ap.add_argument("--tokens-per-seq", default="1", help="verify steps: rows a sequence (batch x T rows), as "
+                    "`monokernel bench --verify-tokens`")
     ap.add_argument("--variant", action="append", default=None)
     ap.add_argument("--gpu-name", default="NVIDIA H100 80GB HBM3")
     ap.add_argument("--jobs", type=int, default=8)
     args = ap.parse_args()
     gpu = GpuInfo(name=args.gpu_name)
-    jobs = [(m, f, b, c + EXTRA_SEQ, v, gpu) for m in args.models.split(",") for f in args.weights.split(",")
-            for b in map(int, args.batch.split(","))
+    jobs = [(m, f, b, c + EXTRA_SEQ, v, gpu, t) for m in args.models.split(",") for f in args.weights.split(",")
+            for b in map(int, args.batch.split(",")) for t in map(int, args.tokens_per_seq.split(","))
             for c in map(int, args.context.split(",")) for v in (args.variant or [""])]
     with ProcessPoolExecutor(args.jobs) as ex:
         for line in ex.map(build, jobs):

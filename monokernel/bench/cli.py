@@ -60,6 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=_ints, default=[1, 4, 8, 16], help="comma list (default: 1,4,8,16)")
     p.add_argument("--context", type=_ints, default=[512, 2048, 8192, 32768],
                    help="cached positions when decoding starts, comma list (default: 512,2048,8192,32768)")
+    p.add_argument("--verify-tokens", type=_ints, default=[1], metavar="T,...",
+                   help="rows a sequence scores in one launch, comma list: 1 decodes; T in 2..8 times the "
+                        "megakernel's verify step of speculative decoding (the last token and T - 1 drafts; "
+                        "other engines have no such rows); default: 1")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--weights", type=_weights, default=["dense"], metavar="dense|FORMAT,...",
                    help="weight formats, comma list: dense (as stored, in --dtype), or --quantize formats (int8, "
@@ -94,6 +98,7 @@ def _models(values: list[str] | None) -> list[str]:
 def _child_args(args: argparse.Namespace) -> list[str]:
     """The flags every per-row process of a --devices run gets (model, batch, context, device: its own)."""
     out = ["--engines", ",".join(args.engines), "--dtype", args.dtype, "--weights", ",".join(args.weights),
+           "--verify-tokens", ",".join(map(str, args.verify_tokens)),
            "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--agreement-steps", str(args.agreement_steps), "--seed", str(args.seed),
            "--tc-attention", args.tc_attention]
@@ -111,7 +116,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.warmup < 0 or args.agreement_steps < 0:
         raise MonokernelError("--steps must be >= 1, --warmup and --agreement-steps >= 0")
+    if any(not 1 <= t <= 8 for t in args.verify_tokens):
+        raise MonokernelError(f"--verify-tokens {','.join(map(str, args.verify_tokens))}: each T must be in 1..8")
     cfg = BenchConfig(models=_models(args.model), engines=args.engines, batches=args.batch, contexts=args.context,
+                      tokens_per_seq=args.verify_tokens,
                       dtype=DTYPES[args.dtype], weights=args.weights, steps=args.steps, warmup=args.warmup,
                       agreement_steps=args.agreement_steps, device=args.device, seed=args.seed,
                       compile=not args.no_compile, tc_attention=args.tc_attention, progress=not args.no_progress,

@@ -40,7 +40,10 @@ def monokernel_import_error() -> str | None:
 
 
 def build_engine(name: str, weights: PackedWeights, batch: int, max_seq: int, *, compile: bool = True,
-                 attention: str = "math") -> BenchEngine:
+                 attention: str = "math", tokens_per_seq: int = 1) -> BenchEngine:
+    """tokens_per_seq T > 1: the megakernel's verify step, T rows of each of `batch` sequences a launch."""
+    if tokens_per_seq > 1 and name != "monokernel":
+        raise EngineUnavailable(f"{name} has no verify step of {tokens_per_seq} tokens a sequence (monokernel only)")
     if name == "monokernel":
         reason = monokernel_import_error()
         if reason:
@@ -49,8 +52,10 @@ def build_engine(name: str, weights: PackedWeights, batch: int, max_seq: int, *,
             raise EngineUnavailable("the megakernel needs a CUDA device")
         from ..runtime.mega import MegaDecoder
 
-        mega = MegaDecoder(weights, KVCache(weights.spec, batch, max_seq, weights.dtype, weights.device))
-        return BenchEngine(name, "megakernel", mega, {"kernel": mega.compiled.path.parent.name})
+        mega = MegaDecoder(weights, KVCache(weights.spec, batch, max_seq, weights.dtype, weights.device),
+                           tokens_per_seq=tokens_per_seq)
+        variant = "megakernel" if tokens_per_seq == 1 else f"megakernel, verify T={tokens_per_seq}"
+        return BenchEngine(name, variant, mega, {"kernel": mega.compiled.path.parent.name})
     if name == "reference":
         from ..reference.model import ReferenceModel
         from ..runtime.decoders import ReferenceDecoder

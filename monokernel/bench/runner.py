@@ -53,6 +53,9 @@ class BenchConfig:
     engines: list[str] = field(default_factory=lambda: ["monokernel", "torch-compile", "hf"])
     batches: list[int] = field(default_factory=lambda: [1, 4, 8, 16])
     contexts: list[int] = field(default_factory=lambda: [512, 2048, 8192, 32768])
+    # rows a sequence scores in one launch: 1 decodes; T > 1 is the megakernel's verify step (speculative
+    # decoding: the last token and T - 1 draft tokens), the other engines' rows left out
+    tokens_per_seq: list[int] = field(default_factory=lambda: [1])
     dtype: torch.dtype = torch.bfloat16
     weights: list[str] = field(default_factory=lambda: ["dense"])   # "dense" or --quantize formats
     steps: int = 100
@@ -206,7 +209,8 @@ def run_benchmark(cfg: BenchConfig, checkpoint: Callable[[dict], None] | None = 
                      "max_seq_align": MAX_SEQ_ALIGN, "kv_fill": "seeded N(0,1) random K/V"},
     }
 
-    total = len(cfg.models) * len(cfg.weights) * len(cfg.batches) * len(cfg.contexts) * len(engines)
+    per_cell = len(engines) + ("monokernel" in engines) * (len(cfg.tokens_per_seq) - 1)
+    total = len(cfg.models) * len(cfg.weights) * len(cfg.batches) * len(cfg.contexts) * per_cell
     # disable=None: no bar when stderr is not a terminal (a captured log keeps the per-row lines only)
     bar = tqdm(total=total, desc="bench", unit="row", disable=None if cfg.progress else True, file=sys.stderr)
     for source, weights in ((s, w) for s in cfg.models for w in cfg.weights):
@@ -227,16 +231,16 @@ def run_benchmark(cfg: BenchConfig, checkpoint: Callable[[dict], None] | None = 
             bar.update(len(cfg.batches) * len(cfg.contexts) * len(engines))
             _free_memory(device)
             continue
-        for batch in cfg.batches:
+        for batch, t in ((b, t) for b in cfg.batches for t in cfg.tokens_per_seq):
             for context in cfg.contexts:
                 ref = None
-                for name in engines:
+                for name in (engines if t == 1 else [e for e in engines if e == "monokernel"]):
                     bar.set_postfix_str(f"{model.name} {model.weights_name} b={batch} ctx={context} {name}")
-                    row, ref_out = _run_row(cfg, model, name, batch, context, device, bandwidth, ref, unavailable)
+                    row, ref_out = _run_row(cfg, model, name, batch, context, device, bandwidth, ref, unavailable, t)
                     if ref_out is not None and ref is None:
                         ref = ref_out
                     (result["rows"] if "reason" not in row else result["skipped"]).append(row)
-                    where = f"{model.name} {model.weights_name} b={batch} ctx={context} {name}"
+                    where = f"{model.name} {model.weights_name} b={batch} ctx={context} {name}" + (f" T={t}" if t > 1 else "")
                     if "reason" in row:
                         _log(f"bench: {where}: skipped: {row['reason']}")
                     else:
@@ -274,16 +278,20 @@ def _skip_row(engine: str, model: str, dtype: str, batch: int, context: int, rea
 
 
 def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, bandwidth: float,
-             ref: dict | None, unavailable: dict[str, str]) -> tuple[dict, dict | None]:
+             ref: dict | None, unavailable: dict[str, str], t: int = 1) -> tuple[dict, dict | None]:
     """One engine at one (batch, context): the result row (or a skipped row) and, for the reference
-    engine, its agreement outputs."""
+    engine, its agreement outputs. t > 1: the megakernel's verify step of t consecutive positions of each
+    sequence a launch, the window one position further each step (as a pass that accepts nothing), its
+    agreement left to tests/runtime/test_verify_gpu.py, and the bytes it must read those of a decode step
+    (the weights, and each sequence's keys once)."""
     spec, dtype = model.spec, cfg.dtype
     dtype_name = format_name(dtype)
     skip = lambda reason: (_skip_row(name, model.name, dtype_name, batch, context, reason,
+                                     variant="" if t == 1 else f"megakernel, verify T={t}",
                                      weights=model.weights_name or None), None)
     if name in unavailable:
         return skip(unavailable[name])
-    max_seq = _max_seq(cfg, context)
+    max_seq = _max_seq(cfg, context + t - 1)
     if max_seq > spec.max_position_embeddings:
         return skip(f"context {context} + {max_seq - context} decode positions exceed the model's "
                     f"{spec.max_position_embeddings} positions")
@@ -300,15 +308,16 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
     engine = None
     try:
         t0 = time.perf_counter()
-        engine = build_engine(name, model.weights, batch, max_seq, compile=cfg.compile, attention=cfg.tc_attention)
+        engine = build_engine(name, model.weights, batch, max_seq, compile=cfg.compile, attention=cfg.tc_attention,
+                              tokens_per_seq=t)
         decoder = engine.decoder
         fill_random_kv(decoder, spec, batch, context, dtype, device, cfg.seed + 1)
         gen = torch.Generator().manual_seed(cfg.seed + 2)
-        n_agree = cfg.agreement_steps
+        n_agree = cfg.agreement_steps if t == 1 else 0
         forced = torch.randint(0, spec.vocab_size, (n_agree, batch), generator=gen).to(device)
-        # One (B,) tensor per step, built up front: a step then launches nothing to make its inputs.
-        positions = [torch.full((batch,), p, dtype=torch.long, device=device)
-                     for p in range(context, context + n_agree + cfg.warmup + cfg.steps)]
+        # One (B x t,) tensor per step, built up front: a step then launches nothing to make its inputs.
+        window = torch.arange(t, device=device).repeat(batch)
+        positions = [window + p for p in range(context, context + n_agree + cfg.warmup + cfg.steps)]
         greedy, logits = [], []
         for j in range(n_agree):
             g, lg = decoder.step(forced[j], positions[j])
@@ -324,7 +333,7 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
             if ref is None:
                 ref_out = {"label": label, "greedy": greedy, "logits": logits}
 
-        tokens = torch.randint(0, spec.vocab_size, (batch,), generator=gen).to(device)
+        tokens = torch.randint(0, spec.vocab_size, (batch * t,), generator=gen).to(device)
         first = context + n_agree
 
         def step(i: int):
@@ -350,7 +359,7 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
     ms = timing.median_ms
     row = {"engine": "hf" if name == "hf-compile" else name, "variant": variant,
            "model": model.name, "dtype": dtype_name, "weights": model.weights_name or dtype_name,
-           "batch": batch, "context": context, "ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "bytes_per_step": nbytes,
+           "batch": batch, "context": context, "tokens_per_seq": t, "ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "bytes_per_step": nbytes,
            "roofline_fraction": roofline.roofline_fraction(nbytes, bandwidth, ms),
            "speedup_vs_torch_compile": None,
            "roofline_ms": roofline.roofline_ms(nbytes, bandwidth), "copy_bandwidth_TBps": bandwidth,
@@ -361,7 +370,8 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
 
 
 def _fill_speedups(rows: list[dict]) -> None:
-    key = lambda r: (r["model"], r["dtype"], r.get("weights", r["dtype"]), r["batch"], r["context"])
+    key = lambda r: (r["model"], r["dtype"], r.get("weights", r["dtype"]), r["batch"], r["context"],
+                     r.get("tokens_per_seq", 1))
     base = {key(r): r["ms_per_step"] for r in rows if r["engine"] == "torch-compile"}
     for r in rows:
         b = base.get(key(r))

@@ -27,7 +27,9 @@ def spec_for(model: str | None) -> ModelSpec:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="preset:NAME, a checkpoint directory or a .gguf file (default: the bundled model)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="rows of the batch")
+    p.add_argument("--tokens-per-seq", type=int, default=1,
+                   help="rows per sequence: 1 for a decode step, T > 1 for a verify step of T positions (speculative)")
     p.add_argument("--max-seq", type=int, default=None, help="KV-cache length (default: min(max_position_embeddings, 4096))")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="activations and KV cache")
     p.add_argument("--weights", choices=["dense", *KERNEL_QUANT_FORMATS], default="dense",
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_for(args.model)
     max_seq = args.max_seq or min(spec.max_position_embeddings, 4096)
     inputs = KernelInputs(spec, args.batch, max_seq, args.dtype if args.weights == "dense" else args.weights, args.dtype,
-                          GpuInfo(sm_count=args.sm_count, arch=args.arch))
+                          GpuInfo(sm_count=args.sm_count, arch=args.arch), args.tokens_per_seq)
     tuning = Tuning.parse(args.tuning)
     if args.emit_source:
         print(render_source(make_plan(inputs, tuning)))

@@ -22,14 +22,15 @@ def _template(name: str) -> str:
 
 def kernel_entry_name(plan: KernelPlan) -> str:
     """The readable part of the kernel's cache entry name (the source hash follows it)."""
-    return f"{plan.spec.name.replace('/', '_')}-b{plan.batch}-{plan.inputs.activations.name}"
+    t = plan.inputs.tokens_per_seq
+    return f"{plan.spec.name.replace('/', '_')}-b{plan.batch}{f'-t{t}' if t > 1 else ''}-{plan.inputs.activations.name}"
 
 
 def render_source(plan: KernelPlan) -> str:
     s, i, a = plan.spec, plan.inputs, plan.attn
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     header = env.from_string(_template("config.cuh.j2")).render(
-        model=s.name, batch=plan.batch, dtype=i.activations.name, arch=plan.gpu.arch,
+        model=s.name, batch=plan.batch, tokens_per_seq=i.tokens_per_seq, dtype=i.activations.name, arch=plan.gpu.arch,
         ctype=i.activations.ctype, wtype=i.weights.ctype,
         # the scales' C++ type from the format table; fp32 (which the kernel reads only as scales) is float
         stype=(FORMATS[i.weights.scale_format].ctype if i.weights.scale_format else None) or "float",

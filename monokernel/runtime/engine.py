@@ -225,7 +225,8 @@ class Engine:
         "ngram" (prompt-lookup drafts) or "model:PATH" (a draft model of the same tokenizer: PATH as `model`
         of load(), or "default") proposes up to `draft_tokens` tokens that the target verifies in one pass:
         greedy decoding gives the same tokens, sampling the same distribution, in fewer passes
-        (`last_speculative` says how many). Reference engine only."""
+        (`last_speculative` says how many). On the megakernel engine each pass is one verify launch of
+        draft_tokens + 1 rows (at most 7 draft tokens)."""
         params = _sampling(params, overrides)
         return self.generate_ids(self.encode_prompts(prompts, chat), params, speculative=speculative,
                                  draft_tokens=draft_tokens)
@@ -302,7 +303,7 @@ class Engine:
             raise EngineBusy("this Engine is still running another request: finish or close() that stream first")
         try:
             stats = self.last_stats = GenerationStats(batch=len(reqs), prompt_tokens=sum(len(r.prompt_ids) for r in reqs),
-                                                      engine=f"reference, speculative {speculation.method}")
+                                                      engine=f"{self.engine}, speculative {speculation.method}")
             spec = self.last_speculative = SpeculativeStats()
             t0 = time.perf_counter()
             for ev in speculative_events(self, reqs, speculation, spec):

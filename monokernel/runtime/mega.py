@@ -71,8 +71,10 @@ def step_error(words: list[int], epoch: int, plan: KernelPlan, timeout_s: float
 
 class MegaDecoder:
     def __init__(self, weights: PackedWeights, cache: KVCache, timeout_s: float = 10.0, tuning: Tuning | None = None,
-                 **knobs):
-        """tuning / knobs: Tuning fields (e.g. min_kv_chunk=8, gemv_mma=True) for tests and profiling."""
+                 tokens_per_seq: int = 1, **knobs):
+        """tuning / knobs: Tuning fields (e.g. min_kv_chunk=8, gemv_mma=True) for tests and profiling.
+        tokens_per_seq T > 1: a verify step (`verify`) of T consecutive positions of each of the cache's
+        sequences, a batch of cache.batch x T rows."""
         dev = weights.device
         if dev.type != "cuda":
             raise UnsupportedModelError("the megakernel needs the weights on a CUDA device")
@@ -87,8 +89,8 @@ class MegaDecoder:
                                             f"{getattr(m, 'format', getattr(m, 'dtype', m))}")
         if knobs:
             tuning = (tuning or Tuning()).replace(**knobs)
-        fitted = fit_kernel(KernelInputs(weights.spec, cache.batch, cache.max_seq, weights.format, weights.dtype, gpu),
-                            tuning)
+        fitted = fit_kernel(KernelInputs(weights.spec, cache.batch * tokens_per_seq, cache.max_seq, weights.format,
+                                         weights.dtype, gpu, tokens_per_seq), tuning)
         self.plan, self.source = fitted.plan, fitted.source
         self.compiled: CompiledKernel = fitted.compiled
         self.schedule: Schedule = build_schedule(self.plan)
@@ -241,7 +243,29 @@ class MegaDecoder:
         """One decode step; returns (greedy next tokens (B,) long, logits (B, V) fp32), checked for errors."""
         self.launch(tokens, positions)
         self.check()
-        return self.out_tokens.long(), self.logits
+        return self.out_tokens[:self.plan.batch].long(), self.logits
+
+    @property
+    def tokens_per_seq(self) -> int:
+        return self.plan.inputs.tokens_per_seq
+
+    def verify(self, tokens: torch.Tensor, start: torch.Tensor):
+        """One verify step (tokens_per_seq T > 1): tokens (S, T), sequence s's last token and T - 1 draft tokens
+        at positions start[s] .. start[s] + T - 1, causal among themselves. Returns (greedy (S, T) long, the
+        draft tokens accepted (S,) long: how many leading drafts equal the greedy token of the row before,
+        logits (S, T, V) fp32), checked for errors. K/V rows of rejected drafts lie past the accepted
+        positions: the next step overwrites them before any query reads them."""
+        S, T = self.cache.batch, self.tokens_per_seq
+        if tuple(tokens.shape) != (S, T) or tuple(start.shape) != (S,):
+            raise InputError(f"verify takes tokens ({S}, {T}) and start positions ({S},), not {tuple(tokens.shape)} "
+                             f"and {tuple(start.shape)}")
+        dev = self.w.device
+        positions = (start.to(dev, torch.int64)[:, None] + torch.arange(T, device=dev)[None, :]).reshape(-1)
+        self.launch(tokens.to(dev).reshape(-1), positions)
+        self.check()
+        out = self.out_tokens.long()
+        B = S * T
+        return out[:B].view(S, T), (out[B:] if T > 1 else out[:0]), self.logits.view(S, T, -1)
 
     # ---- the rest of the Decoder protocol (runtime/decoders.py) -------------------------------------
     def enqueue(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

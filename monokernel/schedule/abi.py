@@ -63,11 +63,13 @@ ERRORS = (ErrorCode("ERR_NONE", 0, "no error"),
           ErrorCode("ERR_COUNTER_TIMEOUT", 1, "a block waited too long on a dependency counter"),
           ErrorCode("ERR_RING_TIMEOUT", 2, "a block waited too long on its weight ring"),
           ErrorCode("ERR_BAD_TOKEN", 3, "an input token is outside the vocabulary"),
-          ErrorCode("ERR_BAD_POSITION", 4, "an input position is outside the KV cache"))
+          ErrorCode("ERR_BAD_POSITION", 4, "an input position is outside the KV cache"),
+          ErrorCode("ERR_BAD_VERIFY_POSITION", 5, "a verify step's positions of one sequence are not consecutive"))
 ERROR_MESSAGES = {e.code: e.message for e in ERRORS}
 # Errors of the step's inputs: the kernel checks them before any block writes (step_check.cuh), so the step
 # did nothing and the decoder runs on; after any other error its counters are out of step and it resets.
-INPUT_ERRORS = frozenset(e.code for e in ERRORS if e.name in ("ERR_BAD_TOKEN", "ERR_BAD_POSITION"))
+INPUT_ERRORS = frozenset(e.code for e in ERRORS if e.name in ("ERR_BAD_TOKEN", "ERR_BAD_POSITION",
+                                                               "ERR_BAD_VERIFY_POSITION"))
 # Params::error: the code, then for an input error the step's epoch, the sequence and the bad value.
 ERROR_WORDS = 4
 
@@ -111,8 +113,8 @@ PARAMS: tuple[Field, ...] = (
     Field("const ST*", "w_o_scale", "(L, H[, groups])", "scale"),
     Field("const ST*", "w_gu_scale", "(L, 2*ISIZE[, groups])", "scale"),
     Field("const ST*", "w_down_scale", "(L, H[, groups])", "scale"),
-    Field("T*", "k_cache", "(L, B, NKV, MAX_SEQ, D)", "cache"),
-    Field("T*", "v_cache", "(L, B, NKV, MAX_SEQ, D)", "cache"),
+    Field("T*", "k_cache", "(L, SEQS, NKV, MAX_SEQ, D)", "cache"),
+    Field("T*", "v_cache", "(L, SEQS, NKV, MAX_SEQ, D)", "cache"),
     Field("T*", "x", "residual stream entering each layer; x[L] feeds the final norm", "buffer", "L+1, B, H", sim=True),
     Field("T*", "x_mid", "residual after attention", "buffer", "L, B, H", sim=True),
     Field("T*", "qkv", "", "buffer", "L, B, QKV", sim=True),
@@ -133,7 +135,9 @@ PARAMS: tuple[Field, ...] = (
     Field("const int*", "tokens", "input tokens, int32 or int64 (ids_i64 bit 0): the caller's tensor, read in place",
           "buffer", "B"),
     Field("const int*", "positions", "position of each input token, int32 or int64 (ids_i64 bit 1)", "buffer", "B"),
-    Field("int*", "out_tokens", "greedy next tokens", "buffer", "B", sim=True),
+    Field("int*", "out_tokens", "greedy next tokens; a verify step (VT > 1) then writes each sequence's accepted "
+          "draft tokens (how many of rows 1..VT-1's tokens equal the greedy tokens of the rows before)", "buffer",
+          "B + ACCEPT", sim=True),
     Field("uint32_t*", "counters", "dependency counters, counting up across steps", "buffer", "COUNTERS",
           init="zeros"),
     Field("int*", "error", "the Error code (0: none); for a bad input then its step's epoch, sequence, value",
@@ -158,7 +162,9 @@ def params_struct() -> type[ctypes.Structure]:
 
 def dims(plan, schedule) -> dict[str, int]:
     """The names buffer shapes are written in, as the kernel's constants of the same names."""
-    return dict(spec_dims(plan.spec), B=plan.batch, KV_SPLITS=plan.attn.splits, LM_TILES=schedule.lm_tiles,
+    vt = plan.inputs.tokens_per_seq
+    return dict(spec_dims(plan.spec), B=plan.batch, VT=vt, SEQS=plan.batch // vt, ACCEPT=plan.batch // vt if vt > 1 else 0,
+                KV_SPLITS=plan.attn.splits, LM_TILES=schedule.lm_tiles,
                 BLOCKS=plan.num_blocks, SCRATCH_LEN=plan.scratch_len, COUNTERS=schedule.num_counters,
                 ERROR_WORDS=ERROR_WORDS)
 

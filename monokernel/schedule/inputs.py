@@ -9,6 +9,9 @@ from ..models.formats import FORMATS, Format, get_format, kernel_activation
 from ..models.spec import ModelSpec
 
 MAX_BATCH = 16
+# Tokens of one sequence a verify step scores in one launch (speculative decoding): the tensor-core attention
+# walk takes a split's new keys in one 8-key pass, and a draft past 7 tokens is rarely all accepted.
+MAX_TOKENS_PER_SEQ = 8
 # Query heads per KV head: the CUDA-core attention walk (past the tensor cores' 8) keeps per-lane state for
 # each, and 32 spill hundreds of bytes even with 255 registers a thread (perf note 28); 16 fit.
 MAX_GROUP = 16
@@ -30,6 +33,10 @@ class KernelInputs:
     weights: Format | str = "bf16"      # how the weight matrices are stored
     activations: Format | str = "bf16"  # the residual stream, inputs and the KV cache
     gpu: GpuInfo = field(default_factory=GpuInfo)
+    # Rows of the batch per sequence: 1 for a decode step; T > 1 for a verify step, where rows s*T .. s*T+T-1
+    # are T consecutive positions of sequence s (its last token and a draft), causal among themselves, and
+    # the KV cache holds batch // T sequences.
+    tokens_per_seq: int = 1
 
     def __post_init__(self):
         act = kernel_activation(self.activations)
@@ -50,6 +57,10 @@ class KernelInputs:
         object.__setattr__(self, "activations", act)
         if not 1 <= self.batch <= MAX_BATCH:
             raise UnsupportedModelError(f"batch {self.batch} out of range: the megakernel takes 1..{MAX_BATCH}")
+        t = self.tokens_per_seq
+        if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= MAX_TOKENS_PER_SEQ or self.batch % t:
+            raise UnsupportedModelError(f"tokens_per_seq={t!r} must be an integer in 1..{MAX_TOKENS_PER_SEQ} that divides "
+                                        f"the batch ({self.batch} rows)")
         if self.max_seq > self.spec.max_position_embeddings or self.max_seq < 1:
             raise UnsupportedModelError(
                 f"max_seq={self.max_seq} must be in 1..max_position_embeddings={self.spec.max_position_embeddings}")
@@ -68,6 +79,11 @@ class KernelInputs:
                 f"takes at most {MAX_GROUP} per KV head (more spill registers); use --engine reference")
         if s.head_dim % 32:
             raise UnsupportedModelError(f"head_dim={s.head_dim} must be a multiple of 32 (one warp spans a head)")
+
+    @property
+    def seqs(self) -> int:
+        """Sequences of the KV cache: the batch's rows, tokens_per_seq a sequence."""
+        return self.batch // self.tokens_per_seq
 
     @property
     def wb(self) -> int:

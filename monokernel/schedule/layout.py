@@ -308,9 +308,10 @@ def mma_tile_floats(t: Tuning) -> int:
 
 def attn_floats(i: KernelInputs, t: Tuning) -> int:
     s = i.spec
-    g, d = s.group_size, s.head_dim
-    # q (G x D), new k and v (2 x D), per-warp partial (G x (D + 2))
-    return g * d + 2 * d + t.consumer_warps * g * (d + 2)
+    g, d, vt = s.group_size, s.head_dim, i.tokens_per_seq
+    # q (G x D), new keys and values (2 x VT x D), per-warp partials (G x (D + 2)), where the walk first finds
+    # the new keys and values in the model dtype (VT x D floats' worth)
+    return g * d + 2 * vt * d + max(t.consumer_warps * g * (d + 2), vt * d)
 
 
 def result_budget(i: KernelInputs, t: Tuning) -> int:

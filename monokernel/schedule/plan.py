@@ -74,7 +74,8 @@ class KernelPlan:
     def summary(self) -> dict:
         """The plan as `monokernel compile` prints it and results record it."""
         t, a, m = self.tuning, self.attn, self.smem
-        return {"model": self.spec.name, "batch": self.batch, "max_seq": self.max_seq,
+        return {"model": self.spec.name, "batch": self.batch, "tokens_per_seq": self.inputs.tokens_per_seq,
+                "max_seq": self.max_seq,
                 "weights": self.inputs.weights.name, "activations": self.inputs.activations.name,
                 "gpu": self.gpu.name, "blocks": self.num_blocks, "chain_blocks": self.chain_blocks,
                 "threads": self.threads,
@@ -148,9 +149,10 @@ def _with_flush(g: GemvPlan, fc: int) -> GemvPlan:
 
 
 def plan_for(spec, batch: int, max_seq: int, weights="bf16", activations=None, gpu: GpuInfo | None = None,
-             tuning: Tuning | str | None = None, **knobs) -> KernelPlan:
+             tuning: Tuning | str | None = None, tokens_per_seq: int = 1, **knobs) -> KernelPlan:
     """One call for scripts and tests: inputs from their parts, tuning as a Tuning, "k=v" text or keywords."""
     if isinstance(tuning, str):
         tuning = Tuning.parse(tuning)
     tuning = (tuning or Tuning()).replace(**knobs) if knobs else tuning
-    return make_plan(KernelInputs(spec, batch, max_seq, weights, activations or weights, gpu or GpuInfo()), tuning)
+    return make_plan(KernelInputs(spec, batch, max_seq, weights, activations or weights, gpu or GpuInfo(),
+                                  tokens_per_seq), tuning)

@@ -35,6 +35,7 @@ class Simulator:
         self.plan = schedule.plan
         self.spec = weights.spec
         self.inv_freq = rope_inv_freq(self.spec)
+        self.vt = self.plan.inputs.tokens_per_seq
 
     def _buffers(self):
         """The kernel's buffers (codegen.abi.PARAMS), poisoned, and the splits arrived per (layer, b, kv head)."""
@@ -47,7 +48,7 @@ class Simulator:
              tasks: list[Task] | None = None):
         """Runs every task once in a random dependency-respecting order; returns (next_tokens, logits). Inputs
         out of range raise InputError before any task runs, as the kernel refuses them (step_check.py)."""
-        bad = bad_input(tokens, positions, self.spec.vocab_size, self.plan.max_seq)
+        bad = bad_input(tokens, positions, self.spec.vocab_size, self.plan.max_seq, self.vt)
         if bad:
             raise InputError(input_error_message(bad[0], 1, *bad[1:], self.spec.vocab_size, self.plan.max_seq))
         buf = self._buffers()
@@ -96,7 +97,11 @@ class Simulator:
             pass                                # a cache hint: no math
         elif t.op == Op.ARGMAX:
             best = buf.lm_max.argmax(dim=0)     # earliest tile wins ties, so the smallest index overall
-            buf.out_tokens[:] = buf.lm_idx.gather(0, best[None])[0]
+            B, vt = self.plan.batch, self.vt
+            buf.out_tokens[:B] = buf.lm_idx.gather(0, best[None])[0]
+            if vt > 1:    # each sequence's accepted draft tokens: rows 1.. whose input is the greedy token before
+                same = (buf.out_tokens[:B].view(-1, vt)[:, :-1] == tokens.view(-1, vt)[:, 1:].to(torch.int32))
+                buf.out_tokens[B:] = same.int().cumprod(dim=1).sum(dim=1)
         else:
             raise ValueError(t.op)
 
@@ -105,26 +110,26 @@ class Simulator:
         D, G = s.head_dim, s.group_size
         b, kvh = t.seq_and_kv_head(s.num_kv_heads)
         split, layer = t.split, t.layer
+        seq = b // self.vt                     # a verify step's rows of one sequence share its cache
         pos = int(positions[b])
+        base = pos - b % self.vt               # the sequence's first new position: the cache is read below it
         qkv = buf.qkv[layer, b]
         q = qkv[kvh * G * D:(kvh + 1) * G * D].view(1, G, 1, D)
-        k = qkv[s.q_size + kvh * D:s.q_size + (kvh + 1) * D].view(1, 1, 1, D)
-        v = qkv[s.q_size + s.kv_size + kvh * D:s.q_size + s.kv_size + (kvh + 1) * D]
         if s.qk_norm:
             q = rms_norm(q, w.q_norm[layer], s.rms_norm_eps)
-            k = rms_norm(k, w.k_norm[layer], s.rms_norm_eps)
         cos, sin = rope_cos_sin(self.inv_freq, torch.tensor([[pos]]), q.dtype)
-        q, k = apply_rope(q, cos, sin).view(G, D), apply_rope(k, cos, sin).view(D)
+        q = apply_rope(q, cos, sin).view(G, D)
         n_keys = pos + 1
         chunk = c.attn.kv_chunk(n_keys)
         lo, hi = split * chunk, min(n_keys, (split + 1) * chunk)
         if lo >= hi:          # an inactive split: the combine never reads it
             return
-        keys = cache.k[layer, b, kvh, lo:hi].clone()
-        vals = cache.v[layer, b, kvh, lo:hi].clone()
-        if lo <= pos < hi:       # the split that holds the new position appends it to the cache
-            cache.k[layer, b, kvh, pos], cache.v[layer, b, kvh, pos] = k, v
-            keys[pos - lo], vals[pos - lo] = k, v
+        old_hi = min(hi, base)
+        new = [self._new_kv(buf, layer, b - (pos - key), kvh, key) for key in range(max(lo, base), hi)]
+        keys = torch.cat([cache.k[layer, seq, kvh, lo:old_hi], *(k[None] for k, _ in new)])
+        vals = torch.cat([cache.v[layer, seq, kvh, lo:old_hi], *(v[None] for _, v in new)])
+        if lo <= pos < hi:       # the split that holds the row's own position appends its K/V to the cache
+            cache.k[layer, seq, kvh, pos], cache.v[layer, seq, kvh, pos] = new[-1]
         scores = (q.float() @ keys.float().T) / math.sqrt(D)           # (G, n)
         m = scores.max(dim=1).values
         p = torch.exp(scores - m[:, None])
@@ -138,6 +143,18 @@ class Simulator:
             heads = slice(kvh * G * D, (kvh + 1) * G * D)
             buf.attn_out[layer, b, heads] = self._combine_one(
                 buf.attn_m[layer, b, kvh, :active], buf.attn_l[layer, b, kvh, :active], buf.attn_o[layer, b, kvh, :active])
+
+    def _new_kv(self, buf, layer: int, row: int, kvh: int, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's key (k-norm, RoPE at pos) and value of batch row `row`, from its QKV results: an attention
+        task prepares every new key it attends to itself (a verify step's rows before its own too)."""
+        s, w, D = self.spec, self.w, self.spec.head_dim
+        qkv = buf.qkv[layer, row]
+        k = qkv[s.q_size + kvh * D:s.q_size + (kvh + 1) * D].view(1, 1, 1, D)
+        v = qkv[s.q_size + s.kv_size + kvh * D:s.q_size + s.kv_size + (kvh + 1) * D]
+        if s.qk_norm:
+            k = rms_norm(k, w.k_norm[layer], s.rms_norm_eps)
+        cos, sin = rope_cos_sin(self.inv_freq, torch.tensor([[pos]]), k.dtype)
+        return apply_rope(k, cos, sin).view(D), v
 
     def _combine_one(self, m, l, o) -> torch.Tensor:
         """Log-sum-exp combine of one kv head's active splits: m, l (S, G); o (S, G, D) -> (G * D,)"""

@@ -9,19 +9,28 @@ from .abi import ERROR_MESSAGES, ERRORS
 
 BAD_TOKEN = next(e.code for e in ERRORS if e.name == "ERR_BAD_TOKEN")
 BAD_POSITION = next(e.code for e in ERRORS if e.name == "ERR_BAD_POSITION")
+BAD_VERIFY_POSITION = next(e.code for e in ERRORS if e.name == "ERR_BAD_VERIFY_POSITION")
 
 
-def bad_input(tokens: torch.Tensor, positions: torch.Tensor, vocab: int, max_seq: int) -> tuple[int, int, int] | None:
-    """(code, sequence, value) of an out-of-range input (the lowest sequence; the kernel reports any one)."""
-    for b, (tok, pos) in enumerate(zip(tokens.tolist(), positions.tolist())):
+def bad_input(tokens: torch.Tensor, positions: torch.Tensor, vocab: int, max_seq: int, tokens_per_seq: int = 1
+              ) -> tuple[int, int, int] | None:
+    """(code, row, value) of an out-of-range input (the lowest row; the kernel reports any one). A verify step's
+    rows of one sequence must hold consecutive positions: a row that does not follow the row before it."""
+    toks, poss = tokens.tolist(), positions.tolist()
+    for b, (tok, pos) in enumerate(zip(toks, poss)):
         if not 0 <= tok < vocab:
             return BAD_TOKEN, b, tok
         if not 0 <= pos < max_seq:
             return BAD_POSITION, b, pos
+        if b % tokens_per_seq and pos != poss[b - 1] + 1:
+            return BAD_VERIFY_POSITION, b, pos
     return None
 
 
 def input_error_message(code: int, step: int, seq: int, value: int, vocab: int, max_seq: int) -> str:
+    if code == BAD_VERIFY_POSITION:
+        return (f"step {step}: {ERROR_MESSAGES[code]}: row {seq} has position {value}, not one past the row before "
+                "it; the step did nothing")
     limit, n = (("vocabulary", vocab) if code == BAD_TOKEN else ("KV cache", max_seq))
     unit = "tokens" if code == BAD_TOKEN else "positions"
     return (f"step {step}: {ERROR_MESSAGES[code]}: sequence {seq} has {value}, outside the {limit} of {n} {unit} "

@@ -44,7 +44,7 @@ def speculative_hook(engine, spec_kw: dict):
     from ..speculative.scheduled import ScheduledSpeculation
 
     return ScheduledSpeculation(Speculation.create(spec_kw["speculative"], spec_kw["draft_tokens"], engine,
-                                                   engine._drafters))
+                                                   engine._drafters, scheduled=True))
 
 
 def run(args) -> int:

@@ -1,8 +1,8 @@
 """Speculative generation inside the Engine: each prompt prefilled into a cache of its own, then decoded by
-verify passes of the reference model over the last token and a draft (prompt lookup, or a draft model's),
-greedy or sampled. It runs on the reference engine only: the megakernel has no multi-token verify step yet
-(issue 20), and verifying through the reference model on a GPU would be slower than the megakernel's plain
-decode."""
+verify passes over the last token and a draft (prompt lookup, or a draft model's), greedy or sampled. The
+pass is the reference model's forward on the reference engine and the megakernel's verify step (one launch
+of T = draft_tokens + 1 rows of the sequence, runtime/mega.py) on the megakernel engine. The Scheduler's
+speculation (serve, chat: scheduled.py) runs on the reference engine only so far."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -16,6 +16,7 @@ from ..runtime.prefill import chunk_size, prefill_chunk
 from ..runtime.requests import Request
 from ..runtime.sampling import sample
 from ..runtime.sequence import TokenEvent
+from ..schedule.inputs import MAX_TOKENS_PER_SEQ
 from .draft_model import PREFIX, DraftModel, draft_source
 from .greedy import greedy_accept
 from .ngram import propose
@@ -26,8 +27,9 @@ METHODS = ("ngram", "model:PATH")
 MAX_DRAFT_TOKENS = 16
 
 
-def check_speculative(method: str, draft_tokens: int, engine_kind: str) -> None:
-    """Refuses what speculative decoding cannot do here, before anything runs (or loads)."""
+def check_speculative(method: str, draft_tokens: int, engine_kind: str, scheduled: bool = False) -> None:
+    """Refuses what speculative decoding cannot do here, before anything runs (or loads). scheduled: the
+    Scheduler's speculation (serve, chat), which needs the reference engine."""
     if not isinstance(method, str) or not (method == "ngram" or method.startswith(PREFIX)):
         raise InputError(f"speculative method {method!r} is not one of {', '.join(METHODS)}")
     if method.startswith(PREFIX):   # a draft model that is not there is named before any weights load
@@ -35,9 +37,44 @@ def check_speculative(method: str, draft_tokens: int, engine_kind: str) -> None:
         resolve_model(draft_source(method))
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
         raise InputError(f"draft_tokens={draft_tokens!r} must be an integer in 1..{MAX_DRAFT_TOKENS}")
-    if engine_kind != "reference":
-        raise InputError("speculative decoding runs on the reference engine for now (the megakernel has no multi-token "
-                         "verify step yet): use engine='reference' (--engine reference), or no --speculative")
+    if engine_kind != "reference" and scheduled:
+        raise InputError("speculative serving runs on the reference engine for now (the Scheduler's slots have no "
+                         "megakernel verify step yet; `monokernel generate --speculative` has one): use engine="
+                         "'reference' (--engine reference), or no --speculative")
+    if engine_kind == "mega" and draft_tokens + 1 > MAX_TOKENS_PER_SEQ:
+        raise InputError(f"draft_tokens={draft_tokens}: the megakernel verifies at most {MAX_TOKENS_PER_SEQ - 1} draft "
+                         f"tokens a pass ({MAX_TOKENS_PER_SEQ} rows a sequence); use --draft-tokens "
+                         f"{MAX_TOKENS_PER_SEQ - 1} or fewer, or engine='reference'")
+
+
+def mega_verifier(engine, draft_tokens: int):
+    """The megakernel's verify step for T = draft_tokens + 1 rows of one sequence, built once an engine and T:
+    (cache, decoder). Its cache holds T - 1 positions past the engine's max_seq, where a short draft's padding
+    rows land (their K/V past the accepted position is never read)."""
+    from ..runtime.mega import MegaDecoder
+
+    t = draft_tokens + 1
+    held = engine.__dict__.setdefault("_verifiers", {})
+    if t not in held:
+        cache = KVCache(engine.spec, 1, min(engine.max_seq + t - 1, engine.spec.max_position_embeddings),
+                        engine.dtype, engine.device)
+        held[t] = cache, MegaDecoder(engine.weights, cache, tokens_per_seq=t)
+    return held[t]
+
+
+def _mega_verify(decoder, t: int, model):
+    """Verify (verify.py) through the megakernel: a draft shorter than t - 1 is padded with its last token (rows
+    whose logits nobody reads). Where the padding would pass the cache (a context ending at the model's
+    max_position_embeddings), that pass runs through the reference model on the same cache."""
+    def verify(tokens: torch.Tensor, position: int) -> torch.Tensor:
+        n = tokens.shape[1]
+        if position + t > decoder.cache.max_seq:
+            dev = decoder.cache.k.device
+            return model.forward(tokens.to(dev), torch.tensor([position], device=dev), decoder.cache)
+        padded = torch.cat([tokens, tokens[:, -1:].expand(1, t - n)], dim=1) if n < t else tokens
+        _, _, logits = decoder.verify(padded, torch.tensor([position]))
+        return logits[:, :n]
+    return verify
 
 
 @dataclass(frozen=True)
@@ -50,9 +87,11 @@ class Speculation:
     drafter: DraftModel | None = None     # model:PATH's; None for prompt lookup
 
     @classmethod
-    def create(cls, method: str, draft_tokens: int, engine, drafters: dict | None = None) -> "Speculation":
-        """Checked for `engine`; `drafters` (method -> DraftModel) keeps loaded draft models between calls."""
-        check_speculative(method, draft_tokens, engine.engine)
+    def create(cls, method: str, draft_tokens: int, engine, drafters: dict | None = None,
+               scheduled: bool = False) -> "Speculation":
+        """Checked for `engine`; `drafters` (method -> DraftModel) keeps loaded draft models between calls;
+        scheduled: for the Scheduler (serve, chat)."""
+        check_speculative(method, draft_tokens, engine.engine, scheduled)
         drafter = None
         if method.startswith(PREFIX):
             drafters = {} if drafters is None else drafters
@@ -83,10 +122,14 @@ def speculative_events(engine, reqs: list[Request], speculation: Speculation, st
     """The events of each request in turn (prompts one after another, each in its own cache)."""
     model, dev = engine.model, engine.device
     chunk = engine.prefill_chunk or chunk_size(dev)
+    mega = engine.engine == "mega"
     for r in reqs:
         seq, p = r.seq, r.prompt_ids
         size = min(engine.max_seq, len(p) + seq.max_new_tokens)
-        cache = KVCache(engine.spec, 1, size, engine.dtype, dev)
+        if mega:
+            cache, decoder = mega_verifier(engine, speculation.draft_tokens)
+        else:
+            cache = KVCache(engine.spec, 1, size, engine.dtype, dev)
         for start in range(0, len(p), chunk):
             logits = prefill_chunk(model, p[start:start + chunk], start, cache, 0,
                                    last_logits=start + chunk >= len(p))
@@ -98,6 +141,9 @@ def speculative_events(engine, reqs: list[Request], speculation: Speculation, st
 
         def verify(tokens: torch.Tensor, position: int, cache=cache) -> torch.Tensor:
             return model.forward(tokens.to(dev), torch.tensor([position], device=dev), cache)
+
+        if mega:
+            verify = _mega_verify(decoder, speculation.draft_tokens + 1, model)
 
         draft, accept = speculation.functions(r)
         for tok in speculative_decode(verify, draft, accept, list(p) + [first], first, len(p), seq.max_new_tokens,

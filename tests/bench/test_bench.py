@@ -16,6 +16,7 @@ from monokernel.baselines.hf import HFDecoder
 from monokernel.baselines.torch_compile import TorchCompileDecoder
 from monokernel.bench import cli, report, roofline
 from monokernel.bench.bandwidth import copy_bandwidth_TBps
+from monokernel.bench.engines import EngineUnavailable, build_engine
 from monokernel.bench.runner import BenchConfig, _agreement, run_benchmark
 from monokernel.bench.timing import time_steps
 from monokernel.errors import InputError
@@ -354,3 +355,18 @@ def test_quantised_torch_compile_baseline(case):
         (g1, l1), (g2, l2) = tc.step(tok, pos), ref.step(tok, pos)
         assert rel_max(l1, l2) < FP32_TOL and torch.equal(g1, g2)
         tok, pos = g2, pos + 1
+
+
+def test_verify_tokens_axis(tmp_path, capsys):
+    """--verify-tokens 1,4: the megakernel's verify rows (T = 4 a sequence) beside the decode rows; the other
+    engines have none, and without CUDA the megakernel's rows of both kinds are skipped, each named."""
+    cfg = BenchConfig(models=[TINY], engines=["monokernel", "torch-compile"], batches=[1], contexts=[8],
+                      tokens_per_seq=[1, 4], dtype=torch.float32, steps=2, warmup=0, agreement_steps=2, device="cpu",
+                      compile=False, bandwidth_bytes=1 << 20, progress=False)
+    result = run_benchmark(cfg)
+    assert [(r["engine"], r["tokens_per_seq"]) for r in result["rows"]] == [("torch-compile", 1)]
+    assert sorted(s["variant"] for s in result["skipped"]) == ["megakernel", "megakernel, verify T=4"]
+    with pytest.raises(EngineUnavailable, match="no verify step of 4 tokens"):
+        build_engine("torch-compile", random_weights(TINY, torch.float32, "cpu", 0), 1, 16, tokens_per_seq=4)
+    assert cli.main(["--verify-tokens", "1,9", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "--verify-tokens 1,9: each T must be in 1..8" in capsys.readouterr().err

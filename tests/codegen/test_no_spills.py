@@ -1,7 +1,8 @@
 """Every kernel the engine may build compiles for sm_90a without register spills, against the real cap of
 its block (schedule/registers.py), through fit_kernel as the engine builds it. CI compiles a representative
 set; MONOKERNEL_SPILL_SWEEP=1 pytest -m slow tests/codegen/test_no_spills.py compiles every preset and tiny
-spec at every batch 1-16, the presets also with int8 and int4 weights (256 kernels, about 30 minutes on 2 cores)."""
+spec at every batch 1-16, the presets also with int8 and int4 weights, and every preset's verify steps of 2, 4 and 8 tokens (280 kernels,
+about 33 minutes on 2 cores)."""
 from __future__ import annotations
 
 import os
@@ -38,9 +39,14 @@ REPRESENTATIVE = [(n, b, "bf16") for n in PRESETS for b in (1, 3, 7, 16)] + \
      ("llama-3.1-8b", 16, "int4-g128"), ("llama-3.2-1b", 1, "int4-g64"),
      # a zero point a group (GPTQ asym, AWQ) and fp8 e4m3: tensor cores only
      ("llama-3.1-8b", 1, "int4-g128-zp"), ("llama-3.1-8b", 16, "int4-g32-zp-bf16"), ("llama-3.1-8b", 1, "fp8"),
-     ("llama-3.2-1b", 8, "fp8")]
-EVERY = [(n, b, w) for n in PRESETS for b in range(1, 17) for w in ("bf16", "int8", "int4-g128")] + \
-    [(s.name, b, "bf16") for s in TINY_SPECS.values() for b in range(1, 17)]
+     ("llama-3.2-1b", 8, "fp8"),
+     # verify steps (speculative decoding): batch x tokens a sequence
+     ("llama-3.1-8b", 8, "bf16", 8), ("llama-3.2-1b", 4, "bf16", 4), ("llama-3.1-8b", 16, "int4-g128", 8),
+     ("tiny-qwen3", 8, "bf16", 8)]
+REPRESENTATIVE = [r if len(r) == 4 else (*r, 1) for r in REPRESENTATIVE]
+EVERY = [(n, b, w, 1) for n in PRESETS for b in range(1, 17) for w in ("bf16", "int8", "int4-g128")] + \
+    [(s.name, b, "bf16", 1) for s in TINY_SPECS.values() for b in range(1, 17)] + \
+    [(n, t, w, t) for n in PRESETS for t in (2, 4, 8) for w in ("bf16", "int4-g128")]   # verify steps of one sequence
 
 
 @pytest.fixture(autouse=True)
@@ -48,24 +54,27 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MONOKERNEL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
 
 
-def _fits(name: str, batch: int, weights: str) -> None:
+def _fits(name: str, batch: int, weights: str, tokens_per_seq: int) -> None:
     spec = SPECS[name]
-    k = fit_kernel(KernelInputs(spec, batch, min(spec.max_position_embeddings, 4096), weights, "bf16"))  # raises on a spill
+    k = fit_kernel(KernelInputs(spec, batch, min(spec.max_position_embeddings, 4096), weights, "bf16",
+                                tokens_per_seq=tokens_per_seq))  # raises on a spill
     c = k.compiled
-    print(f"{name} b{batch} {weights}: {c.registers} of {k.register_cap} registers ({k.plan.threads} threads), headroom "
+    print(f"{name} b{batch} t{tokens_per_seq} {weights}: {c.registers} of {k.register_cap} registers ({k.plan.threads} threads), headroom "
           f"{k.headroom}, stack {c.stack_bytes} B")
     assert c.spill_bytes == 0 and 0 < c.registers <= k.register_cap and c.stack_bytes <= 64
 
 
 @needs_nvcc
-@pytest.mark.parametrize("name,batch,weights", REPRESENTATIVE, ids=[f"{n}-b{b}-{w}" for n, b, w in REPRESENTATIVE])
-def test_representative_kernels_fit(name, batch, weights):
-    _fits(name, batch, weights)
+@pytest.mark.parametrize("name,batch,weights,t", REPRESENTATIVE,
+                         ids=[f"{n}-b{b}-{w}" + (f"-t{t}" if t > 1 else "") for n, b, w, t in REPRESENTATIVE])
+def test_representative_kernels_fit(name, batch, weights, t):
+    _fits(name, batch, weights, t)
 
 
 @needs_nvcc
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("MONOKERNEL_SPILL_SWEEP") != "1", reason="set MONOKERNEL_SPILL_SWEEP=1")
-@pytest.mark.parametrize("name,batch,weights", EVERY, ids=[f"{n}-b{b}-{w}" for n, b, w in EVERY])
-def test_every_batch_fits(name, batch, weights):
-    _fits(name, batch, weights)
+@pytest.mark.parametrize("name,batch,weights,t", EVERY,
+                         ids=[f"{n}-b{b}-{w}" + (f"-t{t}" if t > 1 else "") for n, b, w, t in EVERY])
+def test_every_batch_fits(name, batch, weights, t):
+    _fits(name, batch, weights, t)

@@ -132,5 +132,5 @@ def test_serve_speculative_needs_the_reference_engine(monkeypatch, capsys):
     monkeypatch.setattr(Engine, "load", staticmethod(lambda *a, **k: engine))
     monkeypatch.setattr("monokernel.serve.server.serve", lambda *a: pytest.fail("served"))
     assert cli.main(["serve", "--speculative", "ngram", "--port", str(free_port())]) == 2
-    assert "runs on the reference engine for now (the megakernel has no multi-token verify step" in \
+    assert "speculative serving runs on the reference engine for now (the Scheduler's slots have no megakernel" in \
         capsys.readouterr().err

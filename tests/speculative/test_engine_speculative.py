@@ -31,11 +31,17 @@ def test_engine_equals_plain_greedy():
     ("beam", 4, "reference", "'beam' is not one of ngram, model:PATH"),
     ("model:", 4, "reference", "names no draft model"),
     ("ngram", 0, "reference", "draft_tokens=0 must be an integer in 1..16"),
-    ("ngram", 4, "mega", "runs on the reference engine for now"),
+    ("ngram", 8, "mega", "the megakernel verifies at most 7 draft tokens a pass"),
 ])
 def test_refused(method, draft, kind, match):
     with pytest.raises(InputError, match=match):
         check_speculative(method, draft, kind)
+
+
+def test_scheduled_needs_the_reference_engine():
+    check_speculative("ngram", 7, "mega")
+    with pytest.raises(InputError, match="speculative serving runs on the reference engine for now"):
+        check_speculative("ngram", 4, "mega", scheduled=True)
 
 
 def test_cli_prints_tokens_per_pass(capsys, tiny_preset):

@@ -76,5 +76,5 @@ def test_sampled_reproducible_with_logprobs(engine):
 
 def test_engine_kind_refused(engine, monkeypatch):
     monkeypatch.setattr(engine, "engine", "mega")
-    with pytest.raises(InputError, match="runs on the reference engine for now"):
-        Speculation.create("ngram", 4, engine)
+    with pytest.raises(InputError, match="speculative serving runs on the reference engine for now"):
+        Speculation.create("ngram", 4, engine, scheduled=True)

@@ -60,24 +60,56 @@ __device__ __forceinline__ void rope_row(const Params& p, const float* row, floa
   }
 }
 
-__device__ __forceinline__ size_t cache_row(const Task& t, int key) {
-  const int b = TASK_SEQ(t), kvh = TASK_KV_HEAD(t);
-  return ((((size_t)t.layer * B + b) * NKV + kvh) * MAX_SEQ + key) * D;
+// q/k RMSNorm of one head row (DPL values a lane), rounded as the reference rounds it; `norm` is q_norm or k_norm.
+__device__ __forceinline__ void qk_norm_row(const Params& p, float* vals, const T* norm, int l, int lane) {
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < DPL; ++j) ss = fmaf(vals[j], vals[j], ss);
+  const float r = rsqrtf(warp_sum(ss) / D + EPS);
+  const T* w = norm + (size_t)l * D;
+#pragma unroll
+  for (int j = 0; j < DPL; ++j)
+    if (lane + 32 * j < D) vals[j] = rnd(to_f(w[lane + 32 * j]) * rnd(vals[j] * r));
 }
 
-// The new key and value as cache rows: into the cache, and for warp 0 (the one that attends to them,
-// after the cached keys) into `part`, which nobody else touches before the key walk's rd.all_ok(). warp and
-// lane come from the caller: recomputed here, they changed the PTX.
-__device__ __forceinline__ void append_new_kv(const Params& p, const Task& t, int pos, int warp, int lane, float* sm) {
+// The rounded rotary embedding of a new key row at position `pos` (a verify step's keys of the rows before
+// this one; the task's own position has its angles in the prologue).
+__device__ __forceinline__ void rope_key_at(const Params& p, const float* row, float* out, int pos) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < DPL; ++j) {
+    const int d = lane + 32 * j;
+    if (d >= D) break;
+    float c, s;
+    rope_angle(p, pos, d, c, s);
+    const float rot = d < D / 2 ? -row[d + D / 2] : row[d - D / 2];
+    out[d] = rnd(rnd(row[d] * c) + rnd(rot * s));
+  }
+}
+
+// The cache row of a task's sequence (a verify step's VT rows share one) at `key`.
+__device__ __forceinline__ size_t cache_row(const Task& t, int key) {
+  const int s = TASK_SEQ(t) / VT, kvh = TASK_KV_HEAD(t);
+  return ((((size_t)t.layer * SEQS + s) * NKV + kvh) * MAX_SEQ + key) * D;
+}
+
+// The new keys and values as cache rows: the task's own (the last of the nn) into the cache where this split
+// holds its position, and for warp 0 (the one that attends to them, after the cached keys) all nn into `part`
+// (K rows, then V rows), which nobody else touches before the key walk's rd.all_ok(). warp and lane come
+// from the caller: recomputed here, they changed the PTX.
+__device__ __forceinline__ void append_new_kv(const Params& p, const Task& t, int pos, bool holds_pos, int nn, int warp,
+                                              int lane, float* sm) {
   const float* kn = sm + ATTN_KN;
   const float* vn = sm + ATTN_VN;
   T* knt = reinterpret_cast<T*>(sm + ATTN_PART);
-  for (int d = threadIdx.x; d < D; d += NCT) {
-    p.k_cache[cache_row(t, pos) + d] = from_f(kn[d]);
-    p.v_cache[cache_row(t, pos) + d] = from_f(vn[d]);
+  if (holds_pos) {
+    for (int d = threadIdx.x; d < D; d += NCT) {
+      p.k_cache[cache_row(t, pos) + d] = from_f(kn[(nn - 1) * D + d]);
+      p.v_cache[cache_row(t, pos) + d] = from_f(vn[(nn - 1) * D + d]);
+    }
   }
   if (warp == 0) {
-    for (int d = lane; d < D; d += 32) { knt[d] = from_f(kn[d]); knt[D + d] = from_f(vn[d]); }
+    for (int d = lane; d < nn * D; d += 32) { knt[d] = from_f(kn[d]); knt[nn * D + d] = from_f(vn[d]); }
     __syncwarp();
   }
 }
@@ -96,39 +128,68 @@ __device__ bool attention_task(const Params& p, const Task& t, const AttnPrologu
   float* part = sm + ATTN_PART;        // NCW x G x (D + 2): per-warp o, m, l
   const T* qkv = p.qkv + ((size_t)l * B + b) * QKV;
 
-  // rows 0..G-1: query heads of this group, G: the new key, G+1: the new value
-  for (int row = warp; row < G + 2; row += NCW) {
-    const T* src = row < G ? qkv + (kvh * G + row) * D
-                 : row == G ? qkv + QSIZE + kvh * D : qkv + QSIZE + KVSIZE + kvh * D;
-    float* tmp = part + warp * D;
-    float vals[DPL];
+  const int nn = VT == 1 ? 1 : kr.nnew;
+  if constexpr (VT == 1) {
+    // rows 0..G-1: query heads of this group, G: the new key, G+1: the new value
+    for (int row = warp; row < G + 2; row += NCW) {
+      const T* src = row < G ? qkv + (kvh * G + row) * D
+                   : row == G ? qkv + QSIZE + kvh * D : qkv + QSIZE + KVSIZE + kvh * D;
+      float* tmp = part + warp * D;
+      float vals[DPL];
 #pragma unroll
-    for (int j = 0; j < DPL; ++j) vals[j] = (lane + 32 * j < D) ? ld_act(src + lane + 32 * j) : 0.f;
-    if (HAS_QK_NORM && row <= G) {
-      float ss = 0.f;
+      for (int j = 0; j < DPL; ++j) vals[j] = (lane + 32 * j < D) ? ld_act(src + lane + 32 * j) : 0.f;
+      if (HAS_QK_NORM && row <= G) {   // qk_norm_row, written out: the call moved a parameter load in the PTX
+        float ss = 0.f;
 #pragma unroll
-      for (int j = 0; j < DPL; ++j) ss = fmaf(vals[j], vals[j], ss);
-      const float r = rsqrtf(warp_sum(ss) / D + EPS);
-      const T* w = (row < G ? p.q_norm : p.k_norm) + (size_t)l * D;
+        for (int j = 0; j < DPL; ++j) ss = fmaf(vals[j], vals[j], ss);
+        const float r = rsqrtf(warp_sum(ss) / D + EPS);
+        const T* w = (row < G ? p.q_norm : p.k_norm) + (size_t)l * D;
+#pragma unroll
+        for (int j = 0; j < DPL; ++j)
+          if (lane + 32 * j < D) vals[j] = rnd(to_f(w[lane + 32 * j]) * rnd(vals[j] * r));
+      }
+      float* dst = row < G ? q + row * D : row == G ? kn : vn;
 #pragma unroll
       for (int j = 0; j < DPL; ++j)
-        if (lane + 32 * j < D) vals[j] = rnd(to_f(w[lane + 32 * j]) * rnd(vals[j] * r));
+        if (lane + 32 * j < D) (row <= G ? tmp : dst)[lane + 32 * j] = vals[j];
+      __syncwarp();
+      if (row < G) rope_row<true>(p, tmp, dst, ap);
+      else if (row == G) rope_row<false>(p, tmp, dst, ap);
+      __syncwarp();
     }
-    float* dst = row < G ? q + row * D : row == G ? kn : vn;
+  } else {
+    // rows 0..G-1: query heads, then per new key i of this split its key (G + 2i) and value (G + 2i + 1): key
+    // new_lo + i, of row b + new_lo + i - pos of the same sequence (its rows hold consecutive positions)
+    for (int row = warp; row < G + 2 * nn; row += NCW) {
+      const int ni = (row - G) / 2, key = kr.new_lo + ni;
+      const bool is_k = row >= G && (row - G) % 2 == 0;
+      const T* nsrc = qkv + (ptrdiff_t)(key - pos) * QKV;
+      const T* src = row < G ? qkv + (kvh * G + row) * D
+                   : is_k ? nsrc + QSIZE + kvh * D : nsrc + QSIZE + KVSIZE + kvh * D;
+      float* tmp = part + warp * D;
+      float vals[DPL];
 #pragma unroll
-    for (int j = 0; j < DPL; ++j)
-      if (lane + 32 * j < D) (row <= G ? tmp : dst)[lane + 32 * j] = vals[j];
-    __syncwarp();
-    if (row < G) rope_row<true>(p, tmp, dst, ap);
-    else if (row == G) rope_row<false>(p, tmp, dst, ap);
-    __syncwarp();
+      for (int j = 0; j < DPL; ++j) vals[j] = (lane + 32 * j < D) ? ld_act(src + lane + 32 * j) : 0.f;
+      if (HAS_QK_NORM && (row < G || is_k)) qk_norm_row(p, vals, row < G ? p.q_norm : p.k_norm, l, lane);
+      float* dst = row < G ? q + row * D : is_k ? kn + ni * D : vn + ni * D;
+#pragma unroll
+      for (int j = 0; j < DPL; ++j)
+        if (lane + 32 * j < D) (row < G || is_k ? tmp : dst)[lane + 32 * j] = vals[j];
+      __syncwarp();
+      if (row < G) rope_row<true>(p, tmp, dst, ap);
+      else if (is_k && key == pos) rope_row<false>(p, tmp, dst, ap);
+      else if (is_k) rope_key_at(p, tmp, dst, key);
+      __syncwarp();
+    }
   }
   consumer_sync();
-  if (lo <= pos && pos < hi) append_new_kv(p, t, pos, warp, lane, sm);
+  const bool holds_pos = lo <= pos && pos < hi;
+  const bool has_new = VT == 1 ? holds_pos : nn > 0;
+  if (has_new) append_new_kv(p, t, pos, holds_pos, nn, warp, lane, sm);
 
-  // The cached keys arrive through the ring, ATTN_KEYS a slot (K rows, then V rows); the new key and
-  // value follow from shared memory, rounded to the model dtype like the cache copy.
-  const bool own = lo <= pos && pos < hi && warp == 0;
+  // The cached keys arrive through the ring, ATTN_KEYS a slot (K rows, then V rows); the new keys and
+  // values follow from shared memory, rounded to the model dtype like the cache copy.
+  const bool own = has_new && warp == 0;
   if constexpr (ATTN_MMA) {
     AttnMma a;
     if (!attend_keys_mma(a, kr, own, warp, rd, sm)) return false;

@@ -135,7 +135,7 @@ __device__ __forceinline__ bool attend_keys_mma(AttnMma& a, const KeyRange& kr, 
     attend_rows_mma(ks, ks + ATTN_KEYS * D, min(ATTN_KEYS, kr.old_hi - k0), a, warp);
     rd.release();
   }
-  if (own) attend_rows_mma(knt, knt + D, 1, a, 0);
+  if (own) attend_rows_mma(knt, knt + (VT == 1 ? 1 : kr.nnew) * D, VT == 1 ? 1 : kr.nnew, a, 0);   // nnew <= 8: one pass
   if (!rd.all_ok()) return false;   // also: the prep rows in `part` are no longer read
   attn_mma_partial(a, part, warp);
   return true;

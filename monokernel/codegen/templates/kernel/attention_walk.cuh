@@ -136,7 +136,11 @@ __device__ __forceinline__ bool attend_keys(AttnAcc& a, const KeyRange& kr, bool
     attend_rows(ks, ks + ATTN_KEYS * D, min(ATTN_KEYS, kr.old_hi - k0), q, a);
     rd.release();
   }
-  if (own) attend_rows(knt, knt + D, 1, q, a);
+  if constexpr (VT == 1) {
+    if (own) attend_rows(knt, knt + D, 1, q, a);
+  } else if (own) {   // warp 0 alone: KPW keys a call
+    for (int j = 0; j < kr.nnew; j += KPW) attend_rows(knt + j * D, knt + (kr.nnew + j) * D, min(KPW, kr.nnew - j), q, a);
+  }
 #pragma unroll
   for (int g = 0; g < G; ++g)
 #pragma unroll

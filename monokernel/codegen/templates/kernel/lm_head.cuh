@@ -1,7 +1,10 @@
 #pragma once
 #include "config.cuh"
+#include "staging.cuh"
+#include "sync.cuh"
 
-// The greedy token: each LM-head tile's (max, first index) per sequence, then one block's argmax over the tiles.
+// The greedy token: each LM-head tile's (max, first index) per row, then one block's argmax over the tiles; a
+// verify step then counts each sequence's accepted draft tokens.
 namespace mk {
 
 struct ArgMax {
@@ -52,6 +55,16 @@ __device__ void final_argmax(const Params& p, int num_tiles) {
     }
     const int top = warp_argmax(idx, best).idx;
     if (lane == 0) p.out_tokens[b] = top;
+  }
+  if constexpr (VT > 1) {
+    // row t's input token (t >= 1) is draft token t; it is accepted while every draft token before it was
+    // and it equals the greedy token of row t - 1, so the host reads one count and the tokens
+    consumer_sync();   // the rows' tokens, written by the other warps
+    for (int s = threadIdx.x; s < SEQS; s += NCT) {
+      int n = 0;
+      while (n < VT - 1 && p.out_tokens[s * VT + n] == input_id(p.tokens, s * VT + n + 1, p.ids_i64 & 1)) ++n;
+      p.out_tokens[B + s] = n;
+    }
   }
 }
 

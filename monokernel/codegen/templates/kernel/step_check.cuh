@@ -23,6 +23,12 @@ __device__ __forceinline__ bool step_may_run(const Params& p) {
     const long long pos = input_id_wide(p.positions, threadIdx.x, p.ids_i64 & 2);
     if (tok < 0 || tok >= V) { code = ERR_BAD_TOKEN; value = tok; }
     else if (pos < 0 || pos >= MAX_SEQ) { code = ERR_BAD_POSITION; value = pos; }
+    // a verify step's rows of a sequence are consecutive positions: its attention derives the sequence's
+    // first new position from them and reads only the cache below it
+    else if (VT > 1 && threadIdx.x % VT && pos != input_id_wide(p.positions, threadIdx.x - 1, p.ids_i64 & 2) + 1) {
+      code = ERR_BAD_VERIFY_POSITION;
+      value = pos;
+    }
   }
   static_assert(B < THREADS, "a thread past the batch reads the earlier error");
   const bool earlier = threadIdx.x == B && *reinterpret_cast<volatile int*>(p.error) != ERR_NONE;

