@@ -290,3 +290,40 @@ def test_min_term_dropped_fails():
     x = torch.randn(16, g.cols, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16).double().numpy()
     got = grouped_chunk(view[:8], None, g, x, q.scales[:8].double().numpy(), None)
     assert not np.allclose(got, x @ dequantize(q, torch.float64)[:8].numpy().T, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def default_gguf():
+    """The bundled model's GGUF tensors and spec, read once (opening the file takes ~7 s on 2 cores)."""
+    from monokernel.errors import CheckpointError
+    from monokernel.models.gguf_loader import _open, _spec_from_metadata
+    from monokernel.models.load import default_model_path
+    pytest.importorskip("gguf")
+    try:
+        path = default_model_path()
+    except CheckpointError as e:
+        pytest.skip(str(e))
+    reader, tensors = _open(path)
+    return tensors, _spec_from_metadata(reader, tensors, name=path.stem)
+
+
+@pytest.mark.parametrize("tensor,op", [("blk.0.ffn_down.weight", Op.DOWN), ("blk.1.attn_output.weight", Op.OPROJ),
+                                       ("token_embd.weight", Op.QKV)])
+def test_default_gguf_bytes_to_lanes(default_gguf, tensor, op):
+    """The bundled model's own GGUF bytes (Q4_1 layers, the Q8_0 embedding as a stand-in Q8_0 matrix): file blocks
+    -> QuantTensor -> stored rows -> each lane's registers -> exactly gguf's own dequantiser, bitwise in fp32."""
+    import gguf
+    from monokernel.models.quant.gguf_packed import from_gguf_blocks
+    tensors, spec = default_gguf
+    t = tensors[tensor]
+    k, rows = (int(d) for d in t.shape)
+    raw = np.asarray(t.data).reshape(rows, -1)[:64]          # 64 rows: the layout is per row
+    q = from_gguf_blocks(t.tensor_type.name, raw, 64, k)
+    fmt = {"Q4_1": "int4-g32-min", "Q8_0": "int8-g32"}[t.tensor_type.name]
+    g = plan_for(spec, 1, 256, weights=fmt, activations="bf16").gemv[op]
+    g = type(g)(**{**g.__dict__, "rows": 64})
+    assert g.cols == k and g.group == 32
+    view, mins = kernel_view(mma_rows(q, g).numpy(), g, "bf16", "fp16")
+    view = view + (mins if mins is not None else 0)
+    expect = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float32)
+    np.testing.assert_array_equal(view.astype(np.float32), expect)
