@@ -13,7 +13,8 @@ until the megakernel has a trait for the row, so KernelInputs refuses it by name
 one: the CUDA-core matrix-vector path reads its codes and scales the row's sum (templates/kernel/gemv.cuh),
 the tensor-core path turns them into operand pairs (gemv_mma.cuh); so do the int4 rows, symmetric or with an
 integer zero point a group (GPTQ asym, AWQ; tensor cores only), their group scales in the stored rows, and fp8
-e4m3 with a scale a row (tensor cores only: the hardware's e4m3 pair conversion).
+e4m3 with a scale a row (tensor cores only: the hardware's e4m3 pair conversion), and GGUF's Q8_0 (int8-g32)
+and Q4_1 (int4-g32-min: a float min a group, its term the min times the group's input sum; tensor cores only).
 """
 from __future__ import annotations
 
@@ -92,9 +93,11 @@ def _quantised() -> list[Format]:
     rows = [
         Format("int8", 8, torch.int8, "int8_t", 0, "fp32", source="--quantize int8 (absmax/127 a row), "
                "compressed-tensors W8A16 channel; fp32 scales hold any checkpoint's bf16/fp16 scale exactly"),
-        Format("int8-g32", 8, torch.int8, None, 32, "fp16", source="GGUF Q8_0"),
+        # GGUF Q8_0 and Q4_1 read natively on tensor cores: the group scales (and Q4_1's mins) in each stored
+        # segment after its codes, folded into the accumulators once a group (templates/kernel/gemv_mma.cuh)
+        Format("int8-g32", 8, torch.int8, "int8_t", 32, "fp16", source="GGUF Q8_0"),
         Format("int8-g16-fp32", 8, torch.int8, None, 16, "fp32", source="GGUF Q6_K (codes q-32, scale d*sc)"),
-        Format("int4-g32-min", 4, torch.uint8, None, 32, "fp16", zero="min", source="GGUF Q4_1 (w = d*q + m)"),
+        Format("int4-g32-min", 4, torch.uint8, "uint8_t", 32, "fp16", zero="min", source="GGUF Q4_1 (w = d*q + m)"),
         Format("int4-g32-min-fp32", 4, torch.uint8, None, 32, "fp32", zero="min",
                source="GGUF Q4_K (scale d*sc, min -dmin*m a sub-block of 32)"),
         Format("fp8", 8, torch.float8_e4m3fn, "uint8_t", 0, "fp32", source="--quantize fp8 (absmax/448 a row), "

@@ -127,12 +127,23 @@ class PackedWeights:
 
     def dequantized(self) -> "PackedWeights":
         """The same model with every matrix dense in the activation dtype (the engines that read no packed
-        format: the baselines, the megakernel until issue 18's kernel half)."""
+        format: the baselines, and the megakernel for formats it has no trait for)."""
         if not self.quantised:
             return self
         dense = {n: _dense(getattr(self, n), self.dtype) for n in MATRICES if n != "lm_head"}
         dense["lm_head"] = dense["embed"] if self.lm_head is self.embed else _dense(self.lm_head, self.dtype)
         return replace(self, **dense)
+
+    def with_dense_head(self) -> "PackedWeights":
+        """The same model with the embedding and the LM head dense in the activation dtype, the layers' matrices
+        as stored: what the megakernel reads (it takes B embedding rows and the LM head as T). The values are
+        those the reference engine computes with (dequantize() rounded to the activation dtype), so a GGUF's
+        Q8_0 embedding / LM head gives the same logits either way; a tied head stays one tensor."""
+        if all(isinstance(getattr(self, n), torch.Tensor) for n in ("embed", "lm_head")):
+            return self
+        embed = _dense(self.embed, self.dtype)
+        return replace(self, embed=embed,
+                       lm_head=embed if self.lm_head is self.embed else _dense(self.lm_head, self.dtype))
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         s = self.spec

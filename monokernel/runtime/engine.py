@@ -111,6 +111,7 @@ class Engine:
         if engine not in ENGINES:
             raise InputError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
         self.requested = engine
+        self._mega_weights: PackedWeights | None = None   # what the megakernel reads (with_dense_head), made once
         self.notice: str | None = None     # why "auto" chose the reference engine, if it did
         self.engine = "reference" if engine == "reference" else self._try_mega()
 
@@ -173,7 +174,9 @@ class Engine:
         if kind == "mega":
             from .mega import MegaDecoder
 
-            return cache, MegaDecoder(self.weights, cache)
+            if self._mega_weights is None:   # a GGUF's Q8_0 embedding / LM head dense, the layers as stored
+                self._mega_weights = self.weights.with_dense_head()
+            return cache, MegaDecoder(self._mega_weights, cache)
         return cache, ReferenceDecoder(self.model, cache)
 
     def make_decoder(self, batch: int, positions: int) -> tuple[KVCache, Decoder, str]:

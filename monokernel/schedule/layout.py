@@ -52,6 +52,7 @@ class GemvPlan:
     sblock: int = 0
     zero_points: bool = False   # int4 with a zero point a group (two a byte after each segment's scales)
     fp8: bool = False           # the 8-bit codes are e4m3 values, not integers
+    mins: bool = False          # w = d*q + m (GGUF Q4_1): a float min a group after each segment's scales
 
     @property
     def tiles(self) -> int:
@@ -123,7 +124,8 @@ class Layout:
             extra["seg_major"] = extra["seg_staged"] or i.weights.quantised
             return GemvPlan(rows, cols, tile, MMA_ROWS, 1, kseg=seg.kseg, row_stride=seg.row_stride,
                             seg_bytes=seg.seg_bytes(seg.kseg), sblock=0 if dense else seg.sblock,
-                            zero_points=not dense and i.weights.zero == "int", fp8=not dense and is_fp8(i), **extra)
+                            zero_points=not dense and i.weights.zero == "int", fp8=not dense and is_fp8(i),
+                            mins=not dense and i.weights.zero == "min", **extra)
         chunk = max(1, t.slot_bytes // i.row_bytes(op))
         if op == Op.GATEUP:       # gate/up pairs never straddle a tile or a chunk
             tile += tile % 2
@@ -205,7 +207,8 @@ class MmaSegments:
     MMA_KSEG for every op. A quantised plan sizes every op's segment to the same bytes a row (its narrowest
     layer matrix's row, at least 2 KB: 4096 int4 codes, and the bf16 LM head 1024 elements), so every chunk
     fills its slot; each segment stores its groups' scales after its codes, padded to 16 bytes (the bulk
-    copy's unit): one copy a row and segment. A staged op's segment fits the staged input area."""
+    copy's unit), then its zero points or mins where the format has them: one copy a row and segment. A
+    staged op's segment fits the staged input area."""
 
     def __init__(self, i: KernelInputs, t: Tuning, op: Op):
         self.i, self.op = i, op
@@ -233,10 +236,14 @@ class MmaSegments:
         return whole_copies(klen // g * FORMATS[self.i.weights.scale_format].element_bytes)
 
     def zero_bytes(self, klen: int) -> int:
-        """A segment's zero points, two a byte, padded to 16 (integer-zero int4: GPTQ asym, AWQ)."""
-        if self.dense or self.i.weights.zero != "int":
+        """A segment's zero points, two a byte, padded to 16 (integer-zero int4: GPTQ asym, AWQ), or its float
+        mins in the scale format, padded to 16 (GGUF Q4_1)."""
+        f = self.i.weights
+        if self.dense or not f.zero:
             return 0
-        return whole_copies(-(-(klen // self.i.weights.group_size) // 2))
+        if f.zero == "min":
+            return self.scale_bytes(klen)
+        return whole_copies(-(-(klen // f.group_size) // 2))
 
     def seg_bytes(self, klen: int) -> int:
         return klen * self.bits // 8 + self.scale_bytes(klen) + self.zero_bytes(klen)

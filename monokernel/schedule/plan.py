@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from ..errors import UnsupportedModelError
 from .inputs import GpuInfo, KernelInputs
 from .layout import MMA_ROWS, GemvPlan, Layout, SmemLayout, is_fp8, keys_per_pass, lanes_per_key, mma_kseg, mma_row_stride
-from .rules import helpers_fit, mma_quantised_fits, resolve
+from .rules import helpers_fit, mma_only, mma_quantised_fits, resolve
 from .tasks import Op
 from .tuning import Tuning
 
@@ -101,9 +101,8 @@ def _check(i: KernelInputs, t: Tuning, lay: Layout) -> None:
                                     f"(the model has {s.group_size}); use attn_mma=0")
     if not 2 <= t.ring_stages_max <= 32:
         raise UnsupportedModelError(f"ring_stages_max={t.ring_stages_max} must be in 2..32 (barriers: 512 bytes)")
-    if i.weights.zero and not t.gemv_mma:
-        raise UnsupportedModelError(f"{i.weights.name} weights (a zero point a group) run on the tensor-core path "
-                                    "only; use gemv_mma=1 (the default)")
+    if mma_only(i) and not is_fp8(i) and not t.gemv_mma:    # fp8's refusal follows its K check below
+        raise UnsupportedModelError(f"{mma_only(i)} run on the tensor-core path only; use gemv_mma=1 (the default)")
     if is_fp8(i) and not mma_quantised_fits(i):
         raise UnsupportedModelError("fp8 weights need every layer matrix's K to be a multiple of 32 (the tensor-core "
                                     "path's 8 codes a lane); use engine='reference'")

@@ -18,9 +18,25 @@ def rule_gemv_mma(i: KernelInputs, t: Tuning) -> bool:
     # has no CUDA-core path: tensor cores at every batch.
     # int8 at batch 1-2 stays on CUDA cores: 2.65 against 3.58 ms at 8B batch 1 (its byte permute already
     # cheap, the tensor-core loop issue-bound on unpacking and operand traffic: perf note 30)
+    # int8 with a scale a group (GGUF Q8_0) has no CUDA-core path either: its group scales fold into the
+    # tensor-core accumulators once a group (perf note 31).
     if i.weights.quantised:
-        return mma_quantised_fits(i) and (i.weights.bits == 4 or is_fp8(i) or i.batch > 2)
+        return mma_quantised_fits(i) and (i.weights.bits == 4 or bool(mma_only(i)) or i.batch > 2)
     return i.batch > 2
+
+
+def mma_only(i: KernelInputs) -> str | None:
+    """Why these weights run on the tensor-core path only (None: the CUDA-core path reads them too)."""
+    f = i.weights
+    if is_fp8(i):
+        return "fp8 weights"
+    if f.zero == "int":
+        return f"{f.name} weights (a zero point a group)"
+    if f.zero == "min":
+        return f"{f.name} weights (a float min a group, GGUF Q4_1)"
+    if f.quantised and f.bits == 8 and f.group_size:
+        return f"{f.name} weights (int8 with a scale a group, GGUF Q8_0)"
+    return None
 
 
 def mma_quantised_fits(i: KernelInputs) -> bool:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from monokernel.models.formats import FORMATS
 from monokernel.models.presets import preset
 from monokernel.models.quant import dequantize
 from monokernel.models.quant.rtn import quantize
@@ -83,43 +84,54 @@ def e4m3_pairs(w: np.ndarray, dtype: str) -> list[tuple[np.ndarray, np.ndarray]]
     return out
 
 
-def kernel_view(stored: np.ndarray, g, dtype: str, scale_kind: str) -> np.ndarray:
+def kernel_view(stored: np.ndarray, g, dtype: str, scale_kind: str) -> tuple[np.ndarray, np.ndarray | None]:
     """(rows, stored bytes) -> (rows, K) float64: what the kernel multiplies each input by (times its group's
-    scale for int4; the int8 row scale comes in the epilogue and is left out here)."""
+    scale for grouped formats; the int8 row scale comes in the epilogue and is left out here), and for GGUF Q4_1
+    (g.mins) the (rows, K) min that the group-sum mma pairs with each input (None otherwise)."""
     rows, k = stored.shape[0], g.cols
     out = np.full((rows, k), np.nan)
+    mins = np.full((rows, k), np.nan) if g.mins else None
     bits, sb, seg0 = g.code_bits, g.sblock, 0
     lb = sb * bits // 32
     for k0 in range(0, k, g.kseg):
         klen = min(g.kseg, k - k0)
         seg = stored[:, seg0:]
-        scale_bytes = -(-(klen // g.group) * 2 // 16) * 16 if bits == 4 else 0
-        scales = as_float(seg[:, klen * bits // 8:klen * bits // 8 + scale_bytes].copy().view("<u2"), scale_kind) \
-            if bits == 4 else None
-        zero_bytes = -(-(-(-(klen // g.group) // 2)) // 16) * 16 if g.zero_points else 0
-        zbytes = seg[:, klen * bits // 8 + scale_bytes:][:, :zero_bytes]
+        codes = klen * bits // 8
+        scale_bytes = -(-(klen // g.group) * 2 // 16) * 16 if g.group else 0
+        scales = as_float(seg[:, codes:codes + scale_bytes].copy().view("<u2"), scale_kind) if g.group else None
+        zero_bytes = -(-(-(-(klen // g.group) // 2)) // 16) * 16 if g.zero_points else scale_bytes if g.mins else 0
+        zbytes = seg[:, codes + scale_bytes:][:, :zero_bytes]
+        mtable = as_float(zbytes.copy().view("<u2"), scale_kind) if g.mins else None
         for step in range(klen // sb):
             for c in range(4):
                 off = step * sb * bits // 8 + c * lb
                 words = seg[:, off:off + lb].copy().view("<u4")            # (rows, lb / 4)
-                for q in range(words.shape[1]):
-                    if bits == 4:
+                if g.group:     # by 32-wide windows: word q (int4) or words 2q, 2q + 1 (int8)
+                    for q in range(sb // 32):
                         grp = (step * sb + 32 * q) // g.group
-                        zero = (zbytes[:, grp // 2] >> (4 * (grp % 2))) & 0xF if g.zero_points else 8
-                        for p, (lo, hi) in enumerate(i4_pairs(words[:, q], dtype, zero)):
+                        if bits == 4:
+                            zero = (zbytes[:, grp // 2] >> (4 * (grp % 2))) & 0xF if g.zero_points else \
+                                0 if g.mins else 8
+                            pairs = i4_pairs(words[:, q], dtype, zero)
+                        else:
+                            pairs = i8_pairs(words[:, 2 * q], dtype) + i8_pairs(words[:, 2 * q + 1], dtype)
+                        for p, (lo, hi) in enumerate(pairs):
                             kk = k0 + step * sb + 32 * q + 8 * c + 2 * p
                             s = scales[:, grp]
                             assert np.isnan(out[:, kk:kk + 2]).all()
                             out[:, kk], out[:, kk + 1] = lo * s, hi * s
-                    else:
+                            if g.mins:     # the ones-mma sums these inputs into the group's sum, times its min
+                                mins[:, kk] = mins[:, kk + 1] = mtable[:, grp]
+                else:
+                    for q in range(words.shape[1]):
                         pairs = e4m3_pairs(words[:, q], dtype) if g.fp8 else i8_pairs(words[:, q], dtype)
                         for h, (lo, hi) in enumerate(pairs):
                             kk = k0 + step * sb + c * sb // 4 + 4 * q + 2 * h
                             assert np.isnan(out[:, kk:kk + 2]).all()
                             out[:, kk], out[:, kk + 1] = lo, hi
-        seg0 += klen * bits // 8 + scale_bytes + zero_bytes
+        seg0 += codes + scale_bytes + zero_bytes
     assert seg0 == stored.shape[1]
-    return out
+    return out, mins
 
 
 CASES = [(TINY_SPECS["mistral"], "int4-g32", Op.QKV), (TINY_SPECS["mistral"], "int4-g64", Op.DOWN),
@@ -127,23 +139,34 @@ CASES = [(TINY_SPECS["mistral"], "int4-g32", Op.QKV), (TINY_SPECS["mistral"], "i
          (TINY_SPECS["qwen2"], "int4-g128-bf16", Op.GATEUP), (TINY_SPECS["qwen3"], "int4-g32-bf16", Op.OPROJ),
          (TINY_SPECS["qwen3"], "int8", Op.DOWN), (TINY_SPECS["mistral"], "int8", Op.QKV),
          (TINY_SPECS["qwen2"], "int8", Op.GATEUP), (TINY_SPECS["qwen3"], "fp8", Op.GATEUP),
-         (TINY_SPECS["mistral"], "fp8", Op.DOWN)]
+         (TINY_SPECS["mistral"], "fp8", Op.DOWN),
+         # GGUF Q8_0 and Q4_1
+         (TINY_SPECS["qwen3"], "int8-g32", Op.DOWN), (TINY_SPECS["mistral"], "int8-g32", Op.QKV),
+         (TINY_SPECS["qwen2"], "int8-g32", Op.GATEUP), (TINY_SPECS["mistral"], "int4-g32-min", Op.GATEUP),
+         (TINY_SPECS["qwen2"], "int4-g32-min", Op.DOWN), (TINY_SPECS["qwen3"], "int4-g32-min", Op.OPROJ)]
 
 
 @pytest.mark.parametrize("spec,fmt,op", CASES, ids=[f"{s.name}-{f}-{o.name}" for s, f, o in CASES])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_lanes_unpack_to_dequantize(spec, fmt, op, dtype):
+    check_lanes(spec, fmt, op, dtype)
+
+
+def check_lanes(spec, fmt, op, dtype, mutate=lambda q: q):
     g = plan_for(spec, 1, 256, weights=fmt, activations=dtype, mma_kseg_max=64, gemv_mma=True).gemv[op]  # several segments
     assert g.kseg < g.cols and g.sblock in (32, 64, 128)
     w = torch.randn(g.rows, g.cols, generator=torch.Generator().manual_seed(g.cols))
     q = quantize(w, fmt)
-    stored = mma_rows(q, g).numpy()
+    stored = mma_rows(mutate(q), g).numpy()
     kind = "bf16" if q.scales.dtype == torch.bfloat16 else "fp16"
-    view = kernel_view(stored, g, dtype, kind)
+    view, mins = kernel_view(stored, g, dtype, kind)
     assert not np.isnan(view).any()
     if fmt in ("int8", "fp8"):     # the codes themselves; the epilogue multiplies a row's sum by its scale
         np.testing.assert_array_equal(view, q.codes.double().numpy())
         view = view * q.scales.double().numpy().reshape(-1, 1)
+    if mins is not None:           # Q4_1: d*q from the codes' mma, m from the group sums' (exact in fp32)
+        assert not np.isnan(mins).any()
+        view = view + mins
     np.testing.assert_array_equal(view.astype(np.float32), dequantize(q, torch.float32).numpy())
 
 
@@ -179,3 +202,128 @@ def test_e4m3_conversion_is_exact():
     h = codes.to(torch.float16)[finite]
     assert torch.equal(h.double(), exact)
     assert torch.equal(h.float().to(torch.bfloat16).double(), exact)
+
+
+def mma_slots_k(base: int, half: int) -> np.ndarray:
+    """The K position each of the 16 k-slots of an m16n8k16 mma meets in mma_codes_segment's windows: slot s is
+    lane c = (s % 8) // 2's input 2 (s // 8) + s % 2 of its vector at K base + 8 c, plus 4 for the second mma."""
+    s = np.arange(16)
+    return base + 8 * ((s % 8) // 2) + 4 * half + 2 * (s // 8) + s % 2
+
+
+def grouped_chunk(view: np.ndarray, mins: np.ndarray | None, g, x: np.ndarray, scales: np.ndarray,
+                  mtable: np.ndarray | None) -> np.ndarray:
+    """One chunk of 8 rows through the loop of mma_codes_segment in matrix form, float64: per window the two code
+    mma (A: the inputs at mma_slots_k, B: the unpacked codes there), and for Q4_1 the two mma against ones (the
+    group's input sums S, equal in every column), folded a group as d += (u + v) * s + S * m."""
+    d = np.zeros((16, 8))
+    codes = view / np.repeat(scales, g.group, axis=1)        # exact: view is code times scale
+    for grp in range(g.cols // g.group):
+        u = np.zeros((16, 8))
+        sx = np.zeros((16, 8))
+        for base in range(grp * g.group, (grp + 1) * g.group, 32):
+            for half in (0, 1):
+                k = mma_slots_k(base, half)
+                u += x[:, k] @ codes[:, k].T
+                sx += x[:, k] @ np.ones((16, 8))
+                if mins is not None:      # the lanes pair each input with its group's min (kernel_view)
+                    assert (mins[:, k] == mtable[:, grp:grp + 1]).all()
+        d += u * scales[:, grp] + (sx * mtable[:, grp] if mtable is not None else 0)
+    return d
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32-min", "int8-g32", "int4-g64"])
+def test_group_sums_match_formula(fmt):
+    """The group fold and, for GGUF Q4_1, the min term m * S_g (S_g from an mma of the inputs against ones):
+    the loop's sums for 16 sequences x 8 rows equal x @ dequantize(q).T, the float formula."""
+    spec = TINY_SPECS["qwen2"]
+    g = plan_for(spec, 16, 256, weights=fmt, activations="bf16", mma_kseg_max=64, gemv_mma=True).gemv[Op.DOWN]
+    gen = torch.Generator().manual_seed(3)
+    q = quantize(torch.randn(g.rows, g.cols, generator=gen), fmt)
+    view, mins = kernel_view(mma_rows(q, g).numpy(), g, "bf16", "fp16")
+    x = torch.randn(16, g.cols, generator=gen).to(torch.bfloat16).double().numpy()
+    for r0 in (0, 8, g.rows - 8):
+        rows = slice(r0, r0 + 8)
+        mtable = q.zeros[rows].double().numpy() if mins is not None else None
+        got = grouped_chunk(view[rows], None if mins is None else mins[rows], g, x,
+                            q.scales[rows].double().numpy(), mtable)
+        np.testing.assert_allclose(got, x @ dequantize(q, torch.float64)[rows].numpy().T, rtol=1e-12, atol=1e-12)
+
+
+def _codes_by_rows(monkeypatch):
+    """int8-g32's codes in the per-row int8 order (each lane a contiguous quarter of the step): an mma then
+    mixes two groups"""
+    import monokernel.runtime.mma_tiles as tiles
+    orig = tiles.lane_order
+    monkeypatch.setattr(tiles, "lane_order", lambda v, bits, sb, windows=False: orig(v, bits, sb))
+
+
+def _mins_first(q):
+    """Q4_1's mins stored where its scales go, and the scales after them"""
+    import dataclasses
+    return dataclasses.replace(q, scales=q.zeros, zeros=q.scales)
+
+
+def _mins_dropped(q):
+    """Q4_1 read as if the min term were not there (the codes offset by 8, as symmetric int4)"""
+    import dataclasses
+    return dataclasses.replace(q, format=FORMATS["int4-g32"], zeros=None)
+
+
+@pytest.mark.parametrize("fmt,mutation", [("int8-g32", "codes-by-rows"), ("int4-g32-min", "mins-first"),
+                                          ("int4-g32-min", "mins-dropped")])
+def test_layout_mutations_fail(fmt, mutation, monkeypatch):
+    """Each mutation of the new formats' stored layout makes the lane emulation fail: the test can fail."""
+    mutate = {"mins-first": _mins_first, "mins-dropped": _mins_dropped}.get(mutation, lambda q: q)
+    if mutation == "codes-by-rows":
+        _codes_by_rows(monkeypatch)
+    with pytest.raises(AssertionError):
+        check_lanes(TINY_SPECS["qwen2"], fmt, Op.DOWN, "bf16", mutate)
+
+
+def test_min_term_dropped_fails():
+    """The group-sum emulation without the min term (no ones-mma) misses the formula."""
+    spec = TINY_SPECS["qwen2"]
+    g = plan_for(spec, 16, 256, weights="int4-g32-min", activations="bf16", gemv_mma=True).gemv[Op.DOWN]
+    q = quantize(torch.randn(g.rows, g.cols, generator=torch.Generator().manual_seed(5)), "int4-g32-min")
+    view, mins = kernel_view(mma_rows(q, g).numpy(), g, "bf16", "fp16")
+    x = torch.randn(16, g.cols, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16).double().numpy()
+    got = grouped_chunk(view[:8], None, g, x, q.scales[:8].double().numpy(), None)
+    assert not np.allclose(got, x @ dequantize(q, torch.float64)[:8].numpy().T, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def default_gguf():
+    """The bundled model's GGUF tensors and spec, read once (opening the file takes ~7 s on 2 cores)."""
+    from monokernel.errors import CheckpointError
+    from monokernel.models.gguf_loader import _open, _spec_from_metadata
+    from monokernel.models.load import default_model_path
+    pytest.importorskip("gguf")
+    try:
+        path = default_model_path()
+    except CheckpointError as e:
+        pytest.skip(str(e))
+    reader, tensors = _open(path)
+    return tensors, _spec_from_metadata(reader, tensors, name=path.stem)
+
+
+@pytest.mark.parametrize("tensor,op", [("blk.0.ffn_down.weight", Op.DOWN), ("blk.1.attn_output.weight", Op.OPROJ),
+                                       ("token_embd.weight", Op.QKV)])
+def test_default_gguf_bytes_to_lanes(default_gguf, tensor, op):
+    """The bundled model's own GGUF bytes (Q4_1 layers, the Q8_0 embedding as a stand-in Q8_0 matrix): file blocks
+    -> QuantTensor -> stored rows -> each lane's registers -> exactly gguf's own dequantiser, bitwise in fp32."""
+    import gguf
+    from monokernel.models.quant.gguf_packed import from_gguf_blocks
+    tensors, spec = default_gguf
+    t = tensors[tensor]
+    k, rows = (int(d) for d in t.shape)
+    raw = np.asarray(t.data).reshape(rows, -1)[:64]          # 64 rows: the layout is per row
+    q = from_gguf_blocks(t.tensor_type.name, raw, 64, k)
+    fmt = {"Q4_1": "int4-g32-min", "Q8_0": "int8-g32"}[t.tensor_type.name]
+    g = plan_for(spec, 1, 256, weights=fmt, activations="bf16").gemv[op]
+    g = type(g)(**{**g.__dict__, "rows": 64})
+    assert g.cols == k and g.group == 32
+    view, mins = kernel_view(mma_rows(q, g).numpy(), g, "bf16", "fp16")
+    view = view + (mins if mins is not None else 0)
+    expect = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float32)
+    np.testing.assert_array_equal(view.astype(np.float32), expect)

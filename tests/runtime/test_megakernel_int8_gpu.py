@@ -1,5 +1,5 @@
 """int8 weight-only (a scale a row) and int4 (a scale a group; symmetric, or a zero point a group as GPTQ asym and
-AWQ store it) in the megakernel on the GPU (skipped
+AWQ store it), fp8, and GGUF's Q8_0 (int8-g32) and Q4_1 (int4-g32-min) in the megakernel on the GPU (skipped
 without CUDA): the kernel reads the packed codes and scales, and its logits match the reference engine, which
 dequantises the same codes."""
 from __future__ import annotations
@@ -41,7 +41,12 @@ def _teacher_forced(mk, ref, c_ref, lengths, vocab, gen, steps):
 CASES = [(n, "int8") for n in TINY_SPECS] + [("qwen3", "int4-g128"), ("qwen2", "int4-g64"), ("mistral", "int4-g32"),
                                               ("qwen3", "int4-g32-bf16"), ("qwen2", "int4-g128-zp"),
                                               ("mistral", "int4-g32-zp-bf16"), ("qwen3", "int4-g64-zp"),
-                                              ("qwen2", "fp8"), ("mistral", "fp8")]
+                                              ("qwen2", "fp8"), ("mistral", "fp8"),
+                                              # GGUF Q8_0 and Q4_1 natively (tensor cores only)
+                                              ("qwen3", "int8-g32"), ("mistral", "int8-g32"),
+                                              ("qwen2", "int4-g32-min"), ("mistral", "int4-g32-min"),
+                                              ("qwen3", "int4-g32-min")]
+TENSOR_CORES_ONLY = ("fp8", "int8-g32", "int4-g32-min")
 
 
 # The paths a quantised matrix takes: the rules' (int4 on tensor cores, int8 from batch 3 where every K is a
@@ -60,8 +65,9 @@ def test_quantised_logits_match_reference(name, fmt, batch, path):
     knobs = PATHS[path]
     if path == "staged" and fmt == "int8" and name == "llama":
         pytest.skip("K=688 is no multiple of 32: int8 stays on CUDA cores")
-    if path == "cuda-cores" and ("-zp" in fmt or fmt == "fp8"):
-        pytest.skip("zero points and fp8 run on tensor cores only (the plan refuses gemv_mma=0: test_schedule_simulator)")
+    if path == "cuda-cores" and ("-zp" in fmt or fmt in TENSOR_CORES_ONLY):
+        pytest.skip("zero points, fp8 and the GGUF formats run on tensor cores only (the plan refuses gemv_mma=0: "
+                    "test_schedule_simulator)")
     w = _on_gpu(quantised_weights(spec, fmt, torch.bfloat16, seed=batch))
     assert isinstance(w.w_qkv, QuantTensor) and w.format.name == fmt
     ref = ReferenceModel(w)
@@ -70,14 +76,15 @@ def test_quantised_logits_match_reference(name, fmt, batch, path):
     c_ref, c_mk = prefilled(ref, batch, 320, lengths, gen)
     mk = MegaDecoder(w, c_mk, timeout_s=20.0, **knobs)
     g = mk.plan.gemv[next(iter(mk.plan.gemv))]
-    assert g.code_bits == (8 if fmt in ("int8", "fp8") else 4)
+    assert g.code_bits == (8 if fmt in ("int8", "fp8", "int8-g32") else 4)
     int8_mma = name != "llama" and (batch > 2 or path == "staged")
     assert mk.plan.tuning.gemv_mma == (path != "cuda-cores" and (fmt != "int8" or int8_mma))
     assert path != "staged" or any(x.seg_staged for x in mk.plan.gemv.values())
     _teacher_forced(mk, ref, c_ref, lengths, spec.vocab_size, gen, steps=4)
 
 
-@pytest.mark.parametrize("name,fmt", [("llama", "int8"), ("qwen2", "int8"), ("mistral", "int4-g32")])
+@pytest.mark.parametrize("name,fmt", [("llama", "int8"), ("qwen2", "int8"), ("mistral", "int4-g32"),
+                                      ("qwen3", "int8-g32"), ("mistral", "int4-g32-min")])
 def test_quantised_bitwise_deterministic(name, fmt):
     from monokernel.runtime.mega import MegaDecoder
     spec = TINY_SPECS[name]
@@ -96,7 +103,8 @@ def test_quantised_bitwise_deterministic(name, fmt):
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4-g64", "int4-g128-bf16", "int4-g128-zp", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "int4-g64", "int4-g128-bf16", "int4-g128-zp", "fp8", "int8-g32",
+                                 "int4-g32-min"])
 def test_fp16_activations(fmt):
     """The codes turned into fp16 pairs (under 1024) where the model runs in fp16."""
     from monokernel.runtime.mega import MegaDecoder

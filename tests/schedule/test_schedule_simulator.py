@@ -206,3 +206,36 @@ def test_int4_plan(name, fmt, batch, mma):
     else:
         assert g.code_row_bytes == spec.hidden_size // 2 and g.scale_row_bytes % 16 == 0
     _packed_matches_reference(quantised_weights(spec, fmt, seed=batch), plan, batch, steps=2)
+
+
+GGUF_CASES = [("int8-g32", "qwen3"), ("int8-g32", "mistral"), ("int8-g32", "llama-704"),
+              ("int4-g32-min", "mistral"), ("int4-g32-min", "qwen2"), ("int4-g32-min", "llama-704")]
+# tiny llama (llama3 rope scaling, tied embeddings) with whole groups of 32 along the down projection's K
+GGUF_SPECS = {**TINY_SPECS, "llama-704": TINY_SPECS["llama"].with_(name="tiny-llama-704", intermediate_size=704)}
+
+
+@pytest.mark.parametrize("fmt,name", GGUF_CASES, ids=[f"{f}-{n}" for f, n in GGUF_CASES])
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_gguf_plan(fmt, name, batch):
+    """GGUF Q8_0 (int8-g32) and Q4_1 (int4-g32-min) natively: tensor cores at every batch (no CUDA-core path:
+    refused), each stored segment its codes, its group scales and (Q4_1) its mins, each padded to 16 bytes; the
+    plan's schedule simulates to the reference on the same packed weights."""
+    spec = GGUF_SPECS[name]
+    f = FORMATS[fmt]
+    with pytest.raises(UnsupportedModelError, match=rf"{fmt} weights \(.*GGUF.*\) run on the tensor-core path only"):
+        plan_for(spec, batch, MAX_SEQ, fmt, "bf16", gemv_mma=False)
+    plan = plan_for(spec, batch, MAX_SEQ, fmt, "bf16", gpu=GpuInfo(sm_count=7), min_kv_chunk=4)
+    g = plan.gemv[Op.QKV]
+    assert plan.tuning.gemv_mma and g.group == 32 and g.code_bits == f.bits and g.mins == (f.zero == "min")
+    assert not g.scaled and not g.zero_points and not plan.gemv[Op.LMHEAD].mins
+    pad = -(-(spec.hidden_size // 32) * 2 // 16) * 16
+    assert g.kseg == spec.hidden_size and g.code_row_bytes == spec.hidden_size * f.bits // 8 + pad * (1 + g.mins)
+    _packed_matches_reference(quantised_weights(spec, fmt, seed=batch), plan, batch, steps=2)
+
+
+def test_gguf_k_not_whole_groups_refused():
+    """A Q4_1 / Q8_0 model whose K is not whole groups of 32 is refused by name before any kernel is built."""
+    spec = TINY_SPECS["llama"]          # intermediate_size 688 = 21.5 groups
+    for fmt in ("int4-g32-min", "int8-g32"):
+        with pytest.raises(UnsupportedModelError, match=rf"{fmt} groups of 32 must divide .*688"):
+            plan_for(spec, 1, MAX_SEQ, fmt, "bf16")

@@ -10,7 +10,7 @@
 namespace mk {
 
 // The results of rows f0 .. f0 + fr of a tensor-core task (res: row-major rows x B) through the op's epilogue.
-// int8 rows are scaled here (their scale table, as on CUDA cores); int4 groups were scaled in the mma loop.
+// int8 rows are scaled here (their scale table, as on CUDA cores); grouped formats were scaled in the mma loop.
 template <int OP>
 __device__ __forceinline__ void mma_epilogue(const Params& p, const Task& t, int f0, int fr, const float* res, float pre,
                                              float2 pre_scale) {
@@ -39,10 +39,13 @@ __device__ __forceinline__ void mma_epilogue(const Params& p, const Task& t, int
 // row g's codes times the inputs of sequences g and g + 8 (ldx(k): the two 8-element input vectors at
 // segment offset k) into d (sequences g, g + 8 x chunk rows 2c, 2c + 1), as the dense loop below, but
 // with the codes turned into operand pairs first (numerics.cuh). A warp step covers SBLOCK of K: each lane
-// loads SBLOCK / 8 (int4) or / 4 (int8) bytes of codes in one load (mma_tiles.py's lane order). int4 folds
-// each group's products into d times the group's scales of rows 2c and 2c + 1, which follow the segment's
-// codes in each row (then row g's zero points, where the format has them); int8 and fp8 rows take their scale
-// in the epilogue.
+// loads SBLOCK / 8 (int4) or / 4 (int8) bytes of codes in one load (mma_tiles.py's lane order). Grouped
+// formats (int4, GGUF Q8_0) go by 32-wide windows of K, so each mma sums one group's products, and fold each
+// group's sums into d times the group's scales of rows 2c and 2c + 1, which follow the segment's codes in
+// each row (then row g's zero points, or the rows' float mins, where the format has them); int8 and fp8 rows
+// with a scale a row take it in the epilogue.
+// GGUF Q4_1 (w = d q + m) adds m times the group's input sum: an mma of the same inputs against ones gives
+// that sum for sequences g and g + 8 in the accumulator layout (2 mma a group, no shuffles; perf note 31).
 template <int OP, class LoadX>
 __device__ __forceinline__ void mma_codes_segment(float* d, float* e, const unsigned char* slot, int klen, int first,
                                                   int g, int c, const LoadX& ldx) {
@@ -63,34 +66,56 @@ __device__ __forceinline__ void mma_codes_segment(float* d, float* e, const unsi
     } else {
       wv[0] = *reinterpret_cast<const uint32_t*>(src);
     }
-    if constexpr (GV::CODE_BITS == 4) {
-      // word q: the 8 codes at K sb * SB + 32 q + 8 c .. + 7 (one 32-wide window of the warp)
+    if constexpr (GV::GROUP > 0) {
+      // window q: the 8 codes at K sb * SB + 32 q + 8 c .. + 7, in word q (int4) or words 2q, 2q + 1 (int8)
+      constexpr int WPW = GV::CODE_BITS / 4;                   // words a window
       constexpr int GW = GV::GROUP / 32;                       // windows a group
       static_assert(GV::GROUP % 32 == 0 && SB % GV::GROUP == 0, "a warp step holds whole groups");
-      const ST* s0 = reinterpret_cast<const ST*>(slot + 2 * c * GV::RSTRIDE + klen / 2);
-      const ST* s1 = reinterpret_cast<const ST*>(slot + (2 * c + 1) * GV::RSTRIDE + klen / 2);
-      // zero points (GPTQ asym, AWQ): row g's, two a byte, after the segment's scales (padded to 16 bytes)
-      const unsigned char* zr = wr + klen / 2 + ((klen / GV::GROUP) * (int)sizeof(ST) + 15) / 16 * 16;
+      const int codes = GV::CODE_BITS == 4 ? klen / 2 : klen;  // bytes of the segment's codes
+      const ST* s0 = reinterpret_cast<const ST*>(slot + 2 * c * GV::RSTRIDE + codes);
+      const ST* s1 = reinterpret_cast<const ST*>(slot + (2 * c + 1) * GV::RSTRIDE + codes);
+      // zero points (GPTQ asym, AWQ): row g's, two a byte, after the segment's scales (padded to 16 bytes);
+      // mins (GGUF Q4_1): rows 2c and 2c + 1's, one a group in the scales' type, at the same place
+      const unsigned char* zr = wr + codes + ((klen / GV::GROUP) * (int)sizeof(ST) + 15) / 16 * 16;
 #pragma unroll
-      for (int gi = 0; gi < NW / GW; ++gi) {
-        float u[4] = {0.f, 0.f, 0.f, 0.f}, v[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int gi = 0; gi < NW / (GW * WPW); ++gi) {
+        float u[4] = {0.f, 0.f, 0.f, 0.f}, v[4] = {0.f, 0.f, 0.f, 0.f}, sx[4] = {0.f, 0.f, 0.f, 0.f};
         const int grp = (sb * SB) / GV::GROUP + gi;
-        uint32_t zero = i4_zero_pair(8);
+        uint32_t zero = i4_zero_pair(GV::MINS ? 0 : 8);
         if constexpr (GV::ZERO_POINTS) zero = i4_zero_pair((zr[grp / 2] >> (4 * (grp % 2))) & 0xFu);
 #pragma unroll
         for (int q = gi * GW; q < (gi + 1) * GW; ++q) {
           uint32_t b[4];
-          i4x8_to_pairs(wv[q], b, zero);
+          if constexpr (GV::CODE_BITS == 4) {
+            i4x8_to_pairs(wv[q], b, zero);
+          } else {
+            i8x4_to_pairs(wv[WPW * q], b);
+            i8x4_to_pairs(wv[WPW * q + 1], b + 2);
+          }
           uint4 a0, a1;
           ldx(sb * SB + 32 * q + 8 * c, a0, a1);
           mma_bf16_16816(u, a0.x, a1.x, a0.y, a1.y, b[0], b[1]);
           mma_bf16_16816(v, a0.z, a1.z, a0.w, a1.w, b[2], b[3]);
+          if constexpr (GV::MINS) {
+            mma_bf16_16816(sx, a0.x, a1.x, a0.y, a1.y, ONE_PAIR, ONE_PAIR);
+            mma_bf16_16816(sx, a0.z, a1.z, a0.w, a1.w, ONE_PAIR, ONE_PAIR);
+          }
         }
         const float c0 = to_f(s0[grp]), c1 = to_f(s1[grp]);
-        d[0] = fmaf(u[0] + v[0], c0, d[0]);
-        d[1] = fmaf(u[1] + v[1], c1, d[1]);
-        d[2] = fmaf(u[2] + v[2], c0, d[2]);
-        d[3] = fmaf(u[3] + v[3], c1, d[3]);
+        if constexpr (GV::MINS) {   // sx[0] = sx[1]: sequence g's sum over the group, sx[2] = sx[3]: g + 8's
+          const ST* m0 = reinterpret_cast<const ST*>(zr + (2 * c - g) * GV::RSTRIDE);
+          const ST* m1 = reinterpret_cast<const ST*>(zr + (2 * c + 1 - g) * GV::RSTRIDE);
+          const float n0 = to_f(m0[grp]), n1 = to_f(m1[grp]);
+          d[0] = fmaf(sx[0], n0, fmaf(u[0] + v[0], c0, d[0]));
+          d[1] = fmaf(sx[1], n1, fmaf(u[1] + v[1], c1, d[1]));
+          d[2] = fmaf(sx[2], n0, fmaf(u[2] + v[2], c0, d[2]));
+          d[3] = fmaf(sx[3], n1, fmaf(u[3] + v[3], c1, d[3]));
+        } else {
+          d[0] = fmaf(u[0] + v[0], c0, d[0]);
+          d[1] = fmaf(u[1] + v[1], c1, d[1]);
+          d[2] = fmaf(u[2] + v[2], c0, d[2]);
+          d[3] = fmaf(u[3] + v[3], c1, d[3]);
+        }
       }
     } else {
       // word j: the 4 codes at K sb * SB + c * SB / 4 + 4 j .. + 3; two words a vector of 8 inputs

@@ -98,6 +98,7 @@ __device__ __forceinline__ uint32_t sub_pairs(uint32_t a, uint32_t b) {
 // 8 int4 codes of a word minus their zero point z (8 for the symmetric formats): pair p holds the nibbles at
 // bits 4p (low half) and 16 + 4p. `zero` is z under the same exponent in both halves (i4_zero_pair).
 constexpr uint32_t I4_MAGIC = T_IS_BF16 ? 0x43004300u : 0x64006400u;   // 128 | 1024 in both halves
+constexpr uint32_t ONE_PAIR = T_IS_BF16 ? 0x3F803F80u : 0x3C003C00u;   // 1.0 in both halves
 __device__ __forceinline__ uint32_t i4_zero_pair(uint32_t z) { return z * 0x00010001u | I4_MAGIC; }
 __device__ __forceinline__ void i4x8_to_pairs(uint32_t w, uint32_t* b, uint32_t zero = i4_zero_pair(8)) {
 #pragma unroll
