@@ -149,8 +149,13 @@ def get_format(name: str | torch.dtype | Format) -> Format:
     return f
 
 
+# The K-quant mappings (Q4_K / Q6_K's sub-blocks as fp32-scaled groups) come from llama.cpp's own quantiser only;
+# Q8_0 (int8-g32) and Q4_1 (int4-g32-min) are round-to-nearest in llama.cpp too, so --quantize makes their twins.
+_NOT_RTN = ("int8-g16-fp32", "int4-g32-min-fp32")
+
+
 def quantize_choices() -> list[str]:
-    return [*QUANTIZE_ALIASES, *(n for n, f in FORMATS.items() if f.quantised and not n.startswith(("int8-g", "int4-g32-min")))]
+    return [*QUANTIZE_ALIASES, *(n for n, f in FORMATS.items() if f.quantised and n not in _NOT_RTN)]
 
 
 def quantize_format(name: str | Format) -> Format:

@@ -164,8 +164,8 @@ def test_format_errors():
     """Format names: --quantize takes only what round-to-nearest makes; the megakernel refuses every quantised
     format it has no trait for by name and points at the reference engine."""
     assert quantize_format("int4").name == "int4-g128" and quantize_format("INT4-G64").name == "int4-g64"
-    assert {"int8", "int4", "int4-g64", "fp8"} <= set(quantize_choices())
-    for bad in ("int4-g32-min", "int8-g32", "bf16", "int3"):
+    assert {"int8", "int4", "int4-g64", "fp8", "int8-g32", "int4-g32-min"} <= set(quantize_choices())
+    for bad in ("int4-g32-min-fp32", "int8-g16-fp32", "bf16", "int3"):
         with pytest.raises(InputError, match=f"quantize={bad!r} is not a format round-to-nearest can produce"):
             quantize_format(bad)
     assert FORMATS["int8"].kernel                       # the first format with a kernel trait (templates' gemv)

@@ -7,6 +7,8 @@
               `-zp` formats are the asymmetric variant (s = (max-min)/15, z = round(-min/s)).
   fp8         per output row: s = absmax/448 (fp32), c = e4m3(w/s) (round to nearest even)
   fp8-b128    one scale per 128x128 block, as DeepSeek-V3 / Qwen3 FP8 checkpoints
+  int8-g32    GGUF Q8_0: s = absmax/127 a group of 32 (fp16), as llama.cpp quantises it
+  int4-g32-min  GGUF Q4_1: s = (max-min)/15 and m = min a group of 32 (fp16), c = round((w-m)/s), as llama.cpp
 
 Scales are rounded to their storage type before the codes are computed, so the codes are the nearest ones for
 the scale the kernel will read. The LM head and the embedding stay dense (see quantize_weights).

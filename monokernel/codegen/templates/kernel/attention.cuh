@@ -39,8 +39,14 @@ struct AttnPrologue {
   }
 };
 
-// Rounded rotary embedding of one head row held in `row` (float values of model-dtype numbers):
-// out = rnd(rnd(x * cos) + rnd(rotate_half(x) * sin)).
+// Head dim d of a rotated row: rnd(rnd(x * cos) + rnd(rotate_half(x) * sin)), rounded as the reference rounds it.
+__device__ __forceinline__ float rope_dim(const float* row, int d, float c, float s) {
+  const float rot = d < D / 2 ? -row[d + D / 2] : row[d - D / 2];
+  return rnd(rnd(row[d] * c) + rnd(rot * s));
+}
+
+// Rounded rotary embedding of one head row held in `row` (float values of model-dtype numbers), at the task's
+// position.
 template <bool QUERY>
 __device__ __forceinline__ void rope_row(const Params& p, const float* row, float* out, const AttnPrologue& ap) {
   const int lane = threadIdx.x % 32;
@@ -55,8 +61,7 @@ __device__ __forceinline__ void rope_row(const Params& p, const float* row, floa
     } else {
       rope_angle(p, ap.kr.pos, d, c, s);
     }
-    const float rot = d < D / 2 ? -row[d + D / 2] : row[d - D / 2];
-    out[QUERY ? q_slot(d) : d] = rnd(rnd(row[d] * c) + rnd(rot * s));
+    out[QUERY ? q_slot(d) : d] = rope_dim(row, d, c, s);
   }
 }
 
@@ -82,8 +87,7 @@ __device__ __forceinline__ void rope_key_at(const Params& p, const float* row, f
     if (d >= D) break;
     float c, s;
     rope_angle(p, pos, d, c, s);
-    const float rot = d < D / 2 ? -row[d + D / 2] : row[d - D / 2];
-    out[d] = rnd(rnd(row[d] * c) + rnd(rot * s));
+    out[d] = rope_dim(row, d, c, s);
   }
 }
 
