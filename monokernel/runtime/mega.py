@@ -109,6 +109,7 @@ class MegaDecoder:
                            tasks=torch.from_numpy(records.view("int32").reshape(-1)).to(dev))
         self.epoch = 0
         self._sampling_words = np.zeros((cache.batch, gumbel.SAMPLE_WORDS), dtype=np.uint32)   # as on the device
+        self._sampling_asked: tuple | None = None    # the last set_sampling arguments those words came from
         self._held: dict[str, torch.Tensor | None] = {}    # what the kernel reads that the decoder built: padded
         # scale tables, tensor-core stored rows
         self.params = self._params(timeout_s)
@@ -193,12 +194,15 @@ class MegaDecoder:
         are sampled on the host. A negative, non-finite or non-numeric temperature raises InputError and
         changes nothing. The words are copied to the device (on the decoder's stream, so after the launches
         already queued and before the next) only when they change."""
-        words = gumbel.sampling_words(temperatures, seeds, self.plan.batch)
-        if np.array_equal(words, self._sampling_words):
+        asked = (tuple(temperatures), tuple(seeds))
+        if asked == self._sampling_asked:      # the scheduler sets them every step: most steps change nothing
             return
-        with torch.cuda.stream(self.stream):
-            self.sampling.copy_(torch.from_numpy(words.view(np.int32)), non_blocking=True)
-        self._sampling_words = words
+        words = gumbel.sampling_words(*asked, self.plan.batch)
+        if not np.array_equal(words, self._sampling_words):
+            with torch.cuda.stream(self.stream):
+                self.sampling.copy_(torch.from_numpy(words.view(np.int32)), non_blocking=True)
+            self._sampling_words = words
+        self._sampling_asked = asked
 
     @staticmethod
     def _read_in_place(ids: torch.Tensor, own: torch.Tensor) -> tuple[int, bool]:
@@ -257,7 +261,8 @@ class MegaDecoder:
             for f in PARAMS:
                 if f.role == "buffer" and f.init == "zeros":
                     getattr(self.buffers, f.name).zero_()
-        self._sampling_words[:] = 0
+        self._sampling_words = np.zeros_like(self._sampling_words)
+        self._sampling_asked = None
         self.epoch = 0
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor):
