@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -64,6 +65,31 @@ def test_hash_integers():
     # the words the host hands the kernel carry the seed mod 2^64 and 1/T rounded once to fp32
     on, inv_t, s = gumbel.unpack_words(gumbel.sampling_words([0.7] * len(seeds), seeds, len(seeds)))
     assert on.all() and [int(x) for x in s] == [x & M64 for x in seeds] and (inv_t == np.float32(1 / 0.7)).all()
+
+
+def test_kernel_header_constants():
+    """sampling.cuh computes what the model specifies: its multipliers, counter increment and shifts are
+    gumbel.py's (the integers are otherwise unreachable without a GPU)."""
+    from monokernel.codegen.headers import read_kernel_file
+    src = read_kernel_file("sampling.cuh")
+    consts = {int(x, 16) for x in re.findall(r"0x([0-9A-Fa-f]{16})ull", src)}
+    assert consts == {gumbel.GOLDEN, gumbel.MIX1, gumbel.MIX2}
+    assert re.findall(r"z >> (\d+)", src) == ["30", "27", "31"]
+    assert "(uint32_t)(h >> 40) | 1u" in src and "0x1p-24f" in src and "-logf(-logf(u))" in src
+    assert "__fadd_rn(__fmul_rn(logit, s.inv_t), g)" in src
+    assert "mix64(mix64(seed) + SM_GOLDEN * (uint64_t)(position + 1))" in src
+    assert "mix64(s.key + SM_GOLDEN * (uint64_t)(idx + 1))" in src
+
+
+def test_simulator_keys():
+    """The simulator derives each sequence's (on, 1/T, key) from the words and positions as the big-integer
+    model does."""
+    _, sim, _, _, _, _ = _sim("llama", 4)
+    seeds, positions = [3, -7, 2 ** 64 - 1, 99], torch.tensor([0, 5, 17, 90])
+    on, inv_t, keys = sim._sampling(gumbel.sampling_words([0.5, 0, 2.0, 1.0], seeds, 4), positions)
+    assert on.tolist() == [True, False, True, True]
+    assert inv_t.tolist() == [2.0, 0.0, 0.5, 1.0]
+    assert [int(k) for k in keys[on]] == [_key(s, int(p)) for s, p, o in zip(seeds, positions, on) if o]
 
 
 def test_gumbel_values():
