@@ -79,6 +79,7 @@ def test_kernel_header_constants():
     assert "__fadd_rn(__fmul_rn(logit, s.inv_t), g)" in src
     assert "mix64(mix64(seed) + SM_GOLDEN * (uint64_t)(position + 1))" in src
     assert "mix64(s.key + SM_GOLDEN * (uint64_t)(idx + 1))" in src
+    assert gumbel.SAMPLE_WORDS == 4 and "reinterpret_cast<const uint4*>(words) + b" in src   # one 16-byte load
 
 
 def test_simulator_keys():
