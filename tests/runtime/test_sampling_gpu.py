@@ -60,7 +60,8 @@ def assert_draws_up_to_near_ties(got: torch.Tensor, logits: torch.Tensor, words:
 @pytest.mark.parametrize("batch", [1, 5])
 def test_kernel_draws_the_model(name, batch):
     """Free-running over 12 steps with random temperatures and 64-bit seeds (one sequence hot every third step,
-    one greedy every other step at batch 5): every token is the model's draw from the kernel's logits, up to near-ties (at most one)."""
+    one greedy every other step at batch 5): every token is the model's draw from the kernel's logits, up to
+    near-ties (at most one)."""
     spec = TINY_SPECS[name]
     w, (mk, _), tok, pos = _setup(spec, batch, seed=batch)
     rng = random.Random(batch)
@@ -84,8 +85,8 @@ def test_kernel_draws_the_model(name, batch):
 
 
 def test_preset_vocabulary():
-    """llama-3.2-1b (128 256 tokens over many LM-head tiles a block) at batch 1 and 3: the draws are the
-    model's up to near-ties, over 8 steps at temperature 1 and 0.7."""
+    """llama-3.2-1b (128 256 tokens split over every block's LM-head tiles, ~970 rows each) at batch 1 and 3:
+    the draws are the model's up to near-ties, over 8 steps at temperature 1 and 0.7."""
     for batch in (1, 3):
         w, (mk, _), tok, pos = _setup(preset("llama-3.2-1b"), batch, seed=2, max_seq=256)
         ties = 0
