@@ -118,8 +118,8 @@ def _sim(name: str, batch: int, blocks: int = 7, seed: int = 0):
 @pytest.mark.parametrize("name,batch,blocks", [("llama", 1, 7), ("qwen2", 5, 9), ("mistral", 16, 5)])
 def test_simulator_samples_the_model(name, batch, blocks):
     """The simulated step's tokens are the numpy model's for its own logits, bitwise, over several steps with
-    random temperatures and seeds (one sequence greedy every other step), feeding the sampled tokens on; the logits stay the
-    raw ones (the reference's), so log-probabilities are unchanged by sampling."""
+    random temperatures and seeds (one sequence hot, one greedy every other step), feeding the sampled tokens
+    on; the logits stay the raw ones (the reference's), so log-probabilities are unchanged by sampling."""
     ref, sim, c_ref, c_sim, tok, pos = _sim(name, batch, blocks, seed=batch)
     rng = random.Random(batch)
     differs = 0
