@@ -10,6 +10,10 @@ on its own (chunked SDPA, runtime/prefill.py) and decodes as soon as its prefill
 leaves the batch at once (its slot then runs a pad row), and the batch shape, with it a compiled megakernel,
 stays fixed. The Scheduler is kept for the next call of the same batch size, so a prompt extending the previous
 one (the next turn of a chat) prefills only its new tokens.
+
+On the megakernel a pure temperature request (no top-k / top-p) is sampled inside the kernel with its seed
+(Gumbel-max, monokernel/gumbel.py): reproducible for a seed, but not the reference engine's tokens for that seed
+(the host sampler, which top-k / top-p requests and the reference engine keep, draws by torch.multinomial).
 """
 from __future__ import annotations
 

@@ -5,8 +5,10 @@ the engine's, in the reference layout, so prefill through PyTorch and decode her
 from __future__ import annotations
 
 
+import numpy as np
 import torch
 
+from .. import gumbel
 from ..schedule.abi import (ERROR_MESSAGES, INPUT_ERRORS, KERNEL_NAME, OP_TABLE, PARAMS, PROFILE_STAMPS, TASK_WORDS,
                             alloc_buffers, params_struct)
 from ..schedule.step_check import input_error_message
@@ -108,6 +110,8 @@ class MegaDecoder:
                            task_offsets=torch.from_numpy(offsets).to(dev),
                            tasks=torch.from_numpy(records.view("int32").reshape(-1)).to(dev))
         self.epoch = 0
+        self._sampling_words = np.zeros((cache.batch, gumbel.SAMPLE_WORDS), dtype=np.uint32)   # as on the device
+        self._sampling_asked: tuple | None = None    # the last set_sampling arguments those words came from
         self._held: dict[str, torch.Tensor | None] = {}    # what the kernel reads that the decoder built: padded
         # scale tables, tensor-core stored rows
         self.params = self._params(timeout_s)
@@ -181,6 +185,27 @@ class MegaDecoder:
                 if t.device.type == "cuda":
                     t.record_stream(self.stream)
 
+    samples_in_kernel = True     # set_sampling: temperature sampling in the LM head (runtime/scheduler.py)
+
+    def set_sampling(self, temperatures, seeds) -> None:
+        """Per-sequence temperature sampling for the following launches, until set again: temperatures (B,)
+        (0 = greedy, bitwise the kernel's argmax) and seeds (B,) integers (mod 2^64). The kernel then returns
+        in out_tokens a draw from softmax(logits / T) by the Gumbel-max trick, keyed by (seed, the input
+        position, the vocabulary index): monokernel/gumbel.py, whose `sample_tokens` gives the same tokens
+        from the logits the step returns (which stay the raw logits). No top-k or top-p here: those requests
+        are sampled on the host. A negative, non-finite or non-numeric temperature raises InputError and
+        changes nothing. The words are copied to the device (on the decoder's stream, so after the launches
+        already queued and before the next) only when they change."""
+        asked = (tuple(temperatures), tuple(seeds))
+        if asked == self._sampling_asked:      # the scheduler sets them every step: most steps change nothing
+            return
+        words = gumbel.sampling_words(*asked, self.plan.batch)
+        if not np.array_equal(words, self._sampling_words):
+            with torch.cuda.stream(self.stream):
+                self.sampling.copy_(torch.from_numpy(words.view(np.int32)), non_blocking=True)
+            self._sampling_words = words
+        self._sampling_asked = asked
+
     @staticmethod
     def _read_in_place(ids: torch.Tensor, own: torch.Tensor) -> tuple[int, bool]:
         """The kernel reads a contiguous (B,) int32/int64 tensor on its device where it lies (the caller's
@@ -232,15 +257,19 @@ class MegaDecoder:
         raise error
 
     def reset(self) -> None:
-        """Counters, split arrivals and the error back to a fresh decoder's; the KV cache is kept."""
+        """Counters, split arrivals, the error and the sampling (every sequence greedy) back to a fresh
+        decoder's; the KV cache is kept."""
         with torch.cuda.stream(self.stream):
             for f in PARAMS:
                 if f.role == "buffer" and f.init == "zeros":
                     getattr(self.buffers, f.name).zero_()
+        self._sampling_words = np.zeros_like(self._sampling_words)
+        self._sampling_asked = None
         self.epoch = 0
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor):
-        """One decode step; returns (greedy next tokens (B,) long, logits (B, V) fp32), checked for errors."""
+        """One decode step; returns (next tokens (B,) long: greedy, or drawn where set_sampling says so;
+        logits (B, V) fp32), checked for errors."""
         self.launch(tokens, positions)
         self.check()
         return self.out_tokens[:self.plan.batch].long(), self.logits

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import gumbel
 from .sampling import SamplingParams, sample
 from .sequence import Sequence
 
@@ -43,11 +44,17 @@ class Request:
     prefilled: int = 0                      # prompt positions whose K/V are in the slot
     reused: int = 0                         # of those, positions found cached in the slot (not computed)
     generator: torch.Generator | None = None
+    seed: int | None = None                 # what seeds the sampler: the params' seed, or a fresh random one
+    # Drawn by the decoder's in-kernel sampler (Gumbel-max, monokernel/gumbel.py) rather than on the host: set
+    # by the Scheduler for a pure temperature request on a decoder that samples (no top-k/top-p, which stay
+    # on the host), before its first token
+    in_kernel: bool = False
 
     def __post_init__(self):
         if not self.params.greedy:
             # unseeded: a fresh random seed, so no request draws from (or disturbs) torch's global generator
             seed = self.params.seed if self.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            self.seed = seed
             self.generator = torch.Generator().manual_seed(seed)
 
     @property
@@ -63,12 +70,20 @@ class Request:
         """The position of the last sampled token, fed to the next decode step."""
         return len(self.prompt_ids) + len(self.seq.token_ids) - 1
 
-    def choose(self, logits: torch.Tensor, greedy: int | None = None) -> RequestEvent:
-        """Samples the next token from this request's logits row (V,) fp32 and appends it; `greedy`: the
-        decoder's own argmax of the row, already on the host, taken when the request is greedy."""
+    def choose(self, logits: torch.Tensor, token: int | None = None) -> RequestEvent:
+        """Samples the next token from this request's logits row (V,) fp32 and appends it; `token`: the
+        decoder's own choice for the row, already on the host: its argmax, taken when the request is greedy,
+        or its in-kernel draw, taken when `in_kernel`. An in-kernel request without one (its first token,
+        from the prefill's logits) is drawn here by the kernel's rule at the row's position, so its whole
+        stream follows one rule and one seed."""
         p = self.params
         if p.greedy and self.logprobs is None:
-            return self.take(int(logits.argmax()) if greedy is None else greedy)
+            return self.take(int(logits.argmax()) if token is None else token)
+        if self.in_kernel:
+            if token is None:
+                row = logits.float().cpu()
+                token = gumbel.sample_one(row.numpy(), p.temperature, self.seed, self.next_position)
+            return self.take(token, logits if self.logprobs is not None else None)
         row = logits.cpu()   # the generator lives on the CPU: the same draws on every device
         return self.take(int(sample(row[None], p.temperature, p.top_k, p.top_p, self.generator)[0]), row)
 

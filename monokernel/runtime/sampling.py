@@ -1,5 +1,12 @@
 """Next-token choice: the per-request SamplingParams, and greedy or temperature sampling restricted by
-top-k and top-p."""
+top-k and top-p.
+
+Where the megakernel runs, a pure temperature request (temperature > 0, no top-k below the vocabulary, no
+top-p below 1) is sampled inside the kernel by the Gumbel-max trick (monokernel/gumbel.py, `in_kernel`
+below): no logits travel to the host. top-k and top-p are not sampled in the kernel (they need a selection
+over the whole vocabulary): such requests, and every request on the reference engine, are sampled here on
+the host with torch.multinomial, as before. The two rules draw from the same distribution but not the same
+tokens for one seed."""
 from __future__ import annotations
 
 import math
@@ -44,6 +51,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def in_kernel(self, vocab_size: int) -> bool:
+        """Pure temperature sampling, which the megakernel draws itself: temperature > 0 and neither top-k
+        nor top-p restricting it (top_k >= the vocabulary and top_p = 1 restrict nothing)."""
+        return (self.temperature > 0 and (self.top_k is None or self.top_k >= vocab_size)
+                and (self.top_p is None or self.top_p >= 1))
 
 
 def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None = None,

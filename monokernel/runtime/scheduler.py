@@ -15,6 +15,11 @@ A step admits waiting requests into free slots, prefills at most one chunk of pr
 over one or several prompts: the bound on how long prefill stalls the running decodes), then one decode step.
 A free slot keeps the tokens its last request left cached; a new request whose prompt starts with them (the next
 turn of the same chat) takes that slot and prefills only the rest.
+
+On a decoder that samples in the kernel (the megakernel: `samples_in_kernel`, `set_sampling`), a pure
+temperature request (SamplingParams.in_kernel: no top-k or top-p) is drawn there by the Gumbel-max trick with
+its seed (monokernel/gumbel.py), its first token by the same rule on the host; every other request, and every
+request on the reference decoder, is sampled on the host from the logits as before (runtime/sampling.py).
 """
 from __future__ import annotations
 
@@ -79,6 +84,8 @@ class Scheduler:
         self.cache, decoder, self.kind = self.engine.make_decoder(self.batch, self.max_seq)
         self.max_seq = self.cache.max_seq   # a megakernel's cache holds the engine's whole max_seq
         self.decoder = self.wrap_decoder(decoder) if self.wrap_decoder else decoder
+        # a speculative step verifies on its own, with the host's sampling rule
+        self.samples_in_kernel = bool(getattr(self.decoder, "samples_in_kernel", False)) and self.speculative is None
 
     # ---- Requests in ---------------------------------------------------------------------------
     def make_request(self, prompt: str | Seq[int] | None = None, params: SamplingParams | None = None, *,
@@ -195,6 +202,7 @@ class Scheduler:
                                   -len(self.cached[s]), s) for s in free)
             free.remove(slot)
             r.slot, r.prefilled, r.reused = slot, reuse, reuse
+            r.in_kernel = self.samples_in_kernel and r.params.in_kernel(self.engine.spec.vocab_size)
             self.slots[slot] = r
             self.stats.reused_tokens += reuse
 
@@ -233,15 +241,19 @@ class Scheduler:
                 tokens[s], positions[s] = r.seq.token_ids[-1], r.next_position
             else:
                 positions[s] = r.prefilled
+        if self.samples_in_kernel:   # greedy for every other row (copied to the device only when changed)
+            drawn = [r if r is not None and r.decoding and r.in_kernel else None for r in self.slots]
+            self.decoder.set_sampling([0.0 if r is None else r.params.temperature for r in drawn],
+                                      [0 if r is None else r.seed for r in drawn])
         device = self.engine.device
-        greedy, logits = self.decoder.step(torch.tensor(tokens, device=device),
+        chosen, logits = self.decoder.step(torch.tensor(tokens, device=device),
                                            torch.tensor(positions, device=device))
-        greedy = greedy.tolist()   # one copy to the host for every greedy row
+        chosen = chosen.tolist()   # one copy to the host for every greedy or in-kernel sampled row
         self.stats.decode_steps += 1
-        return [self._choose(r, logits[r.slot], greedy[r.slot]) for r in running]
+        return [self._choose(r, logits[r.slot], chosen[r.slot]) for r in running]
 
-    def _choose(self, r: Request, logits: torch.Tensor, greedy: int | None = None) -> RequestEvent:
-        return self.took(r, r.choose(logits, greedy))
+    def _choose(self, r: Request, logits: torch.Tensor, token: int | None = None) -> RequestEvent:
+        return self.took(r, r.choose(logits, token))
 
     def took(self, r: Request, ev: RequestEvent) -> RequestEvent:
         """Counts the token `ev` appended to `r` (by Request.choose or .take), and frees r's slot if it ended."""

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..gumbel import SAMPLE_WORDS
 from .tasks import TASK_FIELDS, Op
 
 KERNEL_NAME = "monokernel_decode_step"
@@ -149,6 +150,10 @@ PARAMS: tuple[Field, ...] = (
     Field("uint32_t", "epoch", "1-based step number: waits target epoch * count", "launch"),
     Field("uint32_t", "ids_i64", "bit 0: tokens are int64, bit 1: positions are int64", "launch"),
     Field("uint64_t", "timeout_ns", "a wait longer than this is an error; 0 = wait forever", "launch"),
+    # appended after the launch scalars so every earlier offset stays
+    Field("const uint32_t*", "sampling", "per sequence: flags (bit 0: sample, else greedy), 1/temperature as fp32 "
+          "bits, seed low, seed high (gumbel.sampling_words); set by the host between launches", "buffer",
+          "B, SAMPLE_WORDS", init="zeros"),
 )
 
 _SCALARS = {"uint32_t": ctypes.c_uint32, "uint64_t": ctypes.c_uint64}
@@ -166,7 +171,7 @@ def dims(plan, schedule) -> dict[str, int]:
     return dict(spec_dims(plan.spec), B=plan.batch, VT=vt, SEQS=plan.batch // vt, ACCEPT=plan.batch // vt if vt > 1 else 0,
                 KV_SPLITS=plan.attn.splits, LM_TILES=schedule.lm_tiles,
                 BLOCKS=plan.num_blocks, SCRATCH_LEN=plan.scratch_len, COUNTERS=schedule.num_counters,
-                ERROR_WORDS=ERROR_WORDS)
+                ERROR_WORDS=ERROR_WORDS, SAMPLE_WORDS=SAMPLE_WORDS)
 
 
 def element_dtype(f: Field, act: torch.dtype) -> torch.dtype:

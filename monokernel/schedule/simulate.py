@@ -6,6 +6,9 @@ poisons the logits: a missing dependency shows up as a mismatch with the referen
 
 Weight tiles are read through PackedWeights.matrix: a quantised model's rows are dequantised per task by the
 same oracle the reference engine uses, so a simulated step of a packed model matches the reference's.
+
+Sampling (Params::sampling) follows the kernel's LM head: a sampling sequence's tile maxima are taken over the
+Gumbel-perturbed scores of monokernel/gumbel.py, the numpy model of the kernel's RNG, bitwise on the integers.
 """
 from __future__ import annotations
 
@@ -13,9 +16,11 @@ import math
 import random
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import gumbel
 from ..errors import InputError
 from ..models.weights import PackedWeights
 from ..reference.model import apply_rope, rms_norm, rope_cos_sin
@@ -45,13 +50,15 @@ class Simulator:
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rng: random.Random,
-             tasks: list[Task] | None = None):
+             tasks: list[Task] | None = None, sampling=None):
         """Runs every task once in a random dependency-respecting order; returns (next_tokens, logits). Inputs
-        out of range raise InputError before any task runs, as the kernel refuses them (step_check.py)."""
+        out of range raise InputError before any task runs, as the kernel refuses them (step_check.py).
+        sampling: Params::sampling words (B, 4) (gumbel.sampling_words), or None: every sequence greedy."""
         bad = bad_input(tokens, positions, self.spec.vocab_size, self.plan.max_seq, self.vt)
         if bad:
             raise InputError(input_error_message(bad[0], 1, *bad[1:], self.spec.vocab_size, self.plan.max_seq))
         buf = self._buffers()
+        buf.sampling = self._sampling(sampling, positions)
         tasks = list(self.sched.tasks if tasks is None else tasks)
         counters = [0] * self.sched.num_counters
         pending = tasks
@@ -92,6 +99,11 @@ class Simulator:
             logits = F.linear(h, w.matrix("lm_head", rows=rows)).float()
             buf.logits[:, rows] = logits
             m, i = logits.max(dim=1)   # first index of the maximum, as torch.argmax
+            if buf.sampling is not None:
+                on, inv_t, keys = buf.sampling
+                rows_on = torch.from_numpy(on)
+                sc = gumbel.scores(logits[rows_on].numpy(), inv_t[on], keys[on], t.row0)
+                m[rows_on], i[rows_on] = torch.from_numpy(sc.max(axis=1)), torch.from_numpy(sc.argmax(axis=1))
             buf.lm_max[t.tile], buf.lm_idx[t.tile] = m, i + t.row0
         elif t.op == Op.PREFETCH:
             pass                                # a cache hint: no math
@@ -104,6 +116,20 @@ class Simulator:
                 buf.out_tokens[B:] = same.int().cumprod(dim=1).sum(dim=1)
         else:
             raise ValueError(t.op)
+
+    def _sampling(self, words, positions):
+        """None (all greedy), or (on (B,) bool, 1/T (B,) fp32, key (B,) uint64) per sequence, as the kernel
+        derives them from Params::sampling and the input positions."""
+        if words is None:
+            return None
+        words = np.asarray(words)
+        if words.shape != (self.plan.batch, gumbel.SAMPLE_WORDS):
+            raise InputError(f"sampling words of shape {tuple(words.shape)}: the batch needs "
+                             f"({self.plan.batch}, {gumbel.SAMPLE_WORDS}) (gumbel.sampling_words)")
+        on, inv_t, seeds = gumbel.unpack_words(words)
+        if not on.any():
+            return None
+        return on, inv_t, gumbel.sequence_keys(seeds, positions.cpu().numpy())
 
     def _attention(self, t: Task, buf, positions, cache):
         s, w, c = self.spec, self.w, self.plan

@@ -1,10 +1,13 @@
 #pragma once
 #include "config.cuh"
+#include "sampling.cuh"
 #include "staging.cuh"
 #include "sync.cuh"
 
-// The greedy token: each LM-head tile's (max, first index) per row, then one block's argmax over the tiles; a
-// verify step then counts each sequence's accepted draft tokens.
+// The next token: each LM-head tile's (max, first index) per row, then one block's argmax over the tiles; a
+// verify step then counts each sequence's accepted draft tokens. A row that samples (Params::sampling) takes
+// both over its Gumbel-perturbed scores (sampling.cuh) instead of the raw logits; the logits buffer keeps the
+// raw logits either way.
 namespace mk {
 
 struct ArgMax {
@@ -24,14 +27,17 @@ __device__ __forceinline__ ArgMax warp_argmax(int idx, float best) {
   return {idx, best};
 }
 
-// Per-tile (max, first index) of the logits this block just wrote, one warp per sequence.
+// Per-tile (max, first index) of the logits this block just wrote, one warp per sequence: of the raw logits
+// (greedy, as before sampling existed) or of the scores logit / T + gumbel (the branch is warp-uniform).
 __device__ void lm_tile_max(const Params& p, const Task& t) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int b = warp; b < B; b += NCW) {
+    const Sampler s = make_sampler(p.sampling, b, input_id(p.positions, b, p.ids_i64 & 2));
     float best = -INFINITY;
     int idx = 0x7fffffff;
     for (int r = lane; r < t.arg1; r += 32) {
-      const float v = p.logits[(size_t)b * V + t.arg0 + r];
+      float v = p.logits[(size_t)b * V + t.arg0 + r];
+      if (s.on) v = gumbel_score(s, v, t.arg0 + r);
       if (v > best) { best = v; idx = t.arg0 + r; }
     }
     const ArgMax m = warp_argmax(idx, best);

@@ -1,0 +1,118 @@
+"""The Scheduler's use of a decoder that samples in the kernel (the megakernel's set_sampling), on the CPU: a
+stand-in decoder draws by the numpy model of the kernel's sampler (monokernel/gumbel.py) from the reference
+logits. Pure temperature requests take the decoder's draw, with their seed; top-k/top-p and greedy ones are
+chosen on the host as before."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monokernel import gumbel
+from monokernel.errors import InputError
+from monokernel.models.weights import random_weights
+from monokernel.reference.model import ReferenceModel
+from monokernel.runtime.engine import Engine
+from monokernel.runtime.kv_cache import KVCache
+from monokernel.runtime.sampling import SamplingParams
+from monokernel.runtime.scheduler import Scheduler
+
+from conftest import ENGINE_SPEC as SPEC
+
+PROMPTS = [[3, 17, 9, 44, 5, 21, 8], [30], [12, 7, 7, 58, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
+
+
+class KernelSampling:
+    """A decoder with the megakernel's sampling interface: its step's tokens are gumbel.sample_tokens of the
+    wrapped decoder's logits under the words set_sampling last wrote (checked as MegaDecoder checks them)."""
+
+    samples_in_kernel = True
+
+    def __init__(self, inner, batch: int):
+        self.inner, self.words, self.calls = inner, gumbel.sampling_words([0] * batch, [0] * batch, batch), []
+        self.status = None
+
+    def set_sampling(self, temperatures, seeds):
+        self.words = gumbel.sampling_words(temperatures, seeds, len(self.words))
+        self.calls.append((list(temperatures), list(seeds)))
+
+    def step(self, tokens, positions):
+        _, logits = self.inner.step(tokens, positions)
+        return torch.from_numpy(gumbel.sample_tokens(logits.numpy(), self.words, positions.numpy())), logits
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_weights(random_weights(SPEC, torch.float32, "cpu", seed=3))
+
+
+def _run(engine, prompts, params, batch=3):
+    made = []
+
+    def wrap(d):
+        made.append(KernelSampling(d, batch))
+        return made[-1]
+
+    sched = Scheduler(engine, batch, wrap_decoder=wrap)
+    gens = sched.generate(prompts, params)
+    return [g.token_ids for g in gens], made[-1]
+
+
+def _by_recompute(weights, prompt, params):
+    """The slow obvious way: the whole sequence through a fresh cache for every token, each drawn by the
+    kernel's rule at the position of the token whose logits it reads."""
+    model, ids = ReferenceModel(weights), list(prompt)
+    for _ in range(params.max_new_tokens):
+        cache = KVCache(SPEC, 1, len(ids), torch.float32, "cpu")
+        logits = model.forward(torch.tensor([ids]), torch.zeros(1, dtype=torch.long), cache)[0, -1]
+        ids.append(gumbel.sample_one(logits.numpy(), params.temperature, params.seed, len(ids) - 1))
+    return ids[len(prompt):]
+
+
+def test_pure_temperature_draws_in_the_kernel(engine):
+    """A pure temperature request takes the decoder's draw (its first token by the same rule on the host):
+    the tokens equal recomputing the sequence with the numpy model, alone or at any place in the batch, and
+    the decoder was told the request's temperature and seed for its slot only."""
+    params = SamplingParams(temperature=0.9, seed=21, max_new_tokens=10)
+    got, dec = _run(engine, PROMPTS, params)
+    for p, toks in zip(PROMPTS, got):
+        assert toks == _by_recompute(engine.weights, p, params)
+    assert _run(engine, PROMPTS[::-1], params)[0][::-1] == got
+    assert _run(engine, [PROMPTS[1]], params, batch=1)[0] == [got[1]]
+    assert all((t, s) in ((0.0, 0), (0.9, 21)) for temps, seeds in dec.calls for t, s in zip(temps, seeds))
+    assert any(temps == [0.9] * 3 and seeds == [21] * 3 for temps, seeds in dec.calls)
+    greedy = _run(engine, PROMPTS, SamplingParams(max_new_tokens=10))[0]
+    assert got != greedy and _run(engine, PROMPTS, params)[0] == got
+    assert _run(engine, PROMPTS, SamplingParams(temperature=0.9, seed=22, max_new_tokens=10))[0] != got
+
+
+@pytest.mark.parametrize("extra", [dict(top_k=5), dict(top_p=0.8)], ids=["top-k", "top-p"])
+def test_top_k_top_p_stay_on_the_host(engine, extra):
+    """top-k / top-p requests are sampled on the host, as on the reference decoder (the same tokens), and the
+    decoder is told to be greedy for them."""
+    params = SamplingParams(temperature=0.9, seed=21, max_new_tokens=8, **extra)
+    got, dec = _run(engine, PROMPTS, params)
+    assert got == [g.token_ids for g in Scheduler(engine, 3).generate(PROMPTS, params)]
+    assert dec.calls and all(t == 0 for temps, _ in dec.calls for t in temps)
+
+
+def test_in_kernel_rule():
+    """Which params the kernel samples: temperature > 0 with no top-k below the vocabulary and no top-p < 1."""
+    V = 61
+    assert SamplingParams(temperature=0.5).in_kernel(V)
+    assert SamplingParams(temperature=0.5, top_k=V, top_p=1.0).in_kernel(V)
+    assert not SamplingParams().in_kernel(V)
+    assert not SamplingParams(temperature=0.5, top_k=V - 1).in_kernel(V)
+    assert not SamplingParams(temperature=0.5, top_p=0.99).in_kernel(V)
+
+
+@pytest.mark.parametrize("temperature", [-1.0, float("nan"), float("inf")])
+def test_bad_temperature_never_reaches_the_decoder(temperature):
+    """A bad temperature is refused when the request is made (SamplingParams), and by the words the decoder
+    hands the kernel."""
+    with pytest.raises(InputError, match="must be a finite number >= 0"):
+        SamplingParams(temperature=temperature)
+    with pytest.raises(InputError, match="temperature of sequence 0=.* must be a finite number >= 0"):
+        KernelSampling(None, 1).set_sampling([temperature], [0])
