@@ -32,6 +32,16 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not values or any(not (v >= 0 and v < float("inf")) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected finite numbers >= 0")
+    return values
+
+
 def _engines(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if n not in ENGINES]
@@ -64,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows a sequence scores in one launch, comma list: 1 decodes; T in 2..8 times the "
                         "megakernel's verify step of speculative decoding (the last token and T - 1 drafts; "
                         "other engines have no such rows); default: 1")
+    p.add_argument("--temperatures", type=_floats, default=[0.0], metavar="X,...",
+                   help="temperatures of the megakernel's timed steps, comma list: 0 greedy; X > 0 draws every row "
+                        "inside the kernel (the other engines have no such rows); default: 0")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--weights", type=_weights, default=["dense"], metavar="dense|FORMAT,...",
                    help="weight formats, comma list: dense (as stored, in --dtype), or --quantize formats (int8, "
@@ -99,6 +112,7 @@ def _child_args(args: argparse.Namespace) -> list[str]:
     """The flags every per-row process of a --devices run gets (model, batch, context, device: its own)."""
     out = ["--engines", ",".join(args.engines), "--dtype", args.dtype, "--weights", ",".join(args.weights),
            "--verify-tokens", ",".join(map(str, args.verify_tokens)),
+           "--temperatures", ",".join(map(str, args.temperatures)),
            "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--agreement-steps", str(args.agreement_steps), "--seed", str(args.seed),
            "--tc-attention", args.tc_attention]
@@ -119,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if any(not 1 <= t <= 8 for t in args.verify_tokens):
         raise MonokernelError(f"--verify-tokens {','.join(map(str, args.verify_tokens))}: each T must be in 1..8")
     cfg = BenchConfig(models=_models(args.model), engines=args.engines, batches=args.batch, contexts=args.context,
-                      tokens_per_seq=args.verify_tokens,
+                      tokens_per_seq=args.verify_tokens, temperatures=args.temperatures,
                       dtype=DTYPES[args.dtype], weights=args.weights, steps=args.steps, warmup=args.warmup,
                       agreement_steps=args.agreement_steps, device=args.device, seed=args.seed,
                       compile=not args.no_compile, tc_attention=args.tc_attention, progress=not args.no_progress,

@@ -54,7 +54,7 @@ def build_engine(name: str, weights: PackedWeights, batch: int, max_seq: int, *,
 
         mega = MegaDecoder(weights, KVCache(weights.spec, batch, max_seq, weights.dtype, weights.device),
                            tokens_per_seq=tokens_per_seq)
-        variant = "megakernel" if tokens_per_seq == 1 else f"megakernel, verify T={tokens_per_seq}"
+        variant = "megakernel" + (f", verify T={tokens_per_seq}" if tokens_per_seq > 1 else "")
         return BenchEngine(name, variant, mega, {"kernel": mega.compiled.path.parent.name})
     if name == "reference":
         from ..reference.model import ReferenceModel

@@ -56,6 +56,9 @@ class BenchConfig:
     # rows a sequence scores in one launch: 1 decodes; T > 1 is the megakernel's verify step (speculative
     # decoding: the last token and T - 1 draft tokens), the other engines' rows left out
     tokens_per_seq: list[int] = field(default_factory=lambda: [1])
+    # temperatures of the megakernel's timed steps: 0 greedy; T > 0 draws every row in the kernel (Gumbel-max,
+    # monokernel/gumbel.py), the other engines' rows left out
+    temperatures: list[float] = field(default_factory=lambda: [0.0])
     dtype: torch.dtype = torch.bfloat16
     weights: list[str] = field(default_factory=lambda: ["dense"])   # "dense" or --quantize formats
     steps: int = 100
@@ -209,7 +212,7 @@ def run_benchmark(cfg: BenchConfig, checkpoint: Callable[[dict], None] | None = 
                      "max_seq_align": MAX_SEQ_ALIGN, "kv_fill": "seeded N(0,1) random K/V"},
     }
 
-    per_cell = len(engines) + ("monokernel" in engines) * (len(cfg.tokens_per_seq) - 1)
+    per_cell = len(engines) + ("monokernel" in engines) * (len(cfg.tokens_per_seq) * len(cfg.temperatures) - 1)
     total = len(cfg.models) * len(cfg.weights) * len(cfg.batches) * len(cfg.contexts) * per_cell
     # disable=None: no bar when stderr is not a terminal (a captured log keeps the per-row lines only)
     bar = tqdm(total=total, desc="bench", unit="row", disable=None if cfg.progress else True, file=sys.stderr)
@@ -231,16 +234,18 @@ def run_benchmark(cfg: BenchConfig, checkpoint: Callable[[dict], None] | None = 
             bar.update(len(cfg.batches) * len(cfg.contexts) * len(engines))
             _free_memory(device)
             continue
-        for batch, t in ((b, t) for b in cfg.batches for t in cfg.tokens_per_seq):
+        for batch, t, temp in ((b, t, x) for b in cfg.batches for t in cfg.tokens_per_seq for x in cfg.temperatures):
             for context in cfg.contexts:
                 ref = None
-                for name in (engines if t == 1 else [e for e in engines if e == "monokernel"]):
+                for name in (engines if t == 1 and temp == 0 else [e for e in engines if e == "monokernel"]):
                     bar.set_postfix_str(f"{model.name} {model.weights_name} b={batch} ctx={context} {name}")
-                    row, ref_out = _run_row(cfg, model, name, batch, context, device, bandwidth, ref, unavailable, t)
+                    row, ref_out = _run_row(cfg, model, name, batch, context, device, bandwidth, ref, unavailable, t,
+                                            temp)
                     if ref_out is not None and ref is None:
                         ref = ref_out
                     (result["rows"] if "reason" not in row else result["skipped"]).append(row)
-                    where = f"{model.name} {model.weights_name} b={batch} ctx={context} {name}" + (f" T={t}" if t > 1 else "")
+                    where = (f"{model.name} {model.weights_name} b={batch} ctx={context} {name}" + (f" T={t}" if t > 1 else "")
+                             + (f" temperature {temp:g}" if temp else ""))
                     if "reason" in row:
                         _log(f"bench: {where}: skipped: {row['reason']}")
                     else:
@@ -278,16 +283,17 @@ def _skip_row(engine: str, model: str, dtype: str, batch: int, context: int, rea
 
 
 def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, bandwidth: float,
-             ref: dict | None, unavailable: dict[str, str], t: int = 1) -> tuple[dict, dict | None]:
+             ref: dict | None, unavailable: dict[str, str], t: int = 1, temp: float = 0.0) -> tuple[dict, dict | None]:
     """One engine at one (batch, context): the result row (or a skipped row) and, for the reference
     engine, its agreement outputs. t > 1: the megakernel's verify step of t consecutive positions of each
     sequence a launch, the window one position further each step (as a pass that accepts nothing), its
     agreement left to tests/runtime/test_verify_gpu.py, and the bytes it must read those of a decode step
-    (the weights, and each sequence's keys once)."""
+    (the weights, and each sequence's keys once). temp > 0: the timed steps draw every row in the kernel at that
+    temperature (seeded), after the greedy agreement steps."""
     spec, dtype = model.spec, cfg.dtype
     dtype_name = format_name(dtype)
     skip = lambda reason: (_skip_row(name, model.name, dtype_name, batch, context, reason,
-                                     variant="" if t == 1 else f"megakernel, verify T={t}",
+                                     variant=_mega_variant(t, temp) if (t > 1 or temp) else "",
                                      weights=model.weights_name or None), None)
     if name in unavailable:
         return skip(unavailable[name])
@@ -335,6 +341,9 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
 
         tokens = torch.randint(0, spec.vocab_size, (batch * t,), generator=gen).to(device)
         first = context + n_agree
+        if temp:
+            decoder.set_sampling([temp] * (batch * t), list(range(cfg.seed, cfg.seed + batch * t)))
+            variant = _mega_variant(t, temp)
 
         def step(i: int):
             decoder.enqueue(tokens, positions[n_agree + i])
@@ -367,6 +376,10 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
            "steps": timing.steps, "warmup": cfg.warmup, "clock": timing.clock, "max_seq": max_seq,
            "kv_positions_read": mean_positions, "setup_s": setup_s, "agreement": agreement, **identity}
     return row, ref_out
+
+
+def _mega_variant(t: int, temp: float) -> str:
+    return "megakernel" + (f", verify T={t}" if t > 1 else "") + (f", sampled at temperature {temp:g}" if temp else "")
 
 
 def _fill_speedups(rows: list[dict]) -> None:

@@ -370,3 +370,18 @@ def test_verify_tokens_axis(tmp_path, capsys):
         build_engine("torch-compile", random_weights(TINY, torch.float32, "cpu", 0), 1, 16, tokens_per_seq=4)
     assert cli.main(["--verify-tokens", "1,9", "--device", "cpu", "--out", str(tmp_path)]) == 2
     assert "--verify-tokens 1,9: each T must be in 1..8" in capsys.readouterr().err
+
+
+def test_temperatures_axis(capsys):
+    """--temperatures 0,0.8: the megakernel's sampled rows beside the greedy ones (skipped here without CUDA, each
+    named); the other engines have none; a negative or non-finite temperature is refused by argparse."""
+    cfg = BenchConfig(models=[TINY], engines=["monokernel", "torch-compile"], batches=[1], contexts=[8],
+                      temperatures=[0.0, 0.8], dtype=torch.float32, steps=2, warmup=0, agreement_steps=2,
+                      device="cpu", compile=False, bandwidth_bytes=1 << 20, progress=False)
+    result = run_benchmark(cfg)
+    assert [r["engine"] for r in result["rows"]] == ["torch-compile"]
+    assert sorted(s["variant"] for s in result["skipped"]) == ["megakernel", "megakernel, sampled at temperature 0.8"]
+    for bad in ("-1", "nan", "inf", "x"):
+        with pytest.raises(SystemExit):
+            cli.main(["--temperatures", bad])
+        assert "--temperatures" in capsys.readouterr().err
