@@ -1,10 +1,12 @@
-"""A draft model: a small model of the target's tokenizer, run by the reference model over a KV cache of its
-own, proposing up to K tokens a pass (greedily, or sampled with the request's parameters, its distributions q
-returned for the acceptance rule). Its cache keeps the tokens whose K/V it holds; a call finds where the new
-context leaves them (rejected drafts, a new prompt) and computes only the rest: positions decide, nothing is
-cleared."""
+"""A draft model: a small model of the target's tokenizer over a KV cache of its own, proposing up to K tokens a
+pass (greedily, or sampled with the request's parameters, its distributions q returned for the acceptance rule).
+Its cache keeps the tokens whose K/V it holds; a call finds where the new context leaves them (rejected drafts, a
+new prompt) and computes only the rest: positions decide, nothing is cleared. The context it has not seen goes
+through the reference model's prefill; each draft token after that is one decode step, of its own megakernel
+(batch 1, a cache of fixed size) where the target runs on the megakernel, else of the reference model."""
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -49,23 +51,34 @@ def check_same_tokenizer(target_vocab: int, target_tok, draft_vocab: int, draft_
 
 
 class DraftModel:
-    def __init__(self, weights: PackedWeights, tokenizer=None, name: str | None = None):
+    def __init__(self, weights: PackedWeights, tokenizer=None, name: str | None = None, mega_positions: int | None = None):
+        """mega_positions: decode the drafts on a megakernel of the drafter's own over a cache of that many
+        positions (the target's context and a draft), built at the first call; None: on the reference model."""
         self.model, self.tokenizer = ReferenceModel(weights), tokenizer
         self.spec, self.name = weights.spec, name or weights.spec.name
         self.cache: KVCache | None = None
         self.cached: list[int] = []      # tokens whose K/V are valid at positions 0 .. len - 1
+        self.mega_positions = None if mega_positions is None else min(mega_positions, self.spec.max_position_embeddings)
+        self.mega = None                 # the drafter's MegaDecoder, once built
+        self.notice: str | None = None   # why the drafts decode on the reference model, where the megakernel failed
 
     @classmethod
     def load(cls, method: str, target) -> "DraftModel":
-        """The drafter of `model:PATH` for `target` (an Engine), in its device and dtype, dense."""
+        """The drafter of `model:PATH` for `target` (an Engine), in its device and dtype, dense; on the megakernel
+        where the target runs on it (a cache of the target's max_seq plus the longest draft)."""
         from ..models.load import load_model
+        from .run import MAX_DRAFT_TOKENS
 
         m = load_model(draft_source(method), dtype=target.dtype, device=target.device, weights="dense")
         check_same_tokenizer(target.spec.vocab_size, target.tokenizer, m.spec.vocab_size, m.tokenizer, m.name)
-        return cls(m.weights, m.tokenizer, m.name)
+        mega = target.max_seq + MAX_DRAFT_TOKENS + 1 if getattr(target, "engine", None) == "mega" else None
+        return cls(m.weights, m.tokenizer, m.name, mega_positions=mega)
 
     def _reserve(self, positions: int) -> int:
-        """A cache of at least `positions` (within the drafter's own limit); its size."""
+        """A cache of at least `positions` (within the drafter's own limit); its size. On the megakernel the cache
+        is allocated once, of mega_positions, with its decoder (a kernel is built for one cache length)."""
+        if self.mega_positions is not None:
+            return self._reserve_mega()
         limit = self.spec.max_position_embeddings
         if self.cache is None or self.cache.max_seq < min(positions, limit):
             size = min(limit, max(positions, 2 * (self.cache.max_seq if self.cache else 0), 256))
@@ -73,6 +86,27 @@ class DraftModel:
             w = self.model.w
             self.cache = KVCache(self.spec, 1, size, w.dtype, w.device)
         return self.cache.max_seq
+
+    def _reserve_mega(self) -> int:
+        if self.cache is None:
+            from ..errors import MonokernelError
+            from ..runtime.mega import MegaDecoder
+
+            w = self.model.w
+            self.cache, self.cached = KVCache(self.spec, 1, self.mega_positions, w.dtype, w.device), []
+            try:
+                self.mega = MegaDecoder(w, self.cache)
+            except (ImportError, MonokernelError) as e:    # the drafts then decode on the reference model
+                self.notice = f"draft model {self.name!r} decodes on the reference engine: {str(e).splitlines()[0]}"
+                print(f"monokernel: {self.notice}", file=sys.stderr)
+        return self.cache.max_seq
+
+    def _decode(self, token: int, position: int) -> torch.Tensor:
+        """The drafter's logits (V,) after `token` at `position`, its K/V written into the cache."""
+        if self.mega is None:
+            return prefill_chunk(self.model, [token], position, self.cache, 0)
+        dev = self.cache.k.device
+        return self.mega.step(torch.tensor([token], device=dev), torch.tensor([position], device=dev))[1][0]
 
     @torch.no_grad()
     def _run(self, context: Sequence[int], k: int, choose) -> list[int]:
@@ -93,7 +127,7 @@ class DraftModel:
         for i in range(k):
             out.append(choose(logits))
             if i < k - 1:
-                logits = prefill_chunk(self.model, [out[-1]], len(context) + i, self.cache, 0)
+                logits = self._decode(out[-1], len(context) + i)
         self.cached = list(context) + out[:-1]
         return out
 

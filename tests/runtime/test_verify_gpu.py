@@ -125,3 +125,31 @@ def test_speculative_generation_on_the_megakernel(method):
 def _cache(eng, n):
     from monokernel.runtime.kv_cache import KVCache
     return KVCache(eng.spec, 1, n, eng.dtype, eng.device)
+
+
+@pytest.mark.parametrize("method", ["ngram", "model:preset:tiny-qwen3"])
+def test_speculative_generation_on_random_weights(method, monkeypatch):
+    """The same on a random-weight preset (what the device has): prompt lookup on a repetitive prompt, and a draft
+    model (the same seeded preset: every draft right up to near-ties) decoding on its own megakernel. The text is
+    the plain megakernel's up to near-ties, checked on the reference's logits at the first difference."""
+    from monokernel.models.presets import PRESETS
+    from monokernel.runtime.engine import Engine
+
+    monkeypatch.setitem(PRESETS, "tiny-qwen3", TINY_SPECS["qwen3"])
+    eng = Engine.load("preset:tiny-qwen3", device="cuda", dtype="bf16", engine="mega", max_seq=256)
+    prompt = [5, 6, 7, 8, 9, 10] * 6
+    plain = eng.generate_ids([prompt], max_new_tokens=40)[0].token_ids
+    spec = eng.generate_ids([prompt], max_new_tokens=40, speculative=method, draft_tokens=7)[0].token_ids
+    stats = eng.last_speculative
+    if method.startswith("model:"):
+        drafter = eng._drafters[method]
+        assert drafter.mega is not None, drafter.notice
+        assert stats.acceptance_length > 4, stats.summary()
+    assert len(spec) == len(plain) == 40
+    if spec != plain:
+        i = next(i for i, (a, b) in enumerate(zip(spec, plain)) if a != b)
+        ids = prompt + plain[:i]
+        logits = eng.model.forward(torch.tensor([ids], device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda"),
+                                   _cache(eng, len(ids)))[0, -1]
+        top = float(logits.max())
+        assert logits[spec[i]] >= top - near_tie_tol(top) and logits[plain[i]] >= top - near_tie_tol(top), i

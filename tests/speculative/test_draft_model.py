@@ -136,3 +136,17 @@ def test_default_model_drafts_for_itself():
     [spec] = eng.generate(prompt, max_new_tokens=24, speculative="model:default", draft_tokens=4)
     assert spec.token_ids == plain.token_ids
     assert eng.last_speculative.acceptance_length > 3.5, eng.last_speculative.summary()
+
+
+def test_megakernel_drafter_falls_back_to_the_reference(capsys):
+    """A drafter asked to decode on its own megakernel where none can run (no CUDA here) says why once and drafts on
+    the reference model over a cache of the fixed size: the same tokens."""
+    spec = TINY_SPECS["qwen2"].with_(vocab_size=97)
+    w = random_weights(spec, torch.float32, seed=3)
+    model = ReferenceModel(w)
+    prompt = torch.randint(0, 97, (9,), generator=torch.Generator().manual_seed(4)).tolist()
+    drafter = DraftModel(w, mega_positions=96)
+    got, stats = drafted(model, drafter, prompt, 24, 96, 4)
+    assert got == greedy(model, prompt, 24, 96) and stats.accepted == stats.drafted
+    assert drafter.mega is None and drafter.cache.max_seq == 96 and "needs the weights on a CUDA device" in drafter.notice
+    assert capsys.readouterr().err.count("decodes on the reference engine") == 1
