@@ -82,7 +82,7 @@ def _fits(name: str, batch: int, weights: str, tokens_per_seq: int) -> None:
 
 @needs_nvcc
 @pytest.mark.parametrize("name,batch,weights,t", REPRESENTATIVE,
-                         ids=[f"{n}-b{b}-{w}" + (f"-t{t}" if t > 1 else "") for n, b, w, t in REPRESENTATIVE])
+                         ids=[f"{n}-b{b}-{w}" + (f"-verify{t}" if t > 1 else "") for n, b, w, t in REPRESENTATIVE])
 def test_representative_kernels_fit(name, batch, weights, t):
     _fits(name, batch, weights, t)
 
@@ -91,6 +91,6 @@ def test_representative_kernels_fit(name, batch, weights, t):
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("MONOKERNEL_SPILL_SWEEP") != "1", reason="set MONOKERNEL_SPILL_SWEEP=1")
 @pytest.mark.parametrize("name,batch,weights,t", EVERY,
-                         ids=[f"{n}-b{b}-{w}" + (f"-t{t}" if t > 1 else "") for n, b, w, t in EVERY])
+                         ids=[f"{n}-b{b}-{w}" + (f"-verify{t}" if t > 1 else "") for n, b, w, t in EVERY])
 def test_every_batch_fits(name, batch, weights, t):
     _fits(name, batch, weights, t)
