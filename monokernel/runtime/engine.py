@@ -183,20 +183,24 @@ class Engine:
             return cache, MegaDecoder(self._mega_weights, cache)
         return cache, ReferenceDecoder(self.model, cache)
 
-    def make_decoder(self, batch: int, positions: int) -> tuple[KVCache, Decoder, str]:
+    def make_decoder(self, batch: int, positions: int, extra: int = 0) -> tuple[KVCache, Decoder, str]:
         """A KV cache of `positions` and a decoder of `batch` rows owned by the caller (the request-level
-        Scheduler), not shared with generate(); the megakernel when this engine runs it, else the reference."""
+        Scheduler), not shared with generate(); the megakernel when this engine runs it, else the reference.
+        extra: positions the cache holds past those (within the model's limit), for a verify step's padded rows."""
+        limit = self.spec.max_position_embeddings
         if self.engine == "mega":
             try:
-                self._check_memory(batch, self.max_seq)
-                return (*self._build_decoder(batch, self.max_seq, "mega"), "mega")
+                size = min(self.max_seq + extra, limit)
+                self._check_memory(batch, size)
+                return (*self._build_decoder(batch, size, "mega"), "mega")
             except (ImportError, MonokernelError) as e:
                 if self.requested == "mega":
                     raise _unavailable(e) from e
                 print(f"monokernel: batch {batch} runs on the reference engine: {str(e).splitlines()[0]}",
                       file=sys.stderr)
-        self._check_memory(batch, positions)
-        return (*self._build_decoder(batch, positions, "reference"), "reference")
+        size = min(positions + extra, limit)
+        self._check_memory(batch, size)
+        return (*self._build_decoder(batch, size, "reference"), "reference")
 
     def _check_memory(self, batch: int, size: int) -> None:
         """A new KV cache (and a request's workspace) must fit in what is free once the old cache is released."""

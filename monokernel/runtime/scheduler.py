@@ -81,8 +81,10 @@ class Scheduler:
         self._build()
 
     def _build(self) -> None:
-        self.cache, decoder, self.kind = self.engine.make_decoder(self.batch, self.max_seq)
-        self.max_seq = self.cache.max_seq   # a megakernel's cache holds the engine's whole max_seq
+        # a speculative hook may want positions past the context (the megakernel's verify step pads its rows)
+        extra = getattr(self.speculative, "extra_positions", 0)
+        self.cache, decoder, self.kind = self.engine.make_decoder(self.batch, self.max_seq, extra)
+        self.max_seq = self.cache.max_seq - extra   # a megakernel's cache holds the engine's whole max_seq
         self.decoder = self.wrap_decoder(decoder) if self.wrap_decoder else decoder
         # a speculative step verifies on its own, with the host's sampling rule
         self.samples_in_kernel = bool(getattr(self.decoder, "samples_in_kernel", False)) and self.speculative is None

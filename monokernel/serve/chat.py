@@ -2,7 +2,7 @@
 
 Every turn resends the whole conversation through the chat template; the slot still holds the previous turns'
 K/V, so only the new message is prefilled (the stats line after each reply counts it). /reset forgets the
-conversation, /exit (or end of input) quits, Ctrl-C stops a reply. With --speculative (reference engine) each
+conversation, /exit (or end of input) quits, Ctrl-C stops a reply. With --speculative each
 step verifies a draft (speculative/scheduled.py) and the tokens per pass follow the stats line.
 """
 from __future__ import annotations

@@ -36,15 +36,15 @@ def add_arguments(p) -> None:
 
 
 def speculative_hook(engine, spec_kw: dict):
-    """The Scheduler's speculative decode step for --speculative (None without): it needs the reference
-    engine, and refuses another with the reason."""
+    """The Scheduler's speculative decode step for --speculative (None without), checked for the engine (the
+    megakernel's verify step takes at most 7 draft tokens)."""
     if not spec_kw:
         return None
     from ..speculative.run import Speculation
     from ..speculative.scheduled import ScheduledSpeculation
 
     return ScheduledSpeculation(Speculation.create(spec_kw["speculative"], spec_kw["draft_tokens"], engine,
-                                                   engine._drafters, scheduled=True))
+                                                   engine._drafters))
 
 
 def run(args) -> int:
@@ -67,7 +67,7 @@ def run(args) -> int:
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, engine=args.engine, max_seq=args.max_seq,
                          weights=weights_argument(args))
     name = options.model_name or engine.name
-    if options.speculative:   # refused before serving: the megakernel has no verify step yet
+    if options.speculative:   # what the engine cannot do is refused before serving
         speculative_hook(engine, {"speculative": options.speculative, "draft_tokens": options.draft_tokens})
     print(f"monokernel: serving {name!r} ({engine.engine} engine, {args.max_batch} slots of {engine.max_seq} "
           f"positions) on http://{args.host}:{args.port}/v1 - Ctrl-C stops", file=sys.stderr, flush=True)

@@ -2,7 +2,7 @@
 verify passes over the last token and a draft (prompt lookup, or a draft model's), greedy or sampled. The
 pass is the reference model's forward on the reference engine and the megakernel's verify step (one launch
 of T = draft_tokens + 1 rows of the sequence, runtime/mega.py) on the megakernel engine. The Scheduler's
-speculation (serve, chat: scheduled.py) runs on the reference engine only so far."""
+speculation (serve, chat) is scheduled.py."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -27,9 +27,8 @@ METHODS = ("ngram", "model:PATH")
 MAX_DRAFT_TOKENS = 16
 
 
-def check_speculative(method: str, draft_tokens: int, engine_kind: str, scheduled: bool = False) -> None:
-    """Refuses what speculative decoding cannot do here, before anything runs (or loads). scheduled: the
-    Scheduler's speculation (serve, chat), which needs the reference engine."""
+def check_speculative(method: str, draft_tokens: int, engine_kind: str) -> None:
+    """Refuses what speculative decoding cannot do here, before anything runs (or loads)."""
     if not isinstance(method, str) or not (method == "ngram" or method.startswith(PREFIX)):
         raise InputError(f"speculative method {method!r} is not one of {', '.join(METHODS)}")
     if method.startswith(PREFIX):   # a draft model that is not there is named before any weights load
@@ -37,10 +36,6 @@ def check_speculative(method: str, draft_tokens: int, engine_kind: str, schedule
         resolve_model(draft_source(method))
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
         raise InputError(f"draft_tokens={draft_tokens!r} must be an integer in 1..{MAX_DRAFT_TOKENS}")
-    if engine_kind != "reference" and scheduled:
-        raise InputError("speculative serving runs on the reference engine for now (the Scheduler's slots have no "
-                         "megakernel verify step yet; `monokernel generate --speculative` has one): use engine="
-                         "'reference' (--engine reference), or no --speculative")
     if engine_kind == "mega" and draft_tokens + 1 > MAX_TOKENS_PER_SEQ:
         raise InputError(f"draft_tokens={draft_tokens}: the megakernel verifies at most {MAX_TOKENS_PER_SEQ - 1} draft "
                          f"tokens a pass ({MAX_TOKENS_PER_SEQ} rows a sequence); use --draft-tokens "
@@ -87,11 +82,9 @@ class Speculation:
     drafter: DraftModel | None = None     # model:PATH's; None for prompt lookup
 
     @classmethod
-    def create(cls, method: str, draft_tokens: int, engine, drafters: dict | None = None,
-               scheduled: bool = False) -> "Speculation":
-        """Checked for `engine`; `drafters` (method -> DraftModel) keeps loaded draft models between calls;
-        scheduled: for the Scheduler (serve, chat)."""
-        check_speculative(method, draft_tokens, engine.engine, scheduled)
+    def create(cls, method: str, draft_tokens: int, engine, drafters: dict | None = None) -> "Speculation":
+        """Checked for `engine`; `drafters` (method -> DraftModel) keeps loaded draft models between calls."""
+        check_speculative(method, draft_tokens, engine.engine)
         drafter = None
         if method.startswith(PREFIX):
             drafters = {} if drafters is None else drafters
@@ -114,7 +107,7 @@ class Speculation:
     def new_drafter(self) -> DraftModel | None:
         """Another draft model state over the same weights (an own cache), for another concurrent sequence."""
         d = self.drafter
-        return None if d is None else DraftModel(d.model.w, d.tokenizer, d.name)
+        return None if d is None else DraftModel(d.model.w, d.tokenizer, d.name, mega_positions=d.mega_positions)
 
 
 def speculative_events(engine, reqs: list[Request], speculation: Speculation, stats: SpeculativeStats

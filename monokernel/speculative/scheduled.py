@@ -1,18 +1,20 @@
-"""Speculation inside the request-level Scheduler (monokernel chat and serve, reference engine): the decode
-step runs, for each decoding request, one verify pass of the reference model over its own slot of the batch
-cache (KVCache.slot), with a draft from prompt lookup or from that slot's draft model state, and hands back
-every token the pass yields. Prefill, admission, prefix reuse and aborts stay the Scheduler's: a slot's
-cached tokens are its request's prompt and tokens but the last, as after plain steps (the K/V of rejected
-drafts lie past them, positions decide).
+"""Speculation inside the request-level Scheduler (monokernel chat and serve). Prefill, admission, prefix reuse
+and aborts stay the Scheduler's: a slot's cached tokens are its request's prompt and tokens but the last, as after
+plain steps (the K/V of rejected drafts lie past them, positions decide).
 
-Requests verify one after another rather than as one (B, T) batch: the reference model has no per-row draft
-lengths, and the megakernel's multi-token verify step (issue 20) is where batching them belongs."""
+On the megakernel every slot of the batch goes through one launch of the verify step (B slots x T rows, T =
+draft tokens + 1): a decoding request's last token and its draft (padded with its last token to T), a free or
+prefilling slot's pad rows at the first positions past its valid K/V. The Scheduler's cache then holds T - 1
+positions past the context (`extra_positions`), where a padded row near the end lands. On the reference engine
+each decoding request gets one verify pass of the reference model over its own slot (KVCache.slot), one after
+another (the reference model has no per-row draft lengths).
+"""
 from __future__ import annotations
 
 import torch
 
 from ..runtime.requests import Request, RequestEvent
-from ..runtime.scheduler import Scheduler
+from ..runtime.scheduler import PAD_TOKEN, Scheduler
 from .draft_model import DraftModel
 from .run import Speculation
 from .verify import SpeculativeStats, draft_budget, verify_pass
@@ -25,6 +27,17 @@ class ScheduledSpeculation:
         self.speculation = speculation
         self.stats = SpeculativeStats()
         self._drafters: dict[int, DraftModel | None] = {}     # slot -> its draft model state (own cache)
+        self._verifier = None                                 # (the cache it was built on, the verify decoder)
+
+    @property
+    def extra_positions(self) -> int:
+        """Cache positions past the context the Scheduler keeps for the verify step's padded rows."""
+        return self.speculation.draft_tokens
+
+    def make_verifier(self, sched: Scheduler, tokens_per_seq: int):
+        """The verify step over the Scheduler's cache: the megakernel's (a test replaces it)."""
+        from ..runtime.mega import MegaDecoder
+        return MegaDecoder(sched.engine.weights, sched.cache, tokens_per_seq=tokens_per_seq)
 
     def _drafter(self, slot: int) -> DraftModel | None:
         """The slot's own draft model state (the loaded weights, a cache of its own: not the Engine's, which
@@ -35,6 +48,8 @@ class ScheduledSpeculation:
 
     @torch.no_grad()
     def __call__(self, sched: Scheduler, running: list[Request]) -> list[RequestEvent]:
+        if sched.kind == "mega":
+            return self._batched(sched, running)
         model, dev = sched.engine.model, sched.engine.device
         events = []
         for r in running:
@@ -53,5 +68,40 @@ class ScheduledSpeculation:
                 ev = sched.took(r, r.take(tok, seen[0][i]))
                 events.append(ev)
                 if ev.finished:       # an eos, a stop string or max_new_tokens inside the accepted tokens
+                    break
+        return events
+
+    def _batched(self, sched: Scheduler, running: list[Request]) -> list[RequestEvent]:
+        """One verify launch for every slot; each decoding request then accepts from its own rows."""
+        t = self.speculation.draft_tokens + 1
+        if self._verifier is None or self._verifier[0] is not sched.cache:    # built again after a reset
+            self._verifier = (sched.cache, self.make_verifier(sched, t))
+        tokens, start, passes = [[PAD_TOKEN] * t for _ in range(sched.batch)], [0] * sched.batch, {}
+        for s, r in enumerate(sched.slots):
+            if r is None:
+                start[s] = len(sched.cached[s])
+            elif not r.decoding:
+                start[s] = r.prefilled
+        for r in running:
+            seq, pos = r.seq, r.next_position
+            k = draft_budget(self.speculation.draft_tokens, pos, sched.max_seq, seq.max_new_tokens - len(seq.token_ids))
+            draft, accept = self.speculation.functions(r, self._drafter(r.slot))
+            drafted, q = draft(r.prompt_ids + seq.token_ids, k) if k else ([], None)
+            drafted = drafted[:k]
+            row = [seq.token_ids[-1], *drafted]
+            tokens[r.slot], start[r.slot] = row + row[-1:] * (t - len(row)), pos
+            passes[r.slot] = (drafted, q, accept)
+        dev = sched.engine.device
+        _, _, logits = self._verifier[1].verify(torch.tensor(tokens, device=dev), torch.tensor(start, device=dev))
+        events = []
+        for r in running:
+            drafted, q, accept = passes[r.slot]
+            rows = logits[r.slot, :len(drafted) + 1]
+            new = accept(drafted, None if q is None else q[:len(drafted)], rows)
+            self.stats.count(len(drafted), len(new))
+            for i, tok in enumerate(new):
+                ev = sched.took(r, r.take(tok, rows[i]))
+                events.append(ev)
+                if ev.finished:
                     break
         return events

@@ -29,6 +29,14 @@ class SpeculativeStats:
     new_tokens: int = 0             # tokens produced by the passes (accepted + one per pass, before truncation)
     per_pass: list[int] = field(default_factory=list)
 
+    def count(self, drafted: int, yielded: int) -> None:
+        """One pass that carried `drafted` draft tokens and yielded `yielded` tokens."""
+        self.passes += 1
+        self.drafted += drafted
+        self.accepted += yielded - 1
+        self.new_tokens += yielded
+        self.per_pass.append(yielded)
+
     @property
     def acceptance_length(self) -> float:
         """Tokens per verify pass (1.0 without speculation)."""
@@ -53,11 +61,7 @@ def verify_pass(verify: Verify, draft: Draft, accept: Accept, context: Sequence[
     tokens = tokens[:k]
     logits = verify(torch.tensor([[last, *tokens]], dtype=torch.long), position)[0]     # (T, V)
     new = accept(tokens, None if q is None else q[:len(tokens)], logits)
-    stats.passes += 1
-    stats.drafted += len(tokens)
-    stats.accepted += len(new) - 1
-    stats.new_tokens += len(new)
-    stats.per_pass.append(len(new))
+    stats.count(len(tokens), len(new))
     return new
 
 

@@ -123,14 +123,14 @@ def test_chat_speculative(monkeypatch, capsys):
     assert replies[0] == replies[1] and err.count("tokens per pass over") == 2
 
 
-def test_serve_speculative_needs_the_reference_engine(monkeypatch, capsys):
-    """--speculative with the megakernel engine: refused at startup with the reason, nothing served."""
+def test_serve_speculative_past_the_megakernel_verify_step(monkeypatch, capsys):
+    """--speculative with more draft tokens than the megakernel's verify step takes: refused at startup with the
+    reason, nothing served."""
     from monokernel.runtime.engine import Engine
 
     engine = load_default_engine()
     monkeypatch.setattr(engine, "engine", "mega")
     monkeypatch.setattr(Engine, "load", staticmethod(lambda *a, **k: engine))
     monkeypatch.setattr("monokernel.serve.server.serve", lambda *a: pytest.fail("served"))
-    assert cli.main(["serve", "--speculative", "ngram", "--port", str(free_port())]) == 2
-    assert "speculative serving runs on the reference engine for now (the Scheduler's slots have no megakernel" in \
-        capsys.readouterr().err
+    assert cli.main(["serve", "--speculative", "ngram", "--draft-tokens", "8", "--port", str(free_port())]) == 2
+    assert "--draft-tokens 8: the megakernel verifies at most 7 draft tokens a pass" in capsys.readouterr().err

@@ -38,10 +38,9 @@ def test_refused(method, draft, kind, match):
         check_speculative(method, draft, kind)
 
 
-def test_scheduled_needs_the_reference_engine():
+def test_the_megakernel_takes_up_to_seven_draft_tokens():
     check_speculative("ngram", 7, "mega")
-    with pytest.raises(InputError, match="speculative serving runs on the reference engine for now"):
-        check_speculative("ngram", 4, "mega", scheduled=True)
+    check_speculative("ngram", 16, "reference")
 
 
 def test_cli_prints_tokens_per_pass(capsys, tiny_preset):

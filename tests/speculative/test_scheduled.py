@@ -76,5 +76,46 @@ def test_sampled_reproducible_with_logprobs(engine):
 
 def test_engine_kind_refused(engine, monkeypatch):
     monkeypatch.setattr(engine, "engine", "mega")
-    with pytest.raises(InputError, match="speculative serving runs on the reference engine for now"):
-        Speculation.create("ngram", 4, engine, scheduled=True)
+    with pytest.raises(InputError, match="the megakernel verifies at most 7 draft tokens a pass"):
+        Speculation.create("ngram", 8, engine)
+
+
+class _ReferenceVerifier:
+    """The megakernel's verify step (MegaDecoder.verify) done by the reference model over the Scheduler's cache:
+    what the batched path asks of it, on the CPU."""
+
+    def __init__(self, sched, t):
+        self.model, self.cache, self.t, self.calls = sched.engine.model, sched.cache, t, 0
+
+    def verify(self, tokens, start):
+        assert tokens.shape == (self.cache.batch, self.t)
+        assert int((start + self.t).max()) <= self.cache.max_seq      # every padded row inside the cache
+        self.calls += 1
+        logits = self.model.forward(tokens, start, self.cache)
+        return logits.argmax(-1), None, logits
+
+
+@pytest.mark.parametrize("method", ["ngram", "self"])
+def test_batched_verify_equals_plain(engine, method, monkeypatch):
+    """The megakernel path (one verify launch for every slot: here the reference model standing in for the
+    kernel): concurrent requests arriving and leaving get plain greedy's tokens, one launch a step, and the cache
+    holds the draft length past the context for the padded rows, up to requests that end at the context's end."""
+    params = SamplingParams(max_new_tokens=20)
+    plain, _ = run(Scheduler(engine, 3), params)
+    h = hook(engine, "ngram" if method == "ngram" else "model:x", 4, None if method == "ngram" else DraftModel(engine.weights))
+    made = []
+    monkeypatch.setattr(h, "make_verifier", lambda sched, t: made.append(_ReferenceVerifier(sched, t)) or made[-1])
+    sched = Scheduler(engine, 3, speculative=h)
+    sched.kind = "mega"
+    spec, steps = run(sched, params)
+    assert [[e.token_id for e in r] for r in spec] == [[e.token_id for e in r] for r in plain]
+    assert len(made) == 1 and made[0].calls == sched.stats.decode_steps < h.stats.passes
+    assert sched.cache.max_seq == sched.max_seq + 4
+    # at the model's position limit the context gives up the padding's positions
+    assert sched.max_seq == min(engine.max_seq, engine.spec.max_position_embeddings - 4)
+    long = [1, 2, 3] * ((sched.max_seq - 6) // 3)            # runs into the end of the context
+    r = sched.make_request(long, SamplingParams(max_new_tokens=sched.max_seq - len(long)))
+    sched.submit(r)
+    while sched.has_work:
+        assert all(ev.error is None for ev in sched.step())
+    assert r.seq.finish_reason == "length" and len(r.prompt_ids) + len(r.seq.token_ids) == sched.max_seq
