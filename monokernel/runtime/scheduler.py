@@ -86,8 +86,9 @@ class Scheduler:
         self.cache, decoder, self.kind = self.engine.make_decoder(self.batch, self.max_seq, extra)
         self.max_seq = self.cache.max_seq - extra   # a megakernel's cache holds the engine's whole max_seq
         self.decoder = self.wrap_decoder(decoder) if self.wrap_decoder else decoder
-        # a speculative step verifies on its own, with the host's sampling rule
-        self.samples_in_kernel = bool(getattr(self.decoder, "samples_in_kernel", False)) and self.speculative is None
+        # a speculative step verifies on its own: in-kernel sampling where it draws by the kernel's keys too
+        self.samples_in_kernel = bool(getattr(self.decoder, "samples_in_kernel", False)) and (
+            self.speculative is None or (self.kind == "mega" and getattr(self.speculative, "samples_in_kernel", False)))
 
     # ---- Requests in ---------------------------------------------------------------------------
     def make_request(self, prompt: str | Seq[int] | None = None, params: SamplingParams | None = None, *,

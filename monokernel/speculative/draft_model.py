@@ -1,9 +1,10 @@
 """A draft model: a small model of the target's tokenizer over a KV cache of its own, proposing up to K tokens a
-pass (greedily, or sampled with the request's parameters, its distributions q returned for the acceptance rule).
-Its cache keeps the tokens whose K/V it holds; a call finds where the new context leaves them (rejected drafts, a
+pass (greedily; sampled with the request's parameters, its distributions q returned for the acceptance rule; or
+drawn by the in-kernel sampler's keys, coupled.py). Its cache keeps the tokens whose K/V it holds; a call finds where the new context leaves them (rejected drafts, a
 new prompt) and computes only the rest: positions decide, nothing is cleared. The context it has not seen goes
 through the reference model's prefill; each draft token after that is one decode step, of its own megakernel
-(batch 1, a cache of fixed size) where the target runs on the megakernel, else of the reference model."""
+(batch 1, a cache of fixed size) where the target runs on the megakernel, else of the reference model. On the
+megakernel the context's last token is such a step too, so every draft is the kernel's own choice."""
 from __future__ import annotations
 
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import gumbel
 from ..errors import InputError
 from ..models.weights import PackedWeights
 from ..reference.model import ReferenceModel
@@ -101,15 +103,19 @@ class DraftModel:
                 print(f"monokernel: {self.notice}", file=sys.stderr)
         return self.cache.max_seq
 
-    def _decode(self, token: int, position: int) -> torch.Tensor:
-        """The drafter's logits (V,) after `token` at `position`, its K/V written into the cache."""
+    def _decode(self, token: int, position: int) -> tuple[torch.Tensor, int | None]:
+        """The drafter's logits (V,) after `token` at `position`, its K/V written into the cache, and on the
+        megakernel the token it chose (its argmax, or its draw under the sampling words _run set)."""
         if self.mega is None:
-            return prefill_chunk(self.model, [token], position, self.cache, 0)
+            return prefill_chunk(self.model, [token], position, self.cache, 0), None
         dev = self.cache.k.device
-        return self.mega.step(torch.tensor([token], device=dev), torch.tensor([position], device=dev))[1][0]
+        chosen, logits = self.mega.step(torch.tensor([token], device=dev), torch.tensor([position], device=dev))
+        return logits[0], int(chosen[0])
 
     @torch.no_grad()
-    def _run(self, context: Sequence[int], k: int, choose) -> list[int]:
+    def _run(self, context: Sequence[int], k: int, choose, sampling: tuple[float, int] = (0.0, 0)) -> list[int]:
+        """Up to k drafts after `context`, each `choose(logits, position of the input row, the decoder's own
+        choice or None)`; `sampling` (temperature, seed): the megakernel's in-kernel sampling words."""
         size = self._reserve(len(context) + k)
         k = min(k, size - len(context) + 1)      # drafts 1 .. k-1 are fed back at positions len .. len + k - 2
         if k < 1:
@@ -119,28 +125,46 @@ class DraftModel:
             if a != b:
                 break
             n += 1
-        chunk = chunk_size(self.model.w.device)
-        for start in range(n, len(context), chunk):
-            logits = prefill_chunk(self.model, list(context[start:start + chunk]), start, self.cache, 0,
-                                   last_logits=start + chunk >= len(context))
+        if self.mega is not None:               # the last context token through the kernel: its choice comes back
+            self.mega.set_sampling([sampling[0]], [sampling[1]])
+            last = len(context) - 1
+        else:
+            last = len(context)
+        chunk, drawn = chunk_size(self.model.w.device), None
+        for start in range(n, last, chunk):
+            logits = prefill_chunk(self.model, list(context[start:min(start + chunk, last)]), start, self.cache, 0,
+                                   last_logits=start + chunk >= last)
+        if self.mega is not None:
+            logits, drawn = self._decode(context[-1], last)
         out = []
         for i in range(k):
-            out.append(choose(logits))
+            out.append(choose(logits, len(context) - 1 + i, drawn))
             if i < k - 1:
-                logits = self._decode(out[-1], len(context) + i)
+                logits, drawn = self._decode(out[-1], len(context) + i)
         self.cached = list(context) + out[:-1]
         return out
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         """Up to k greedy draft tokens after `context` (the greedy Drafter)."""
-        return self._run(context, k, lambda logits: int(logits.argmax()))
+        return self._run(context, k, lambda logits, position, drawn: int(logits.argmax()) if drawn is None else drawn)
+
+    def coupled(self, temperature: float, seed: int):
+        """A verify.Draft whose drafts are drawn by the in-kernel sampler's keys (seed, position) on the drafter's
+        own logits (coupled.py): in its megakernel, else by the sampler's numpy model. q is moot (None)."""
+        def choose(logits, position, drawn):
+            return drawn if drawn is not None else gumbel.sample_one(logits.float().cpu().numpy(), temperature, seed,
+                                                                      position)
+
+        def draft(context: Sequence[int], k: int) -> tuple[list[int], None]:
+            return self._run(context, k, choose, (temperature, seed)), None
+        return draft
 
     def sampler(self, params: SamplingParams, generator: torch.Generator | None):
         """A verify.Draft that samples with `params` from `generator` and returns its distributions q."""
         def draft(context: Sequence[int], k: int) -> tuple[list[int], torch.Tensor | None]:
             rows = []
 
-            def choose(logits):
+            def choose(logits, position, drawn):
                 rows.append(probabilities(logits[None].float().cpu(), params.temperature, params.top_k,
                                           params.top_p)[0])
                 return int(torch.multinomial(rows[-1], 1, generator=generator))

@@ -20,9 +20,10 @@ def accepted_prefix(draft: Sequence[int], target: Sequence[int]) -> int:
     return n
 
 
-def greedy_accept(draft: list[int], q, logits: torch.Tensor) -> list[int]:
-    """The accepted draft prefix and the target's argmax after it (q, the drafter's distributions, is moot)."""
-    target = logits.argmax(dim=-1).tolist()
+def greedy_accept(draft: list[int], q, logits: torch.Tensor, drawn: torch.Tensor | None = None) -> list[int]:
+    """The accepted draft prefix and the target's argmax after it (q, the drafter's distributions, is moot);
+    `drawn`: the argmax the kernel itself took at each row, where it did (what its plain steps output)."""
+    target = (logits.argmax(dim=-1) if drawn is None else drawn).tolist()
     n = accepted_prefix(draft, target)
     return draft[:n] + [target[n]]
 

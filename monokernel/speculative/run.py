@@ -1,6 +1,7 @@
 """Speculative generation inside the Engine: each prompt prefilled into a cache of its own, then decoded by
-verify passes over the last token and a draft (prompt lookup, or a draft model's), greedy or sampled. The
-pass is the reference model's forward on the reference engine and the megakernel's verify step (one launch
+verify passes over the last token and a draft (prompt lookup, or a draft model's), greedy or sampled (by the
+host's rule, sampling.py, or, for a pure temperature request on the megakernel, by the kernel's own draws,
+coupled.py). The pass is the reference model's forward on the reference engine and the megakernel's verify step (one launch
 of T = draft_tokens + 1 rows of the sequence, runtime/mega.py) on the megakernel engine. The Scheduler's
 speculation (serve, chat) is scheduled.py."""
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import gumbel
 from ..errors import InputError
 from ..runtime.kv_cache import KVCache
 from ..runtime.prefill import chunk_size, prefill_chunk
@@ -20,6 +22,7 @@ from ..schedule.inputs import MAX_TOKENS_PER_SEQ
 from .draft_model import PREFIX, DraftModel, draft_source
 from .greedy import greedy_accept
 from .ngram import propose
+from .coupled import coupled_accept, draw_rows
 from .sampling import sampled_accept
 from .verify import SpeculativeStats, speculative_decode
 
@@ -57,18 +60,24 @@ def mega_verifier(engine, draft_tokens: int):
     return held[t]
 
 
-def _mega_verify(decoder, t: int, model):
-    """Verify (verify.py) through the megakernel: a draft shorter than t - 1 is padded with its last token (rows
-    whose logits nobody reads). Where the padding would pass the cache (a context ending at the model's
-    max_position_embeddings), that pass runs through the reference model on the same cache."""
-    def verify(tokens: torch.Tensor, position: int) -> torch.Tensor:
+def _mega_verify(decoder, t: int, model, sampling: tuple[float, int] | None = None):
+    """Verify (verify.py) through the megakernel, returning the logits and the kernel's own tokens: its argmax,
+    or with `sampling` (temperature, seed: a coupled request, coupled.py) its draw at every row. A draft shorter
+    than t - 1 is padded with its last token (rows whose outputs nobody reads). Where the padding would pass the
+    cache (a context ending at the model's max_position_embeddings), that pass runs through the reference model
+    on the same cache, its rows chosen by the kernel's rule on the host."""
+    decoder.set_sampling([sampling[0] if sampling else 0.0] * t, [sampling[1] if sampling else 0] * t)
+
+    def verify(tokens: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = tokens.shape[1]
         if position + t > decoder.cache.max_seq:
             dev = decoder.cache.k.device
-            return model.forward(tokens.to(dev), torch.tensor([position], device=dev), decoder.cache)
+            logits = model.forward(tokens.to(dev), torch.tensor([position], device=dev), decoder.cache)
+            drawn = logits.argmax(-1) if sampling is None else draw_rows(logits[0], *sampling, position)[None]
+            return logits, drawn
         padded = torch.cat([tokens, tokens[:, -1:].expand(1, t - n)], dim=1) if n < t else tokens
-        _, _, logits = decoder.verify(padded, torch.tensor([position]))
-        return logits[:, :n]
+        chosen, _, logits = decoder.verify(padded, torch.tensor([position]))
+        return logits[:, :n], chosen[:, :n]
     return verify
 
 
@@ -92,14 +101,19 @@ class Speculation:
             drafters[method] = drafter
         return cls(method, draft_tokens, drafter)
 
-    def functions(self, request: Request, drafter: DraftModel | None = None):
+    def functions(self, request: Request, drafter: DraftModel | None = None, coupled: bool = False):
         """(draft, accept) for `request` (its parameters, its generator); `drafter`: the draft model state to
-        use (one per concurrent sequence; default the loaded one)."""
+        use (one per concurrent sequence; default the loaded one); `coupled`: a sampled request whose verify
+        rows the megakernel draws (coupled.py), else the host's rule (sampling.py)."""
         drafter = drafter or self.drafter
         p = request.params
         if p.greedy:
             fn = propose if drafter is None else drafter.propose
             return (lambda ctx, k: (fn(ctx, k), None)), greedy_accept
+        if coupled:
+            draft = ((lambda ctx, k: (propose(ctx, k), None)) if drafter is None
+                     else drafter.coupled(p.temperature, request.seed))
+            return draft, coupled_accept
         draft = ((lambda ctx, k: (propose(ctx, k), None)) if drafter is None
                  else drafter.sampler(p, request.generator))
         return draft, sampled_accept(p, request.generator)
@@ -127,7 +141,12 @@ def speculative_events(engine, reqs: list[Request], speculation: Speculation, st
             logits = prefill_chunk(model, p[start:start + chunk], start, cache, 0,
                                    last_logits=start + chunk >= len(p))
         params = r.params
-        first = int(sample(logits[None].cpu(), params.temperature, params.top_k, params.top_p, r.generator)[0])
+        # a pure temperature request on the megakernel draws by the kernel's keys, its first token too (coupled.py)
+        coupled = mega and not params.greedy and params.in_kernel(engine.spec.vocab_size)
+        if coupled:
+            first = gumbel.sample_one(logits.float().cpu().numpy(), params.temperature, r.seed, len(p) - 1)
+        else:
+            first = int(sample(logits[None].cpu(), params.temperature, params.top_k, params.top_p, r.generator)[0])
         yield seq.append(first)
         if seq.finished:
             continue
@@ -136,9 +155,10 @@ def speculative_events(engine, reqs: list[Request], speculation: Speculation, st
             return model.forward(tokens.to(dev), torch.tensor([position], device=dev), cache)
 
         if mega:
-            verify = _mega_verify(decoder, speculation.draft_tokens + 1, model)
+            verify = _mega_verify(decoder, speculation.draft_tokens + 1, model,
+                                  (params.temperature, r.seed) if coupled else None)
 
-        draft, accept = speculation.functions(r)
+        draft, accept = speculation.functions(r, coupled=coupled)
         for tok in speculative_decode(verify, draft, accept, list(p) + [first], first, len(p), seq.max_new_tokens,
                                       size, speculation.draft_tokens, eos=seq.eos_ids, stats=stats):
             yield seq.append(tok)

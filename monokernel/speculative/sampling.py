@@ -17,7 +17,7 @@ from .verify import Accept, Draft, SpeculativeStats, Verify, speculative_decode
 
 def sampled_accept(params: SamplingParams, generator: torch.Generator | None) -> Accept:
     """The acceptance rule for `params` (temperature > 0), drawing from `generator`."""
-    def accept(draft: list[int], q: torch.Tensor | None, logits: torch.Tensor) -> list[int]:
+    def accept(draft: list[int], q: torch.Tensor | None, logits: torch.Tensor, drawn=None) -> list[int]:
         p = probabilities(logits.float().cpu(), params.temperature, params.top_k, params.top_p)    # (T, V)
         for i, x in enumerate(draft):
             qx = 1.0 if q is None else float(q[i, x])

@@ -2,7 +2,8 @@
 the target in one forward pass (causal among themselves, each at its own position), and an acceptance rule
 turns the target's logits over them into the tokens the pass yields: the accepted draft prefix plus one token
 of the target's own. The rule decides what is output (greedy.py: the target's argmax; sampling.py: the
-standard speculative-sampling rule); a draft only decides how many tokens one pass yields. K/V rows written
+standard speculative-sampling rule; coupled.py: the target's own draws by the in-kernel sampler's keys); a
+draft only decides how many tokens one pass yields. K/V rows written
 for rejected draft tokens lie past the accepted position, which the next pass overwrites before any query can
 read them (positions decide)."""
 from __future__ import annotations
@@ -12,13 +13,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-# (tokens (1, T) long, start position) -> logits (1, T, V): T tokens at positions start .. start + T - 1
-Verify = Callable[[torch.Tensor, int], torch.Tensor]
+# (tokens (1, T) long, start position) -> logits (1, T, V): T tokens at positions start .. start + T - 1; or
+# (logits, drawn (1, T) long): with the tokens the target itself chose at each row (the megakernel's argmax, or
+# its in-kernel draw where the rows sample), which the rules then confirm drafts against
+Verify = Callable[[torch.Tensor, int], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 # (context, k) -> up to k draft tokens and the drafter's distributions q (n, V) they were drawn from, or None
 # for drafts that are point masses (prompt lookup, a greedy drafter)
 Draft = Callable[[Sequence[int], int], tuple[list[int], torch.Tensor | None]]
-# (draft, q, target logits (T, V)) -> the tokens the pass yields: an accepted prefix of the draft plus one
-Accept = Callable[[list[int], torch.Tensor | None, torch.Tensor], list[int]]
+# (draft, q, target logits (T, V), drawn (T,) or None) -> the tokens the pass yields: an accepted prefix of the
+# draft plus one
+Accept = Callable[[list[int], torch.Tensor | None, torch.Tensor, torch.Tensor | None], list[int]]
 
 
 @dataclass
@@ -59,8 +63,9 @@ def verify_pass(verify: Verify, draft: Draft, accept: Accept, context: Sequence[
     """One pass: the tokens it yields (at least one), counted into `stats`."""
     tokens, q = draft(context, k) if k else ([], None)
     tokens = tokens[:k]
-    logits = verify(torch.tensor([[last, *tokens]], dtype=torch.long), position)[0]     # (T, V)
-    new = accept(tokens, None if q is None else q[:len(tokens)], logits)
+    out = verify(torch.tensor([[last, *tokens]], dtype=torch.long), position)
+    logits, drawn = out if isinstance(out, tuple) else (out, None)
+    new = accept(tokens, None if q is None else q[:len(tokens)], logits[0], None if drawn is None else drawn[0])
     stats.count(len(tokens), len(new))
     return new
 

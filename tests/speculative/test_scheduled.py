@@ -87,6 +87,9 @@ class _ReferenceVerifier:
     def __init__(self, sched, t):
         self.model, self.cache, self.t, self.calls = sched.engine.model, sched.cache, t, 0
 
+    def set_sampling(self, temperatures, seeds):
+        assert list(temperatures) == [0.0] * self.cache.batch * self.t     # greedy requests: every row greedy
+
     def verify(self, tokens, start):
         assert tokens.shape == (self.cache.batch, self.t)
         assert int((start + self.t).max()) <= self.cache.max_seq      # every padded row inside the cache

@@ -1,0 +1,187 @@
+"""Speculative sampling by the in-kernel sampler's keys (speculative/coupled.py), on the CPU: the reference model
+stands in for the megakernel's verify step and decode step, each drawing by the sampler's numpy model
+(monokernel/gumbel.py) under the words set_sampling last wrote. A pure temperature request then yields, token
+for token, plain in-kernel sampling's stream with its seed, whatever the drafts (prompt lookup, the target
+itself, an unrelated model); greedy requests beside it stay plain greedy, top-k ones keep the host's rule."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ENGINE_SPEC
+from monokernel import gumbel
+from monokernel.models.weights import random_weights
+from monokernel.runtime.engine import Engine
+from monokernel.runtime.sampling import SamplingParams
+from monokernel.runtime.scheduler import Scheduler
+from monokernel.speculative import run as spec_run
+from monokernel.speculative.coupled import coupled_accept, draw_rows
+from monokernel.speculative.draft_model import DraftModel
+from monokernel.speculative.run import Speculation
+from monokernel.speculative.scheduled import ScheduledSpeculation
+
+PROMPTS = [[3, 17, 9, 44, 3, 17, 9, 44, 3], [30], [12, 7, 7, 58, 1, 2, 3, 12, 7, 7], [5, 5, 6]]
+PARAMS = SamplingParams(temperature=0.9, seed=11, max_new_tokens=18)
+
+
+class KernelDecode:
+    """The megakernel's decode step as the Scheduler sees it: the wrapped decoder's logits, each row's token by
+    the in-kernel rule (greedy where its words say so)."""
+
+    samples_in_kernel = True
+
+    def __init__(self, inner, batch: int):
+        self.inner, self.words = inner, gumbel.sampling_words([0] * batch, [0] * batch, batch)
+
+    def set_sampling(self, temperatures, seeds):
+        self.words = gumbel.sampling_words(temperatures, seeds, len(self.words))
+
+    def step(self, tokens, positions):
+        _, logits = self.inner.step(tokens, positions)
+        return torch.from_numpy(gumbel.sample_tokens(logits.numpy(), self.words, positions.numpy())), logits
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class KernelVerify:
+    """MegaDecoder.verify over S slots x T rows done by the reference model, the rows drawn by the in-kernel
+    rule, the acceptance counted as the kernel counts it."""
+
+    def __init__(self, model, cache, t: int):
+        self.model, self.cache, self.t, self.asked = model, cache, t, []
+        self.set_sampling([0.0] * cache.batch * t, [0] * cache.batch * t)
+
+    def set_sampling(self, temperatures, seeds):
+        self.words = gumbel.sampling_words(temperatures, seeds, self.cache.batch * self.t)
+        self.asked.append((list(temperatures), list(seeds)))
+
+    def verify(self, tokens, start):
+        S, T = tokens.shape
+        logits = self.model.forward(tokens, start, self.cache)
+        pos = (start[:, None] + torch.arange(T)[None, :]).reshape(-1).numpy()
+        chosen = torch.from_numpy(gumbel.sample_tokens(logits.reshape(S * T, -1).numpy(), self.words, pos)).view(S, T)
+        accepted = torch.tensor([next((n for n in range(T - 1) if chosen[s, n] != tokens[s, n + 1]), T - 1)
+                                 for s in range(S)])
+        return chosen, accepted, logits
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_weights(random_weights(ENGINE_SPEC, torch.float32, "cpu", seed=3))
+
+
+@pytest.fixture
+def as_mega(engine, monkeypatch):
+    """The engine's decoders as the megakernel's: kind 'mega', sampling in the 'kernel'."""
+    built = engine.make_decoder
+
+    def make_decoder(batch, positions, extra=0):
+        cache, decoder, _ = built(batch, positions, extra)
+        return cache, KernelDecode(decoder, batch), "mega"
+    monkeypatch.setattr(engine, "make_decoder", make_decoder)
+    return engine
+
+
+def _hook(method: str, drafter=None, k: int = 4) -> ScheduledSpeculation:
+    h = ScheduledSpeculation(Speculation(method, k, drafter))
+    h.make_verifier = lambda sched, t: KernelVerify(sched.engine.model, sched.cache, t)
+    return h
+
+
+def _tokens(sched: Scheduler, requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
+    """Two requests at step 0, the rest at step 2; each one's tokens."""
+    ids, out, step = [], {}, 0
+    while step < 3 or sched.has_work:
+        if step in (0, 2):
+            ids += [sched.add_request(p, params) for p, params in (requests[:2] if step == 0 else requests[2:])]
+        for ev in sched.step():
+            assert ev.error is None
+            out.setdefault(ev.request_id, []).append(ev.token_id)
+        step += 1
+    return [out[i] for i in ids]
+
+
+def _drafter(engine, which: str):
+    return {"ngram": None, "self": DraftModel(engine.weights),
+            "other": DraftModel(random_weights(ENGINE_SPEC.with_(num_layers=1), torch.float32, seed=9))}[which]
+
+
+@pytest.mark.parametrize("which", ["ngram", "self", "other"])
+def test_scheduler_yields_plain_in_kernel_sampling(as_mega, which):
+    """Concurrent requests arriving and leaving: the pure temperature ones get plain in-kernel sampling's tokens
+    with their seeds (drafts right, wrong or random), the greedy one plain greedy's, the top-k one the host's
+    rule (reproducible); the verify step was told to draw exactly the coupled requests' rows."""
+    engine = as_mega
+    reqs = [(PROMPTS[0], PARAMS), (PROMPTS[1], SamplingParams(max_new_tokens=18)),
+            (PROMPTS[2], SamplingParams(temperature=0.7, seed=4, max_new_tokens=18)),
+            (PROMPTS[3], SamplingParams(temperature=0.8, top_k=9, seed=2, max_new_tokens=18))]
+    plain = _tokens(Scheduler(engine, 3), reqs)
+    drafter = _drafter(engine, which)
+    h = _hook("ngram" if drafter is None else "model:x", drafter)
+    sched = Scheduler(engine, 3, speculative=h)
+    assert sched.samples_in_kernel
+    spec = _tokens(sched, reqs)
+    assert spec[:3] == plain[:3]
+    assert spec[3] == _tokens(Scheduler(engine, 3, speculative=_hook("ngram" if drafter is None else "model:x",
+                                                                      _drafter(engine, which))), reqs)[3]
+    assert h.stats.passes < sum(map(len, spec))
+    if which == "self":       # the drafter draws by the same keys on the same logits: every draft confirmed
+        assert h.stats.accepted == h.stats.drafted > 0
+    verifier = h._verifier[1]
+    drawn = {(t, s) for temps, seeds in verifier.asked for t, s in zip(temps, seeds)}
+    assert drawn <= {(0.0, 0), (0.9, 11), (0.7, 4)} and {(0.9, 11), (0.7, 4)} <= drawn
+
+
+def test_other_seed_other_tokens(as_mega):
+    """The coupled stream follows the seed: another seed draws other tokens, the same seed the same."""
+    engine = as_mega
+    one = _tokens(Scheduler(engine, 2, speculative=_hook("ngram")), [(PROMPTS[0], PARAMS), (PROMPTS[2], PARAMS)])
+    again = _tokens(Scheduler(engine, 2, speculative=_hook("ngram")), [(PROMPTS[0], PARAMS), (PROMPTS[2], PARAMS)])
+    other = SamplingParams(temperature=0.9, seed=12, max_new_tokens=18)
+    two = _tokens(Scheduler(engine, 2, speculative=_hook("ngram")), [(PROMPTS[0], other), (PROMPTS[2], other)])
+    assert one == again and one != two
+
+
+@pytest.mark.parametrize("which", ["ngram", "other"])
+def test_engine_generate_yields_plain_in_kernel_sampling(as_mega, which, monkeypatch):
+    """Engine.generate with speculation on the 'megakernel' (its verify step standing in): the tokens of plain
+    generation, which samples in the kernel, for every prompt."""
+    engine = as_mega
+    monkeypatch.setattr(engine, "engine", "mega")
+    plain = [g.token_ids for g in engine.generate_ids(PROMPTS, PARAMS)]
+    made = {}
+
+    def verifier(eng, draft_tokens):
+        if draft_tokens not in made:
+            from monokernel.runtime.kv_cache import KVCache
+            cache = KVCache(eng.spec, 1, eng.max_seq + draft_tokens, eng.dtype, eng.device)
+            made[draft_tokens] = cache, KernelVerify(eng.model, cache, draft_tokens + 1)
+        return made[draft_tokens]
+    monkeypatch.setattr(spec_run, "mega_verifier", verifier)
+    method = "ngram" if which == "ngram" else "model:preset:llama-3.2-1b"      # named, never loaded:
+    other = _drafter(engine, "other")
+    monkeypatch.setattr(spec_run.DraftModel, "load", classmethod(lambda cls, m, target: other))
+    spec = [g.token_ids for g in engine.generate_ids(PROMPTS, PARAMS, speculative=method, draft_tokens=5)]
+    assert spec == plain
+    assert made[5][1].asked[-1] == ([0.9] * 6, [PARAMS.seed] * 6)
+
+
+def test_coupled_accept():
+    """The prefix confirmed by the target's draws, then its draw; no draws is a programming error."""
+    logits = torch.randn(4, 7)
+    assert coupled_accept([3, 5, 1], None, logits, torch.tensor([3, 5, 2, 6])) == [3, 5, 2]
+    assert coupled_accept([3, 5, 1], None, logits, torch.tensor([3, 5, 1, 6])) == [3, 5, 1, 6]
+    assert coupled_accept([], None, logits[:1], torch.tensor([4])) == [4]
+    with pytest.raises(ValueError, match="needs the target's draws"):
+        coupled_accept([3], None, logits[:2], None)
+
+
+def test_draw_rows_is_the_kernels_rule():
+    """The host's draw of a pass's rows (where no kernel ran) is gumbel.sample_one at each row's position."""
+    logits = torch.randn(5, 301) * 3
+    got = draw_rows(logits, 0.7, 123, 40).tolist()
+    assert got == [gumbel.sample_one(logits[i].numpy(), 0.7, 123, 40 + i) for i in range(5)]
+    assert got != draw_rows(logits, 0.7, 124, 40).tolist() or got != draw_rows(logits, 0.7, 123, 41).tolist()
+    assert np.unique(got).size > 1
