@@ -153,3 +153,91 @@ def test_speculative_generation_on_random_weights(method, monkeypatch):
                                    _cache(eng, len(ids)))[0, -1]
         top = float(logits.max())
         assert logits[spec[i]] >= top - near_tie_tol(top) and logits[plain[i]] >= top - near_tie_tol(top), i
+
+
+def _first_difference_is_a_near_tie(eng, prompt, a, b, params=None):
+    """Two token streams of one prompt agree, or at their first difference both tokens are within the near-tie
+    tolerance of the top of the reference's logits (greedy) or of its Gumbel scores (sampled, by the kernel's
+    keys: the scores move by the logits' rounding times 1/T)."""
+    from monokernel import gumbel
+    from monokernel.runtime.kv_cache import KVCache
+
+    assert len(a) == len(b)
+    if a == b:
+        return
+    i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    ids = list(prompt) + a[:i]
+    cache = KVCache(eng.spec, 1, len(ids), eng.dtype, eng.device)
+    logits = eng.model.forward(torch.tensor([ids], device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda"),
+                               cache)[0, -1].float().cpu()
+    tol = near_tie_tol(float(logits.max()))
+    if params is not None and not params.greedy:
+        inv_t = 1.0 / params.temperature
+        key = gumbel.sequence_keys([params.seed], [len(ids) - 1])
+        logits = torch.from_numpy(gumbel.scores(logits.numpy()[None], [inv_t], key)[0])
+        tol = tol * inv_t + gumbel.score_tol(float(logits.max()))
+    top = float(logits.max())
+    assert logits[a[i]] >= top - tol and logits[b[i]] >= top - tol, (i, a[i], b[i])
+
+
+@pytest.mark.parametrize("method", ["ngram", "model:preset:tiny-qwen3"])
+def test_coupled_sampling_on_random_weights(method, monkeypatch):
+    """A pure temperature request with speculation on the megakernel: every verify row drawn in the kernel by the
+    request's seed (speculative/coupled.py), so the tokens are plain in-kernel sampling's up to near-ties of the
+    two kernels' roundings, and a draft model drawing by the same keys on the same weights has nearly every draft
+    accepted."""
+    from monokernel.models.presets import PRESETS
+    from monokernel.runtime.engine import Engine
+    from monokernel.runtime.sampling import SamplingParams
+
+    monkeypatch.setitem(PRESETS, "tiny-qwen3", TINY_SPECS["qwen3"])
+    eng = Engine.load("preset:tiny-qwen3", device="cuda", dtype="bf16", engine="mega", max_seq=256)
+    prompt = [5, 6, 7, 8, 9, 10] * 6
+    params = SamplingParams(temperature=0.8, seed=77, max_new_tokens=40)
+    plain = eng.generate_ids([prompt], params)[0].token_ids
+    spec = eng.generate_ids([prompt], params, speculative=method, draft_tokens=7)[0].token_ids
+    stats = eng.last_speculative
+    if method.startswith("model:"):
+        assert eng._drafters[method].mega is not None, eng._drafters[method].notice
+        assert stats.acceptance_length > 3, stats.summary()
+    assert plain != eng.generate_ids([prompt], max_new_tokens=40)[0].token_ids      # it did sample
+    _first_difference_is_a_near_tie(eng, prompt, spec, plain, params)
+
+
+def test_scheduler_speculation_on_the_megakernel(monkeypatch):
+    """serve/chat's speculation (speculative/scheduled.py) on the real verify step: three slots, requests greedy,
+    pure temperature (drawn in the kernel, coupled) and top-k (the host's rule) arriving while others decode,
+    one verify launch a step; greedy and temperature requests get plain scheduling's tokens up to near-ties."""
+    from monokernel.models.presets import PRESETS
+    from monokernel.runtime.engine import Engine
+    from monokernel.runtime.sampling import SamplingParams
+    from monokernel.runtime.scheduler import Scheduler
+    from monokernel.speculative.run import Speculation
+    from monokernel.speculative.scheduled import ScheduledSpeculation
+
+    monkeypatch.setitem(PRESETS, "tiny-qwen3", TINY_SPECS["qwen3"])
+    eng = Engine.load("preset:tiny-qwen3", device="cuda", dtype="bf16", engine="mega", max_seq=256)
+    prompts = [[5, 6, 7, 8, 9, 10] * 5, [11, 12, 13] * 7, [40, 41, 42, 43] * 4, [7, 8] * 9]
+    params = [SamplingParams(max_new_tokens=30), SamplingParams(temperature=0.9, seed=5, max_new_tokens=30),
+              SamplingParams(temperature=0.7, seed=6, max_new_tokens=30),
+              SamplingParams(temperature=0.8, top_k=20, seed=7, max_new_tokens=30)]
+
+    def run(sched):
+        ids, out, step = [], {}, 0
+        while step < 3 or sched.has_work:
+            if step in (0, 2):
+                ids += [sched.add_request(p, q) for p, q in list(zip(prompts, params))[step:step + 2]]
+            for ev in sched.step():
+                assert ev.error is None, ev.error
+                out.setdefault(ev.request_id, []).append(ev.token_id)
+            step += 1
+        return [out[i] for i in ids]
+
+    plain = run(Scheduler(eng, 3))
+    hook = ScheduledSpeculation(Speculation.create("ngram", 4, eng))
+    sched = Scheduler(eng, 3, speculative=hook)
+    assert sched.kind == "mega" and sched.samples_in_kernel
+    spec = run(sched)
+    assert hook.stats.passes < sum(map(len, spec)) and len(spec[3]) == 30
+    for p, q, a, b in list(zip(prompts, params, spec, plain))[:3]:
+        _first_difference_is_a_near_tie(eng, p, a, b, q)
