@@ -130,8 +130,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.warmup < 0 or args.agreement_steps < 0:
         raise MonokernelError("--steps must be >= 1, --warmup and --agreement-steps >= 0")
-    if any(not 1 <= t <= 8 for t in args.verify_tokens):
-        raise MonokernelError(f"--verify-tokens {','.join(map(str, args.verify_tokens))}: each T must be in 1..8")
+    from ..schedule.inputs import MAX_TOKENS_PER_SEQ
+    if any(not 1 <= t <= MAX_TOKENS_PER_SEQ for t in args.verify_tokens):
+        raise MonokernelError(f"--verify-tokens {','.join(map(str, args.verify_tokens))}: each T must be in "
+                              f"1..{MAX_TOKENS_PER_SEQ}")
     cfg = BenchConfig(models=_models(args.model), engines=args.engines, batches=args.batch, contexts=args.context,
                       tokens_per_seq=args.verify_tokens, temperatures=args.temperatures,
                       dtype=DTYPES[args.dtype], weights=args.weights, steps=args.steps, warmup=args.warmup,
