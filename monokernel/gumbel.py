@@ -210,18 +210,23 @@ def rank_order(row: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(row, dtype=np.float32), kind="stable")
 
 
+def ranked(row, top_k: int) -> np.ndarray:
+    """The first top_k ranks of a logits row (every rank for top_k 0 or >= V), in rank order."""
+    row = np.asarray(row, dtype=np.float32)
+    k = len(row) if not top_k or top_k >= len(row) else int(top_k)
+    if k == len(row):
+        return rank_order(row)
+    # only the order of the first k ranks matters: sort those and any tied with the k-th
+    pool = np.flatnonzero(row >= row[np.argpartition(-row, k - 1)[:k]].min())
+    return pool[rank_order(row[pool])][:k]
+
+
 def nucleus(row, inv_t, top_k: int, top_p) -> tuple[np.ndarray, np.ndarray | None]:
     """The kept tokens of one logits row (V,) fp32 in rank order, and (top-p only, else None) the mass before
     each of the top-k ranks (all ranks without top-k) over their total, float64: a rank is kept while that
     mass is below top_p. top_k 0: none; top_p 1: none."""
     row = np.asarray(row, dtype=np.float32)
-    k = len(row) if not top_k or top_k >= len(row) else int(top_k)
-    if k < len(row):     # only the order of the first k ranks matters: sort those (and any tied with the k-th)
-        kth = row[np.argpartition(-row, k - 1)[:k]].min()
-        pool = np.flatnonzero(row >= kth)
-        order = pool[rank_order(row[pool])][:k]
-    else:
-        order = rank_order(row)
+    order = ranked(row, top_k)
     if top_p >= 1:
         return order, None
     e = np.exp((row[order].astype(np.float64) - float(row[order[0]])) * float(np.float32(inv_t)))
@@ -238,7 +243,10 @@ def scores_at(logits, inv_t, key, idx) -> np.ndarray:
 def filtered_draw(row, inv_t, key, top_k: int, top_p) -> int:
     """The draw of one row restricted by top-k / top-p (top_k 0 and top_p 1: none): argmax over the kept
     tokens of their scores, equal scores to the smallest index."""
-    kept, _ = nucleus(row, inv_t, top_k, top_p)
+    return _draw_among(row, inv_t, key, nucleus(row, inv_t, top_k, top_p)[0])
+
+
+def _draw_among(row, inv_t, key, kept: np.ndarray) -> int:
     sc = scores_at(np.asarray(row, dtype=np.float32)[kept], inv_t, key, kept)
     return int(kept[sc == sc.max()].min())
 
@@ -288,6 +296,51 @@ def sample_one(logits, temperature: float, seed: int, position: int, top_k: int 
     request's whole stream follows one rule."""
     words = sampling_words([temperature], [seed], 1, [top_k], [top_p])
     return int(sample_tokens(np.asarray(logits, dtype=np.float32)[None], words, [position])[0])
+
+
+def host_redraw(tokens, flags, logits, words, positions) -> np.ndarray:
+    """The kernel's tokens (B,) with each row it flagged (Params::host_draw) drawn here by the model from the
+    step's logits (B, V): what the host does after a step, so no row follows another distribution."""
+    out = np.array(tokens, dtype=np.int64)
+    rows = np.flatnonzero(np.asarray(flags))
+    if len(rows):
+        logits = np.asarray(logits, dtype=np.float32)
+        w = _words(words)
+        out[rows] = sample_tokens(logits[rows], w[rows], np.asarray(positions)[rows])
+    return out
+
+
+def may_draw(row, words_row, position: int, token: int) -> bool:
+    """Whether the kernel may draw `token` for one row (V,) under its words (8,) at `position`: the model's
+    draw, or one that a near-tie allows, as the kernel's logf and fp32 masses differ from the model's by
+    ulps: a kept token whose score is within score_tol of the best, or a top-p cut whose mass before the
+    token at the edge lies within MASS_TOL of top_p (the kept set then may end a rank earlier or later)."""
+    row = np.asarray(row, dtype=np.float32)
+    w = _words(words_row)[:1]
+    want = int(sample_tokens(row[None], w, [position])[0])
+    on, inv_t, seeds = unpack_words(w)
+    if token == want or not on[0]:
+        return token == want
+    key = sequence_keys(seeds, [position])[0]
+    if not filtered_rows(w)[0]:
+        sets = [np.arange(len(row))]
+    else:
+        (k,), (p,) = unpack_filters(w, len(row))
+        kept, before = nucleus(row, inv_t[0], int(k), p)
+        sets, n = [kept], len(kept)
+        if before is not None:
+            order = ranked(row, int(k))
+            if n > 1 and abs(before[n - 1] - p) <= MASS_TOL:
+                sets.append(order[:n - 1])
+            if n < len(order) and abs(before[n] - p) <= MASS_TOL:
+                sets.append(order[:n + 1])
+    for kept in sets:
+        if token not in kept:
+            continue
+        sc = scores_at(row[kept], inv_t[0], key, kept)
+        if sc[kept == token][0] >= sc.max() - score_tol(sc.max()):
+            return True
+    return False
 
 
 def score_tol(top: float) -> float:

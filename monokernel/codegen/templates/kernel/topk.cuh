@@ -150,6 +150,25 @@ __device__ void final_filtered(const Params& p, int num_tiles, int b, uint64_t* 
   const Sampler sp = make_sampler(p.sampling, b, input_id(p.positions, b, p.ids_i64 & 2));
   const Filter f = make_filter(p.sampling, b);
   const uint64_t* cand = p.lm_cand + (size_t)b * TOP_CAND;   // tile t's depth j at [(t * B) * TOP_CAND + j]
+  // top-p alone: the vocabulary's normaliser from the tiles' (max, sum), rescaled to the largest max (the
+  // top logit) as it goes; first, so its registers are free before the merge's
+  float zmax = -INFINITY, z = 0.f;
+  if (f.mass) {
+#pragma unroll 1
+    for (int tile = lane; tile < num_tiles; tile += 32) {
+      const float m = key_logit(__ldcg(cand + (size_t)tile * B * TOP_CAND)), sum = __ldcg(p.lm_sum + tile * B + b);
+      if (m > zmax) { z = z * __expf((zmax - m) * sp.inv_t) + sum; zmax = m; }
+      else z += sum * __expf((m - zmax) * sp.inv_t);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float om = __shfl_xor_sync(0xffffffffu, zmax, o), oz = __shfl_xor_sync(0xffffffffu, z, o);
+      const float hi = fmaxf(zmax, om);
+      z = (zmax == -INFINITY ? 0.f : z * __expf((zmax - hi) * sp.inv_t)) +
+          (om == -INFINITY ? 0.f : oz * __expf((om - hi) * sp.inv_t));
+      zmax = hi;
+    }
+  }
   __syncwarp();
   Keep kp{buf, 0, 0ull};
   constexpr int U = 4;   // tiles a lane loads before it pushes them: their L2 latencies overlap
@@ -190,16 +209,9 @@ __device__ void final_filtered(const Params& p, int num_tiles, int b, uint64_t* 
     before[s] = total + (lane ? excl : 0.f);
     total += __shfl_sync(0xffffffffu, incl, 31);
   }
-  float z = total;   // top-k (with or without top-p): the kept top-k ranks are the normaliser
-  if (f.mass) {      // top-p alone: the vocabulary's, from the tiles' sums rescaled to the top logit
-    float part = 0.f;
-    for (int tile = lane; tile < num_tiles; tile += 32) {
-      const float m = key_logit(__ldcg(cand + (size_t)tile * B * TOP_CAND));
-      part += __ldcg(p.lm_sum + tile * B + b) * __expf((m - top) * sp.inv_t);
-    }
-    z = warp_sum(part);
-  }
-  const float cut = f.p * z;
+  // top-k (with or without top-p): the kept top-k ranks are the normaliser; top-p alone: z, relative to zmax,
+  // the largest tile maximum, which is `top`
+  const float cut = f.p * (f.mass ? z : total);
   float best = -INFINITY;
   int idx = 0x7fffffff;
 #pragma unroll
