@@ -20,7 +20,7 @@ __device__ void lm_tile_max(const Params& p, const Task& t, float* sm) {
   for (int b = warp; b < B; b += NCW) {
     const Sampler s = make_sampler(p.sampling, b, input_id(p.positions, b, p.ids_i64 & 2));
     if (s.filter) {
-      lm_tile_keep(p, t, b, s.inv_t, reinterpret_cast<uint64_t*>(sm) + warp * KEEP_CAP);
+      lm_tile_keep(p, t.arg0, t.arg1, t.tile, b, s.inv_t, reinterpret_cast<uint64_t*>(sm) + warp * KEEP_CAP);
       continue;
     }
     float best = -INFINITY;

@@ -119,33 +119,37 @@ struct Keep {
   }
 };
 
-// Tile side, for row b of a top-k/top-p sequence: the tile's first TOP_CAND keys into Params::lm_cand and, for
-// top-p alone, its sum of exp((logit - tile max) / T) into lm_sum. One warp; `buf`: its KEEP_CAP keys.
-__device__ void lm_tile_keep(const Params& p, const Task& t, int b, float inv_t, uint64_t* buf) {
+// Tile side, for row b of a top-k/top-p sequence and the tile's rows [row0, row0 + rows): its first TOP_CAND keys
+// into Params::lm_cand and, for top-p alone, its sum of exp((logit - tile max) / T) into lm_sum. One warp;
+// `buf`: its KEEP_CAP keys. Not inlined, nor final_filtered: inlined, the kernel spilled at 3B batch 8 and 8B
+// batch 1 (88 and 8 bytes under the 168-register cap); as calls they take their own registers, and only a
+// row that asks for top-k/top-p pays the call.
+__device__ __noinline__ void lm_tile_keep(const Params& p, int row0, int rows, int tile, int b, float inv_t,
+                                          uint64_t* buf) {
   const int lane = threadIdx.x % 32;
-  const float* row = p.logits + (size_t)b * V + t.arg0;
+  const float* row = p.logits + (size_t)b * V + row0;
   __syncwarp();   // the warp's last reads of the buffer (a row before) precede these appends
   Keep kp{buf, 0, 0ull};
-  for (int r0 = 0; r0 < t.arg1; r0 += 32) {
+  for (int r0 = 0; r0 < rows; r0 += 32) {
     const int r = r0 + lane;
-    kp.push(r < t.arg1 ? rank_key(row[r], t.arg0 + r) : 0ull, lane);
+    kp.push(r < rows ? rank_key(row[r], row0 + r) : 0ull, lane);
   }
   uint64_t k[KPL];
   kp.sorted(k, lane);
-  uint64_t* out = p.lm_cand + ((size_t)t.tile * B + b) * TOP_CAND;
+  uint64_t* out = p.lm_cand + ((size_t)tile * B + b) * TOP_CAND;
 #pragma unroll
   for (int s = 0; s < KPL / 2; ++s) out[lane + 32 * s] = k[s];
   if (make_filter(p.sampling, b).mass) {
     const float top = key_logit(__shfl_sync(0xffffffffu, k[0], 0));
     float sum = 0.f;
-    for (int r = lane; r < t.arg1; r += 32) sum += __expf((row[r] - top) * inv_t);
+    for (int r = lane; r < rows; r += 32) sum += __expf((row[r] - top) * inv_t);
     sum = warp_sum(sum);
-    if (lane == 0) p.lm_sum[t.tile * B + b] = sum;
+    if (lane == 0) p.lm_sum[tile * B + b] = sum;
   }
 }
 
 // Final side, for row b: merge, cut, draw; writes the token and the host_draw flag. One warp.
-__device__ void final_filtered(const Params& p, int num_tiles, int b, uint64_t* buf) {
+__device__ __noinline__ void final_filtered(const Params& p, int num_tiles, int b, uint64_t* buf) {
   const int lane = threadIdx.x % 32;
   const Sampler sp = make_sampler(p.sampling, b, input_id(p.positions, b, p.ids_i64 & 2));
   const Filter f = make_filter(p.sampling, b);
