@@ -157,14 +157,15 @@ MODES = {"top-k": lambda r: (r.choice([1, 3, 17, KC, KC + 9]), None),
 @pytest.mark.parametrize("name,batch,blocks", [("llama", 1, 7), ("qwen2", 3, 9), ("mistral", 16, 5)])
 def test_simulator_draws_the_model(name, batch, blocks, mode):
     """The simulated step's tokens are the numpy model's for its own logits (up to one near-tie), and its
-    host_draw flags the rows kernel_cannot names, over 3 steps with random temperatures (hot, as these random
-    models' logits spread over ~100), seeds and restrictions, one sequence greedy and one pure temperature
-    every step at batch > 1; the logits stay the raw ones, so the flagged rows can be drawn from them."""
+    host_draw flags the rows kernel_cannot names, over 3 steps with random temperatures (0.1 to 60: these
+    random models' logits spread over 1 to 100 by model), seeds and restrictions, one sequence greedy and one
+    pure temperature every step at batch > 1; some rows are drawn in the kernel, and with the flagged ones
+    redrawn from the raw logits the tokens are the model's."""
     ref, sim, c_ref, c_sim, tok, pos = _sim(name, batch, blocks, seed=batch + 1)
     rng = random.Random(hash((name, mode)) % 1000)
     ties, drawn = 0, 0
     for step in range(3):
-        temps = [rng.choice([2.0, 8.0, 20.0, 60.0]) for _ in range(batch)]
+        temps = [rng.choice([0.1, 0.3, 1.0, 8.0, 60.0]) for _ in range(batch)]
         ks, ps = zip(*(MODES[mode](rng) for _ in range(batch)))
         ks, ps = list(ks), list(ps)
         if batch > 1:
@@ -191,19 +192,25 @@ def test_simulator_draws_the_model(name, batch, blocks, mode):
 
 def test_verify_rows_sample_with_their_words():
     """A verify step (2 sequences x 4 rows) samples each row by its own words, top-k and top-p rows among them:
-    the tokens are the model's for the step's logits, and the accepted counts follow those tokens."""
+    the tokens are the model's for the step's logits (with the rows it flags redrawn, and it flags those
+    kernel_cannot names), and the accepted counts follow the step's own tokens."""
     from schedule.test_verify_simulator import _rows, _setup
     ref, sim, c_ref, c_sim, start, gen = _setup("qwen2", 2, 4, seed=2)
     tok = torch.randint(0, sim.spec.vocab_size, (2, 4), generator=gen)
-    tok[:, 1] = 5
     rng = random.Random(2)
-    words = gumbel.sampling_words([20.0, 0.0, 40.0, 8.0, 0.0, 20.0, 60.0, 8.0], [rng.getrandbits(64) for _ in range(8)],
-                                  8, [5, None, None, 30, None, 2, None, 9], [None, None, 0.5, 0.9, None, None, 0.2, 0.6])
+    words = gumbel.sampling_words([1.0, 0.0, 0.5, 0.3, 0.0, 1.0, 0.2, 30.0], [rng.getrandbits(64) for _ in range(8)],
+                                  8, [5, None, None, 30, None, 2, None, None], [None, None, 0.5, 0.9, None, None, 0.6, 0.99])
     out, logits = sim.step(tok.reshape(-1), _rows(start, 4), c_sim, rng, sampling=words)
-    want = gumbel.sample_tokens(logits.numpy(), words, _rows(start, 4).numpy())
-    assert out[:8].tolist() == want.tolist() and not sim.host_draw.any()
-    same = torch.from_numpy(want).view(2, 4)[:, :-1] == tok[:, 1:]
-    assert out[8:].tolist() == same.int().cumprod(dim=1).sum(dim=1).tolist()
+    tok[0, 1] = out[0]            # a draft the step's draw accepts, for the same inputs once more
+    out, logits = sim.step(tok.reshape(-1), _rows(start, 4), c_sim, rng, sampling=words)
+    positions = _rows(start, 4).numpy()
+    want = gumbel.sample_tokens(logits.numpy(), words, positions)
+    flags = sim.host_draw.numpy()
+    assert [bool(f) for f in flags] == [gumbel.kernel_cannot(logits[b].numpy(), words[b]) for b in range(8)]
+    assert 0 < flags.sum() < 8
+    assert gumbel.host_redraw(out[:8].numpy(), flags, logits.numpy(), words, positions).tolist() == want.tolist()
+    same = out[:8].view(2, 4)[:, :-1] == tok[:, 1:]
+    assert out[8:].tolist() == same.int().cumprod(dim=1).sum(dim=1).tolist() and out[8] >= 1
 
 
 # ---- the fallback ------------------------------------------------------------------------------------
