@@ -8,6 +8,7 @@ from importlib import resources
 
 import jinja2
 
+from .. import gumbel
 from ..models.formats import FORMATS
 from ..schedule.abi import ERRORS, KERNEL_NAME, OP_TABLE, PARAMS, PROFILE_STAMPS
 from ..schedule.layout import MMA_ROWS
@@ -42,5 +43,7 @@ def render_source(plan: KernelPlan) -> str:
         ops=[(op.name, int(op)) for op in Op],
         gemv=[dict(op=op.name, table=OP_TABLE[op], **g.__dict__) for op, g in plan.gemv.items()],
         task_fields=TASK_FIELDS, task_accessors=TASK_ACCESSORS, params=PARAMS,
-        errors=ERRORS, kernel_name=KERNEL_NAME, mma_rows=MMA_ROWS, profile_stamps=PROFILE_STAMPS)
+        errors=ERRORS, kernel_name=KERNEL_NAME, mma_rows=MMA_ROWS, profile_stamps=PROFILE_STAMPS,
+        sampling=dict(words=gumbel.SAMPLE_WORDS, flag_sample=gumbel.FLAG_SAMPLE, flag_top_k=gumbel.FLAG_TOP_K,
+                      flag_top_p=gumbel.FLAG_TOP_P, top_candidates=gumbel.TOP_CANDIDATES))
     return resolve_includes(header)

@@ -11,9 +11,9 @@ leaves the batch at once (its slot then runs a pad row), and the batch shape, wi
 stays fixed. The Scheduler is kept for the next call of the same batch size, so a prompt extending the previous
 one (the next turn of a chat) prefills only its new tokens.
 
-On the megakernel a pure temperature request (no top-k / top-p) is sampled inside the kernel with its seed
-(Gumbel-max, monokernel/gumbel.py): reproducible for a seed, but not the reference engine's tokens for that seed
-(the host sampler, which top-k / top-p requests and the reference engine keep, draws by torch.multinomial).
+On the megakernel a sampled request (top-k / top-p included) is drawn inside the kernel with its seed
+(Gumbel-max, monokernel/gumbel.py; rows the kernel flags, by the same rule on the host): reproducible for a
+seed, but not the reference engine's tokens for that seed (its host sampler draws by torch.multinomial).
 """
 from __future__ import annotations
 

@@ -110,8 +110,9 @@ class MegaDecoder:
                            task_offsets=torch.from_numpy(offsets).to(dev),
                            tasks=torch.from_numpy(records.view("int32").reshape(-1)).to(dev))
         self.epoch = 0
-        self._sampling_words = np.zeros((cache.batch, gumbel.SAMPLE_WORDS), dtype=np.uint32)   # as on the device
+        self._sampling_words = np.zeros((self.plan.batch, gumbel.SAMPLE_WORDS), dtype=np.uint32)   # as on the device
         self._sampling_asked: tuple | None = None    # the last set_sampling arguments those words came from
+        self.last_host_draws: list[int] = []         # rows of the last step drawn on the host (set_sampling)
         self._held: dict[str, torch.Tensor | None] = {}    # what the kernel reads that the decoder built: padded
         # scale tables, tensor-core stored rows
         self.params = self._params(timeout_s)
@@ -185,26 +186,50 @@ class MegaDecoder:
                 if t.device.type == "cuda":
                     t.record_stream(self.stream)
 
-    samples_in_kernel = True     # set_sampling: temperature sampling in the LM head (runtime/scheduler.py)
+    samples_in_kernel = True     # set_sampling: temperature, top-k and top-p sampling in the LM head (runtime/scheduler.py)
 
-    def set_sampling(self, temperatures, seeds) -> None:
-        """Per-sequence temperature sampling for the following launches, until set again: temperatures (B,)
-        (0 = greedy, bitwise the kernel's argmax) and seeds (B,) integers (mod 2^64). The kernel then returns
-        in out_tokens a draw from softmax(logits / T) by the Gumbel-max trick, keyed by (seed, the input
-        position, the vocabulary index): monokernel/gumbel.py, whose `sample_tokens` gives the same tokens
-        from the logits the step returns (which stay the raw logits). No top-k or top-p here: those requests
-        are sampled on the host. A negative, non-finite or non-numeric temperature raises InputError and
-        changes nothing. The words are copied to the device (on the decoder's stream, so after the launches
-        already queued and before the next) only when they change."""
-        asked = (tuple(temperatures), tuple(seeds))
+    def set_sampling(self, temperatures, seeds, top_ks=None, top_ps=None) -> None:
+        """Per-sequence sampling for the following launches, until set again: temperatures (B,) (0 = greedy,
+        bitwise the kernel's argmax), seeds (B,) integers (mod 2^64), and top_ks / top_ps (B,) of None or a
+        positive integer / a number in (0, 1] (None for the list: none anywhere). The kernel then returns in
+        out_tokens a draw from softmax(logits / T) over the top-k ranks and the top-p nucleus by the
+        Gumbel-max trick, keyed by (seed, the input position, the vocabulary index): monokernel/gumbel.py,
+        whose `sample_tokens` gives the same tokens from the logits the step returns (which stay the raw
+        logits). top-k up to gumbel.TOP_CANDIDATES and a top-p nucleus within that many ranks are drawn in the
+        kernel; any other such row is flagged by the kernel (Params::host_draw) and `step` / `verify` draw it
+        here by the same rule from the logits (`last_host_draws` names them), one copy of the flags and of
+        those rows a step. A bad temperature, seed, top_k or top_p raises InputError and changes nothing.
+        The words are copied to the device (on the decoder's stream, so after the launches already queued
+        and before the next) only when they change."""
+        asked = (tuple(temperatures), tuple(seeds), None if top_ks is None else tuple(top_ks),
+                 None if top_ps is None else tuple(top_ps))
         if asked == self._sampling_asked:      # the scheduler sets them every step: most steps change nothing
             return
-        words = gumbel.sampling_words(*asked, self.plan.batch)
+        words = gumbel.sampling_words(*asked, self.plan.batch, vocab_size=self.plan.spec.vocab_size)
         if not np.array_equal(words, self._sampling_words):
             with torch.cuda.stream(self.stream):
                 self.sampling.copy_(torch.from_numpy(words.view(np.int32)), non_blocking=True)
             self._sampling_words = words
         self._sampling_asked = asked
+
+    def _host_draws(self, out: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """out_tokens (B,) with the rows the kernel flagged drawn by gumbel's rule from this step's logits;
+        nothing to read back unless a row asks for top-k or top-p."""
+        self.last_host_draws = []
+        if not gumbel.filtered_rows(self._sampling_words).any():
+            return out
+        with torch.cuda.stream(self.stream):
+            flags = self.host_draw.cpu().numpy()
+        rows = np.flatnonzero(flags)
+        self.last_host_draws = rows.tolist()
+        if not len(rows):
+            return out
+        with torch.cuda.stream(self.stream):
+            logits = self.logits[torch.from_numpy(rows).to(self.logits.device)].cpu().numpy()
+            tokens = out.cpu().numpy()
+        drawn = gumbel.sample_tokens(logits, self._sampling_words[rows], positions.cpu().numpy()[rows])
+        tokens[rows] = drawn
+        return torch.from_numpy(tokens).to(out.device, out.dtype)
 
     @staticmethod
     def _read_in_place(ids: torch.Tensor, own: torch.Tensor) -> tuple[int, bool]:
@@ -265,6 +290,7 @@ class MegaDecoder:
                     getattr(self.buffers, f.name).zero_()
         self._sampling_words = np.zeros_like(self._sampling_words)
         self._sampling_asked = None
+        self.last_host_draws = []
         self.epoch = 0
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor):
@@ -272,7 +298,7 @@ class MegaDecoder:
         logits (B, V) fp32), checked for errors."""
         self.launch(tokens, positions)
         self.check()
-        return self.out_tokens[:self.plan.batch].long(), self.logits
+        return self._host_draws(self.out_tokens[:self.plan.batch], positions).long(), self.logits
 
     @property
     def tokens_per_seq(self) -> int:
@@ -294,6 +320,10 @@ class MegaDecoder:
         self.check()
         out = self.out_tokens.long()
         B = S * T
+        drawn = self._host_draws(out[:B], positions)
+        if self.last_host_draws:   # the kernel counted acceptance against its own tokens of those rows
+            same = drawn.view(S, T)[:, :-1] == tokens.to(dev).view(S, T)[:, 1:].long()
+            out = torch.cat([drawn, same.int().cumprod(dim=1).sum(dim=1)]) if T > 1 else drawn
         return out[:B].view(S, T), (out[B:] if T > 1 else out[:0]), self.logits.view(S, T, -1)
 
     # ---- the rest of the Decoder protocol (runtime/decoders.py) -------------------------------------

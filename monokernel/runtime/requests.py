@@ -45,9 +45,9 @@ class Request:
     reused: int = 0                         # of those, positions found cached in the slot (not computed)
     generator: torch.Generator | None = None
     seed: int | None = None                 # what seeds the sampler: the params' seed, or a fresh random one
-    # Drawn by the decoder's in-kernel sampler (Gumbel-max, monokernel/gumbel.py) rather than on the host: set
-    # by the Scheduler for a pure temperature request on a decoder that samples (no top-k/top-p, which stay
-    # on the host), before its first token
+    # Drawn by the decoder's in-kernel sampler (Gumbel-max with top-k/top-p, monokernel/gumbel.py) rather than
+    # by torch.multinomial: set by the Scheduler for a sampled request on a decoder that samples, before its
+    # first token
     in_kernel: bool = False
 
     def __post_init__(self):
@@ -82,7 +82,7 @@ class Request:
         if self.in_kernel:
             if token is None:
                 row = logits.float().cpu()
-                token = gumbel.sample_one(row.numpy(), p.temperature, self.seed, self.next_position)
+                token = gumbel.sample_one(row.numpy(), p.temperature, self.seed, self.next_position, p.top_k, p.top_p)
             return self.take(token, logits if self.logprobs is not None else None)
         row = logits.cpu()   # the generator lives on the CPU: the same draws on every device
         return self.take(int(sample(row[None], p.temperature, p.top_k, p.top_p, self.generator)[0]), row)

@@ -1,12 +1,12 @@
 """Next-token choice: the per-request SamplingParams, and greedy or temperature sampling restricted by
 top-k and top-p.
 
-Where the megakernel runs, a pure temperature request (temperature > 0, no top-k below the vocabulary, no
-top-p below 1) is sampled inside the kernel by the Gumbel-max trick (monokernel/gumbel.py, `in_kernel`
-below): no logits travel to the host. top-k and top-p are not sampled in the kernel (they need a selection
-over the whole vocabulary): such requests, and every request on the reference engine, are sampled here on
-the host with torch.multinomial, as before. The two rules draw from the same distribution but not the same
-tokens for one seed."""
+Where the megakernel runs, every sampled request (temperature > 0, with or without top-k and top-p) is drawn
+inside the kernel by the Gumbel-max trick over the kept tokens (monokernel/gumbel.py, `in_kernel` below): no
+logits travel to the host but for the rows the kernel flags (a top_k above gumbel.TOP_CANDIDATES, or a top-p
+nucleus longer than that), which the decoder draws from the logits by the same rule. Every request on the
+reference engine is sampled here on the host with torch.multinomial, as before. The two rules draw from the
+same distribution (`probabilities`) but not the same tokens for one seed."""
 from __future__ import annotations
 
 import math
@@ -52,11 +52,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def in_kernel(self, vocab_size: int) -> bool:
-        """Pure temperature sampling, which the megakernel draws itself: temperature > 0 and neither top-k
-        nor top-p restricting it (top_k >= the vocabulary and top_p = 1 restrict nothing)."""
-        return (self.temperature > 0 and (self.top_k is None or self.top_k >= vocab_size)
-                and (self.top_p is None or self.top_p >= 1))
+    @property
+    def in_kernel(self) -> bool:
+        """Whether a decoder that samples in the kernel draws this request there: any temperature > 0, top-k
+        and top-p included (the kernel draws by gumbel.py's rule, the decoder where the kernel flags a row)."""
+        return self.temperature > 0
 
 
 def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None = None,

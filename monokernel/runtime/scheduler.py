@@ -16,10 +16,11 @@ over one or several prompts: the bound on how long prefill stalls the running de
 A free slot keeps the tokens its last request left cached; a new request whose prompt starts with them (the next
 turn of the same chat) takes that slot and prefills only the rest.
 
-On a decoder that samples in the kernel (the megakernel: `samples_in_kernel`, `set_sampling`), a pure
-temperature request (SamplingParams.in_kernel: no top-k or top-p) is drawn there by the Gumbel-max trick with
-its seed (monokernel/gumbel.py), its first token by the same rule on the host; every other request, and every
-request on the reference decoder, is sampled on the host from the logits as before (runtime/sampling.py).
+On a decoder that samples in the kernel (the megakernel: `samples_in_kernel`, `set_sampling`), a sampled
+request (SamplingParams.in_kernel: temperature > 0, with or without top-k / top-p) is drawn there by the
+Gumbel-max trick with its seed (monokernel/gumbel.py; a row the kernel cannot draw exactly, the decoder draws
+by the same rule), its first token by the same rule on the host; greedy requests take the argmax, and every
+request on the reference decoder is sampled on the host from the logits as before (runtime/sampling.py).
 """
 from __future__ import annotations
 
@@ -205,7 +206,7 @@ class Scheduler:
                                   -len(self.cached[s]), s) for s in free)
             free.remove(slot)
             r.slot, r.prefilled, r.reused = slot, reuse, reuse
-            r.in_kernel = self.samples_in_kernel and r.params.in_kernel(self.engine.spec.vocab_size)
+            r.in_kernel = self.samples_in_kernel and r.params.in_kernel
             self.slots[slot] = r
             self.stats.reused_tokens += reuse
 
@@ -247,7 +248,9 @@ class Scheduler:
         if self.samples_in_kernel:   # greedy for every other row (copied to the device only when changed)
             drawn = [r if r is not None and r.decoding and r.in_kernel else None for r in self.slots]
             self.decoder.set_sampling([0.0 if r is None else r.params.temperature for r in drawn],
-                                      [0 if r is None else r.seed for r in drawn])
+                                      [0 if r is None else r.seed for r in drawn],
+                                      [None if r is None else r.params.top_k for r in drawn],
+                                      [None if r is None else r.params.top_p for r in drawn])
         device = self.engine.device
         chosen, logits = self.decoder.step(torch.tensor(tokens, device=device),
                                            torch.tensor(positions, device=device))

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..gumbel import SAMPLE_WORDS
+from ..gumbel import SAMPLE_WORDS, TOP_CANDIDATES
 from .tasks import TASK_FIELDS, Op
 
 KERNEL_NAME = "monokernel_decode_step"
@@ -151,9 +151,15 @@ PARAMS: tuple[Field, ...] = (
     Field("uint32_t", "ids_i64", "bit 0: tokens are int64, bit 1: positions are int64", "launch"),
     Field("uint64_t", "timeout_ns", "a wait longer than this is an error; 0 = wait forever", "launch"),
     # appended after the launch scalars so every earlier offset stays
-    Field("const uint32_t*", "sampling", "per sequence: flags (bit 0: sample, else greedy), 1/temperature as fp32 "
-          "bits, seed low, seed high (gumbel.sampling_words); set by the host between launches", "buffer",
-          "B, SAMPLE_WORDS", init="zeros"),
+    Field("const uint32_t*", "sampling", "per sequence: flags (bit 0: sample, else greedy; bits 1, 2: top-k, top-p), "
+          "1/temperature as fp32 bits, seed low, seed high, top_k, top_p as fp32 bits, 0, 0 (gumbel.sampling_words); "
+          "set by the host between launches", "buffer", "B, SAMPLE_WORDS", init="zeros"),
+    Field("uint64_t*", "lm_cand", "a top-k/top-p row's first TOP_CANDIDATES rank keys of each LM-head tile, "
+          "descending, 0 past the tile (topk.cuh)", "buffer", "LM_TILES, B, TOP_CANDIDATES", sim=True),
+    Field("float*", "lm_sum", "a top-p row's sum over each tile of exp((logit - tile max) / T)", "buffer",
+          "LM_TILES, B", sim=True),
+    Field("int*", "host_draw", "1 where a row's top-k/top-p draw could not be made exactly in the kernel (the host "
+          "draws it from the logits: gumbel.kernel_cannot), else 0; written every step", "buffer", "B", sim=True),
 )
 
 _SCALARS = {"uint32_t": ctypes.c_uint32, "uint64_t": ctypes.c_uint64}
@@ -171,7 +177,8 @@ def dims(plan, schedule) -> dict[str, int]:
     return dict(spec_dims(plan.spec), B=plan.batch, VT=vt, SEQS=plan.batch // vt, ACCEPT=plan.batch // vt if vt > 1 else 0,
                 KV_SPLITS=plan.attn.splits, LM_TILES=schedule.lm_tiles,
                 BLOCKS=plan.num_blocks, SCRATCH_LEN=plan.scratch_len, COUNTERS=schedule.num_counters,
-                ERROR_WORDS=ERROR_WORDS, SAMPLE_WORDS=SAMPLE_WORDS)
+                ERROR_WORDS=ERROR_WORDS, SAMPLE_WORDS=SAMPLE_WORDS,
+                TOP_CANDIDATES=TOP_CANDIDATES)
 
 
 def element_dtype(f: Field, act: torch.dtype) -> torch.dtype:

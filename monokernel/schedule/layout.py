@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UnsupportedModelError
+from ..gumbel import TOP_CANDIDATES
 from ..models.formats import FORMATS
 from .abi import op_matrix_shape
 from .inputs import KernelInputs
@@ -88,7 +89,9 @@ class Layout:
         self.input_len = self._input_len()
         self.result_floats = self._result_floats()
         inp = i.batch * self.input_len * i.ab
-        scratch = max(self.result_floats, attn_floats(i, t), t.consumer_warps * i.batch) * 4
+        # the LM head's top-k/top-p candidates: 2 x TOP_CANDIDATES 8-byte keys a warp (topk.cuh)
+        keep = t.consumer_warps * 4 * TOP_CANDIDATES
+        scratch = max(self.result_floats, attn_floats(i, t), t.consumer_warps * i.batch, keep) * 4
         self.fixed = SMEM_HEADER + inp + scratch
         self.ring_stages = min(t.ring_stages_max, (i.gpu.smem_per_block - self.fixed) // t.slot_bytes)
         self.smem = SmemLayout(full_bars=0, empty_bars=8 * self.ring_stages, abort_flag=ABORT_FLAG,

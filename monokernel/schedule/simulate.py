@@ -8,7 +8,9 @@ Weight tiles are read through PackedWeights.matrix: a quantised model's rows are
 same oracle the reference engine uses, so a simulated step of a packed model matches the reference's.
 
 Sampling (Params::sampling) follows the kernel's LM head: a sampling sequence's tile maxima are taken over the
-Gumbel-perturbed scores of monokernel/gumbel.py, the numpy model of the kernel's RNG, bitwise on the integers.
+Gumbel-perturbed scores of monokernel/gumbel.py, the numpy model of the kernel's RNG, bitwise on the integers;
+a top-k/top-p sequence's tiles keep candidates and the argmax task merges them, as schedule/candidates.py
+follows the kernel's steps.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import gumbel
+from . import candidates
 from ..errors import InputError
 from ..models.weights import PackedWeights
 from ..reference.model import apply_rope, rms_norm, rope_cos_sin
@@ -53,7 +56,7 @@ class Simulator:
              tasks: list[Task] | None = None, sampling=None):
         """Runs every task once in a random dependency-respecting order; returns (next_tokens, logits). Inputs
         out of range raise InputError before any task runs, as the kernel refuses them (step_check.py).
-        sampling: Params::sampling words (B, 4) (gumbel.sampling_words), or None: every sequence greedy."""
+        sampling: Params::sampling words (B, 8) (gumbel.sampling_words), or None: every sequence greedy."""
         bad = bad_input(tokens, positions, self.spec.vocab_size, self.plan.max_seq, self.vt)
         if bad:
             raise InputError(input_error_message(bad[0], 1, *bad[1:], self.spec.vocab_size, self.plan.max_seq))
@@ -71,6 +74,7 @@ class Simulator:
             self._run(t, buf, tokens, positions, cache)
             if t.signal_counter != NO_COUNTER:
                 counters[t.signal_counter] += 1
+        self.host_draw = buf.host_draw.clone()    # the rows the host must draw (top-k/top-p past the candidates)
         return buf.out_tokens.long(), buf.logits
 
     # --- per-task math ---------------------------------------------------------------------
@@ -100,17 +104,30 @@ class Simulator:
             buf.logits[:, rows] = logits
             m, i = logits.max(dim=1)   # first index of the maximum, as torch.argmax
             if buf.sampling is not None:
-                on, inv_t, keys = buf.sampling
-                rows_on = torch.from_numpy(on)
-                sc = gumbel.scores(logits[rows_on].numpy(), inv_t[on], keys[on], t.row0)
+                on, inv_t, keys, top_k, top_p, filtered = buf.sampling
+                plain = on & ~filtered
+                rows_on = torch.from_numpy(plain)
+                sc = gumbel.scores(logits[rows_on].numpy(), inv_t[plain], keys[plain], t.row0)
                 m[rows_on], i[rows_on] = torch.from_numpy(sc.max(axis=1)), torch.from_numpy(sc.argmax(axis=1))
-            buf.lm_max[t.tile], buf.lm_idx[t.tile] = m, i + t.row0
+                for b in np.flatnonzero(filtered):   # their maxima stay unwritten: the argmax task merges these
+                    row = logits[b].numpy()
+                    buf.lm_cand[t.tile, b] = torch.from_numpy(candidates.tile_keep(row, t.row0).view(np.int64))
+                    if not top_k[b] and top_p[b] < 1:
+                        buf.lm_sum[t.tile, b] = float(candidates.tile_mass(row, inv_t[b]))
+                keep = torch.from_numpy(~filtered)
+                m, i = torch.where(keep, m, buf.lm_max[t.tile]), torch.where(keep, i + t.row0, buf.lm_idx[t.tile].long())
+                buf.lm_max[t.tile], buf.lm_idx[t.tile] = m, i
+            else:
+                buf.lm_max[t.tile], buf.lm_idx[t.tile] = m, i + t.row0
         elif t.op == Op.PREFETCH:
             pass                                # a cache hint: no math
         elif t.op == Op.ARGMAX:
             best = buf.lm_max.argmax(dim=0)     # earliest tile wins ties, so the smallest index overall
             B, vt = self.plan.batch, self.vt
             buf.out_tokens[:B] = buf.lm_idx.gather(0, best[None])[0]
+            buf.host_draw[:] = 0
+            if buf.sampling is not None:
+                self._merge(buf, t.wait_count)
             if vt > 1:    # each sequence's accepted draft tokens: rows 1.. whose input is the greedy token before
                 same = (buf.out_tokens[:B].view(-1, vt)[:, :-1] == tokens.view(-1, vt)[:, 1:].to(torch.int32))
                 buf.out_tokens[B:] = same.int().cumprod(dim=1).sum(dim=1)
@@ -118,8 +135,9 @@ class Simulator:
             raise ValueError(t.op)
 
     def _sampling(self, words, positions):
-        """None (all greedy), or (on (B,) bool, 1/T (B,) fp32, key (B,) uint64) per sequence, as the kernel
-        derives them from Params::sampling and the input positions."""
+        """None (all greedy), or (on (B,) bool, 1/T (B,) fp32, key (B,) uint64, top_k (B,), top_p (B,), filtered
+        (B,) bool: a top-k/top-p row) per sequence, as the kernel derives them from Params::sampling and the
+        input positions."""
         if words is None:
             return None
         words = np.asarray(words)
@@ -129,7 +147,19 @@ class Simulator:
         on, inv_t, seeds = gumbel.unpack_words(words)
         if not on.any():
             return None
-        return on, inv_t, gumbel.sequence_keys(seeds, positions.cpu().numpy())
+        top_k, top_p = gumbel.unpack_filters(words, self.spec.vocab_size)
+        filtered = gumbel.filtered_rows(words)
+        return on, inv_t, gumbel.sequence_keys(seeds, positions.cpu().numpy()), top_k, top_p, filtered
+
+    def _merge(self, buf, num_tiles: int) -> None:
+        """The argmax task's side of a top-k/top-p row: the tiles' candidates merged, cut and drawn from."""
+        on, inv_t, keys, top_k, top_p, filtered = buf.sampling
+        for b in np.flatnonzero(filtered):
+            cand = buf.lm_cand[:num_tiles, b].numpy().view(np.uint64)
+            sums = buf.lm_sum[:num_tiles, b].numpy() if not top_k[b] and top_p[b] < 1 else None
+            token, flag = candidates.final_draw(cand, sums, inv_t[b], keys[b], int(top_k[b]), top_p[b],
+                                                self.spec.vocab_size)
+            buf.out_tokens[b], buf.host_draw[b] = token, int(flag)
 
     def _attention(self, t: Task, buf, positions, cache):
         s, w, c = self.spec, self.w, self.plan

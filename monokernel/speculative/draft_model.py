@@ -115,9 +115,9 @@ class DraftModel:
         return logits[0], int(chosen[0])
 
     @torch.no_grad()
-    def _run(self, context: Sequence[int], k: int, choose, sampling: tuple[float, int] = (0.0, 0)) -> list[int]:
+    def _run(self, context: Sequence[int], k: int, choose, sampling: tuple | None = None) -> list[int]:
         """Up to k drafts after `context`, each `choose(logits, position of the input row, the decoder's own
-        choice or None)`; `sampling` (temperature, seed): the megakernel's in-kernel sampling words."""
+        choice or None)`; `sampling` (SamplingParams, seed): the megakernel's in-kernel sampling, None greedy."""
         size = self._reserve(len(context) + k)
         k = min(k, size - len(context) + 1)      # drafts 1 .. k-1 are fed back at positions len .. len + k - 2
         if k < 1:
@@ -131,7 +131,9 @@ class DraftModel:
         if self.mega is not None:
             # the few tokens a pass leaves unseen (the accepted drafts and the target's own) go through the kernel
             # one at a time, far cheaper than the reference model's prefill; the last one's choice comes back
-            self.mega.set_sampling([sampling[0]], [sampling[1]])
+            p, seed = sampling if sampling else (None, 0)
+            self.mega.set_sampling([p.temperature if p else 0.0], [seed], [p.top_k if p else None],
+                                   [p.top_p if p else None])
             stepped = max(n, len(context) - MEGA_CATCH_UP)
         else:
             stepped = len(context)
@@ -153,15 +155,18 @@ class DraftModel:
         """Up to k greedy draft tokens after `context` (the greedy Drafter)."""
         return self._run(context, k, lambda logits, position, drawn: int(logits.argmax()) if drawn is None else drawn)
 
-    def coupled(self, temperature: float, seed: int):
-        """A verify.Draft whose drafts are drawn by the in-kernel sampler's keys (seed, position) on the drafter's
-        own logits (coupled.py): in its megakernel, else by the sampler's numpy model. q is moot (None)."""
+    def coupled(self, params: SamplingParams, seed: int):
+        """A verify.Draft whose drafts are drawn by the in-kernel sampler's rule (`params`: temperature, top-k,
+        top-p) and keys (seed, position) on the drafter's own logits (coupled.py): in its megakernel, else by the
+        sampler's numpy model. q is moot (None)."""
         def choose(logits, position, drawn):
-            return drawn if drawn is not None else gumbel.sample_one(logits.float().cpu().numpy(), temperature, seed,
-                                                                      position)
+            if drawn is not None:
+                return drawn
+            return gumbel.sample_one(logits.float().cpu().numpy(), params.temperature, seed, position, params.top_k,
+                                     params.top_p)
 
         def draft(context: Sequence[int], k: int) -> tuple[list[int], None]:
-            return self._run(context, k, choose, (temperature, seed)), None
+            return self._run(context, k, choose, (params, seed)), None
         return draft
 
     def sampler(self, params: SamplingParams, generator: torch.Generator | None):

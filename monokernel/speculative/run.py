@@ -1,6 +1,6 @@
 """Speculative generation inside the Engine: each prompt prefilled into a cache of its own, then decoded by
 verify passes over the last token and a draft (prompt lookup, or a draft model's), greedy or sampled (by the
-host's rule, sampling.py, or, for a pure temperature request on the megakernel, by the kernel's own draws,
+host's rule, sampling.py, or, for a sampled request on the megakernel, by the kernel's own draws,
 coupled.py). The pass is the reference model's forward on the reference engine and the megakernel's verify step (one launch
 of T = draft_tokens + 1 rows of the sequence, runtime/mega.py) on the megakernel engine. The Scheduler's
 speculation (serve, chat) is scheduled.py."""
@@ -60,13 +60,15 @@ def mega_verifier(engine, draft_tokens: int):
     return held[t]
 
 
-def _mega_verify(decoder, t: int, model, sampling: tuple[float, int] | None = None):
+def _mega_verify(decoder, t: int, model, sampling: tuple | None = None):
     """Verify (verify.py) through the megakernel, returning the logits and the kernel's own tokens: its argmax,
-    or with `sampling` (temperature, seed: a coupled request, coupled.py) its draw at every row. A draft shorter
+    or with `sampling` (SamplingParams, seed: a coupled request, coupled.py) its draw at every row. A draft shorter
     than t - 1 is padded with its last token (rows whose outputs nobody reads). Where the padding would pass the
     cache (a context ending at the model's max_position_embeddings), that pass runs through the reference model
     on the same cache, its rows chosen by the kernel's rule on the host."""
-    decoder.set_sampling([sampling[0] if sampling else 0.0] * t, [sampling[1] if sampling else 0] * t)
+    p, seed = sampling if sampling else (None, 0)
+    decoder.set_sampling([p.temperature if p else 0.0] * t, [seed] * t, [p.top_k if p else None] * t,
+                         [p.top_p if p else None] * t)
 
     def verify(tokens: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = tokens.shape[1]
@@ -112,7 +114,7 @@ class Speculation:
             return (lambda ctx, k: (fn(ctx, k), None)), greedy_accept
         if coupled:
             draft = ((lambda ctx, k: (propose(ctx, k), None)) if drafter is None
-                     else drafter.coupled(p.temperature, request.seed))
+                     else drafter.coupled(p, request.seed))
             return draft, coupled_accept
         draft = ((lambda ctx, k: (propose(ctx, k), None)) if drafter is None
                  else drafter.sampler(p, request.generator))
@@ -141,10 +143,11 @@ def speculative_events(engine, reqs: list[Request], speculation: Speculation, st
             logits = prefill_chunk(model, p[start:start + chunk], start, cache, 0,
                                    last_logits=start + chunk >= len(p))
         params = r.params
-        # a pure temperature request on the megakernel draws by the kernel's keys, its first token too (coupled.py)
-        coupled = mega and not params.greedy and params.in_kernel(engine.spec.vocab_size)
+        # a sampled request on the megakernel draws by the kernel's rule and keys, its first token too (coupled.py)
+        coupled = mega and params.in_kernel
         if coupled:
-            first = gumbel.sample_one(logits.float().cpu().numpy(), params.temperature, r.seed, len(p) - 1)
+            first = gumbel.sample_one(logits.float().cpu().numpy(), params.temperature, r.seed, len(p) - 1,
+                                      params.top_k, params.top_p)
         else:
             first = int(sample(logits[None].cpu(), params.temperature, params.top_k, params.top_p, r.generator)[0])
         yield seq.append(first)
@@ -155,8 +158,7 @@ def speculative_events(engine, reqs: list[Request], speculation: Speculation, st
             return model.forward(tokens.to(dev), torch.tensor([position], device=dev), cache)
 
         if mega:
-            verify = _mega_verify(decoder, speculation.draft_tokens + 1, model,
-                                  (params.temperature, r.seed) if coupled else None)
+            verify = _mega_verify(decoder, speculation.draft_tokens + 1, model, (params, r.seed) if coupled else None)
 
         draft, accept = speculation.functions(r, coupled=coupled)
         for tok in speculative_decode(verify, draft, accept, list(p) + [first], first, len(p), seq.max_new_tokens,

@@ -6,9 +6,8 @@ On the megakernel every slot of the batch goes through one launch of the verify 
 draft tokens + 1): a decoding request's last token and its draft (padded with its last token to T), a free or
 prefilling slot's pad rows at the first positions past its valid K/V. The Scheduler's cache then holds T - 1
 positions past the context (`extra_positions`), where a padded row near the end lands. A request the kernel
-samples (Request.in_kernel: pure temperature) has every row of its slot drawn there by its seed (coupled.py), so
-its tokens are those of plain in-kernel sampling; greedy requests confirm against the kernel's argmax, top-k and
-top-p ones go by the host's rule (sampling.py). On the reference engine
+samples (Request.in_kernel: temperature > 0) has every row of its slot drawn there by its seed (coupled.py), so
+its tokens are those of plain in-kernel sampling; greedy requests confirm against the kernel's argmax. On the reference engine
 each decoding request gets one verify pass of the reference model over its own slot (KVCache.slot), one after
 another (the reference model has no per-row draft lengths).
 """
@@ -83,7 +82,8 @@ class ScheduledSpeculation:
         if self._verifier is None or self._verifier[0] is not sched.cache:    # built again after a reset
             self._verifier = (sched.cache, self.make_verifier(sched, t))
         tokens, start, passes = [[PAD_TOKEN] * t for _ in range(sched.batch)], [0] * sched.batch, {}
-        temps, seeds = [0.0] * (sched.batch * t), [0] * (sched.batch * t)     # every row greedy but coupled ones
+        rows = sched.batch * t                   # every row greedy but coupled ones
+        temps, seeds, top_ks, top_ps = [0.0] * rows, [0] * rows, [None] * rows, [None] * rows
         for s, r in enumerate(sched.slots):
             if r is None:
                 start[s] = len(sched.cached[s])
@@ -94,15 +94,16 @@ class ScheduledSpeculation:
             k = draft_budget(self.speculation.draft_tokens, pos, sched.max_seq, seq.max_new_tokens - len(seq.token_ids))
             draft, accept = self.speculation.functions(r, self._drafter(r.slot), coupled=r.in_kernel)
             if r.in_kernel:
-                temps[r.slot * t:(r.slot + 1) * t] = [r.params.temperature] * t
-                seeds[r.slot * t:(r.slot + 1) * t] = [r.seed] * t
+                own = slice(r.slot * t, (r.slot + 1) * t)
+                temps[own], seeds[own] = [r.params.temperature] * t, [r.seed] * t
+                top_ks[own], top_ps[own] = [r.params.top_k] * t, [r.params.top_p] * t
             drafted, q = draft(r.prompt_ids + seq.token_ids, k) if k else ([], None)
             drafted = drafted[:k]
             row = [seq.token_ids[-1], *drafted]
             tokens[r.slot], start[r.slot] = row + row[-1:] * (t - len(row)), pos
             passes[r.slot] = (drafted, q, accept)
         dev, verifier = sched.engine.device, self._verifier[1]
-        verifier.set_sampling(temps, seeds)      # copied to the device only when changed
+        verifier.set_sampling(temps, seeds, top_ks, top_ps)     # copied to the device only when changed
         chosen, _, logits = verifier.verify(torch.tensor(tokens, device=dev), torch.tensor(start, device=dev))
         chosen = chosen.cpu()                    # one copy to the host for every row's own token
         events = []

@@ -1,7 +1,7 @@
 """The Scheduler's use of a decoder that samples in the kernel (the megakernel's set_sampling), on the CPU: a
 stand-in decoder draws by the numpy model of the kernel's sampler (monokernel/gumbel.py) from the reference
-logits. Pure temperature requests take the decoder's draw, with their seed; top-k/top-p and greedy ones are
-chosen on the host as before."""
+logits. Sampled requests (top-k and top-p included) take the decoder's draw, with their seed; greedy ones the
+argmax."""
 from __future__ import annotations
 
 import pytest
@@ -31,9 +31,9 @@ class KernelSampling:
         self.inner, self.words, self.calls = inner, gumbel.sampling_words([0] * batch, [0] * batch, batch), []
         self.status = None
 
-    def set_sampling(self, temperatures, seeds):
-        self.words = gumbel.sampling_words(temperatures, seeds, len(self.words))
-        self.calls.append((list(temperatures), list(seeds)))
+    def set_sampling(self, temperatures, seeds, top_ks=None, top_ps=None):
+        self.words = gumbel.sampling_words(temperatures, seeds, len(self.words), top_ks, top_ps)
+        self.calls.append((list(temperatures), list(seeds), top_ks and list(top_ks), top_ps and list(top_ps)))
 
     def step(self, tokens, positions):
         _, logits = self.inner.step(tokens, positions)
@@ -67,7 +67,8 @@ def _by_recompute(weights, prompt, params):
     for _ in range(params.max_new_tokens):
         cache = KVCache(SPEC, 1, len(ids), torch.float32, "cpu")
         logits = model.forward(torch.tensor([ids]), torch.zeros(1, dtype=torch.long), cache)[0, -1]
-        ids.append(gumbel.sample_one(logits.numpy(), params.temperature, params.seed, len(ids) - 1))
+        ids.append(gumbel.sample_one(logits.numpy(), params.temperature, params.seed, len(ids) - 1, params.top_k,
+                                     params.top_p))
     return ids[len(prompt):]
 
 
@@ -81,31 +82,35 @@ def test_pure_temperature_draws_in_the_kernel(engine):
         assert toks == _by_recompute(engine.weights, p, params)
     assert _run(engine, PROMPTS[::-1], params)[0][::-1] == got
     assert _run(engine, [PROMPTS[1]], params, batch=1)[0] == [got[1]]
-    assert all((t, s) in ((0.0, 0), (0.9, 21)) for temps, seeds in dec.calls for t, s in zip(temps, seeds))
-    assert any(temps == [0.9] * 3 and seeds == [21] * 3 for temps, seeds in dec.calls)
+    assert all((t, s) in ((0.0, 0), (0.9, 21)) for temps, seeds, _, _ in dec.calls for t, s in zip(temps, seeds))
+    assert any(temps == [0.9] * 3 and seeds == [21] * 3 for temps, seeds, _, _ in dec.calls)
     greedy = _run(engine, PROMPTS, SamplingParams(max_new_tokens=10))[0]
     assert got != greedy and _run(engine, PROMPTS, params)[0] == got
     assert _run(engine, PROMPTS, SamplingParams(temperature=0.9, seed=22, max_new_tokens=10))[0] != got
 
 
-@pytest.mark.parametrize("extra", [dict(top_k=5), dict(top_p=0.8)], ids=["top-k", "top-p"])
-def test_top_k_top_p_stay_on_the_host(engine, extra):
-    """top-k / top-p requests are sampled on the host, as on the reference decoder (the same tokens), and the
-    decoder is told to be greedy for them."""
-    params = SamplingParams(temperature=0.9, seed=21, max_new_tokens=8, **extra)
+@pytest.mark.parametrize("extra", [dict(top_k=5), dict(top_p=0.8), dict(top_k=9, top_p=0.6)],
+                         ids=["top-k", "top-p", "both"])
+def test_top_k_top_p_draw_in_the_kernel(engine, extra):
+    """top-k / top-p requests take the decoder's draw too: the tokens equal recomputing each sequence with the
+    numpy model's restricted rule, the decoder was told the request's top_k / top_p for its slot, and the
+    restriction changes the tokens (against the pure temperature stream of the same seed)."""
+    params = SamplingParams(temperature=3.0, seed=21, max_new_tokens=8, **extra)
     got, dec = _run(engine, PROMPTS, params)
-    assert got == [g.token_ids for g in Scheduler(engine, 3).generate(PROMPTS, params)]
-    assert dec.calls and all(t == 0 for temps, _ in dec.calls for t in temps)
+    for p, toks in zip(PROMPTS, got):
+        assert toks == _by_recompute(engine.weights, p, params)
+    k, tp = extra.get("top_k"), extra.get("top_p")
+    assert any(ks == [k] * 3 and ps == [tp] * 3 for t, _, ks, ps in dec.calls if t == [3.0] * 3)
+    assert got != _run(engine, PROMPTS, SamplingParams(temperature=3.0, seed=21, max_new_tokens=8))[0]
 
 
 def test_in_kernel_rule():
-    """Which params the kernel samples: temperature > 0 with no top-k below the vocabulary and no top-p < 1."""
-    V = 61
-    assert SamplingParams(temperature=0.5).in_kernel(V)
-    assert SamplingParams(temperature=0.5, top_k=V, top_p=1.0).in_kernel(V)
-    assert not SamplingParams().in_kernel(V)
-    assert not SamplingParams(temperature=0.5, top_k=V - 1).in_kernel(V)
-    assert not SamplingParams(temperature=0.5, top_p=0.99).in_kernel(V)
+    """Which params the kernel samples: every temperature > 0, with or without top-k / top-p; not greedy."""
+    assert SamplingParams(temperature=0.5).in_kernel
+    assert SamplingParams(temperature=0.5, top_k=61, top_p=1.0).in_kernel
+    assert SamplingParams(temperature=0.5, top_k=3, top_p=0.5).in_kernel
+    assert not SamplingParams().in_kernel
+    assert not SamplingParams(top_k=3).in_kernel
 
 
 @pytest.mark.parametrize("temperature", [-1.0, float("nan"), float("inf")])

@@ -166,3 +166,174 @@ def test_engine_samples_in_kernel():
     on, inv_t, _ = gumbel.unpack_words(eng._scheduler.decoder._sampling_words)
     assert first == run(3) and first != run(4)
     assert inv_t[on].tolist() == [np.float32(1 / 60.0)] * int(on.sum())
+
+
+# ---- top-k / top-p in the kernel (monokernel/schedule/candidates.py follows the kernel's steps) ----------
+def _assert_filtered_draws(mk, got, logits, words, positions) -> tuple[int, int]:
+    """The kernel's flags against gumbel.kernel_cannot (up to a top-p cut within MASS_TOL) and every token
+    against the model on the kernel's own logits up to near-ties (gumbel.may_draw); flagged rows were redrawn
+    by the decoder, so they are the model's exactly. Returns (near-ties, flagged rows)."""
+    rows = logits.float().cpu().numpy()
+    pos = positions.cpu().numpy()
+    flags = mk.host_draw.cpu().numpy()
+    assert mk.last_host_draws == np.flatnonzero(flags).tolist()
+    want = gumbel.sample_tokens(rows, words, pos)
+    ties = 0
+    for b, g in enumerate(got.tolist()):
+        if bool(flags[b]) != gumbel.kernel_cannot(rows[b], words[b]):
+            (k,), (p,) = gumbel.unpack_filters(words[b], rows.shape[1])
+            _, before = gumbel.nucleus(rows[b], gumbel.unpack_words(words[b])[1][0], 0, p)
+            assert not k and abs(before[gumbel.TOP_CANDIDATES] - p) <= gumbel.MASS_TOL, b
+        if flags[b]:
+            assert g == want[b], b
+        elif g != want[b]:
+            assert gumbel.may_draw(rows[b], words[b], int(pos[b]), g), (b, g, int(want[b]))
+            ties += 1
+    return ties, int(flags.sum())
+
+
+@pytest.mark.parametrize("mode", ["top-k", "top-p", "both"])
+@pytest.mark.parametrize("name,batch", [("llama", 1), ("qwen2", 5), ("mistral", 16)])
+def test_kernel_top_k_top_p_draws_the_model(name, batch, mode):
+    """Free-running over 8 steps with random temperatures (0.1 to 60: the tiny models' logits spread over 1 to
+    100), seeds and restrictions (one sequence greedy, one pure temperature every step at batch > 1): every
+    token is the model's restricted draw from the kernel's logits up to near-ties (at most one), the kernel's
+    flags are kernel_cannot's and its flagged rows are the model's draws."""
+    spec = TINY_SPECS[name]
+    w, (mk, _), tok, pos = _setup(spec, batch, seed=batch + 20)
+    rng = random.Random(batch * 7 + len(mode))
+    choose = {"top-k": lambda: (rng.choice([1, 3, 17, 64, 65]), None),
+              "top-p": lambda: (None, rng.choice([0.2, 0.5, 0.9, 0.99])),
+              "both": lambda: (rng.choice([2, 9, 40]), rng.choice([0.3, 0.8]))}[mode]
+    ties, flagged, inside, over = 0, 0, 0, 0
+    for step in range(8):
+        temps = [rng.choice([0.1, 0.3, 1.0, 8.0, 60.0]) for _ in range(batch)]
+        ks, ps = map(list, zip(*(choose() for _ in range(batch))))
+        if batch > 1:
+            temps[step % batch] = 0.0
+            ks[(step + 1) % batch] = ps[(step + 1) % batch] = None
+        seeds = [rng.getrandbits(64) for _ in range(batch)]
+        mk.set_sampling(temps, seeds, ks, ps)
+        words = gumbel.sampling_words(temps, seeds, batch, ks, ps, vocab_size=spec.vocab_size)
+        mk.logits.fill_(float("nan"))
+        got, logits = mk.step(tok, pos)
+        assert torch.isfinite(logits).all()
+        t, f = _assert_filtered_draws(mk, got, logits, words, pos)
+        ties, flagged = ties + t, flagged + f
+        inside += int(gumbel.filtered_rows(words).sum()) - f
+        over += int((gumbel.unpack_filters(words, spec.vocab_size)[0] > gumbel.TOP_CANDIDATES).sum())
+        tok, pos = got.clone(), pos + 1
+    assert ties <= 1 and inside > 0 and flagged >= over, (ties, inside, flagged, over)
+
+
+def test_preset_vocabulary_top_p():
+    """llama-3.2-1b (128 256 tokens over 132 tiles of ~970 rows) at batch 3, 6 steps: top-p 0.9 at T = 0.7,
+    top-k 40 with top-p 0.95, top-k 64; the draws are the model's up to near-ties (the random preset's flat
+    logits put most top-p rows past the candidates: those must be flagged and redrawn)."""
+    w, (mk, _), tok, pos = _setup(preset("llama-3.2-1b"), 3, seed=2, max_seq=256)
+    ties = 0
+    for step in range(6):
+        temps, seeds = [0.7, 1.0, 1.3], [100 * step + b for b in range(3)]
+        ks, ps = [None, 40, 64], [0.9, 0.95, None]
+        mk.set_sampling(temps, seeds, ks, ps)
+        got, logits = mk.step(tok, pos)
+        ties += _assert_filtered_draws(mk, got, logits, gumbel.sampling_words(temps, seeds, 3, ks, ps), pos)[0]
+        tok, pos = got.clone(), pos + 1
+    assert ties <= 1
+
+
+def test_flat_nucleus_flagged_and_drawn_on_the_host():
+    """Temperature 60 flattens the tiny model's logits: top_p = 0.99 needs far more than TOP_CANDIDATES tokens,
+    so the kernel flags the row and the decoder's token is the model's full-vocabulary draw; top_k 65 is
+    flagged too, top_k 64 is not."""
+    spec = TINY_SPECS["llama"]
+    _, (mk, _), tok, pos = _setup(spec, 3, seed=31)
+    temps, seeds, ks, ps = [60.0] * 3, [5, 6, 7], [None, 65, 64], [0.99, None, None]
+    mk.set_sampling(temps, seeds, ks, ps)
+    got, logits = mk.step(tok, pos)
+    assert mk.host_draw.tolist() == [1, 1, 0] and mk.last_host_draws == [0, 1]
+    words = gumbel.sampling_words(temps, seeds, 3, ks, ps)
+    want = gumbel.sample_tokens(logits.float().cpu().numpy(), words, pos.cpu().numpy())
+    assert got.tolist()[:2] == want.tolist()[:2]
+    assert gumbel.may_draw(logits[2].float().cpu().numpy(), words[2], int(pos[2]), int(got[2]))
+
+
+def test_top_p_deterministic_for_a_seed():
+    """Two decoders over the same caches draw bitwise the same top-k/top-p tokens for the same seeds over 40
+    steps (flagged rows included); another seed draws other tokens."""
+    spec = TINY_SPECS["qwen2"]
+    runs = []
+    for base in (7, 7, 8):
+        _, (mk, _), tok, pos = _setup(spec, 3, seed=3, room=41)
+        mk.set_sampling([0.5, 1.0, 30.0], [base, base + 1, -base], [None, 20, None], [0.8, 0.9, 0.99])
+        toks = []
+        for _ in range(40):
+            tok, _ = mk.step(tok, pos)
+            tok = tok.clone()
+            toks.append(tok)
+            pos = pos + 1
+        runs.append(torch.stack(toks))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_verify_rows_top_p():
+    """A verify step (2 sequences x 4 rows) with per-row top-k/top-p words: each row's token is the model's
+    draw from the step's logits up to near-ties, and the accepted counts follow the returned tokens."""
+    from monokernel.runtime.kv_cache import KVCache
+    spec = TINY_SPECS["qwen2"]
+    w = random_weights(spec, torch.bfloat16, "cuda", seed=41)
+    cache = KVCache(spec, 2, 128, torch.bfloat16, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(41)
+    cache.k.normal_(generator=gen)    # random keys and values below the start positions, never zeros
+    cache.v.normal_(generator=gen)
+    mk = _decoder(w, cache, tokens_per_seq=4)
+    rng = random.Random(41)
+    temps = [1.0, 0.0, 0.5, 0.3, 0.0, 1.0, 0.2, 30.0]
+    ks, ps = [5, None, None, 30, None, 2, None, None], [None, None, 0.5, 0.9, None, None, 0.6, 0.99]
+    seeds = [rng.getrandbits(64) for _ in range(8)]
+    mk.set_sampling(temps, seeds, ks, ps)
+    tokens = torch.randint(0, spec.vocab_size, (2, 4), generator=torch.Generator().manual_seed(41)).cuda()
+    start = torch.tensor([10, 37], device="cuda")
+    got, accepted, logits = mk.verify(tokens, start)
+    positions = (start[:, None] + torch.arange(4, device="cuda")).reshape(-1)
+    words = gumbel.sampling_words(temps, seeds, 8, ks, ps)
+    _assert_filtered_draws(mk, got.reshape(-1), logits.reshape(8, -1), words, positions)
+    same = got[:, :-1] == tokens[:, 1:]
+    assert accepted.tolist() == same.int().cumprod(dim=1).sum(dim=1).tolist()
+
+
+def test_scheduler_serves_top_p_in_kernel():
+    """The Scheduler on the megakernel draws a top-p request (and a top-k one) in the kernel: reproducible for
+    a seed, another seed differs, the decoder's words carry the request's top_p/top_k, and each token after
+    the first is the model's draw from the logits of the whole sequence recomputed by the reference."""
+    from monokernel.runtime.engine import Engine
+    from monokernel.runtime.sampling import SamplingParams
+    from monokernel.runtime.scheduler import Scheduler
+    w = random_weights(TINY_SPECS["qwen2"], torch.bfloat16, "cuda", seed=12)
+    eng = Engine(w, engine="mega", max_seq=256)
+    prompts = [[5, 9, 300, 2, 77], [1], [int(x) for x in torch.arange(3, 400, 13)]]
+
+    def run(seed, **extra):
+        sched = Scheduler(eng, 3)
+        gens = sched.generate(prompts, SamplingParams(temperature=0.8, seed=seed, max_new_tokens=12, **extra))
+        return [g.token_ids for g in gens], sched
+
+    first, sched = run(3, top_p=0.9)
+    assert sched.samples_in_kernel
+    k, p = gumbel.unpack_filters(sched.decoder._sampling_words, TINY_SPECS["qwen2"].vocab_size)
+    on = gumbel.unpack_words(sched.decoder._sampling_words)[0]
+    assert (p[on] == np.float32(0.9)).all() and not k.any()
+    assert first == run(3, top_p=0.9)[0] and first != run(4, top_p=0.9)[0]
+    assert run(3, top_k=7)[0] != first
+    ref = ReferenceModel(w)
+    from monokernel.runtime.kv_cache import KVCache
+    for prompt, toks in zip(prompts, first):
+        ids = prompt + toks
+        cache = KVCache(TINY_SPECS["qwen2"], 1, len(ids), torch.bfloat16, "cuda")
+        logits = ref.forward(torch.tensor([ids], device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda"),
+                             cache)[0].float().cpu().numpy()
+        for j in range(1, len(toks)):     # the kernel's logits are bf16-computed: count near-ties loosely
+            pos = len(prompt) + j - 1
+            words = gumbel.sampling_words([0.8], [3], 1, [None], [0.9])
+            assert toks[j] in gumbel.nucleus(logits[pos], np.float32(1 / 0.8), 0, np.float32(0.9))[0] or \
+                gumbel.may_draw(logits[pos], words, pos, toks[j])

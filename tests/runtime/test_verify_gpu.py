@@ -174,7 +174,12 @@ def _first_difference_is_a_near_tie(eng, prompt, a, b, params=None):
     if params is not None and not params.greedy:
         inv_t = 1.0 / params.temperature
         key = gumbel.sequence_keys([params.seed], [len(ids) - 1])
-        logits = torch.from_numpy(gumbel.scores(logits.numpy()[None], [inv_t], key)[0])
+        scores = torch.from_numpy(gumbel.scores(logits.numpy()[None], [inv_t], key)[0])
+        if params.top_k is not None:           # only the kept ranks compete
+            dropped = torch.ones_like(scores, dtype=torch.bool)
+            dropped[logits.topk(params.top_k).indices] = False
+            scores[dropped] = -float("inf")
+        logits = scores
         tol = tol * inv_t + gumbel.score_tol(float(logits.max()))
     top = float(logits.max())
     assert logits[a[i]] >= top - tol and logits[b[i]] >= top - tol, (i, a[i], b[i])
@@ -206,8 +211,9 @@ def test_coupled_sampling_on_random_weights(method, monkeypatch):
 
 def test_scheduler_speculation_on_the_megakernel(monkeypatch):
     """serve/chat's speculation (speculative/scheduled.py) on the real verify step: three slots, requests greedy,
-    pure temperature (drawn in the kernel, coupled) and top-k (the host's rule) arriving while others decode,
-    one verify launch a step; greedy and temperature requests get plain scheduling's tokens up to near-ties."""
+    pure temperature and top-k (drawn in the kernel, coupled) arriving while others decode, one verify launch a
+    step; every request gets plain scheduling's tokens up to near-ties (at the first difference: for the top-k
+    one the scores of its kept tokens decide, which the unrestricted check bounds when both tokens are kept)."""
     from monokernel.models.presets import PRESETS
     from monokernel.runtime.engine import Engine
     from monokernel.runtime.sampling import SamplingParams
@@ -239,5 +245,5 @@ def test_scheduler_speculation_on_the_megakernel(monkeypatch):
     assert sched.kind == "mega" and sched.samples_in_kernel
     spec = run(sched)
     assert hook.stats.passes < sum(map(len, spec)) and len(spec[3]) == 30
-    for p, q, a, b in list(zip(prompts, params, spec, plain))[:3]:
+    for p, q, a, b in zip(prompts, params, spec, plain):
         _first_difference_is_a_near_tie(eng, p, a, b, q)

@@ -79,7 +79,8 @@ def test_kernel_header_constants():
     assert "__fadd_rn(__fmul_rn(logit, s.inv_t), g)" in src
     assert "mix64(mix64(seed) + SM_GOLDEN * (uint64_t)(position + 1))" in src
     assert "mix64(s.key + SM_GOLDEN * (uint64_t)(idx + 1))" in src
-    assert gumbel.SAMPLE_WORDS == 4 and "reinterpret_cast<const uint4*>(words) + b" in src   # one 16-byte load
+    # the first 16 bytes of a sequence's words in one load (the top-k/top-p words follow, read only when flagged)
+    assert gumbel.SAMPLE_WORDS % 4 == 0 and "reinterpret_cast<const uint4*>(words + SAMPLE_WORDS * b)" in src
 
 
 def test_simulator_keys():
@@ -87,8 +88,8 @@ def test_simulator_keys():
     model does."""
     _, sim, _, _, _, _ = _sim("llama", 4)
     seeds, positions = [3, -7, 2 ** 64 - 1, 99], torch.tensor([0, 5, 17, 90])
-    on, inv_t, keys = sim._sampling(gumbel.sampling_words([0.5, 0, 2.0, 1.0], seeds, 4), positions)
-    assert on.tolist() == [True, False, True, True]
+    on, inv_t, keys, _, _, filtered = sim._sampling(gumbel.sampling_words([0.5, 0, 2.0, 1.0], seeds, 4), positions)
+    assert on.tolist() == [True, False, True, True] and not filtered.any()
     assert inv_t.tolist() == [2.0, 0.0, 0.5, 1.0]
     assert [int(k) for k in keys[on]] == [_key(s, int(p)) for s, p, o in zip(seeds, positions, on) if o]
 
@@ -239,5 +240,5 @@ def test_bad_sampling_words_refused():
     with pytest.raises(InputError, match="2 of each, got 1 temperatures and 2 seeds"):
         gumbel.sampling_words([0.7], [1, 2], 2)
     _, sim, _, c_sim, tok, pos = _sim("llama", 2)
-    with pytest.raises(InputError, match=r"sampling words of shape \(1, 4\): the batch needs \(2, 4\)"):
+    with pytest.raises(InputError, match=r"sampling words of shape \(1, 8\): the batch needs \(2, 8\)"):
         sim.step(tok, pos, c_sim, random.Random(0), sampling=gumbel.sampling_words([1.0], [1], 1))

@@ -2,7 +2,7 @@
 stands in for the megakernel's verify step and decode step, each drawing by the sampler's numpy model
 (monokernel/gumbel.py) under the words set_sampling last wrote. A pure temperature request then yields, token
 for token, plain in-kernel sampling's stream with its seed, whatever the drafts (prompt lookup, the target
-itself, an unrelated model); greedy requests beside it stay plain greedy, top-k ones keep the host's rule."""
+itself, an unrelated model), top-k and top-p included; greedy requests beside them stay plain greedy."""
 from __future__ import annotations
 
 import numpy as np
@@ -34,8 +34,8 @@ class KernelDecode:
     def __init__(self, inner, batch: int):
         self.inner, self.words = inner, gumbel.sampling_words([0] * batch, [0] * batch, batch)
 
-    def set_sampling(self, temperatures, seeds):
-        self.words = gumbel.sampling_words(temperatures, seeds, len(self.words))
+    def set_sampling(self, temperatures, seeds, top_ks=None, top_ps=None):
+        self.words = gumbel.sampling_words(temperatures, seeds, len(self.words), top_ks, top_ps)
 
     def step(self, tokens, positions):
         _, logits = self.inner.step(tokens, positions)
@@ -53,9 +53,9 @@ class KernelVerify:
         self.model, self.cache, self.t, self.asked = model, cache, t, []
         self.set_sampling([0.0] * cache.batch * t, [0] * cache.batch * t)
 
-    def set_sampling(self, temperatures, seeds):
-        self.words = gumbel.sampling_words(temperatures, seeds, self.cache.batch * self.t)
-        self.asked.append((list(temperatures), list(seeds)))
+    def set_sampling(self, temperatures, seeds, top_ks=None, top_ps=None):
+        self.words = gumbel.sampling_words(temperatures, seeds, self.cache.batch * self.t, top_ks, top_ps)
+        self.asked.append((list(temperatures), list(seeds), top_ks and list(top_ks)))
 
     def verify(self, tokens, start):
         S, T = tokens.shape
@@ -110,9 +110,9 @@ def _drafter(engine, which: str):
 
 @pytest.mark.parametrize("which", ["ngram", "self", "other"])
 def test_scheduler_yields_plain_in_kernel_sampling(as_mega, which):
-    """Concurrent requests arriving and leaving: the pure temperature ones get plain in-kernel sampling's tokens
-    with their seeds (drafts right, wrong or random), the greedy one plain greedy's, the top-k one the host's
-    rule (reproducible); the verify step was told to draw exactly the coupled requests' rows."""
+    """Concurrent requests arriving and leaving: the sampled ones (pure temperature, top-k) get plain in-kernel
+    sampling's tokens with their seeds (drafts right, wrong or random), the greedy one plain greedy's; the
+    verify step was told to draw exactly the sampled requests' rows, each with its own filter."""
     engine = as_mega
     reqs = [(PROMPTS[0], PARAMS), (PROMPTS[1], SamplingParams(max_new_tokens=18)),
             (PROMPTS[2], SamplingParams(temperature=0.7, seed=4, max_new_tokens=18)),
@@ -123,15 +123,14 @@ def test_scheduler_yields_plain_in_kernel_sampling(as_mega, which):
     sched = Scheduler(engine, 3, speculative=h)
     assert sched.samples_in_kernel
     spec = _tokens(sched, reqs)
-    assert spec[:3] == plain[:3]
-    assert spec[3] == _tokens(Scheduler(engine, 3, speculative=_hook("ngram" if drafter is None else "model:x",
-                                                                      _drafter(engine, which))), reqs)[3]
+    assert spec == plain
     assert h.stats.passes < sum(map(len, spec))
     if which == "self":       # the drafter draws by the same keys on the same logits: every draft confirmed
         assert h.stats.accepted == h.stats.drafted > 0
     verifier = h._verifier[1]
-    drawn = {(t, s) for temps, seeds in verifier.asked for t, s in zip(temps, seeds)}
-    assert drawn <= {(0.0, 0), (0.9, 11), (0.7, 4)} and {(0.9, 11), (0.7, 4)} <= drawn
+    drawn = {(t, s, k) for temps, seeds, ks in verifier.asked for t, s, k in zip(temps, seeds, ks or [None] * len(temps))}
+    assert drawn <= {(0.0, 0, None), (0.9, 11, None), (0.7, 4, None), (0.8, 2, 9)}
+    assert {(0.9, 11, None), (0.7, 4, None), (0.8, 2, 9)} <= drawn
 
 
 def test_other_seed_other_tokens(as_mega):
@@ -165,7 +164,7 @@ def test_engine_generate_yields_plain_in_kernel_sampling(as_mega, which, monkeyp
     monkeypatch.setattr(spec_run.DraftModel, "load", classmethod(lambda cls, m, target: other))
     spec = [g.token_ids for g in engine.generate_ids(PROMPTS, PARAMS, speculative=method, draft_tokens=5)]
     assert spec == plain
-    assert made[5][1].asked[-1] == ([0.9] * 6, [PARAMS.seed] * 6)
+    assert made[5][1].asked[-1] == ([0.9] * 6, [PARAMS.seed] * 6, [None] * 6)
 
 
 def test_coupled_accept():
@@ -179,11 +178,13 @@ def test_coupled_accept():
 
 
 def test_draw_rows_is_the_kernels_rule():
-    """The host's draw of a pass's rows (where no kernel ran) is gumbel.sample_one at each row's position."""
+    """The host's draw of a pass's rows (where no kernel ran) is gumbel.sample_one at each row's position, under
+    the request's temperature, top-k and top-p."""
     logits = torch.randn(5, 301) * 3
-    got = draw_rows(logits, 0.7, 123, 40).tolist()
-    assert got == [gumbel.sample_one(logits[i].numpy(), 0.7, 123, 40 + i) for i in range(5)]
-    assert got != draw_rows(logits, 0.7, 124, 40).tolist() or got != draw_rows(logits, 0.7, 123, 41).tolist()
+    p = SamplingParams(temperature=0.7, top_k=40, top_p=0.95)
+    got = draw_rows(logits, p, 123, 40).tolist()
+    assert got == [gumbel.sample_one(logits[i].numpy(), 0.7, 123, 40 + i, 40, 0.95) for i in range(5)]
+    assert got != draw_rows(logits, p, 124, 40).tolist() or got != draw_rows(logits, p, 123, 41).tolist()
     assert np.unique(got).size > 1
 
 
@@ -195,8 +196,8 @@ class MegaStep:
         self.model, self.cache, self.steps = model, cache, 0
         self.set_sampling([0.0], [0])
 
-    def set_sampling(self, temperatures, seeds):
-        self.words = gumbel.sampling_words(temperatures, seeds, 1)
+    def set_sampling(self, temperatures, seeds, top_ks=None, top_ps=None):
+        self.words = gumbel.sampling_words(temperatures, seeds, 1, top_ks, top_ps)
 
     def step(self, tokens, positions):
         from monokernel.runtime.prefill import prefill_chunk
@@ -221,7 +222,8 @@ def test_megakernel_drafter_catches_up_by_steps(how, monkeypatch):
             self.mega = MegaStep(self.model, self.cache)
         return self.cache.max_seq
     monkeypatch.setattr(mega, "_reserve_mega", reserve)
-    propose = {"greedy": lambda d: d.propose, "coupled": lambda d: (lambda c, k: d.coupled(0.8, 5)(c, k)[0])}[how]
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    propose = {"greedy": lambda d: d.propose, "coupled": lambda d: (lambda c, k: d.coupled(params, 5)(c, k)[0])}[how]
     gen = torch.Generator().manual_seed(1)
     context = torch.randint(0, ENGINE_SPEC.vocab_size, (40,), generator=gen).tolist()
     steps = []

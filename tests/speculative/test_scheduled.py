@@ -87,7 +87,7 @@ class _ReferenceVerifier:
     def __init__(self, sched, t):
         self.model, self.cache, self.t, self.calls = sched.engine.model, sched.cache, t, 0
 
-    def set_sampling(self, temperatures, seeds):
+    def set_sampling(self, temperatures, seeds, top_ks=None, top_ps=None):
         assert list(temperatures) == [0.0] * self.cache.batch * self.t     # greedy requests: every row greedy
 
     def verify(self, tokens, start):

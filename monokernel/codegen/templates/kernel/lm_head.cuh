@@ -1,38 +1,28 @@
 #pragma once
+#include "argmax.cuh"
 #include "config.cuh"
 #include "sampling.cuh"
 #include "staging.cuh"
 #include "sync.cuh"
+#include "topk.cuh"
 
 // The next token: each LM-head tile's (max, first index) per row, then one block's argmax over the tiles; a
 // verify step then counts each sequence's accepted draft tokens. A row that samples (Params::sampling) takes
-// both over its Gumbel-perturbed scores (sampling.cuh) instead of the raw logits; the logits buffer keeps the
-// raw logits either way.
+// both over its Gumbel-perturbed scores (sampling.cuh) instead of the raw logits, and a row that asks for
+// top-k or top-p keeps and merges candidates instead (topk.cuh); the logits buffer keeps the raw logits.
 namespace mk {
 
-struct ArgMax {
-  int idx;
-  float val;
-};
-
-// (max, index) over the warp's lanes, every lane ending with it; ties go to the smallest index, as
-// torch.argmax. The index is the first parameter because the order of the parameters showed in the PTX.
-__device__ __forceinline__ ArgMax warp_argmax(int idx, float best) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-    if (ob > best || (ob == best && oi < idx)) { best = ob; idx = oi; }
-  }
-  return {idx, best};
-}
-
 // Per-tile (max, first index) of the logits this block just wrote, one warp per sequence: of the raw logits
-// (greedy, as before sampling existed) or of the scores logit / T + gumbel (the branch is warp-uniform).
-__device__ void lm_tile_max(const Params& p, const Task& t) {
+// (greedy, as before sampling existed) or of the scores logit / T + gumbel; a top-k/top-p row keeps its
+// candidates instead (both branches warp-uniform). `sm`: the block's scratch, free after the GEMV.
+__device__ void lm_tile_max(const Params& p, const Task& t, float* sm) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int b = warp; b < B; b += NCW) {
     const Sampler s = make_sampler(p.sampling, b, input_id(p.positions, b, p.ids_i64 & 2));
+    if (s.filter) {
+      lm_tile_keep(p, t.arg0, t.arg1, t.tile, b, s.inv_t, reinterpret_cast<uint64_t*>(sm) + warp * KEEP_CAP);
+      continue;
+    }
     float best = -INFINITY;
     int idx = 0x7fffffff;
     for (int r = lane; r < t.arg1; r += 32) {
@@ -48,10 +38,13 @@ __device__ void lm_tile_max(const Params& p, const Task& t) {
   }
 }
 
-// Final argmax over the tiles' maxima; ties go to the smallest vocabulary index, as torch.argmax.
-__device__ void final_argmax(const Params& p, int num_tiles) {
+// Final argmax over the tiles' maxima; ties go to the smallest vocabulary index, as torch.argmax. A top-k/top-p
+// row merges its tiles' candidates instead; its flags are loaded first so their latency hides under the
+// maxima's, whose result that row then drops.
+__device__ void final_argmax(const Params& p, int num_tiles, float* sm) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int b = warp; b < B; b += NCW) {
+    const uint32_t flags = __ldg(p.sampling + SAMPLE_WORDS * b);
     float best = -INFINITY;
     int idx = 0x7fffffff;
     for (int i = lane; i < num_tiles; i += 32) {
@@ -60,7 +53,12 @@ __device__ void final_argmax(const Params& p, int num_tiles) {
       if (v > best || (v == best && vi < idx)) { best = v; idx = vi; }
     }
     const int top = warp_argmax(idx, best).idx;
-    if (lane == 0) p.out_tokens[b] = top;
+    if (flags & (FLAG_TOP_K | FLAG_TOP_P)) {
+      final_filtered(p, num_tiles, b, reinterpret_cast<uint64_t*>(sm) + warp * KEEP_CAP);
+    } else if (lane == 0) {
+      p.out_tokens[b] = top;
+      p.host_draw[b] = 0;
+    }
   }
   if constexpr (VT > 1) {
     // row t's input token (t >= 1) is draft token t; it is accepted while every draft token before it was

@@ -223,10 +223,10 @@ __device__ void consumer(const Params& p, int t0, int t1, unsigned char* smem, u
       case OP_DOWN: ok = gemv<OP_DOWN>(p, t, input_rows<OP_DOWN>(p, l, in_smem, in_scratch), in_smem, rd, sm); break;
       case OP_LMHEAD:
         ok = gemv<OP_LMHEAD>(p, t, input_rows<OP_LMHEAD>(p, l, in_smem, in_scratch), in_smem, rd, sm);
-        if (ok) lm_tile_max(p, t);
+        if (ok) lm_tile_max(p, t, sm);
         if (NEXT_STEP_LOOKAHEAD && ok && (ti + 1 == t1 || p.tasks[ti + 1].op != OP_LMHEAD)) next_step_lookahead(p, t0, t1);
         break;
-      case OP_ARGMAX: final_argmax(p, t.wait_count); break;
+      case OP_ARGMAX: final_argmax(p, t.wait_count, sm); break;
       case OP_PREFETCH: l2_lookahead(p, t); break;
     }
     if (!ok) return;   // all consumer threads see the same failed wait on the ring

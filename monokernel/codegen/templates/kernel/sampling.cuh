@@ -17,17 +17,20 @@ __device__ __forceinline__ uint64_t mix64(uint64_t z) {
 }
 
 // One sequence's sampler for this step, from Params::sampling (gumbel.sampling_words: flags, 1/T as fp32
-// bits, seed low, seed high; written by the host between launches, so read through the read-only path).
+// bits, seed low, seed high, then top-k/top-p words that topk.cuh reads; written by the host between
+// launches, so read through the read-only path).
 struct Sampler {
   bool on;       // false: greedy, the raw logits compared exactly as before
+  bool filter;   // top-k or top-p: the tiles keep candidates instead of a maximum (topk.cuh)
   float inv_t;
   uint64_t key;  // mix64(mix64(seed) + GOLDEN * (position + 1))
 };
 
 __device__ __forceinline__ Sampler make_sampler(const uint32_t* words, int b, int position) {
-  const uint4 w = __ldg(reinterpret_cast<const uint4*>(words) + b);
+  const uint4 w = __ldg(reinterpret_cast<const uint4*>(words + SAMPLE_WORDS * b));   // the first 16 bytes
   const uint64_t seed = (uint64_t)w.z | (uint64_t)w.w << 32;
-  return {(w.x & 1u) != 0, __uint_as_float(w.y), mix64(mix64(seed) + SM_GOLDEN * (uint64_t)(position + 1))};
+  return {(w.x & FLAG_SAMPLE) != 0, (w.x & (FLAG_TOP_K | FLAG_TOP_P)) != 0, __uint_as_float(w.y),
+          mix64(mix64(seed) + SM_GOLDEN * (uint64_t)(position + 1))};
 }
 
 // The perturbed score of vocabulary index `idx`: u = odd 24-bit integer * 2^-24 (exact, in (0, 1)), then
