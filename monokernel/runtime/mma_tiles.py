@@ -14,6 +14,9 @@ of it:
   products: words 2 q and 2 q + 1 of lane c hold the 8 codes at K 32 q + 8 c + e, code e in word 2 q + e // 4,
   byte (0, 2, 1, 3)[e % 4].
 The pairs (0, 1), (2, 3) of 8 consecutive K meet the inputs' 16-byte vector in that order.
+With `scale_swizzle` (tuning mma_scale_swizzle) the scale and min tables are padded to 64 bytes and each row's
+16-byte pieces XOR-permuted by `swizzle_key(row)`: lane c reads rows 2c and 2c + 1, which sit 128-byte
+multiples apart in a slot (a 4-way bank conflict unswizzled).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch
 
 from ..models.quant import QuantTensor
 from ..models.quant.tensor import pack_nibbles, unpack_nibbles
-from ..schedule.layout import GemvPlan
+from ..schedule.layout import SWIZZLE_SPAN, GemvPlan
 
 INT4_BIT = [4 * (e // 2) + 16 * (e % 2) for e in range(8)]     # where code e of a word sits
 INT8_BYTE = [0, 2, 1, 3]                                       # which byte holds code e of a word
@@ -54,6 +57,21 @@ def lane_order(values: torch.Tensor, bits: int, sblock: int, windows: bool = Fal
     return ((word[..., None] >> shifts) & 0xFF).to(torch.uint8).reshape(*lead, klen * bits // 8)
 
 
+def swizzle_key(rows: torch.Tensor) -> torch.Tensor:
+    """The XOR key of each matrix row's scale pieces: rows 2c (and 2c + 1) of any 8-row chunk, which lane c reads
+    together, get 4 different keys wherever the chunk starts."""
+    return (rows >> 1) & 3
+
+
+def swizzle_pieces(table: torch.Tensor) -> torch.Tensor:
+    """(rows, bytes: a multiple of 64) -> the same bytes with 16-byte piece j of each 64 stored at j ^ key(row)."""
+    rows, n = table.shape
+    key = swizzle_key(torch.arange(rows, device=table.device))[:, None]
+    src = torch.arange(4, device=table.device)[None, :] ^ key                   # stored piece j holds piece j ^ key
+    t = table.reshape(rows, n // SWIZZLE_SPAN, 4, 16)
+    return torch.take_along_dim(t, src[:, None, :, None].expand_as(t), dim=2).reshape(rows, n)
+
+
 def mma_rows(q: QuantTensor, g: GemvPlan) -> torch.Tensor:
     """The stored rows (..., rows, g.code_row_bytes) uint8 of `q` for an op planned as `g`, layer by layer
     (the unpacked codes of one layer at a time)."""
@@ -71,13 +89,15 @@ def mma_rows(q: QuantTensor, g: GemvPlan) -> torch.Tensor:
     zeros = unpack_nibbles(q.zeros, k // group) if q.format.zero == "int" else None   # (rows, groups)
     mins = q.zeros.contiguous().view(torch.uint8) if q.format.zero == "min" else None  # (rows, groups * bytes)
     parts = []
+    pad = SWIZZLE_SPAN if g.scale_swizzle else 16
     for k0 in range(0, k, g.kseg):
         klen = min(g.kseg, k - k0)
         parts.append(lane_order(codes[:, k0:k0 + klen], bits, g.sblock, windows=bool(group)))
         for table in (scales, mins) if group else ():
             if table is not None:
                 s = table[:, k0 // group * sb:(k0 + klen) // group * sb]
-                parts.append(torch.nn.functional.pad(s, (0, -s.shape[-1] % 16)))
+                s = torch.nn.functional.pad(s, (0, -s.shape[-1] % pad))
+                parts.append(swizzle_pieces(s) if g.scale_swizzle else s)
         if zeros is not None:
             z = pack_nibbles(zeros[:, k0 // group:(k0 + klen) // group])
             parts.append(torch.nn.functional.pad(z, (0, -z.shape[-1] % 16)))

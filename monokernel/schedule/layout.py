@@ -21,6 +21,7 @@ CHAIN_OPS = (Op.QKV, Op.OPROJ)
 MMA_ROWS = 8          # the N side of m16n8k16: weight rows of one tensor-core ring chunk
 SMEM_HEADER = 1024    # barriers, flags and alignment padding at the start of shared memory
 ABORT_FLAG = 512      # past the barriers of up to 32 slots (ring_stages_max), in the header
+SWIZZLE_SPAN = 64     # mma_scale_swizzle: 4 pieces of 16 bytes, one per bank quarter, the rows' keys permute
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,17 @@ class GemvPlan:
     zero_points: bool = False   # int4 with a zero point a group (two a byte after each segment's scales)
     fp8: bool = False           # the 8-bit codes are e4m3 values, not integers
     mins: bool = False          # w = d*q + m (GGUF Q4_1): a float min a group after each segment's scales
+    # each segment's scale (and min) table padded to 64 bytes and its 16-byte pieces XOR-swizzled by the row's
+    # (row // 2) % 4 (mma_tiles.py), so the rows 2c a warp reads scales from together fall in different banks
+    scale_swizzle: bool = False
 
     @property
     def tiles(self) -> int:
         return -(-self.rows // self.tile_rows)
+
+    @property
+    def on_tensor_cores(self) -> bool:
+        return self.kseg > 0
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,7 @@ class Layout:
                      scaled=i.scaled and op != Op.LMHEAD,
                      code_bits=8 * i.ab if dense else i.weights.bits, code_row_bytes=i.code_row_bytes(op),
                      scale_row_bytes=i.scale_row_bytes(op), group=0 if dense else i.weights.group_size)
-        if t.gemv_mma:       # chunks are row groups x K segments; results reduce across warps per group
+        if t.gemv_mma and (op != Op.LMHEAD or t.lmhead_mma):   # row groups x K segments, reduced per group
             tile += tile % 2
             seg = MmaSegments(i, t, op)
             if not dense:    # the segments' scales ride inside the stored rows: no scale copies of their own
@@ -128,7 +136,7 @@ class Layout:
             return GemvPlan(rows, cols, tile, MMA_ROWS, 1, kseg=seg.kseg, row_stride=seg.row_stride,
                             seg_bytes=seg.seg_bytes(seg.kseg), sblock=0 if dense else seg.sblock,
                             zero_points=not dense and i.weights.zero == "int", fp8=not dense and is_fp8(i),
-                            mins=not dense and i.weights.zero == "min", **extra)
+                            mins=not dense and i.weights.zero == "min", scale_swizzle=seg.swizzle, **extra)
         chunk = max(1, t.slot_bytes // i.row_bytes(op))
         if op == Op.GATEUP:       # gate/up pairs never straddle a tile or a chunk
             tile += tile % 2
@@ -154,7 +162,7 @@ class Layout:
         budget = result_budget(self.i, self.t)
         if g.seg_major:
             return max(1, min(chunks, budget // (mma_tile_floats(self.t) * 4 + per_chunk)))
-        budget -= self.mma_part_floats * 4 if self.t.gemv_mma else 0
+        budget -= self.mma_part_floats * 4 if g.on_tensor_cores else 0
         return max(1, min(chunks, budget // per_chunk))
 
     @property
@@ -164,8 +172,12 @@ class Layout:
         return max([2] + major) * mma_tile_floats(self.t)
 
     def _result_floats(self) -> int:
-        res = max(g.chunk_rows * g.warps_per_row * self.flush_chunks(g) for g in self.gemv.values()) * self.i.batch
-        return res + (self.mma_part_floats if self.t.gemv_mma else 0)
+        # a CUDA-core op's results (the LM head of a tensor-core kernel, lmhead_mma=0) take the scratch from its
+        # start: the tensor-core ops' accumulators are not live then
+        def res(mma: bool) -> int:
+            return max((g.chunk_rows * g.warps_per_row * self.flush_chunks(g) for g in self.gemv.values()
+                        if g.on_tensor_cores == mma), default=0) * self.i.batch
+        return max(res(True) + (self.mma_part_floats if self.t.gemv_mma else 0), res(False))
 
     # the L2 lookahead's test: does the chain leave HBM idle, and gate/up rows to prefetch?
     @property
@@ -219,6 +231,7 @@ class MmaSegments:
         self.dense = op == Op.LMHEAD or not i.weights.quantised
         self.bits = 16 if self.dense else i.weights.bits
         self.sblock = mma_sblock(i, op)
+        self.swizzle = t.mma_scale_swizzle and not self.dense and bool(i.weights.group_size)
         if not i.weights.quantised:
             self.kseg, self.row_stride = min(self.k, mma_kseg(i, t)), mma_row_stride(i, t)
             return
@@ -236,7 +249,8 @@ class MmaSegments:
         g = self.i.weights.group_size
         if self.dense or not g:
             return 0
-        return whole_copies(klen // g * FORMATS[self.i.weights.scale_format].element_bytes)
+        n = klen // g * FORMATS[self.i.weights.scale_format].element_bytes
+        return -(-n // SWIZZLE_SPAN) * SWIZZLE_SPAN if self.swizzle else whole_copies(n)
 
     def zero_bytes(self, klen: int) -> int:
         """A segment's zero points, two a byte, padded to 16 (integer-zero int4: GPTQ asym, AWQ), or its float

@@ -111,6 +111,14 @@ def _check(i: KernelInputs, t: Tuning, lay: Layout) -> None:
     if t.gemv_mma and i.weights.quantised and not mma_quantised_fits(i):
         raise UnsupportedModelError(f"gemv_mma=1 with {i.weights.name} weights needs every layer matrix's K to be a "
                                     "multiple of 32 (8 codes a lane); use gemv_mma=0")
+    if t.lmhead_mma and not t.gemv_mma:
+        raise UnsupportedModelError("lmhead_mma=1 needs gemv_mma=1: a CUDA-core kernel has no tensor-core LM head")
+    if not 1 <= t.mma_code_unroll <= 8:
+        raise UnsupportedModelError(f"mma_code_unroll={t.mma_code_unroll} must be in 1..8 (warp steps of the "
+                                    "quantised tensor-core loop unrolled together)")
+    if t.mma_scale_swizzle and not (t.gemv_mma and i.weights.quantised and i.weights.group_size):
+        raise UnsupportedModelError("mma_scale_swizzle=1 needs weights with a scale a group on tensor cores "
+                                    f"(gemv_mma=1); {i.weights.name} with gemv_mma={int(t.gemv_mma)} has none")
     if t.mma_kseg_max < 32 or t.mma_kseg_max % 32:
         raise UnsupportedModelError(f"mma_kseg_max={t.mma_kseg_max} must be a positive multiple of 32")
     if t.attn_key_batch < 1 or t.attn_pv_unroll < 1 or t.min_kv_chunk < 1:

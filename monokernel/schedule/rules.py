@@ -44,6 +44,13 @@ def mma_quantised_fits(i: KernelInputs) -> bool:
     return all(op_matrix_shape(i.spec, op)[1] % 32 == 0 for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN))
 
 
+def rule_lmhead_mma(i: KernelInputs, t: Tuning) -> bool:
+    # with the other ops: a tensor-core kernel streams the LM head in its 8-row chunks as well (perf note 30
+    # measured it slower at 8B batch 1 in a quantised kernel: 333 against 217 us on CUDA cores; lmhead_mma=0
+    # is that A/B)
+    return bool(t.gemv_mma)
+
+
 def rule_consumer_warps(i: KernelInputs, t: Tuning) -> int:
     # 8 measured 3 % faster than 7 at batch 8 and 16 of the 8B preset (1B: 3 % at batch 8, 7 % slower at
     # 16), although 8 consumers and the producer cap a thread at 168 registers (registers.py); where that
@@ -106,7 +113,7 @@ def rule_min_kv_chunk(i: KernelInputs, t: Tuning) -> int:
     return keys_per_pass(i, t)   # a shorter split idles warps
 
 
-RULES = (("gemv_mma", rule_gemv_mma), ("consumer_warps", rule_consumer_warps), ("slot_bytes", rule_slot_bytes), ("l2_lookahead_kb", rule_l2_lookahead_kb),
+RULES = (("gemv_mma", rule_gemv_mma), ("lmhead_mma", rule_lmhead_mma), ("consumer_warps", rule_consumer_warps), ("slot_bytes", rule_slot_bytes), ("l2_lookahead_kb", rule_l2_lookahead_kb),
          ("next_step_lookahead", rule_next_step_lookahead), ("attn_prologue_early", rule_attn_prologue_early),
          ("kv_splits", rule_kv_splits), ("attn_key_batch", rule_attn_key_batch), ("attn_mma", rule_attn_mma),
          ("min_kv_chunk", rule_min_kv_chunk))

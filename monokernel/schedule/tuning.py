@@ -24,6 +24,15 @@ class Tuning:
     # Matrix-vector products on tensor cores (mma.sync m16n8k16, the batch as the M side); None: from batch 3.
     gemv_mma: bool | None = None
     mma_kseg_max: int = 2048                # K elements of a row per tensor-core ring chunk
+    # The quantised tensor-core loop (gemv_mma.cuh mma_codes_segment), issue- and latency-bound (perf note
+    # 30): warp steps unrolled together, each a dependent chain of shared load, unpack, mma and group fold;
+    # each segment's scale (and Q4_1 min) table stored XOR-swizzled by row, so the 4 rows 2c a warp reads
+    # together (128-byte multiples apart) hit 4 banks instead of one (mma_tiles.py); the bf16 LM head on
+    # tensor cores (None: where the other ops are) or on CUDA cores (perf note 30: 333 against 217 us at 8B
+    # batch 1).
+    mma_code_unroll: int = 2
+    mma_scale_swizzle: bool = False
+    lmhead_mma: bool | None = None
     input_smem_budget: int = 96 * 1024      # bytes an op's staged input may take in shared memory
     seg_staging: bool = True                # tensor-core ops with a global input stage it K segment-wise
     # Attention: KV splits per (sequence, kv head) and the fewest keys a split takes; key groups per warp

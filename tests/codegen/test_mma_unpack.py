@@ -93,11 +93,14 @@ def kernel_view(stored: np.ndarray, g, dtype: str, scale_kind: str) -> tuple[np.
     mins = np.full((rows, k), np.nan) if g.mins else None
     bits, sb, seg0 = g.code_bits, g.sblock, 0
     lb = sb * bits // 32
+    pad = 64 if g.scale_swizzle else 16
+    # mma_codes_segment's x0 / x1: the swizzle key of each matrix row, in 2-byte elements (8 a 16-byte piece)
+    xr = ((np.arange(rows) >> 1) & 3) * 8 if g.scale_swizzle else np.zeros(rows, dtype=np.int64)
     for k0 in range(0, k, g.kseg):
         klen = min(g.kseg, k - k0)
         seg = stored[:, seg0:]
         codes = klen * bits // 8
-        scale_bytes = -(-(klen // g.group) * 2 // 16) * 16 if g.group else 0
+        scale_bytes = -(-(klen // g.group) * 2 // pad) * pad if g.group else 0
         scales = as_float(seg[:, codes:codes + scale_bytes].copy().view("<u2"), scale_kind) if g.group else None
         zero_bytes = -(-(-(-(klen // g.group) // 2)) // 16) * 16 if g.zero_points else scale_bytes if g.mins else 0
         zbytes = seg[:, codes + scale_bytes:][:, :zero_bytes]
@@ -109,6 +112,8 @@ def kernel_view(stored: np.ndarray, g, dtype: str, scale_kind: str) -> tuple[np.
                 if g.group:     # by 32-wide windows: word q (int4) or words 2q, 2q + 1 (int8)
                     for q in range(sb // 32):
                         grp = (step * sb + 32 * q) // g.group
+                        # the kernel's table index: the step's first group XOR the row's key, plus gi
+                        sidx = ((step * sb // g.group) ^ xr) + (grp - step * sb // g.group)
                         if bits == 4:
                             zero = (zbytes[:, grp // 2] >> (4 * (grp % 2))) & 0xF if g.zero_points else \
                                 0 if g.mins else 8
@@ -117,11 +122,11 @@ def kernel_view(stored: np.ndarray, g, dtype: str, scale_kind: str) -> tuple[np.
                             pairs = i8_pairs(words[:, 2 * q], dtype) + i8_pairs(words[:, 2 * q + 1], dtype)
                         for p, (lo, hi) in enumerate(pairs):
                             kk = k0 + step * sb + 32 * q + 8 * c + 2 * p
-                            s = scales[:, grp]
+                            s = np.take_along_axis(scales, sidx[:, None], axis=1)[:, 0]
                             assert np.isnan(out[:, kk:kk + 2]).all()
                             out[:, kk], out[:, kk + 1] = lo * s, hi * s
                             if g.mins:     # the ones-mma sums these inputs into the group's sum, times its min
-                                mins[:, kk] = mins[:, kk + 1] = mtable[:, grp]
+                                mins[:, kk] = mins[:, kk + 1] = np.take_along_axis(mtable, sidx[:, None], axis=1)[:, 0]
                 else:
                     for q in range(words.shape[1]):
                         pairs = e4m3_pairs(words[:, q], dtype) if g.fp8 else i8_pairs(words[:, q], dtype)
@@ -152,9 +157,11 @@ def test_lanes_unpack_to_dequantize(spec, fmt, op, dtype):
     check_lanes(spec, fmt, op, dtype)
 
 
-def check_lanes(spec, fmt, op, dtype, mutate=lambda q: q):
-    g = plan_for(spec, 1, 256, weights=fmt, activations=dtype, mma_kseg_max=64, gemv_mma=True).gemv[op]  # several segments
+def check_lanes(spec, fmt, op, dtype, mutate=lambda q: q, **knobs):
+    knobs = {"mma_kseg_max": 64, **knobs}     # several segments
+    g = plan_for(spec, 1, 256, weights=fmt, activations=dtype, gemv_mma=True, **knobs).gemv[op]
     assert g.kseg < g.cols and g.sblock in (32, 64, 128)
+    assert g.scale_swizzle == bool(knobs.get("mma_scale_swizzle"))
     w = torch.randn(g.rows, g.cols, generator=torch.Generator().manual_seed(g.cols))
     q = quantize(w, fmt)
     stored = mma_rows(mutate(q), g).numpy()
@@ -168,6 +175,53 @@ def check_lanes(spec, fmt, op, dtype, mutate=lambda q: q):
         assert not np.isnan(mins).any()
         view = view + mins
     np.testing.assert_array_equal(view.astype(np.float32), dequantize(q, torch.float32).numpy())
+
+
+GROUPED = [c for c in CASES if FORMATS[c[1]].group_size]
+# K 4096 in segments of 2048 int4 / 1024 int8 codes: tables of 64-128 bytes, every piece of a span holding scales
+WIDE = [(TINY_SPECS["qwen2"].with_(intermediate_size=4096), f, Op.DOWN) for f in ("int4-g32-min", "int8-g32",
+                                                                                   "int4-g128-zp", "int4-g32")]
+
+
+@pytest.mark.parametrize("spec,fmt,op,kseg", [(*c, 64) for c in GROUPED] + [(*c, 512) for c in WIDE],
+                         ids=[f"{s.name}-{f}-{o.name}-k{k}" for s, f, o, k in
+                              [(*c, 64) for c in GROUPED] + [(*c, 512) for c in WIDE]])
+def test_swizzled_lanes_unpack_to_dequantize(spec, fmt, op, kseg):
+    """mma_scale_swizzle=1: the tables padded to 64 bytes and XOR-swizzled by row, read at the kernel's index
+    ((first group of the step) ^ key(row)) + gi, still give dequantize() bit for bit."""
+    check_lanes(spec, fmt, op, "bf16", mma_kseg_max=kseg, mma_scale_swizzle=True)
+
+
+def test_swizzle_read_unswizzled_fails(monkeypatch):
+    """Tables stored without the swizzle but read with it (every key 0 at store) miss dequantize(): the swizzled
+    read is not a no-op."""
+    import monokernel.runtime.mma_tiles as tiles
+    monkeypatch.setattr(tiles, "swizzle_key", lambda rows: rows * 0)
+    spec, fmt, op = WIDE[0]
+    with pytest.raises(AssertionError):
+        check_lanes(spec, fmt, op, "bf16", mma_kseg_max=512, mma_scale_swizzle=True)
+
+
+@pytest.mark.parametrize("fmt", ["int4-g128", "int4-g32-min", "int8-g32"])
+def test_swizzle_spreads_scale_banks(fmt):
+    """On the 8B preset's slots the 4 rows 2c (and 2c + 1) lanes c read a group's scale from fall in one bank
+    unswizzled (rows 128-byte multiples apart) and in 4 banks swizzled, wherever a chunk starts."""
+    for swz in (False, True):
+        p = plan_for(preset("llama-3.1-8b"), 1, 512, weights=fmt, activations="bf16", mma_scale_swizzle=swz)
+        for op in (Op.QKV, Op.DOWN):
+            g = p.gemv[op]
+            assert g.row_stride % 128 == 64 and g.scale_swizzle == swz
+            codes = g.kseg * g.code_bits // 8
+            for row0 in (0, 2, 6, 216, 218, 434):
+                for step in (0, 1, 7):
+                    first = step * g.sblock // g.group
+                    for gi in range(g.sblock // g.group):
+                        for odd in (0, 1):
+                            r = row0 + 2 * np.arange(4) + odd                  # matrix rows of lanes c = 0..3
+                            x = ((r >> 1) & 3) * 8 if swz else 0
+                            addr = (2 * np.arange(4) + odd) * g.row_stride + codes + 2 * ((first ^ x) + gi)
+                            banks = len(set((addr // 4) % 32))
+                            assert banks == (4 if swz else 1), (fmt, op, row0, step, gi, odd, banks)
 
 
 def test_int8_every_code_both_halves():

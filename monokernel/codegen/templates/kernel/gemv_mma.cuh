@@ -46,14 +46,21 @@ __device__ __forceinline__ void mma_epilogue(const Params& p, const Task& t, int
 // with a scale a row take it in the epilogue.
 // GGUF Q4_1 (w = d q + m) adds m times the group's input sum: an mma of the same inputs against ones gives
 // that sum for sequences g and g + 8 in the accumulator layout (2 mma a group, no shuffles; perf note 31).
+// row0: the matrix row of the chunk's first row, whose parity and neighbours key MMA_SCALE_SWIZZLE's tables.
 template <int OP, class LoadX>
 __device__ __forceinline__ void mma_codes_segment(float* d, float* e, const unsigned char* slot, int klen, int first,
-                                                  int g, int c, const LoadX& ldx) {
+                                                  int g, int c, int row0, const LoadX& ldx) {
   using GV = Gemv<OP>;
   constexpr int SB = GV::SBLOCK, LB = SB * GV::CODE_BITS / 32;   // K a warp step, bytes a lane loads
   constexpr int NW = LB / 4;                                     // words a lane loads
   const unsigned char* wr = slot + g * GV::RSTRIDE;
-#pragma unroll 2   // two steps' loads and mma chains in flight: one alone is latency-bound
+  // Swizzled tables (mma_tiles.py swizzle_pieces): group j of matrix row r at element j ^ (key(r) x 16 bytes);
+  // the 4 rows 2c of the lanes c sit 128-byte multiples apart and get 4 keys, so 4 banks, not one.
+  constexpr int SWE = 16 / (int)sizeof(ST);                      // table elements a 16-byte piece
+  constexpr int TPAD = MMA_SCALE_SWIZZLE ? 64 : 16;              // a table's bytes round up to this
+  const int x0 = MMA_SCALE_SWIZZLE ? ((row0 + 2 * c) >> 1 & 3) * SWE : 0;
+  const int x1 = MMA_SCALE_SWIZZLE ? ((row0 + 2 * c + 1) >> 1 & 3) * SWE : 0;
+#pragma unroll (MMA_CODE_UNROLL)   // several steps' loads and mma chains in flight: one alone is latency-bound
   for (int sb = first; sb < klen / SB; sb += NCW) {
     uint32_t wv[NW];
     const unsigned char* src = wr + sb * (SB * GV::CODE_BITS / 8) + c * LB;
@@ -76,7 +83,10 @@ __device__ __forceinline__ void mma_codes_segment(float* d, float* e, const unsi
       const ST* s1 = reinterpret_cast<const ST*>(slot + (2 * c + 1) * GV::RSTRIDE + codes);
       // zero points (GPTQ asym, AWQ): row g's, two a byte, after the segment's scales (padded to 16 bytes);
       // mins (GGUF Q4_1): rows 2c and 2c + 1's, one a group in the scales' type, at the same place
-      const unsigned char* zr = wr + codes + ((klen / GV::GROUP) * (int)sizeof(ST) + 15) / 16 * 16;
+      const unsigned char* zr = wr + codes + ((klen / GV::GROUP) * (int)sizeof(ST) + TPAD - 1) / TPAD * TPAD;
+      // a step's groups lie inside one 16-byte piece: the XOR of its first group serves all of them
+      static_assert(!MMA_SCALE_SWIZZLE || SB / GV::GROUP <= SWE, "a warp step's scales within one piece");
+      const int sw0 = ((sb * SB) / GV::GROUP) ^ x0, sw1 = ((sb * SB) / GV::GROUP) ^ x1;
 #pragma unroll
       for (int gi = 0; gi < NW / (GW * WPW); ++gi) {
         float u[4] = {0.f, 0.f, 0.f, 0.f}, v[4] = {0.f, 0.f, 0.f, 0.f}, sx[4] = {0.f, 0.f, 0.f, 0.f};
@@ -101,11 +111,12 @@ __device__ __forceinline__ void mma_codes_segment(float* d, float* e, const unsi
             mma_bf16_16816(sx, a0.z, a1.z, a0.w, a1.w, ONE_PAIR, ONE_PAIR);
           }
         }
-        const float c0 = to_f(s0[grp]), c1 = to_f(s1[grp]);
+        const int i0 = MMA_SCALE_SWIZZLE ? sw0 + gi : grp, i1 = MMA_SCALE_SWIZZLE ? sw1 + gi : grp;
+        const float c0 = to_f(s0[i0]), c1 = to_f(s1[i1]);
         if constexpr (GV::MINS) {   // sx[0] = sx[1]: sequence g's sum over the group, sx[2] = sx[3]: g + 8's
           const ST* m0 = reinterpret_cast<const ST*>(zr + (2 * c - g) * GV::RSTRIDE);
           const ST* m1 = reinterpret_cast<const ST*>(zr + (2 * c + 1 - g) * GV::RSTRIDE);
-          const float n0 = to_f(m0[grp]), n1 = to_f(m1[grp]);
+          const float n0 = to_f(m0[i0]), n1 = to_f(m1[i1]);
           d[0] = fmaf(sx[0], n0, fmaf(u[0] + v[0], c0, d[0]));
           d[1] = fmaf(sx[1], n1, fmaf(u[1] + v[1], c1, d[1]));
           d[2] = fmaf(sx[2], n0, fmaf(u[2] + v[2], c0, d[2]));
@@ -273,7 +284,7 @@ __device__ bool gemv_mma_flush_task(const Params& p, const Task& t, const T* in,
         if constexpr (Gemv<OP>::CODE_BITS < 16) {
           constexpr int SB = Gemv<OP>::SBLOCK;
           const int first = ((warp - chunk * (klen / SB)) % NCW + NCW) % NCW;
-          mma_codes_segment<OP>(d, e, slot, klen, first, g, c,
+          mma_codes_segment<OP>(d, e, slot, klen, first, g, c, t.arg0 + f0 + g0,
                                 [&](int k, uint4& a0, uint4& a1) { ldx(k, true, a0, a1); });
         } else {
           const unsigned char* w = slot + g * Gemv<OP>::RSTRIDE;

@@ -84,7 +84,7 @@ __device__ void producer(const Params& p, int t0, int t1, RingWriter& rw) {
     const int cr = rc.chunk_rows, pass = rc.mma_pass;
     const unsigned char* scales = rc.scales;
     const unsigned char* src = rc.src;
-    if constexpr (MMA) {
+    if (MMA && (LMHEAD_MMA || t.op != OP_LMHEAD)) {
       // a chunk is up to 8 rows x one K segment, each row its own copy into a row of the slot; each pass of
       // `pass` rows walks K, segment by segment, over its row groups
       const uint32_t seg_bytes = rc.seg_bytes;
@@ -155,7 +155,7 @@ template <int OP>
 __device__ __forceinline__ bool gemv(const Params& p, const Task& t, const T* in, T* in_smem, RingReader& rd,
                                      float* sm) {
   if constexpr (Gemv<OP>::SEG_MAJOR) return gemv_mma_flush_task<OP>(p, t, in, in_smem, rd, sm);
-  else if constexpr (MMA) return gemv_mma_task<OP>(p, t, in, rd, sm);
+  else if constexpr (MMA && (LMHEAD_MMA || OP != OP_LMHEAD)) return gemv_mma_task<OP>(p, t, in, rd, sm);
   else return gemv_task<OP>(p, t, in, rd, sm);
 }
 
