@@ -77,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperatures", type=_floats, default=[0.0], metavar="X,...",
                    help="temperatures of the megakernel's timed steps, comma list: 0 greedy; X > 0 draws every row "
                         "inside the kernel (the other engines have no such rows); default: 0")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="the sampled rows' top-k, drawn in the kernel (default: none)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--weights", type=_weights, default=["dense"], metavar="dense|FORMAT,...",
                    help="weight formats, comma list: dense (as stored, in --dtype), or --quantize formats (int8, "
@@ -113,6 +115,7 @@ def _child_args(args: argparse.Namespace) -> list[str]:
     out = ["--engines", ",".join(args.engines), "--dtype", args.dtype, "--weights", ",".join(args.weights),
            "--verify-tokens", ",".join(map(str, args.verify_tokens)),
            "--temperatures", ",".join(map(str, args.temperatures)),
+           *(["--top-k", str(args.top_k)] if args.top_k else []),
            "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--agreement-steps", str(args.agreement_steps), "--seed", str(args.seed),
            "--tc-attention", args.tc_attention]
@@ -130,12 +133,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.warmup < 0 or args.agreement_steps < 0:
         raise MonokernelError("--steps must be >= 1, --warmup and --agreement-steps >= 0")
+    if args.top_k is not None and (args.top_k < 1 or not any(args.temperatures)):
+        raise MonokernelError(f"--top-k {args.top_k}: top-k restricts sampled rows, so it needs K >= 1 and a "
+                              "temperature above 0 in --temperatures (e.g. --temperatures 0,0.8 --top-k 50)")
     from ..schedule.inputs import MAX_TOKENS_PER_SEQ
     if any(not 1 <= t <= MAX_TOKENS_PER_SEQ for t in args.verify_tokens):
         raise MonokernelError(f"--verify-tokens {','.join(map(str, args.verify_tokens))}: each T must be in "
                               f"1..{MAX_TOKENS_PER_SEQ}")
     cfg = BenchConfig(models=_models(args.model), engines=args.engines, batches=args.batch, contexts=args.context,
-                      tokens_per_seq=args.verify_tokens, temperatures=args.temperatures,
+                      tokens_per_seq=args.verify_tokens, temperatures=args.temperatures, top_k=args.top_k,
                       dtype=DTYPES[args.dtype], weights=args.weights, steps=args.steps, warmup=args.warmup,
                       agreement_steps=args.agreement_steps, device=args.device, seed=args.seed,
                       compile=not args.no_compile, tc_attention=args.tc_attention, progress=not args.no_progress,

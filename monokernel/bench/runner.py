@@ -59,6 +59,7 @@ class BenchConfig:
     # temperatures of the megakernel's timed steps: 0 greedy; T > 0 draws every row in the kernel (Gumbel-max,
     # monokernel/gumbel.py), the other engines' rows left out
     temperatures: list[float] = field(default_factory=lambda: [0.0])
+    top_k: int | None = None          # the sampled rows' top-k (drawn in the kernel up to gumbel.TOP_CANDIDATES)
     dtype: torch.dtype = torch.bfloat16
     weights: list[str] = field(default_factory=lambda: ["dense"])   # "dense" or --quantize formats
     steps: int = 100
@@ -293,7 +294,7 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
     spec, dtype = model.spec, cfg.dtype
     dtype_name = format_name(dtype)
     skip = lambda reason: (_skip_row(name, model.name, dtype_name, batch, context, reason,
-                                     variant=_mega_variant(t, temp) if (t > 1 or temp) else "",
+                                     variant=_mega_variant(t, temp, cfg.top_k) if (t > 1 or temp) else "",
                                      weights=model.weights_name or None), None)
     if name in unavailable:
         return skip(unavailable[name])
@@ -342,8 +343,9 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
         tokens = torch.randint(0, spec.vocab_size, (batch * t,), generator=gen).to(device)
         first = context + n_agree
         if temp:
-            decoder.set_sampling([temp] * (batch * t), list(range(cfg.seed, cfg.seed + batch * t)))
-            variant = _mega_variant(t, temp)
+            decoder.set_sampling([temp] * (batch * t), list(range(cfg.seed, cfg.seed + batch * t)),
+                                 [cfg.top_k] * (batch * t))
+            variant = _mega_variant(t, temp, cfg.top_k)
 
         def step(i: int):
             decoder.enqueue(tokens, positions[n_agree + i])
@@ -378,8 +380,9 @@ def _run_row(cfg, model: _Model, name: str, batch: int, context: int, device, ba
     return row, ref_out
 
 
-def _mega_variant(t: int, temp: float) -> str:
-    return "megakernel" + (f", verify T={t}" if t > 1 else "") + (f", sampled at temperature {temp:g}" if temp else "")
+def _mega_variant(t: int, temp: float, top_k: int | None = None) -> str:
+    sampled = f", sampled at temperature {temp:g}" + (f", top-k {top_k}" if top_k else "") if temp else ""
+    return "megakernel" + (f", verify T={t}" if t > 1 else "") + sampled
 
 
 def _fill_speedups(rows: list[dict]) -> None:

@@ -385,3 +385,16 @@ def test_temperatures_axis(capsys):
         with pytest.raises(SystemExit):
             cli.main(["--temperatures", bad])
         assert "--temperatures" in capsys.readouterr().err
+
+
+def test_top_k_of_the_sampled_rows(capsys, tmp_path):
+    """--top-k K names the sampled rows' variant; without a sampled row, or with K < 1, it is refused."""
+    cfg = BenchConfig(models=[TINY], engines=["monokernel"], batches=[1], contexts=[8], temperatures=[0.0, 0.8],
+                      top_k=50, dtype=torch.float32, steps=2, warmup=0, agreement_steps=2, device="cpu",
+                      compile=False, bandwidth_bytes=1 << 20, progress=False)
+    result = run_benchmark(cfg)
+    assert sorted(s["variant"] for s in result["skipped"]) == ["megakernel",
+                                                                "megakernel, sampled at temperature 0.8, top-k 50"]
+    for flags in (["--top-k", "50"], ["--temperatures", "0,0.8", "--top-k", "0"]):
+        assert cli.main([*flags, "--device", "cpu", "--out", str(tmp_path)]) == 2
+        assert "top-k restricts sampled rows, so it needs K >= 1" in capsys.readouterr().err
