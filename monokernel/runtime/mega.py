@@ -330,7 +330,9 @@ class MegaDecoder:
     def enqueue(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """launch(), then the kernel's own output buffers: its next launch rewrites them. The positions are
         not checked on the host (that would drain the launch queue): the engine checked them when it
-        accepted the request, and the error flag travels back with each step's tokens (`status`)."""
+        accepted the request, and the error flag travels back with each step's tokens (`status`). Rows the
+        kernel flags for the host (host_draw: top-k/top-p past its candidates) keep the kernel's stand-in token
+        here; `step` and `verify` redraw them."""
         self.launch(tokens, positions)
         return self.out_tokens, self.logits
 

@@ -1,6 +1,7 @@
 """A few megakernel steps on a tiny config (or a preset: "preset:NAME"), run under compute-sanitizer by
 test_sanitizer_gpu.py; with "abort", first a step that times out on a broken task table (blocks stop with
-their weight copies still in flight) and one with a bad token (every block stops at once).
+their weight copies still in flight) and one with a bad token (every block stops at once); the last two
+steps sample with top-k and top-p.
 By hand, from the repository root: PYTHONPATH=. python tests/runtime/sanitize_case.py [NAME [TUNING [abort]]]."""
 import sys
 from pathlib import Path
@@ -45,7 +46,9 @@ if len(sys.argv) > 3 and sys.argv[3] == "abort":
         raise AssertionError("the bad token was not refused")
     except InputError:
         pass
-for _ in range(3):
+for step in range(3):
+    if step == 1:   # the top-k/top-p candidates' shared-memory buffers and merge, a flagged row among them
+        mk.set_sampling([1.0, 40.0, 5.0], [1, 2, 3], [5, None, 65], [None, 0.9, 0.5])
     nxt, logits = mk.step(tok, pos)
     expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
     err = rel_norm(logits, expect)

@@ -283,7 +283,7 @@ def test_greedy_ignores_filters_and_vocab_normalises():
 
 def test_kernel_constants_generated():
     """The rendered header carries gumbel's words, flags and candidate count; topk.cuh builds the rank key as
-    candidates.rank_keys does."""
+    candidates.rank_keys does, and sorts and keeps as the emulation below does."""
     from monokernel.codegen.headers import read_kernel_file
     from monokernel.codegen.render import render_source
     from monokernel.schedule.inputs import GpuInfo
@@ -297,3 +297,78 @@ def test_kernel_constants_generated():
     topk = read_kernel_file("topk.cuh")
     assert "logit == 0.f ? 0.f : logit" in topk and "(u & 0x80000000u) ? ~u : (u | 0x80000000u)" in topk
     assert "(uint64_t)u << 32 | (uint32_t)~idx" in topk
+    # what the lane-level emulation below transcribes: the network's directions and the keep's threshold
+    assert "const bool desc = ((32 * s) & size) == 0;" in topk and "const bool take_max = lower == desc;" in topk
+    assert "((lane + 32 * s) & size) == 0, lower = (lane & stride) == 0;" in topk
+    assert "if (n + __popc(m) > KEEP_CAP)" in topk and "thr = __shfl_sync(0xffffffffu, k[KPL / 2 - 1], 31);" in topk
+
+
+# ---- lane-level emulation of topk.cuh's warp code ---------------------------------------------------------
+def _warp_sort_desc(k: np.ndarray) -> np.ndarray:
+    """warp_sort_desc as topk.cuh writes it, on k (N, 32): element lane + 32 * s in k[s, lane]."""
+    k, n = k.copy(), k.shape[0]
+    lane = np.arange(32)
+    size = 2
+    while size <= 32 * n:
+        stride = size >> 1
+        while stride > 0:
+            if stride >= 32:
+                ss = stride // 32
+                for s in range(n):
+                    if s & ss:
+                        continue
+                    desc = ((32 * s) & size) == 0
+                    a, c = k[s].copy(), k[s | ss].copy()
+                    sw = a < c if desc else a > c
+                    k[s], k[s | ss] = np.where(sw, c, a), np.where(sw, a, c)
+            else:
+                for s in range(n):
+                    o = k[s][lane ^ stride]
+                    desc, lower = ((lane + 32 * s) & size) == 0, (lane & stride) == 0
+                    k[s] = np.where(lower == desc, np.maximum(o, k[s]), np.minimum(o, k[s]))
+            stride >>= 1
+        size <<= 1
+    return k
+
+
+def _keep(stream: np.ndarray) -> np.ndarray:
+    """Keep's push / shrink / sorted as topk.cuh writes them, over a stream of keys 32 at a time."""
+    cap, buf, n, thr = 2 * KC, np.zeros(2 * KC, dtype=np.uint64), 0, np.uint64(0)
+
+    def sort():
+        k = np.where(np.arange(cap) < n, buf, np.uint64(0)).reshape(cap // 32, 32)
+        return _warp_sort_desc(k).reshape(-1)
+
+    for key in np.pad(stream, (0, -len(stream) % 32)).reshape(-1, 32).astype(np.uint64):
+        hit = key > thr
+        if not hit.any():
+            continue
+        if n + hit.sum() > cap:
+            buf[:KC] = sort()[:KC]
+            thr, n = buf[KC - 1], KC
+            hit = key > thr
+        buf[n:n + hit.sum()] = key[hit]     # lane order: the ballot's prefix count
+        n += int(hit.sum())
+    return sort()[:KC]
+
+
+def test_warp_sort_network():
+    """The bitonic network's pairing and directions (slots for strides >= 32, lanes below) sort 128 keys
+    descending, duplicates and zeros included."""
+    rng = np.random.default_rng(9)
+    for trial in range(20):
+        k = rng.integers(0, 50 if trial % 2 else 2 ** 62, (KC * 2 // 32, 32)).astype(np.uint64)
+        assert _warp_sort_desc(k).reshape(-1).tolist() == sorted(k.reshape(-1).tolist(), reverse=True)
+
+
+@pytest.mark.parametrize("order", ["random", "ascending", "descending"])
+def test_keep_buffer_is_the_first_ranks(order):
+    """The warp's streaming keep (threshold, appends, shrinks to KC) gives a tile's first KC keys for 972
+    random logits in any order, ascending (every key a hit, a shrink every 2 steps) included, and for a tile
+    shorter than KC."""
+    rng = np.random.default_rng(4)
+    for rows in (972, 40):
+        row = rng.normal(size=rows).astype(np.float32)
+        row = {"random": row, "ascending": np.sort(row), "descending": np.sort(row)[::-1]}[order]
+        keys = candidates.rank_keys(row, 3000)
+        assert _keep(keys).tolist() == candidates.tile_keep(row, 3000).tolist()
