@@ -205,7 +205,8 @@ class MegaDecoder:
                  None if top_ps is None else tuple(top_ps))
         if asked == self._sampling_asked:      # the scheduler sets them every step: most steps change nothing
             return
-        words = gumbel.sampling_words(*asked, self.plan.batch, vocab_size=self.plan.spec.vocab_size)
+        words = gumbel.sampling_words(temperatures, seeds, self.plan.batch, top_ks, top_ps,
+                                      vocab_size=self.plan.spec.vocab_size)
         if not np.array_equal(words, self._sampling_words):
             with torch.cuda.stream(self.stream):
                 self.sampling.copy_(torch.from_numpy(words.view(np.int32)), non_blocking=True)
