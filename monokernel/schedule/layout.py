@@ -162,7 +162,10 @@ class Layout:
         budget = result_budget(self.i, self.t)
         if g.seg_major:
             return max(1, min(chunks, budget // (mma_tile_floats(self.t) * 4 + per_chunk)))
-        budget -= self.mma_part_floats * 4 if g.on_tensor_cores else 0
+        if g.on_tensor_cores:
+            budget -= self.mma_part_floats * 4
+        elif self.t.gemv_mma:    # a CUDA-core op of a tensor-core kernel (lmhead_mma=0): the scratch those take
+            budget = self._mma_result_floats() * 4
         return max(1, min(chunks, budget // per_chunk))
 
     @property
@@ -171,13 +174,17 @@ class Layout:
         major = [self.flush_chunks(g) for g in self.gemv.values() if g.seg_major]
         return max([2] + major) * mma_tile_floats(self.t)
 
+    def _op_result_floats(self, mma: bool) -> int:
+        return max((g.chunk_rows * g.warps_per_row * self.flush_chunks(g) for g in self.gemv.values()
+                    if g.on_tensor_cores == mma), default=0) * self.i.batch
+
+    def _mma_result_floats(self) -> int:
+        return self._op_result_floats(True) + (self.mma_part_floats if self.t.gemv_mma else 0)
+
     def _result_floats(self) -> int:
         # a CUDA-core op's results (the LM head of a tensor-core kernel, lmhead_mma=0) take the scratch from its
-        # start: the tensor-core ops' accumulators are not live then
-        def res(mma: bool) -> int:
-            return max((g.chunk_rows * g.warps_per_row * self.flush_chunks(g) for g in self.gemv.values()
-                        if g.on_tensor_cores == mma), default=0) * self.i.batch
-        return max(res(True) + (self.mma_part_floats if self.t.gemv_mma else 0), res(False))
+        # start, no more than the tensor-core ops' (flush_chunks): their accumulators are not live then
+        return max(self._mma_result_floats(), self._op_result_floats(False))
 
     # the L2 lookahead's test: does the chain leave HBM idle, and gate/up rows to prefetch?
     @property

@@ -83,6 +83,32 @@ def test_quantised_logits_match_reference(name, fmt, batch, path):
     _teacher_forced(mk, ref, c_ref, lengths, spec.vocab_size, gen, steps=4)
 
 
+# The quantised tensor-core loop's knobs (perf note 35), each on its own and over several K segments (staged)
+LOOP_KNOBS = {"unroll-1": dict(mma_code_unroll=1), "unroll-4": dict(mma_code_unroll=4),
+              "swizzle": dict(mma_scale_swizzle=True),
+              "swizzle-staged": dict(mma_scale_swizzle=True, input_smem_budget=0, mma_kseg_max=128),
+              "lmhead-cuda-cores": dict(lmhead_mma=False)}
+LOOP_CASES = [("qwen3", "int4-g128"), ("mistral", "int4-g32-min"), ("qwen3", "int8-g32"), ("qwen2", "int4-g128-zp")]
+
+
+@pytest.mark.parametrize("knobs", list(LOOP_KNOBS))
+@pytest.mark.parametrize("name,fmt", LOOP_CASES, ids=[f"{n}-{f}" for n, f in LOOP_CASES])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_loop_knobs_logits_match_reference(name, fmt, batch, knobs):
+    from monokernel.runtime.mega import MegaDecoder
+    from monokernel.schedule.tasks import Op
+    spec = TINY_SPECS[name]
+    w = _on_gpu(quantised_weights(spec, fmt, torch.bfloat16, seed=batch))
+    ref = ReferenceModel(w)
+    gen = torch.Generator().manual_seed(batch)
+    lengths = [int(x) for x in torch.randint(1, 300, (batch,), generator=gen)]
+    c_ref, c_mk = prefilled(ref, batch, 320, lengths, gen)
+    mk = MegaDecoder(w, c_mk, timeout_s=20.0, **LOOP_KNOBS[knobs])
+    assert mk.plan.gemv[Op.QKV].scale_swizzle == knobs.startswith("swizzle")
+    assert mk.plan.gemv[Op.LMHEAD].on_tensor_cores == (knobs != "lmhead-cuda-cores")
+    _teacher_forced(mk, ref, c_ref, lengths, spec.vocab_size, gen, steps=4)
+
+
 @pytest.mark.parametrize("name,fmt", [("llama", "int8"), ("qwen2", "int8"), ("mistral", "int4-g32"),
                                       ("qwen3", "int8-g32"), ("mistral", "int4-g32-min")])
 def test_quantised_bitwise_deterministic(name, fmt):

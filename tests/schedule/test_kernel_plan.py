@@ -237,3 +237,64 @@ def test_quantised_tensor_core_refusals():
                                                     r"int4-g128\); raise it"):
         plan_for(TINY_SPECS["qwen3"], 3, 256, "int4-g128", "bf16", input_smem_budget=0, mma_kseg_max=32)
     plan_for(TINY_SPECS["qwen3"], 3, 256, "int4-g128", "bf16", input_smem_budget=0, mma_kseg_max=128)   # one step fits
+
+
+@pytest.mark.parametrize("fmt", ["int4-g128", "int4-g32-min", "int8-g32"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_quantised_loop_knobs(fmt, batch):
+    """The quantised tensor-core loop's knobs (perf note 35): every value builds a plan that fits and schedules,
+    the defaults are today's kernel (unroll 2, tables unswizzled, the LM head with the other ops), and each
+    value reaches the plan the templates read."""
+    spec = preset("llama-3.1-8b")
+    base = plan_for(spec, batch, 4096, weights=fmt, activations="bf16")
+    t = base.tuning
+    assert (t.mma_code_unroll, t.mma_scale_swizzle, t.lmhead_mma) == (2, False, True)
+    assert base.gemv[Op.LMHEAD].on_tensor_cores and not any(g.scale_swizzle for g in base.gemv.values())
+    for knobs in ({"mma_code_unroll": 1}, {"mma_code_unroll": 4}, {"mma_code_unroll": 8},
+                  {"mma_scale_swizzle": True}, {"lmhead_mma": False},
+                  {"mma_code_unroll": 4, "mma_scale_swizzle": True, "lmhead_mma": False}):
+        p = plan_for(spec, batch, 4096, weights=fmt, activations="bf16", **knobs)
+        assert p.smem.total <= p.gpu.smem_per_block and p.smem.ring_stages >= 2, knobs
+        assert p.tuning.mma_code_unroll == knobs.get("mma_code_unroll", 2)
+        build_schedule(p)
+        swz = knobs.get("mma_scale_swizzle", False)
+        for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN):
+            g = p.gemv[op]
+            assert g.scale_swizzle == swz and g.on_tensor_cores
+            if swz:   # every segment's tables are whole 64-byte spans: the XOR of 16-byte pieces stays inside
+                full = g.kseg // g.group * 2
+                assert g.seg_bytes == g.kseg * g.code_bits // 8 + -(-full // 64) * 64 * (1 + g.mins)
+            else:
+                assert g.seg_bytes == base.gemv[op].seg_bytes
+        lm = p.gemv[Op.LMHEAD]
+        if knobs.get("lmhead_mma", True):
+            assert lm == base.gemv[Op.LMHEAD]
+        else:     # CUDA-core rows: whole rows a slot, its warps sharing a row's K; the slot stays the mma one
+            assert not lm.on_tensor_cores and not lm.seg_major and p.smem.slot_bytes == base.smem.slot_bytes
+            rows = p.smem.slot_bytes // (spec.hidden_size * 2)     # 2 of int4's 16.9 KB, 4 of Q8_0's 35 KB
+            assert lm.chunk_rows == rows in (2, 4) and lm.flush_chunks > 1
+            assert lm.warps_per_row == p.tuning.consumer_warps // rows
+            assert p.smem == base.smem     # its results fit the scratch the tensor-core ops take
+        assert p.summary()["gemv"]["LMHEAD"]["kseg"] == lm.kseg
+
+
+def test_quantised_loop_knobs_refused():
+    """Values the loop cannot take are refused by name, before anything is generated."""
+    spec = preset("llama-3.1-8b")
+    for v in (0, 9, -2):
+        with pytest.raises(UnsupportedModelError, match=rf"mma_code_unroll={v} must be in 1..8"):
+            plan_for(spec, 1, 4096, weights="int4-g128", activations="bf16", mma_code_unroll=v)
+    with pytest.raises(UnsupportedModelError, match="mma_code_unroll=True must be an integer"):
+        Tuning(mma_code_unroll=True)
+    with pytest.raises(UnsupportedModelError, match="mma_scale_swizzle=2 must be true or false"):
+        Tuning.parse("mma_scale_swizzle=2")
+    with pytest.raises(UnsupportedModelError, match="lmhead_mma=1 needs gemv_mma=1"):
+        plan_for(spec, 1, 4096, gemv_mma=False, lmhead_mma=True)
+    for weights, mma in (("bf16", None), ("int8", None), ("int4-g128", False)):   # no group scales on tensor cores
+        with pytest.raises(UnsupportedModelError, match="mma_scale_swizzle=1 needs weights with a scale a group"):
+            plan_for(spec, 1, 4096, weights=weights, activations="bf16", gemv_mma=mma,
+                     mma_scale_swizzle=True)
+    assert Tuning.parse("mma_code_unroll=4,mma_scale_swizzle=1,lmhead_mma=0") == Tuning(
+        mma_code_unroll=4, mma_scale_swizzle=True, lmhead_mma=False)
+    assert plan_for(spec, 1, 4096).tuning.lmhead_mma is False          # bf16 b1: CUDA cores, the head too
+    assert plan_for(spec, 8, 4096, lmhead_mma=False).gemv[Op.LMHEAD].chunk_rows == 4   # bf16 b8's 33 KB slots

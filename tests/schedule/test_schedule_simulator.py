@@ -239,3 +239,18 @@ def test_gguf_k_not_whole_groups_refused():
     for fmt in ("int4-g32-min", "int8-g32"):
         with pytest.raises(UnsupportedModelError, match=rf"{fmt} groups of 32 must divide .*688"):
             plan_for(spec, 1, MAX_SEQ, fmt, "bf16")
+
+
+LOOP_KNOBS = [{"mma_code_unroll": 4}, {"mma_scale_swizzle": True}, {"lmhead_mma": False}]
+
+
+@pytest.mark.parametrize("knobs", LOOP_KNOBS, ids=lambda k: ",".join(f"{a}={int(v)}" for a, v in k.items()))
+@pytest.mark.parametrize("fmt,name", [("int4-g32-min", "qwen2"), ("int4-g128", "qwen3"), ("int8-g32", "mistral")])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_quantised_loop_knobs(knobs, fmt, name, batch):
+    """The quantised tensor-core loop's knobs (perf note 35) leave a plan whose schedule simulates to the reference
+    on the same packed weights; lmhead_mma=0 cuts the LM head's tiles into CUDA-core chunks of whole rows."""
+    spec = GGUF_SPECS[name]
+    plan = plan_for(spec, batch, MAX_SEQ, fmt, "bf16", gpu=GpuInfo(sm_count=7), min_kv_chunk=4, **knobs)
+    assert plan.gemv[Op.LMHEAD].on_tensor_cores == knobs.get("lmhead_mma", True)
+    _packed_matches_reference(quantised_weights(spec, fmt, seed=batch), plan, batch, steps=2, argmax=True)
