@@ -86,7 +86,8 @@ def _line(r: dict) -> str:
 
 def markdown(res: dict) -> str:
     how = f"temperature {res['temperature']}, seed {res['seed']}" if res["temperature"] else "greedy"
-    lines = [f"**{res['model']}**, {res['engine']} engine on {res['device']} ({res['dtype']}, {how}), {res['date']}", "",
+    lines = [f"**{res['model']}**, {res['engine']} engine on {res['device']} ({res['dtype']}, {how}), {res['date']}",
+             "",
              f"`{res['command']}`", "",
              "| prompt | method | draft tokens | tokens a pass | decode tokens/s | vs plain | text identical |",
              "|---|---|---:|---:|---:|---:|---|"]

@@ -186,7 +186,7 @@ class MegaDecoder:
                 if t.device.type == "cuda":
                     t.record_stream(self.stream)
 
-    samples_in_kernel = True     # set_sampling: temperature, top-k and top-p sampling in the LM head (runtime/scheduler.py)
+    samples_in_kernel = True     # set_sampling: temperature, top-k, top-p in the LM head (runtime/scheduler.py)
 
     def set_sampling(self, temperatures, seeds, top_ks=None, top_ps=None) -> None:
         """Per-sequence sampling for the following launches, until set again: temperatures (B,) (0 = greedy,

@@ -1,8 +1,8 @@
 """Speculative sampling by shared randomness, the rule of a request the megakernel samples (SamplingParams.
 in_kernel: temperature > 0, top-k and top-p included). The target draws its token at every verified row by the
 in-kernel sampler's rule and Gumbel-max keys (seed, position, vocabulary index; monokernel/gumbel.py), in the
-kernel itself (or the decoder, for a row the kernel flags); a draft token is
-accepted while it equals the target's draw for its position, and the pass yields the target's draws up to and
+kernel itself (or the decoder, for a row the kernel flags); a draft token is accepted while it equals the
+target's draw for its position, and the pass yields the target's draws up to and
 including the first that differs (the kernel counts them into its acceptance word, as for greedy).
 
 Each yielded token is the one plain decoding with the same seed draws at its position: the row that draws it
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import gumbel
-from .greedy import accepted_prefix
+from .greedy import greedy_accept
 
 
 def coupled_accept(draft: list[int], q, logits: torch.Tensor, drawn: torch.Tensor | None) -> list[int]:
@@ -28,9 +28,7 @@ def coupled_accept(draft: list[int], q, logits: torch.Tensor, drawn: torch.Tenso
     in-kernel sampler's rule (q and the logits are moot: what decides is the draws)."""
     if drawn is None:
         raise ValueError("coupled_accept needs the target's draws: a Verify that returns (logits, drawn)")
-    target = drawn.tolist()
-    n = accepted_prefix(draft, target)
-    return draft[:n] + [target[n]]
+    return greedy_accept(draft, q, logits, drawn)     # the same prefix rule, confirmed against the draws
 
 
 def draw_rows(logits: torch.Tensor, params, seed: int, position: int) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """A draft model: a small model of the target's tokenizer over a KV cache of its own, proposing up to K tokens a
 pass (greedily; sampled with the request's parameters, its distributions q returned for the acceptance rule; or
-drawn by the in-kernel sampler's keys, coupled.py). Its cache keeps the tokens whose K/V it holds; a call finds where the new context leaves them (rejected drafts, a
-new prompt) and computes only the rest: positions decide, nothing is cleared. The context it has not seen goes
-through the reference model's prefill; each draft token after that is one decode step, of its own megakernel
-(batch 1, a cache of fixed size) where the target runs on the megakernel, else of the reference model. On the
-megakernel the last few unseen context tokens are such steps too (a pass leaves a few), so every draft is
-the kernel's own choice."""
+drawn by the in-kernel sampler's keys, coupled.py). Its cache keeps the tokens whose K/V it holds; a call finds
+where the new context leaves them (rejected drafts, a new prompt) and computes only the rest: positions decide,
+nothing is cleared. The context it has not seen goes through the reference model's prefill; each draft token
+after that is one decode step, of its own megakernel (batch 1, a cache of fixed size) where the target runs on
+the megakernel, else of the reference model. On the megakernel the last few unseen context tokens are such steps
+too (a pass leaves a few), so every draft is the kernel's own choice."""
 from __future__ import annotations
 
 import sys

@@ -1,7 +1,7 @@
 """Speculative generation inside the Engine: each prompt prefilled into a cache of its own, then decoded by
 verify passes over the last token and a draft (prompt lookup, or a draft model's), greedy or sampled (by the
-host's rule, sampling.py, or, for a sampled request on the megakernel, by the kernel's own draws,
-coupled.py). The pass is the reference model's forward on the reference engine and the megakernel's verify step (one launch
+host's rule, sampling.py, or, for a sampled request on the megakernel, by the kernel's own draws, coupled.py).
+The pass is the reference model's forward on the reference engine and the megakernel's verify step (one launch
 of T = draft_tokens + 1 rows of the sequence, runtime/mega.py) on the megakernel engine. The Scheduler's
 speculation (serve, chat) is scheduled.py."""
 from __future__ import annotations

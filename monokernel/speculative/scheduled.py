@@ -7,9 +7,9 @@ draft tokens + 1): a decoding request's last token and its draft (padded with it
 prefilling slot's pad rows at the first positions past its valid K/V. The Scheduler's cache then holds T - 1
 positions past the context (`extra_positions`), where a padded row near the end lands. A request the kernel
 samples (Request.in_kernel: temperature > 0) has every row of its slot drawn there by its seed (coupled.py), so
-its tokens are those of plain in-kernel sampling; greedy requests confirm against the kernel's argmax. On the reference engine
-each decoding request gets one verify pass of the reference model over its own slot (KVCache.slot), one after
-another (the reference model has no per-row draft lengths).
+its tokens are those of plain in-kernel sampling; greedy requests confirm against the kernel's argmax. On the
+reference engine each decoding request gets one verify pass of the reference model over its own slot
+(KVCache.slot), one after another (the reference model has no per-row draft lengths).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .verify import SpeculativeStats, draft_budget, verify_pass
 class ScheduledSpeculation:
     """The Scheduler's `speculative` hook for one Speculation; `stats` adds up every request's passes."""
 
-    # the Scheduler marks pure temperature requests for in-kernel sampling: _batched draws them by coupled.py
+    # the Scheduler marks sampled requests for in-kernel sampling: _batched draws them by coupled.py
     samples_in_kernel = True
 
     def __init__(self, speculation: Speculation):

@@ -128,7 +128,8 @@ def test_scheduler_yields_plain_in_kernel_sampling(as_mega, which):
     if which == "self":       # the drafter draws by the same keys on the same logits: every draft confirmed
         assert h.stats.accepted == h.stats.drafted > 0
     verifier = h._verifier[1]
-    drawn = {(t, s, k) for temps, seeds, ks in verifier.asked for t, s, k in zip(temps, seeds, ks or [None] * len(temps))}
+    drawn = {(t, s, k) for temps, seeds, ks in verifier.asked
+             for t, s, k in zip(temps, seeds, ks or [None] * len(temps))}
     assert drawn <= {(0.0, 0, None), (0.9, 11, None), (0.7, 4, None), (0.8, 2, 9)}
     assert {(0.9, 11, None), (0.7, 4, None), (0.8, 2, 9)} <= drawn
 
