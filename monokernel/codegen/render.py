@@ -11,6 +11,7 @@ import jinja2
 from .. import gumbel
 from ..models.formats import FORMATS
 from ..schedule.abi import ERRORS, KERNEL_NAME, OP_TABLE, PARAMS, PROFILE_STAMPS
+from ..schedule.inputs import MAX_TOKENS_PER_SEQ
 from ..schedule.layout import MMA_ROWS
 from ..schedule.plan import KernelPlan
 from ..schedule.tasks import TASK_ACCESSORS, TASK_FIELDS, Op
@@ -44,6 +45,7 @@ def render_source(plan: KernelPlan) -> str:
         gemv=[dict(op=op.name, table=OP_TABLE[op], **g.__dict__) for op, g in plan.gemv.items()],
         task_fields=TASK_FIELDS, task_accessors=TASK_ACCESSORS, params=PARAMS,
         errors=ERRORS, kernel_name=KERNEL_NAME, mma_rows=MMA_ROWS, profile_stamps=PROFILE_STAMPS,
+        max_tokens_per_seq=MAX_TOKENS_PER_SEQ,
         sampling=dict(words=gumbel.SAMPLE_WORDS, flag_sample=gumbel.FLAG_SAMPLE, flag_top_k=gumbel.FLAG_TOP_K,
                       flag_top_p=gumbel.FLAG_TOP_P, top_candidates=gumbel.TOP_CANDIDATES))
     return resolve_includes(header)

@@ -36,6 +36,7 @@ struct KeyRange {
 // dtype for the walk (schedule.layout.attn_floats sizes the scratch for both). The task's parts take `sm` and
 // derive their pointers from these offsets rather than receive them: pointers passed in changed the compiled code.
 constexpr int ATTN_Q = 0, ATTN_KN = ATTN_Q + G * D, ATTN_VN = ATTN_KN + VT * D, ATTN_PART = ATTN_VN + VT * D;
-static_assert(VT >= 1 && VT <= 8 && B % VT == 0, "a verify step takes 1..8 rows a sequence (one 8-key tensor-core pass)");
+static_assert(VT >= 1 && VT <= MAX_VT && MAX_VT <= 8 && B % VT == 0,
+              "a verify step takes 1..MAX_VT rows a sequence, MAX_VT <= 8: one 8-key tensor-core pass");
 
 }  // namespace mk
