@@ -121,3 +121,29 @@ def test_bad_temperature_never_reaches_the_decoder(temperature):
         SamplingParams(temperature=temperature)
     with pytest.raises(InputError, match="temperature of sequence 0=.* must be a finite number >= 0"):
         KernelSampling(None, 1).set_sampling([temperature], [0])
+
+
+def test_megadecoder_set_sampling_writes_the_words():
+    """MegaDecoder.set_sampling on the CPU (no kernel: a stand-in holding what it reads): the words it copies are
+    gumbel.sampling_words of its arguments, top-k/top-p included, for the plan's rows; an unchanged call copies
+    nothing; a bad top_p raises and leaves the words. (Its arguments once went to sampling_words out of order,
+    which only the GPU tests saw.)"""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from monokernel.runtime.mega import MegaDecoder
+
+    B, V = 3, 50
+    fake = SimpleNamespace(plan=SimpleNamespace(batch=B, spec=SimpleNamespace(vocab_size=V)), stream=None,
+                           _sampling_asked=None, _sampling_words=np.zeros((B, gumbel.SAMPLE_WORDS), np.uint32),
+                           sampling=torch.zeros(B, gumbel.SAMPLE_WORDS, dtype=torch.int32))
+    args = ([0.7, 0.0, 1.3], [5, 6, 7], [None, 3, 10], [0.9, None, None])
+    MegaDecoder.set_sampling(fake, *args)
+    want = gumbel.sampling_words(args[0], args[1], B, args[2], args[3], vocab_size=V)
+    assert np.array_equal(fake.sampling.numpy().view(np.uint32), want) and fake.sampling.abs().sum() > 0
+    fake.sampling.zero_()
+    MegaDecoder.set_sampling(fake, *args)                 # unchanged: nothing copied again
+    assert fake.sampling.abs().sum() == 0
+    with pytest.raises(InputError, match="top_p"):
+        MegaDecoder.set_sampling(fake, [0.7] * 3, [1] * 3, None, [1.5, None, None])
+    assert np.array_equal(fake._sampling_words, want)
