@@ -4,6 +4,8 @@ the same weights and cache, so variants are compared within one run.
 
   python scripts/profile_megakernel.py --models llama-3.2-1b,llama-3.1-8b --context 512 \
       --variant "" --variant gemv_mma=1 --json out.json
+
+--sample T[,K[,P]] times every row sampled in the kernel at temperature T (top-k K, top-p P) instead of greedy.
 """
 import argparse
 import json
@@ -46,6 +48,8 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--weights", default="bf16", help="formats of the layers' matrices, comma-separated (e.g. "
                     "bf16,int8,int4-g128): random bf16 weights quantised round-to-nearest")
+    ap.add_argument("--sample", default=None, metavar="T[,K[,P]]",
+                    help="every row sampled in the kernel: temperature, top-k, top-p (default: greedy)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--raw", default=None, help="folder for each run's raw stamps (.npz) to analyse offline")
     args = ap.parse_args()
@@ -61,6 +65,17 @@ def main():
         json.dump(rows, open(args.json, "w"), indent=1)
 
 
+def set_sampling(mk: MegaDecoder, sample: str | None, batch: int) -> str:
+    """The --sample words on every row (seeds 1..B); what the printed line says of them."""
+    if not sample:
+        return ""
+    t, k, p = (sample.split(",") + [None, None])[:3]
+    ks = None if k is None else [int(k)] * batch
+    ps = None if p is None else [float(p)] * batch
+    mk.set_sampling([float(t)] * batch, list(range(1, batch + 1)), ks, ps)
+    return f" sampled at {t}" + (f", top-k {k}" if k else "") + (f", top-p {p}" if p else "")
+
+
 def profile_format(args, name, spec, w, fmt, rows):
     """Times and profiles one weight format of a model over the batches, contexts and variants."""
     for batch in map(int, args.batch.split(",")):
@@ -74,13 +89,14 @@ def profile_format(args, name, spec, w, fmt, rows):
                 knobs = ",".join(kv for kv in var.split(",") if kv != "launch=plain")
                 mk = MegaDecoder(w, cache, tuning=Tuning.parse(knobs))
                 mk.kernel.cooperative = "launch=plain" not in var.split(",")
+                sample = set_sampling(mk, args.sample, batch)
                 ms = time_steps(mk, tok, pos, args.steps)
                 mk.enable_profile()
                 mk.launch(tok, pos)
                 torch.cuda.synchronize()
                 s = mk.profile_summary()
                 nb = s["blocks"]
-                print(f"{name} {fmt} b{batch} ctx{ctx} [{var or 'default'}] splits={mk.plan.attn.splits} "
+                print(f"{name} {fmt} b{batch} ctx{ctx} [{var or 'default'}]{sample} splits={mk.plan.attn.splits} "
                       f"ring={mk.plan.smem.ring_stages}: {ms:.3f} ms/step (median of {args.steps}), "
                       f"profiled span {s['span_us']:.0f} us", flush=True)
                 for k, v in s.items():
@@ -93,7 +109,7 @@ def profile_format(args, name, spec, w, fmt, rows):
                     os.makedirs(args.raw, exist_ok=True)
                     tag = f"{name}-{fmt}-b{batch}-ctx{ctx}-{var.replace(',', '_').replace('=', '') or 'default'}"
                     np.savez_compressed(os.path.join(args.raw, tag + ".npz"), **mk.profile_raw())
-                rows.append(dict(model=name, weights=fmt, batch=batch, context=ctx, variant=var, ms=ms,
+                rows.append(dict(model=name, weights=fmt, batch=batch, context=ctx, variant=var, sample=args.sample, ms=ms,
                                  config=mk.plan.summary(), profile=s))
                 del mk
             del cache

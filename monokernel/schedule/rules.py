@@ -45,10 +45,15 @@ def mma_quantised_fits(i: KernelInputs) -> bool:
 
 
 def rule_lmhead_mma(i: KernelInputs, t: Tuning) -> bool:
-    # with the other ops: a tensor-core kernel streams the LM head in its 8-row chunks as well (perf note 30
-    # measured it slower at 8B batch 1 in a quantised kernel: 333 against 217 us on CUDA cores; lmhead_mma=0
-    # is that A/B)
-    return bool(t.gemv_mma)
+    # with the other ops: a tensor-core kernel streams the LM head in its 8-row chunks as well, except where the
+    # H200 measured the bf16 LM head faster on CUDA cores in a quantised kernel (perf note 37, 8B, two rounds
+    # each): batch 1 but fp8 (int4-g128 -2.2 %, zero-point int4 -2.1 %, int8-g32 -1.0 %; fp8 +0.9 %) and
+    # batch 2 of the 8-bit formats (int8-g32 -1.3 %, fp8 -1.1 %; int4 +0.1 to +0.9 %); at batch 8 +3.5-6.4 %
+    if not t.gemv_mma:
+        return False
+    if i.weights.quantised and (i.batch == 1 and not is_fp8(i) or i.batch == 2 and i.weights.bits == 8):
+        return False
+    return True
 
 
 def rule_consumer_warps(i: KernelInputs, t: Tuning) -> int:

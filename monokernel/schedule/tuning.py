@@ -28,8 +28,8 @@ class Tuning:
     # 30): warp steps unrolled together, each a dependent chain of shared load, unpack, mma and group fold;
     # each segment's scale (and Q4_1 min) table stored XOR-swizzled by row, so the 4 rows 2c a warp reads
     # together (128-byte multiples apart) hit 4 banks instead of one (mma_tiles.py); the bf16 LM head on
-    # tensor cores (None: where the other ops are) or on CUDA cores (perf note 30: 333 against 217 us at 8B
-    # batch 1).
+    # tensor cores or on CUDA cores (None: where the other ops are, but CUDA cores in the quantised kernels at
+    # batch 1-2 the H200 measured faster that way: rules.py, perf note 37).
     mma_code_unroll: int = 2
     mma_scale_swizzle: bool = False
     lmhead_mma: bool | None = None

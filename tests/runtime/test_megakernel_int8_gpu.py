@@ -103,7 +103,7 @@ def test_loop_knobs_logits_match_reference(name, fmt, batch, knobs):
     gen = torch.Generator().manual_seed(batch)
     lengths = [int(x) for x in torch.randint(1, 300, (batch,), generator=gen)]
     c_ref, c_mk = prefilled(ref, batch, 320, lengths, gen)
-    mk = MegaDecoder(w, c_mk, timeout_s=20.0, **LOOP_KNOBS[knobs])
+    mk = MegaDecoder(w, c_mk, timeout_s=20.0, **{"lmhead_mma": True, **LOOP_KNOBS[knobs]})   # each knob alone
     assert mk.plan.gemv[Op.QKV].scale_swizzle == knobs.startswith("swizzle")
     assert mk.plan.gemv[Op.LMHEAD].on_tensor_cores == (knobs != "lmhead-cuda-cores")
     _teacher_forced(mk, ref, c_ref, lengths, spec.vocab_size, gen, steps=4)

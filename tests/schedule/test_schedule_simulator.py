@@ -251,6 +251,7 @@ def test_quantised_loop_knobs(knobs, fmt, name, batch):
     """The quantised tensor-core loop's knobs (perf note 35) leave a plan whose schedule simulates to the reference
     on the same packed weights; lmhead_mma=0 cuts the LM head's tiles into CUDA-core chunks of whole rows."""
     spec = GGUF_SPECS[name]
-    plan = plan_for(spec, batch, MAX_SEQ, fmt, "bf16", gpu=GpuInfo(sm_count=7), min_kv_chunk=4, **knobs)
+    plan = plan_for(spec, batch, MAX_SEQ, fmt, "bf16", gpu=GpuInfo(sm_count=7), min_kv_chunk=4,
+                    **{"lmhead_mma": True, **knobs})
     assert plan.gemv[Op.LMHEAD].on_tensor_cores == knobs.get("lmhead_mma", True)
     _packed_matches_reference(quantised_weights(spec, fmt, seed=batch), plan, batch, steps=2, argmax=True)
