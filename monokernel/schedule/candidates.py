@@ -49,9 +49,10 @@ def tile_mass(logits: np.ndarray, inv_t: np.float32) -> np.float32:
 
 
 def merge_keys(cand: np.ndarray) -> np.ndarray:
-    """The first KC keys of all tiles' (tiles, KC) lists, descending, as the kernel streams them: depth by
-    depth over the tiles, stopping at the first depth where no tile's key beats the KC-th kept so far (the
-    lists descend, so no deeper key can)."""
+    """The first KC keys of all tiles' (tiles, KC) lists, descending: depth by depth over the tiles, stopping at
+    the first depth where no tile's key beats the KC-th kept so far (the lists descend, so no deeper key can).
+    The kernel loads rounds of several depths before it pushes them and stops after a round whose last depth
+    kept nothing; which keys are kept does not depend on that order, so the result is the same."""
     kept = np.zeros(0, dtype=_U64)
     for j in range(KC):
         thr = kept[KC - 1] if len(kept) >= KC else _U64(0)

@@ -242,6 +242,32 @@ def test_preset_vocabulary_top_p():
     assert ties <= 1
 
 
+def test_top_of_the_vocabulary_in_one_lm_head_tile():
+    """llama-3.2-1b's LM head rows 5000-5063 set to growing multiples of the row of the top token, so the 64 top
+    tokens all lie in one of the 132 tiles (972 rows each, 4860-5831): the merge walks that tile's whole list,
+    round after round, while every other tile stops giving keys after its first (perf note 38). top-k 64 and 50
+    and top-p 0.5 draws, over several seeds, are the model's from the kernel's logits up to near-ties."""
+    spec = preset("llama-3.2-1b")
+    w, (probe, mk), tok, pos = _setup(spec, 1, seed=4, max_seq=128)
+    tok.fill_(7)                       # not a row the test rewrites (the 1B preset ties its embedding to the head)
+    _, logits = probe.step(tok, pos)
+    top = int(logits[0].float().argmax())
+    temp = float(logits[0].float().std())   # the scores' spread about 1: the 64 (3-3.1x the top logit) dominate
+    assert float(logits[0, top]) > 0
+    scale = torch.linspace(3.0, 3.1, 64, device="cuda", dtype=torch.float32)[:, None]   # near-equal draws
+    w.lm_head[5000:5064] = (w.lm_head[top].float() * scale).to(w.lm_head.dtype)
+    ties = 0
+    for seed, (k, p) in enumerate([(64, None), (50, None), (None, 0.5), (64, 0.9)] * 2):
+        mk.set_sampling([temp], [seed], [k], [p])
+        got, logits = mk.step(tok, pos)
+        assert set(logits[0].float().topk(64).indices.tolist()) == set(range(5000, 5064))
+        words = gumbel.sampling_words([temp], [seed], 1, [k], [p])
+        t, flagged = _assert_filtered_draws(mk, got, logits, words, pos)
+        assert not flagged and 5000 <= int(got[0]) < 5064
+        ties += t
+    assert ties <= 1
+
+
 def test_flat_nucleus_flagged_and_drawn_on_the_host():
     """Temperature 60 flattens the tiny model's logits: top_p = 0.99 needs far more than TOP_CANDIDATES tokens,
     so the kernel flags the row and the decoder's token is the model's full-vocabulary draw; top_k 65 is

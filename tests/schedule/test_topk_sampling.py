@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from monokernel import gumbel
+from monokernel.codegen.headers import read_kernel_file
 from monokernel.errors import InputError
 from monokernel.runtime.sampling import SamplingParams, probabilities
 from monokernel.schedule import candidates
@@ -300,7 +301,8 @@ def test_kernel_constants_generated():
     # what the lane-level emulation below transcribes: the network's directions and the keep's threshold
     assert "const bool desc = ((32 * s) & size) == 0;" in topk and "const bool take_max = lower == desc;" in topk
     assert "((lane + 32 * s) & size) == 0, lower = (lane & stride) == 0;" in topk
-    assert "if (n + __popc(m) > KEEP_CAP)" in topk and "thr = __shfl_sync(0xffffffffu, k[KPL / 2 - 1], 31);" in topk
+    assert "if (n + __popc(m) > KEEP_CAP)" in topk and "return __shfl_sync(0xffffffffu, k[KPL / 2 - 1], 31);" in topk
+    assert "thr = shrink_keys(buf, n, lane);" in topk
 
 
 # ---- lane-level emulation of topk.cuh's warp code ---------------------------------------------------------
@@ -331,25 +333,36 @@ def _warp_sort_desc(k: np.ndarray) -> np.ndarray:
     return k
 
 
-def _keep(stream: np.ndarray) -> np.ndarray:
-    """Keep's push / shrink / sorted as topk.cuh writes them, over a stream of keys 32 at a time."""
-    cap, buf, n, thr = 2 * KC, np.zeros(2 * KC, dtype=np.uint64), 0, np.uint64(0)
+class _Keep:
+    """Keep's push / shrink / sorted as topk.cuh writes them: a push is one key from each of the 32 lanes."""
 
-    def sort():
-        k = np.where(np.arange(cap) < n, buf, np.uint64(0)).reshape(cap // 32, 32)
-        return _warp_sort_desc(k).reshape(-1)
+    def __init__(self):
+        self.cap = 2 * KC
+        self.buf, self.n, self.thr = np.zeros(self.cap, dtype=np.uint64), 0, np.uint64(0)
 
-    for key in np.pad(stream, (0, -len(stream) % 32)).reshape(-1, 32).astype(np.uint64):
-        hit = key > thr
+    def sorted(self) -> np.ndarray:
+        k = np.where(np.arange(self.cap) < self.n, self.buf, np.uint64(0)).reshape(self.cap // 32, 32)
+        return _warp_sort_desc(k).reshape(-1)[:KC]
+
+    def push(self, key: np.ndarray) -> bool:
+        hit = key > self.thr
         if not hit.any():
-            continue
-        if n + hit.sum() > cap:
-            buf[:KC] = sort()[:KC]
-            thr, n = buf[KC - 1], KC
-            hit = key > thr
-        buf[n:n + hit.sum()] = key[hit]     # lane order: the ballot's prefix count
-        n += int(hit.sum())
-    return sort()[:KC]
+            return False
+        if self.n + hit.sum() > self.cap:       # shrink_keys
+            self.buf[:KC] = self.sorted()
+            self.thr, self.n = self.buf[KC - 1], KC
+            hit = key > self.thr
+        self.buf[self.n:self.n + hit.sum()] = key[hit]     # lane order: the ballot's prefix count
+        self.n += int(hit.sum())
+        return bool(hit.any())
+
+
+def _keep(stream: np.ndarray) -> np.ndarray:
+    """The keep over a stream of keys 32 at a time."""
+    kp = _Keep()
+    for key in np.pad(stream, (0, -len(stream) % 32)).reshape(-1, 32).astype(np.uint64):
+        kp.push(key)
+    return kp.sorted()
 
 
 def test_warp_sort_network():
@@ -372,3 +385,103 @@ def test_keep_buffer_is_the_first_ranks(order):
         row = {"random": row, "ascending": np.sort(row), "descending": np.sort(row)[::-1]}[order]
         keys = candidates.rank_keys(row, 3000)
         assert _keep(keys).tolist() == candidates.tile_keep(row, 3000).tolist()
+
+
+# ---- the rounds of loads before pushes (perf note 38), a warp at a time -------------------------------------
+# The tile keep's rounds of KEEP_LOADS logits a lane and the final merge's rounds of MERGE_DEPTHS ranks of
+# MERGE_TILES tiles a lane, with its stop after a round whose last rank kept nothing, must keep exactly the first
+# TOP_CAND keys candidates.py keeps: on random tilings, every top token in one tile, tiles shorter than TOP_CAND,
+# more tiles than one round holds.
+TOPK = read_kernel_file("topk.cuh")
+
+
+def _constant(name: str) -> int:
+    return int(re.search(rf"constexpr int {name} = (\d+);", TOPK).group(1))
+
+
+KEEP_LOADS, MERGE_TILES, MERGE_DEPTHS = (_constant(n) for n in ("KEEP_LOADS", "MERGE_TILES", "MERGE_DEPTHS"))
+
+
+def kernel_tile_keep(logits: np.ndarray, index0: int) -> list[int]:
+    keys = candidates.rank_keys(logits, index0)
+    rows, kp = len(keys), _Keep()
+    for r0 in range(0, rows, 32 * KEEP_LOADS):
+        for g in range(KEEP_LOADS):
+            if r0 + 32 * g < rows:
+                lanes = range(r0 + 32 * g, r0 + 32 * g + 32)
+                kp.push(np.array([keys[r] if r < rows else 0 for r in lanes], dtype=np.uint64))
+    return [int(k) for k in kp.sorted() if k]
+
+
+def kernel_merge(cand: np.ndarray) -> tuple[list[int], int]:
+    """The merge as final_filtered runs it; also the rounds of depths it took."""
+    num_tiles, kp, rounds = len(cand), _Keep(), 0
+    for j in range(0, KC, MERGE_DEPTHS):
+        rounds += 1
+        deeper = False
+        for t0 in range(0, num_tiles, 32 * MERGE_TILES):
+            for d in range(MERGE_DEPTHS):
+                for u in range(MERGE_TILES):
+                    if t0 + 32 * u >= num_tiles:
+                        continue
+                    tiles = range(t0 + 32 * u, t0 + 32 * u + 32)
+                    kept = kp.push(np.array([cand[t, j + d] if t < num_tiles else 0 for t in tiles], np.uint64))
+                    deeper |= kept and d == MERGE_DEPTHS - 1
+        if not deeper:
+            break
+    return [int(k) for k in kp.sorted() if k], rounds
+
+
+def tiled(logits: np.ndarray, tiles: int) -> np.ndarray:
+    rows = -(-len(logits) // tiles)
+    return np.stack([candidates.tile_keep(logits[t * rows:(t + 1) * rows], t * rows) for t in range(tiles)])
+
+
+@pytest.mark.parametrize("rows", [1, 31, 32, 64, 65, 511, 512, 513, 972, 1152])
+def test_tile_keep_rounds_keep_the_tiles_first_ranks(rows):
+    rng = np.random.default_rng(rows)
+    for logits in (rng.standard_normal(rows).astype(np.float32) * 3,
+                   np.sort(rng.standard_normal(rows).astype(np.float32)),          # ascending: every push appends
+                   np.round(rng.standard_normal(rows) * 2).astype(np.float32)):   # ties, broken by the index
+        want = [int(k) for k in candidates.tile_keep(logits, 1000) if k]
+        assert kernel_tile_keep(logits, 1000) == want
+
+
+@pytest.mark.parametrize("tiles,vocab", [(132, 128256), (132, 151936), (7, 1000), (161, 49152), (400, 128256),
+                                         (3, 120)])
+def test_merge_rounds_keep_the_vocabularys_first_ranks(tiles, vocab):
+    rng = np.random.default_rng(tiles)
+    logits = rng.standard_normal(vocab).astype(np.float32) * 3
+    cand = tiled(logits, tiles)
+    got, rounds = kernel_merge(cand)
+    assert got == [int(k) for k in candidates.merge_keys(cand) if k]
+    if tiles >= 132:        # random logits over a block's tile each: 3-5 ranks deep (perf note 38), one or two rounds
+        assert rounds <= 2
+
+
+def test_merge_walks_deep_when_one_tile_holds_the_top():
+    """Every one of the first KC ranks in one tile: the merge must walk all KC ranks of it, round after round,
+    while every other tile stops giving keys after its first."""
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal(128256).astype(np.float32)
+    logits[5000:5000 + KC] = 10 + rng.random(KC).astype(np.float32)    # tile 5 of 132 (972 rows a tile)
+    cand = tiled(logits, 132)
+    got, rounds = kernel_merge(cand)
+    assert got == [int(k) for k in candidates.merge_keys(cand)]
+    assert sorted(candidates.key_indices(np.array(got, dtype=np.uint64))) == list(range(5000, 5000 + KC))
+    assert rounds == KC // MERGE_DEPTHS
+
+
+def test_merge_stop_rule_is_needed():
+    """A stop after the first round, whatever it kept, loses ranks when the top sits in a few tiles: the test
+    above would catch a stop rule that looked at the round's first rank instead of its last."""
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal(128256).astype(np.float32)
+    logits[972 * 7:972 * 7 + 20] = 8 + rng.random(20).astype(np.float32)
+    cand = tiled(logits, 132)
+    kp = _Keep()
+    for d in range(MERGE_DEPTHS):   # one round only
+        for u in range(MERGE_TILES):
+            kp.push(np.array([cand[t, d] if t < 132 else 0 for t in range(32 * u, 32 * u + 32)], dtype=np.uint64))
+    assert kp.sorted().tolist() != candidates.merge_keys(cand).tolist()
+    assert kernel_merge(cand)[0] == [int(k) for k in candidates.merge_keys(cand)]

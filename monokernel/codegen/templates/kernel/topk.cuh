@@ -80,9 +80,14 @@ __device__ __forceinline__ void warp_sort_desc(uint64_t (&k)[N], int lane) {
   }
 }
 
+// Sorts a warp's n buffered keys and keeps the first TOP_CAND; returns the TOP_CAND-th, the new threshold. Not
+// inlined: a push's fast path (a ballot and an append) is unrolled many times over, the sort runs 2-3 times a row.
+__device__ __noinline__ uint64_t shrink_keys(uint64_t* buf, int n, int lane);
+
 // A warp's first TOP_CAND of the keys it pushes, in its shared-memory buffer: a key above `thr` (the TOP_CAND-th
 // kept at the last shrink, 0 before any) is appended; a push that would overflow first sorts the buffer and
-// keeps TOP_CAND. Warp-uniform calls only.
+// keeps TOP_CAND. Which keys end up kept does not depend on the order they are pushed in (a key at or below
+// `thr` has TOP_CAND keys above it), so callers push in whatever order their loads arrive. Warp-uniform calls.
 struct Keep {
   uint64_t* buf;
   int n;
@@ -95,22 +100,13 @@ struct Keep {
     warp_sort_desc(k, lane);
   }
 
-  __device__ __forceinline__ void shrink(int lane) {
-    uint64_t k[KPL];
-    sorted(k, lane);
-    __syncwarp();   // every lane read the buffer before any lane overwrites it
-#pragma unroll
-    for (int s = 0; s < KPL / 2; ++s) buf[lane + 32 * s] = k[s];
-    thr = __shfl_sync(0xffffffffu, k[KPL / 2 - 1], 31);
-    n = TOP_CAND;
-  }
-
   // One key a lane (0: none); true when any lane's key was kept.
   __device__ __forceinline__ bool push(uint64_t key, int lane) {
     unsigned m = __ballot_sync(0xffffffffu, key > thr);
     if (!m) return false;
     if (n + __popc(m) > KEEP_CAP) {
-      shrink(lane);
+      thr = shrink_keys(buf, n, lane);
+      n = TOP_CAND;
       m = __ballot_sync(0xffffffffu, key > thr);
     }
     if (key > thr) buf[n + __popc(m & ((1u << lane) - 1u))] = key;
@@ -118,6 +114,26 @@ struct Keep {
     return m != 0;
   }
 };
+
+__device__ __noinline__ uint64_t shrink_keys(uint64_t* buf, int n, int lane) {
+  uint64_t k[KPL];
+  Keep{buf, n, 0ull}.sorted(k, lane);
+  __syncwarp();   // every lane read the buffer before any lane overwrites it
+#pragma unroll
+  for (int s = 0; s < KPL / 2; ++s) buf[lane + 32 * s] = k[s];
+  return __shfl_sync(0xffffffffu, k[KPL / 2 - 1], 31);
+}
+
+// Loads a round issues before it pushes any of them. Each load that waits for the one before costs an L2 round
+// trip, and at the end of a step those are slow: the other blocks are streaming the LM head or the next step's
+// weights (perf note 38). Tile side: logits a lane loads at once (8: four rounds for a 972-row tile, against 31
+// before). Final side: tiles a lane loads at once (5: the 132 tiles of one LM-head tile a block in one round),
+// each MERGE_DEPTHS consecutive ranks in one 16-byte load. More of either measured in registers: 16 logits or
+// 4 ranks left the kernel's other code too few around the call (1B batch 3 spilled 48 bytes under 168).
+constexpr int KEEP_LOADS = 8;
+constexpr int MERGE_TILES = 5;
+constexpr int MERGE_DEPTHS = 2;
+static_assert(TOP_CAND % MERGE_DEPTHS == 0 && MERGE_DEPTHS % 2 == 0, "ranks are loaded in pairs, whole rounds");
 
 // Tile side, for row b of a top-k/top-p sequence and the tile's rows [row0, row0 + rows): its first TOP_CAND keys
 // into Params::lm_cand and, for top-p alone, its sum of exp((logit - tile max) / T) into lm_sum. One warp;
@@ -130,9 +146,18 @@ __device__ __noinline__ void lm_tile_keep(const Params& p, int row0, int rows, i
   const float* row = p.logits + (size_t)b * V + row0;
   __syncwarp();   // the warp's last reads of the buffer (a row before) precede these appends
   Keep kp{buf, 0, 0ull};
-  for (int r0 = 0; r0 < rows; r0 += 32) {
-    const int r = r0 + lane;
-    kp.push(r < rows ? rank_key(row[r], row0 + r) : 0ull, lane);
+  for (int r0 = 0; r0 < rows; r0 += 32 * KEEP_LOADS) {
+    float v[KEEP_LOADS];
+#pragma unroll
+    for (int g = 0; g < KEEP_LOADS; ++g) {
+      const int r = r0 + 32 * g + lane;
+      v[g] = r < rows ? row[r] : 0.f;
+    }
+#pragma unroll
+    for (int g = 0; g < KEEP_LOADS; ++g) {
+      const int r = r0 + 32 * g + lane;
+      if (r0 + 32 * g < rows) kp.push(r < rows ? rank_key(v[g], row0 + r) : 0ull, lane);   // warp-uniform
+    }
   }
   uint64_t k[KPL];
   kp.sorted(k, lane);
@@ -174,25 +199,36 @@ __device__ __noinline__ void final_filtered(const Params& p, int num_tiles, int 
     }
   }
   __syncwarp();
+  // Rounds of MERGE_DEPTHS ranks of every tile, all loaded before any is pushed. Each tile's keys descend, so a
+  // tile whose last key of a round was not kept has nothing deeper to offer, and once no tile's was, nothing
+  // deeper beats what is kept (the threshold only rises).
   Keep kp{buf, 0, 0ull};
-  constexpr int U = 4;   // tiles a lane loads before it pushes them: their L2 latencies overlap
-  for (int j = 0; j < TOP_CAND; ++j) {
-    bool any = false;
-    for (int t0 = 0; t0 < num_tiles; t0 += 32 * U) {
-      uint64_t key[U];
+  for (int j = 0; j < TOP_CAND; j += MERGE_DEPTHS) {
+    bool deeper = false;
+    for (int t0 = 0; t0 < num_tiles; t0 += 32 * MERGE_TILES) {
+      uint64_t key[MERGE_TILES][MERGE_DEPTHS];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
+      for (int u = 0; u < MERGE_TILES; ++u) {
         const int tile = t0 + 32 * u + lane;
-        key[u] = tile < num_tiles ? __ldcg(cand + (size_t)tile * B * TOP_CAND + j) : 0ull;
-      }
-#pragma unroll 1   // one copy of the push and its sort; the keys shift down so their registers stay named
-      for (int u = 0; u < U; ++u) {
-        any |= kp.push(key[0], lane);
+        const ulonglong2* src = reinterpret_cast<const ulonglong2*>(cand + (size_t)tile * B * TOP_CAND + j);
 #pragma unroll
-        for (int v = 0; v + 1 < U; ++v) key[v] = key[v + 1];
+        for (int d = 0; d < MERGE_DEPTHS; d += 2) {
+          const ulonglong2 two = tile < num_tiles ? __ldcg(src + d / 2) : make_ulonglong2(0ull, 0ull);   // 16 B aligned
+          key[u][d] = two.x;
+          key[u][d + 1] = two.y;
+        }
+      }
+#pragma unroll
+      for (int d = 0; d < MERGE_DEPTHS; ++d) {
+#pragma unroll
+        for (int u = 0; u < MERGE_TILES; ++u) {
+          if (t0 + 32 * u >= num_tiles) continue;   // warp-uniform: no lane has such a tile
+          const bool kept = kp.push(key[u][d], lane);
+          if (d == MERGE_DEPTHS - 1) deeper |= kept;
+        }
       }
     }
-    if (!any) break;   // each tile's keys descend: nothing deeper beats what is kept
+    if (!deeper) break;
   }
   constexpr int NR = KPL / 2;   // ranks a lane holds: rank lane + 32 * s in k[s]
   uint64_t k[KPL];
