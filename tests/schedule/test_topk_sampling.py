@@ -455,8 +455,8 @@ def test_merge_rounds_keep_the_vocabularys_first_ranks(tiles, vocab):
     cand = tiled(logits, tiles)
     got, rounds = kernel_merge(cand)
     assert got == [int(k) for k in candidates.merge_keys(cand) if k]
-    if tiles >= 132:        # random logits over a block's tile each: 3-5 ranks deep (perf note 38), one or two rounds
-        assert rounds <= 2
+    if tiles >= 132:        # random logits over a block's tile each: 3-5 ranks deep (perf note 38)
+        assert rounds <= -(-6 // MERGE_DEPTHS)
 
 
 def test_merge_walks_deep_when_one_tile_holds_the_top():

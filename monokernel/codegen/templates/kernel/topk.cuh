@@ -128,8 +128,9 @@ __device__ __noinline__ uint64_t shrink_keys(uint64_t* buf, int n, int lane) {
 // trip, and at the end of a step those are slow: the other blocks are streaming the LM head or the next step's
 // weights (perf note 38). Tile side: logits a lane loads at once (8: four rounds for a 972-row tile, against 31
 // before). Final side: tiles a lane loads at once (5: the 132 tiles of one LM-head tile a block in one round),
-// each MERGE_DEPTHS consecutive ranks in one 16-byte load. More of either measured in registers: 16 logits or
-// 4 ranks left the kernel's other code too few around the call (1B batch 3 spilled 48 bytes under 168).
+// each MERGE_DEPTHS consecutive ranks in one 16-byte load (16-byte aligned: j is even, a list is 512 bytes).
+// More of either costs the kernel registers around the calls: 4 ranks spilled 48 bytes at 1B batch 3 under 8
+// warps' 168, 16 logits left none spare there (168 of 168).
 constexpr int KEEP_LOADS = 8;
 constexpr int MERGE_TILES = 5;
 constexpr int MERGE_DEPTHS = 2;
@@ -213,7 +214,7 @@ __device__ __noinline__ void final_filtered(const Params& p, int num_tiles, int 
         const ulonglong2* src = reinterpret_cast<const ulonglong2*>(cand + (size_t)tile * B * TOP_CAND + j);
 #pragma unroll
         for (int d = 0; d < MERGE_DEPTHS; d += 2) {
-          const ulonglong2 two = tile < num_tiles ? __ldcg(src + d / 2) : make_ulonglong2(0ull, 0ull);   // 16 B aligned
+          const ulonglong2 two = tile < num_tiles ? __ldcg(src + d / 2) : make_ulonglong2(0ull, 0ull);
           key[u][d] = two.x;
           key[u][d + 1] = two.y;
         }
