@@ -150,7 +150,8 @@ class Layout:
         segment where a tensor-core op stages its global input there (0: no input lives there)."""
         widest = max((g.cols for g in self.gemv.values() if g.in_smem), default=0)
         if any(g.seg_staged for g in self.gemv.values()):
-            return max(widest, -(-mma_kseg(self.i, self.t) // 64) * 64)   # staged rows are whole 128-byte groups
+            # staged rows are whole 128-byte groups; seg_prefetch stages the next segment beside the current one
+            return max(widest, staged_buffers(self.t) * (-(-mma_kseg(self.i, self.t) // 64) * 64))
         return widest
 
     def flush_chunks(self, g: GemvPlan) -> int:
@@ -305,6 +306,11 @@ def seg_staged(i: KernelInputs, t: Tuning, cols: int) -> bool:
     segment and the consumers stage each input segment once in the shared-memory input area, instead of
     loading the input from L2 inside the mma loop, where each slot waited a round trip (perf note 17)."""
     return t.gemv_mma and t.seg_staging and not input_in_smem(i, t, cols)
+
+
+def staged_buffers(t: Tuning) -> int:
+    """Input segments the staged input area holds: the current one, and with seg_prefetch the next one."""
+    return 2 if t.seg_prefetch else 1
 
 
 def whole_copies(nbytes: int) -> int:

@@ -119,6 +119,9 @@ def _check(i: KernelInputs, t: Tuning, lay: Layout) -> None:
     if t.mma_scale_swizzle and not (t.gemv_mma and i.weights.quantised and i.weights.group_size):
         raise UnsupportedModelError("mma_scale_swizzle=1 needs weights with a scale a group on tensor cores "
                                     f"(gemv_mma=1); {i.weights.name} with gemv_mma={int(t.gemv_mma)} has none")
+    if t.seg_prefetch and i.weights.quantised:
+        raise UnsupportedModelError(f"seg_prefetch=1 needs 16-bit weights: a {i.weights.name} kernel sizes its staged "
+                                    "segments to the whole input area; use seg_prefetch=0")
     if t.mma_kseg_max < 32 or t.mma_kseg_max % 32:
         raise UnsupportedModelError(f"mma_kseg_max={t.mma_kseg_max} must be a positive multiple of 32")
     if t.attn_key_batch < 1 or t.attn_pv_unroll < 1 or t.min_kv_chunk < 1:

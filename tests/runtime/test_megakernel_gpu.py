@@ -69,6 +69,38 @@ def test_logits_match_reference(name, batch, overrides, dtype):
         tok, pos = expect.argmax(-1), pos + 1
 
 
+# seg_prefetch (perf note 40): the staged input segments double-buffered. As at 8B batch 8 (the RMSNorm ops' inputs in
+# shared memory, the down projection's staged: budget B x hidden x 2), and every op staged (budget 0, the RMSNorm ones
+# from the global scratch); segments of 160 with tails, and several flushes a task where tiles span chunks
+SEG_PREFETCH = ("down-staged", "all-staged")
+
+
+@pytest.mark.parametrize("inputs", SEG_PREFETCH)
+@pytest.mark.parametrize("name", list(TINY_SPECS))
+@pytest.mark.parametrize("batch", [3, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_seg_prefetch_logits_match_reference(name, batch, inputs, dtype):
+    spec = TINY_SPECS[name]
+    gen = torch.Generator().manual_seed(batch)
+    w = random_weights(spec, dtype, "cuda", seed=11 + batch)
+    ref = ReferenceModel(w)
+    lengths = [int(x) for x in torch.randint(1, 300, (batch,), generator=gen)]
+    c_ref, c_mk = prefilled(ref, batch, 320, lengths, gen)
+    budget = batch * spec.hidden_size * 2 if inputs == "down-staged" else 0
+    mk = _decoder(w, c_mk, seg_prefetch=1, input_smem_budget=budget, mma_kseg_max=160)
+    assert mk.plan.gemv[Op.DOWN].seg_staged and mk.plan.smem.input_len >= 2 * 192
+    assert mk.plan.gemv[Op.QKV].in_smem == (inputs == "down-staged")
+    pos = torch.tensor(lengths, device="cuda")
+    tok = torch.randint(0, spec.vocab_size, (batch,), generator=gen).cuda()
+    for _ in range(4):
+        mk.logits.fill_(float("nan"))
+        nxt, logits = mk.step(tok, pos)
+        expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
+        assert torch.isfinite(logits).all() and rel_norm(logits, expect) < HALF_TOL, (name, batch, inputs)
+        assert torch.equal(nxt, logits.argmax(-1))
+        tok, pos = expect.argmax(-1), pos + 1
+
+
 def _greedy_runs(w, steps: int, teacher_forced: bool, prompt_ids: list[int] | None = None):
     """Greedy decode with the megakernel and the reference side by side (batch 1) after a prefill of
     the prompt (default: 8 random tokens). Teacher-forced: both are fed the reference's token, so one
@@ -235,18 +267,20 @@ def test_bitwise_deterministic():
     assert torch.equal(runs[0][2], runs[1][2])
 
 
+@pytest.mark.parametrize("knobs", [{}, {"seg_prefetch": 1}], ids=["default", "seg-prefetch"])
 @pytest.mark.parametrize("batch", [8, 16])
-def test_large_batch_preset(batch):
+def test_large_batch_preset(batch, knobs):
     """A large-batch preset matches the reference. llama-3.2-1b at batch 8/16: tensor cores, the down projection's
     input staged from global memory one K segment at a time (segment-major chunks, accumulators kept across
-    segments)."""
+    segments), and with seg_prefetch=1 the next segment staged while the current one runs (perf note 40)."""
     w = random_weights(preset("llama-3.2-1b"), torch.bfloat16, "cuda", seed=2)
     ref = ReferenceModel(w)
     gen = torch.Generator().manual_seed(batch)
     lengths = [int(x) for x in torch.randint(1, 200, (batch,), generator=gen)]
     c_ref, c_mk = prefilled(ref, batch, 256, lengths, gen)
-    mk = _decoder(w, c_mk)
+    mk = _decoder(w, c_mk, **knobs)
     assert mk.plan.tuning.gemv_mma and not mk.plan.gemv[Op.DOWN].in_smem and mk.plan.gemv[Op.DOWN].seg_staged
+    assert mk.plan.tuning.seg_prefetch == bool(knobs)
     pos = torch.tensor(lengths, device="cuda")
     tok = torch.randint(0, w.spec.vocab_size, (batch,), generator=gen).cuda()
     for _ in range(6):

@@ -64,6 +64,37 @@ def test_no_input_in_smem():
 
 
 @pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("batch", [3, 8, 16])
+def test_seg_prefetch_fits(name, batch):
+    """seg_prefetch=1 (perf note 40): the input area holds two staged segments wherever an op stages them, the
+    layout still fits with a ring of at least two slots, and the schedule builds; the ops' paths are the
+    default's. At 8B batch 8 the area already held two (B x 4096 for the RMSNorm ops): no ring slot lost."""
+    base = plan_for(preset(name), batch, 4096)
+    on = plan_for(preset(name), batch, 4096, seg_prefetch=1)
+    assert on.smem.total <= on.gpu.smem_per_block and on.smem.ring_stages >= 2
+    # (the ring a slot shorter may turn the L2 lookahead's rule, and with it the tiles, at 1B)
+    shape = lambda p: {op: (g.in_smem, g.seg_staged, g.seg_major, g.kseg) for op, g in p.gemv.items()}
+    assert shape(on) == shape(base) and on.mma_kseg == base.mma_kseg
+    seg_row = -(-on.mma_kseg // 64) * 64
+    if any(g.seg_staged for g in on.gemv.values()):
+        assert on.smem.input_len >= 2 * seg_row
+        assert on.smem.input_len == max(base.smem.input_len, 2 * seg_row)
+    else:
+        assert on.smem == base.smem
+    build_schedule(on)
+    if (name, batch) == ("llama-3.1-8b", 8):
+        assert on.smem == base.smem and on.gemv == base.gemv
+        assert [op for op in GEMV_OPS if on.gemv[op].seg_staged] == [Op.DOWN]
+
+
+def test_seg_prefetch_refused_for_quantised_weights():
+    """A quantised kernel sizes its staged segments to the whole input area: two do not fit."""
+    with pytest.raises(UnsupportedModelError, match="seg_prefetch=1 needs 16-bit weights"):
+        plan_for(preset("llama-3.1-8b"), 8, 4096, "int4-g128", "bf16", seg_prefetch=1)
+    assert plan_for(preset("llama-3.1-8b"), 8, 4096, "int4-g128", "bf16").tuning.seg_prefetch is False
+
+
+@pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("batch", [1, 2, 3, 8, 16])
 def test_attention_slots(name, batch):
     """Attention slots hold whole passes of the key walk."""

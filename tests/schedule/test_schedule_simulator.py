@@ -255,3 +255,27 @@ def test_quantised_loop_knobs(knobs, fmt, name, batch):
                     **{"lmhead_mma": True, **knobs})
     assert plan.gemv[Op.LMHEAD].on_tensor_cores == knobs.get("lmhead_mma", True)
     _packed_matches_reference(quantised_weights(spec, fmt, seed=batch), plan, batch, steps=2, argmax=True)
+
+
+# seg_prefetch (perf note 40): with the rules' inputs (the tiny down projections' inputs fit shared memory: the
+# knob then changes nothing), as at 8B batch 8 (the RMSNorm ops' inputs in shared memory, the down projection's
+# staged) and with every op staged, over K segments of 160 with tails, where it double-buffers the segments
+SEG_PREFETCH = ("rules", "down-staged", "all-staged")
+
+
+@pytest.mark.parametrize("inputs", SEG_PREFETCH)
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("batch", [3, 8])
+def test_seg_prefetch(inputs, name, batch):
+    """seg_prefetch=1's plans (two staged segments in the input area) schedule and simulate to the reference."""
+    spec = TINY_SPECS[name]
+    knobs = {} if inputs == "rules" else dict(mma_kseg_max=160, input_smem_budget=batch * spec.hidden_size * 2
+                                              if inputs == "down-staged" else 0)
+    plan = plan_for(spec, batch, MAX_SEQ, gpu=GpuInfo(sm_count=7), min_kv_chunk=4, seg_prefetch=1, **knobs)
+    staged = [op for op, g in plan.gemv.items() if g.seg_staged]
+    assert bool(staged) == (inputs != "rules") and plan.tuning.gemv_mma
+    if staged:
+        assert Op.DOWN in staged and plan.smem.input_len >= 2 * 192
+        assert (Op.QKV in staged) == (inputs == "all-staged")
+    w = random_weights(spec, torch.float32, seed=batch)
+    _packed_matches_reference(w, plan, batch, steps=2, argmax=True)

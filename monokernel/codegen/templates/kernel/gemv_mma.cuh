@@ -227,6 +227,17 @@ __device__ __forceinline__ int seg_vec(int b, int j) {
   return b * SEG_ROW_VECS + (j ^ ((b & 1) << 2));
 }
 
+// Issues the copies of input segment [k0, k0 + klen) into `dst` (seg_vec's layout; asynchronous, L2 -> shared);
+// the caller waits for them (cp_async_wait_all, then a consumer barrier) before reading.
+template <int OP>
+__device__ __forceinline__ void stage_segment(T* dst, const T* in, int k0, int klen) {
+  constexpr int KSEG = Gemv<OP>::KSEG;
+  for (int i = threadIdx.x; i < B * (klen / 8); i += NCT) {
+    const int b = i / (klen / 8), j = i % (klen / 8);
+    cp_async16(dst + seg_vec<KSEG>(b, j) * 8, in + (size_t)b * Gemv<OP>::IN_STRIDE + k0 + j * 8);
+  }
+}
+
 // A tensor-core task whose chunks stream segment-major over a flush: the ring brings K segment by K segment
 // every row group of the flush, and per-warp accumulators of every row group collect in `part` across the
 // segments, reduced across warps once a flush (one barrier a flush, not one a row group: the warps drift
@@ -243,6 +254,12 @@ __device__ bool gemv_mma_flush_task(const Params& p, const Task& t, const T* in,
   constexpr int RR = 8 * Gemv<OP>::FC;
   constexpr bool STAGE = Gemv<OP>::SEG_STAGED;
   static_assert(!STAGE || (KSEG / 8 + 7) / 8 * 64 <= INPUT_LEN, "a staged segment must fit the input area");
+  // Double-buffered staging: segment s + 1's copies go out once segment s's have landed, and land while
+  // segment s's chunks run, so a segment's start waits for no L2 round trip (the task's first still does).
+  constexpr bool PREFETCH = STAGE && SEG_PREFETCH;
+  constexpr int SEG_ROW = (KSEG / 8 + 7) / 8 * 64;   // seg_vec's row stride in elements
+  static_assert(!PREFETCH || 2 * SEG_ROW <= INPUT_LEN, "two staged segments must fit the input area");
+  int xoff = 0;                          // PREFETCH: vectors from seg_in to the current segment's buffer
   float* part = sm;                                // FC x NCW x 16 x 8
   float* res = sm + Gemv<OP>::FC * NCW * 128;      // RR x B
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
@@ -256,7 +273,14 @@ __device__ bool gemv_mma_flush_task(const Params& p, const Task& t, const T* in,
 #pragma unroll 1
     for (int seg = 0; seg < NSEG; ++seg) {
       const int k0 = seg * KSEG, klen = min(KSEG, K - k0);
-      if constexpr (STAGE) {
+      if constexpr (PREFETCH) {
+        if (f0 == 0 && seg == 0) stage_segment<OP>(seg_in, in, 0, klen);   // the task's first: nothing before it
+        cp_async_wait_all();                 // this thread's copies of this segment
+        consumer_sync();                     // everyone's; and the other buffer's readers (last segment) are done
+        const bool more = seg + 1 < NSEG || f0 + RR < t.arg1;   // the next segment, or the next flush's first
+        const int nk0 = seg + 1 < NSEG ? k0 + KSEG : 0;
+        if (more) stage_segment<OP>(seg_in + (xoff ^ B * SEG_ROW / 8) * 8, in, nk0, min(KSEG, K - nk0));
+      } else if constexpr (STAGE) {
         consumer_sync();                     // the previous segment's readers are done
         // asynchronous copies (L2 -> shared, no registers): the whole segment in flight, one round trip
         for (int i = threadIdx.x; i < B * (klen / 8); i += NCT) {
@@ -270,7 +294,10 @@ __device__ bool gemv_mma_flush_task(const Params& p, const Task& t, const T* in,
       const T* x1 = in + (size_t)(g + 8) * Gemv<OP>::IN_STRIDE + k0;
       // the 8 inputs at segment offset k (a multiple of 8) of sequences g and g + 8
       auto ldx = [&](int k, bool kin, uint4& a0, uint4& a1) {
-        if constexpr (STAGE) {
+        if constexpr (PREFETCH) {
+          a0 = kin && g < B ? xs[xoff + seg_vec<KSEG>(g, (unsigned)k / 8)] : zero;
+          a1 = B > 8 && kin && g + 8 < B ? xs[xoff + seg_vec<KSEG>(g + 8, (unsigned)k / 8)] : zero;
+        } else if constexpr (STAGE) {
           a0 = kin && g < B ? xs[seg_vec<KSEG>(g, (unsigned)k / 8)] : zero;
           a1 = B > 8 && kin && g + 8 < B ? xs[seg_vec<KSEG>(g + 8, (unsigned)k / 8)] : zero;
         } else {
@@ -305,8 +332,12 @@ __device__ bool gemv_mma_flush_task(const Params& p, const Task& t, const T* in,
 #pragma unroll
         for (int j = 0; j < 4; ++j) pw[o[j]] = (seg ? pw[o[j]] : 0.f) + (d[j] + e[j]);
       }
+      if constexpr (PREFETCH) xoff ^= B * SEG_ROW / 8;
     }
-    if (!rd.all_ok()) return false;        // also: every warp's accumulators are in `part`
+    if (!rd.all_ok()) {                    // also: every warp's accumulators are in `part`
+      if constexpr (PREFETCH) cp_async_wait_all();   // no copy may land after the block has left
+      return false;
+    }
     for (int i = threadIdx.x; i < fr * B; i += NCT) {
       const int r = i / B, b = i % B;
       const float* pb = part + (r / 8) * NCW * 128;
