@@ -19,6 +19,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 CONFIGS = {"default": ("qwen3", ""), "gqa": ("llama", ""), "cuda-core-walk": ("qwen3", "attn_mma=0"),
            "seg-staged": ("qwen3", "input_smem_budget=2304,mma_kseg_max=160"),
            "all-seg-staged": ("qwen3", "input_smem_budget=0,mma_kseg_max=160"),
+           # the same two with the next segment's copies in flight while a segment runs (perf note 40): a task's
+           # first copies go out before its first barrier, so the input area's last readers must be done by then
+           "seg-prefetch": ("qwen3", "input_smem_budget=2304,mma_kseg_max=160,seg_prefetch=1"),
+           "all-seg-prefetch": ("qwen3", "input_smem_budget=0,mma_kseg_max=160,seg_prefetch=1"),
            # the L2 lookahead's helper blocks and tasks, forced on (derived off on the tiny models, whose
            # rings hold whole gate/up tiles: the prefetch ranges are empty)
            "helpers": ("qwen3", "l2_lookahead_kb=64"),
