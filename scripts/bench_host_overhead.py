@@ -215,8 +215,8 @@ def profile(eng, args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", default="1,4,8")
-    ap.add_argument("--steps", type=int, default=400, help="decode steps a row (after the prefill)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs a cell; the table keeps the lowest median")
+    ap.add_argument("--steps", type=int, default=1000, help="decode steps a row (after the prefill)")
+    ap.add_argument("--repeat", type=int, default=5, help="runs a cell; the table keeps the lowest median")
     ap.add_argument("--loops", default="scheduler,engine", help="scheduler (Scheduler.step) and/or engine "
                     "(Engine.generate_ids over the same Scheduler)")
     ap.add_argument("--decoder", default="null,mega", help=", ".join(DECODERS))
