@@ -32,6 +32,8 @@ class Sequence:
                  stop: tuple[str, ...], detok: StreamDecoder | None):
         self.index, self.prompt_ids, self.max_new_tokens = index, prompt_ids, max_new_tokens
         self.eos_ids, self.stop, self.detok = eos_ids, stop, detok
+        # a held-back tail ends with s[:k], k < len(s): with none of these characters last, nothing is held
+        self._stop_tail_chars = frozenset(c for s in stop for c in s[:-1])
         self.token_ids: list[int] = []
         self.text = ""
         self.emitted = 0             # characters of self.text already released
@@ -46,10 +48,16 @@ class Sequence:
         before = len(self.text)
         reason = "eos" if token_id in self.eos_ids else ("length" if len(self.token_ids) >= self.max_new_tokens else None)
         if self.detok is not None:
-            self.text += self.detok.push(token_id)
+            piece = self.detok.push(token_id)
             if reason is not None:
-                self.text += self.detok.flush()
-        cut = self._find_stop(before)
+                piece += self.detok.flush()
+            # appended to a local holding the only reference, CPython grows the string in place; `self.text +=`
+            # copies the whole text every token (O(n^2) over a long generation)
+            text, self.text = self.text, ""
+            text += piece
+            self.text = text
+        # without new characters no new match: an old one would have stopped the sequence already
+        cut = self._find_stop(before) if len(self.text) > before else None
         if cut is not None:
             self.text, reason = self.text[:cut], "stop"
         self.finish_reason = reason
@@ -64,6 +72,8 @@ class Sequence:
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that could still grow into a stop string."""
+        if not self.text or self.text[-1] not in self._stop_tail_chars:
+            return 0
         return max((k for s in self.stop for k in range(min(len(s) - 1, len(self.text)), 0, -1)
                     if self.text.endswith(s[:k])), default=0)
 
