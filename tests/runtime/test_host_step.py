@@ -224,3 +224,27 @@ def test_scheduler_hands_logits_rows_only_where_read(engine):
     got, slots = run(Wrapped)
     assert sorted(RowsRead.taken) == sorted(slots[1:] * 3)     # 3 decode steps each, after the prefill's token
     assert got == run(None)[0]
+
+
+# ---- MegaDecoder's filtered rows ---------------------------------------------------------------
+def test_megadecoder_host_draws_follow_the_words():
+    """MegaDecoder's set_sampling / _host_draws on the CPU (a stand-in holding what they read): flagged rows are
+    drawn on the host by gumbel's rule while a row asks for top-k or top-p, and the flags go unread once no
+    row does (a greedy or pure temperature set after a filtered one)."""
+    from monokernel.runtime.mega import MegaDecoder
+
+    B, V = 3, 80
+    logits = torch.randn(B, V, generator=torch.Generator().manual_seed(0))
+    fake = SimpleNamespace(plan=SimpleNamespace(batch=B, spec=SimpleNamespace(vocab_size=V)), stream=None,
+                           _sampling_asked=None, _sampling_words=np.zeros((B, gumbel.SAMPLE_WORDS), np.uint32),
+                           _any_filtered=False, sampling=torch.zeros(B, gumbel.SAMPLE_WORDS, dtype=torch.int32),
+                           host_draw=torch.tensor([0, 1, 0], dtype=torch.int32), logits=logits, last_host_draws=[])
+    out, positions = torch.tensor([4, 5, 6], dtype=torch.int32), torch.tensor([10, 11, 12])
+    temps, seeds = [0.7, 1.1, 0.0], [5, 6, 7]
+    MegaDecoder.set_sampling(fake, temps, seeds, [None, 20, None], [None, 0.95, None])
+    drawn = MegaDecoder._host_draws(fake, out, positions)
+    want = gumbel.sample_tokens(logits[1:2].numpy(), fake._sampling_words[1:2], np.array([11]))
+    assert drawn.tolist() == [4, int(want[0]), 6] and fake.last_host_draws == [1]
+    for top_k in ([None] * 3, None):         # no filter left: the stale flag is not read
+        MegaDecoder.set_sampling(fake, temps, seeds, top_k)
+        assert MegaDecoder._host_draws(fake, out, positions) is out and fake.last_host_draws == []
