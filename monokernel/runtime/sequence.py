@@ -32,8 +32,14 @@ class Sequence:
                  stop: tuple[str, ...], detok: StreamDecoder | None):
         self.index, self.prompt_ids, self.max_new_tokens = index, prompt_ids, max_new_tokens
         self.eos_ids, self.stop, self.detok = eos_ids, stop, detok
-        # a held-back tail ends with s[:k], k < len(s): with none of these characters last, nothing is held
-        self._stop_tail_chars = frozenset(c for s in stop for c in s[:-1])
+        # the tails that could still grow into a stop string (s[:k], k < len(s)) by their last character,
+        # longest first: each token checks only those ending in the text's last character
+        self._stop_tails: dict[str, list[str]] = {}
+        for s in stop:
+            for k in range(1, len(s)):
+                self._stop_tails.setdefault(s[k - 1], []).append(s[:k])
+        for tails in self._stop_tails.values():
+            tails.sort(key=len, reverse=True)
         self.token_ids: list[int] = []
         self.text = ""
         self.emitted = 0             # characters of self.text already released
@@ -72,10 +78,9 @@ class Sequence:
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that could still grow into a stop string."""
-        if not self.text or self.text[-1] not in self._stop_tail_chars:
+        if not self.text:
             return 0
-        return max((k for s in self.stop for k in range(min(len(s) - 1, len(self.text)), 0, -1)
-                    if self.text.endswith(s[:k])), default=0)
+        return next((len(t) for t in self._stop_tails.get(self.text[-1], ()) if self.text.endswith(t)), 0)
 
     def result(self) -> Generation:
         return Generation(self.text, list(self.token_ids), list(self.prompt_ids), self.finish_reason or "length")
