@@ -107,10 +107,10 @@ class Request:
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
-        ev = self.seq.append(token)
-        if ev.finish_reason:
+        text, reason = self.seq.add(token)
+        if reason:
             self.finished_at = now
-        return RequestEvent(self.id, token, ev.text, ev.finish_reason, lp, top)
+        return RequestEvent(self.id, token, text, reason, lp, top)
 
     def cached_tokens(self) -> list[int]:
         """Tokens whose K/V this request left valid in its slot: the prompt prefilled so far and every generated

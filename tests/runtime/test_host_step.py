@@ -52,19 +52,26 @@ def released_by_rule(pieces: list[str], stop: tuple[str, ...]) -> tuple[list[str
     return deltas, None
 
 
+@pytest.mark.parametrize("method", ["append", "add"])
 @pytest.mark.parametrize("seed", range(40))
-def test_sequence_stop_strings_as_the_rule(seed):
+def test_sequence_stop_strings_as_the_rule(seed, method):
     """Random pieces (empty ones included) over a small alphabet against stop strings that share characters:
-    the deltas Sequence.append releases equal the whole-text rule's, and so does the finish."""
+    the deltas Sequence.append (its event) and .add (a pair) release equal the whole-text rule's, and so does
+    the finish."""
     rng = random.Random(seed)
     stop = tuple(rng.choice(["ab:", "\n\n", "b", "a:a", "::b:"]) for _ in range(rng.randint(1, 3)))
     pieces = ["".join(rng.choice("ab:\nc") for _ in range(rng.randint(0, 3))) for _ in range(40)]
-    seq = Sequence(0, [1], len(pieces) + 1, frozenset(), stop, Pieces(pieces))
+    seq = Sequence(3, [1], len(pieces) + 1, frozenset(), stop, Pieces(pieces))
     got = []
     for i in range(len(pieces)):
-        ev = seq.append(i)
-        got.append(ev.text)
-        if ev.finish_reason:
+        if method == "append":
+            ev = seq.append(i)
+            assert (ev.index, ev.token_id) == (3, i)
+            text, reason = ev.text, ev.finish_reason
+        else:
+            text, reason = seq.add(i)
+        got.append(text)
+        if reason:
             break
     want, reason = released_by_rule(pieces, stop)
     assert got == want and seq.finish_reason == reason
