@@ -97,7 +97,8 @@ def asked_by_slots(sched: Scheduler) -> tuple[list, list, list, list]:
     seed in its slot, greedy elsewhere."""
     rows = [r if r is not None and r.decoding and r.in_kernel else None for r in sched.slots]
     return ([0.0 if r is None else r.params.temperature for r in rows], [0 if r is None else r.seed for r in rows],
-            [None if r is None else r.params.top_k for r in rows], [None if r is None else r.params.top_p for r in rows])
+            [None if r is None else r.params.top_k for r in rows],
+            [None if r is None else r.params.top_p for r in rows])
 
 
 class SamplingRows:
