@@ -352,7 +352,9 @@ class Engine:
         index = {r.id: r.seq.index for r in reqs}
         steps0, t0 = sched.stats.decode_steps, time.perf_counter()
         progress = self._progress_bar(sched, stats.prompt_tokens)
-        prefilling = len(reqs)
+        # requests without a token yet, counted by their events: a step that ends a prefill decodes that request
+        # too, so by the time its events are read its sequence holds two tokens
+        unstarted = set(index)
         while any(not r.finished for r in reqs):
             events = sched.step()
             for ev in events:
@@ -360,9 +362,9 @@ class Engine:
                     raise ev.error
                 if ev.token_id is None:
                     continue
-                if len(reqs[index[ev.request_id]].seq.token_ids) == 1:
-                    prefilling -= 1
-                    if prefilling == 0:
+                if unstarted and ev.request_id in unstarted:
+                    unstarted.discard(ev.request_id)
+                    if not unstarted:
                         stats.prefill_s = time.perf_counter() - t0
                         if progress is not None:
                             progress.close()

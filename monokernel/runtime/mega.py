@@ -112,6 +112,7 @@ class MegaDecoder:
         self.epoch = 0
         self._sampling_words = np.zeros((self.plan.batch, gumbel.SAMPLE_WORDS), dtype=np.uint32)   # as on the device
         self._sampling_asked: tuple | None = None    # the last set_sampling arguments those words came from
+        self._any_filtered = False                   # whether a row of those words asks for top-k or top-p
         self.last_host_draws: list[int] = []         # rows of the last step drawn on the host (set_sampling)
         self._held: dict[str, torch.Tensor | None] = {}    # what the kernel reads that the decoder built: padded
         # scale tables, tensor-core stored rows
@@ -211,13 +212,14 @@ class MegaDecoder:
             with torch.cuda.stream(self.stream):
                 self.sampling.copy_(torch.from_numpy(words.view(np.int32)), non_blocking=True)
             self._sampling_words = words
+            self._any_filtered = bool(gumbel.filtered_rows(words).any())   # read by every step: once here
         self._sampling_asked = asked
 
     def _host_draws(self, out: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """out_tokens (B,) with the rows the kernel flagged drawn by gumbel's rule from this step's logits;
         nothing to read back unless a row asks for top-k or top-p."""
         self.last_host_draws = []
-        if not gumbel.filtered_rows(self._sampling_words).any():
+        if not self._any_filtered:
             return out
         with torch.cuda.stream(self.stream):
             flags = self.host_draw.cpu().numpy()
@@ -291,6 +293,7 @@ class MegaDecoder:
                     getattr(self.buffers, f.name).zero_()
         self._sampling_words = np.zeros_like(self._sampling_words)
         self._sampling_asked = None
+        self._any_filtered = False
         self.last_host_draws = []
         self.epoch = 0
 

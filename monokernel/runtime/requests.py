@@ -70,12 +70,19 @@ class Request:
         """The position of the last sampled token, fed to the next decode step."""
         return len(self.prompt_ids) + len(self.seq.token_ids) - 1
 
-    def choose(self, logits: torch.Tensor, token: int | None = None) -> RequestEvent:
+    @property
+    def reads_logits(self) -> bool:
+        """Whether choose() reads the logits row beside the decoder's own token: for logprobs, or to sample on
+        the host. Otherwise the row may be None (the Scheduler then leaves the batch's logits untouched)."""
+        return self.logprobs is not None or not (self.params.greedy or self.in_kernel)
+
+    def choose(self, logits: torch.Tensor | None, token: int | None = None) -> RequestEvent:
         """Samples the next token from this request's logits row (V,) fp32 and appends it; `token`: the
         decoder's own choice for the row, already on the host: its argmax, taken when the request is greedy,
         or its in-kernel draw, taken when `in_kernel`. An in-kernel request without one (its first token,
         from the prefill's logits) is drawn here by the kernel's rule at the row's position, so its whole
-        stream follows one rule and one seed."""
+        stream follows one rule and one seed. `logits` may be None where a token is given and not
+        `reads_logits`."""
         p = self.params
         if p.greedy and self.logprobs is None:
             return self.take(int(logits.argmax()) if token is None else token)
@@ -100,10 +107,10 @@ class Request:
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
-        ev = self.seq.append(token)
-        if ev.finish_reason:
+        text, reason = self.seq.add(token)
+        if reason:
             self.finished_at = now
-        return RequestEvent(self.id, token, ev.text, ev.finish_reason, lp, top)
+        return RequestEvent(self.id, token, text, reason, lp, top)
 
     def cached_tokens(self) -> list[int]:
         """Tokens whose K/V this request left valid in its slot: the prompt prefilled so far and every generated

@@ -87,6 +87,7 @@ class Scheduler:
         self.cache, decoder, self.kind = self.engine.make_decoder(self.batch, self.max_seq, extra)
         self.max_seq = self.cache.max_seq - extra   # a megakernel's cache holds the engine's whole max_seq
         self.decoder = self.wrap_decoder(decoder) if self.wrap_decoder else decoder
+        self._sampling_rows: list[Request | None] | None = None   # what the new decoder's sampling was set for
         # a speculative step verifies on its own: in-kernel sampling where it draws by the kernel's keys too
         self.samples_in_kernel = bool(getattr(self.decoder, "samples_in_kernel", False)) and (
             self.speculative is None or (self.kind == "mega" and getattr(self.speculative, "samples_in_kernel", False)))
@@ -196,6 +197,8 @@ class Scheduler:
         return events
 
     def _admit(self) -> None:
+        if not self.waiting:
+            return
         free = [s for s, r in enumerate(self.slots) if r is None]
         while self.waiting and free:
             r = self.waiting.popleft()
@@ -231,32 +234,42 @@ class Scheduler:
         return events
 
     def _decode(self) -> list[RequestEvent]:
-        running = [r for r in self.slots if r is not None and r.decoding]
+        B = self.batch
+        running, tokens, positions, drawn = [], [PAD_TOKEN] * B, [0] * B, [None] * B
+        for s, r in enumerate(self.slots):   # one pass: a step's host work grows with the batch
+            if r is None:
+                positions[s] = len(self.cached[s])
+            elif r.decoding:
+                running.append(r)
+                tokens[s], positions[s] = r.seq.token_ids[-1], r.next_position
+                if r.in_kernel:
+                    drawn[s] = r
+            else:
+                positions[s] = r.prefilled
         if not running:
             return []
         if self.speculative is not None:
             self.stats.decode_steps += 1
             return self.speculative(self, running)
-        tokens, positions = [PAD_TOKEN] * self.batch, [0] * self.batch
-        for s, r in enumerate(self.slots):
-            if r is None:
-                positions[s] = len(self.cached[s])
-            elif r.decoding:
-                tokens[s], positions[s] = r.seq.token_ids[-1], r.next_position
-            else:
-                positions[s] = r.prefilled
-        if self.samples_in_kernel:   # greedy for every other row (copied to the device only when changed)
-            drawn = [r if r is not None and r.decoding and r.in_kernel else None for r in self.slots]
-            self.decoder.set_sampling([0.0 if r is None else r.params.temperature for r in drawn],
-                                      [0 if r is None else r.seed for r in drawn],
-                                      [None if r is None else r.params.top_k for r in drawn],
-                                      [None if r is None else r.params.top_p for r in drawn])
-        device = self.engine.device
-        chosen, logits = self.decoder.step(torch.tensor(tokens, device=device),
-                                           torch.tensor(positions, device=device))
+        if self.samples_in_kernel:
+            self._set_sampling(drawn)
+        ids = torch.tensor([tokens, positions], device=self.engine.device)   # one copy to the device for both
+        chosen, logits = self.decoder.step(ids[0], ids[1])
         chosen = chosen.tolist()   # one copy to the host for every greedy or in-kernel sampled row
         self.stats.decode_steps += 1
-        return [self._choose(r, logits[r.slot], chosen[r.slot]) for r in running]
+        return [self.took(r, r.choose(logits[r.slot] if r.reads_logits else None, chosen[r.slot])) for r in running]
+
+    def _set_sampling(self, drawn: list[Request | None]) -> None:
+        """The decoder's sampling for the rows `drawn` names (an in-kernel request, else greedy). Its arguments
+        follow from the requests alone (params and seed never change), so they are built and handed over only
+        when a row changes: most steps run the same requests as the last."""
+        if drawn == self._sampling_rows:
+            return
+        self.decoder.set_sampling([0.0 if r is None else r.params.temperature for r in drawn],
+                                  [0 if r is None else r.seed for r in drawn],
+                                  [None if r is None else r.params.top_k for r in drawn],
+                                  [None if r is None else r.params.top_p for r in drawn])
+        self._sampling_rows = drawn
 
     def _choose(self, r: Request, logits: torch.Tensor, token: int | None = None) -> RequestEvent:
         return self.took(r, r.choose(logits, token))

@@ -32,6 +32,14 @@ class Sequence:
                  stop: tuple[str, ...], detok: StreamDecoder | None):
         self.index, self.prompt_ids, self.max_new_tokens = index, prompt_ids, max_new_tokens
         self.eos_ids, self.stop, self.detok = eos_ids, stop, detok
+        # the tails that could still grow into a stop string (s[:k], k < len(s)) by their last character,
+        # longest first: each token checks only those ending in the text's last character
+        self._stop_tails: dict[str, list[str]] = {}
+        for s in stop:
+            for k in range(1, len(s)):
+                self._stop_tails.setdefault(s[k - 1], []).append(s[:k])
+        for tails in self._stop_tails.values():
+            tails.sort(key=len, reverse=True)
         self.token_ids: list[int] = []
         self.text = ""
         self.emitted = 0             # characters of self.text already released
@@ -42,20 +50,31 @@ class Sequence:
         return self.finish_reason is not None
 
     def append(self, token_id: int) -> TokenEvent:
+        return TokenEvent(self.index, token_id, *self.add(token_id))
+
+    def add(self, token_id: int) -> tuple[str, str | None]:
+        """append() without the event: (the text released, the finish reason or None). For a caller that
+        builds its own event (Request.take): a frozen dataclass costs about 1 us to build, per token."""
         self.token_ids.append(token_id)
         before = len(self.text)
         reason = "eos" if token_id in self.eos_ids else ("length" if len(self.token_ids) >= self.max_new_tokens else None)
         if self.detok is not None:
-            self.text += self.detok.push(token_id)
+            piece = self.detok.push(token_id)
             if reason is not None:
-                self.text += self.detok.flush()
-        cut = self._find_stop(before)
+                piece += self.detok.flush()
+            # appended to a local holding the only reference, CPython grows the string in place; `self.text +=`
+            # copies the whole text every token (O(n^2) over a long generation)
+            text, self.text = self.text, ""
+            text += piece
+            self.text = text
+        # without new characters no new match: an old one would have stopped the sequence already
+        cut = self._find_stop(before) if len(self.text) > before else None
         if cut is not None:
             self.text, reason = self.text[:cut], "stop"
         self.finish_reason = reason
         end = len(self.text) if reason else len(self.text) - self._held_back()
         delta, self.emitted = self.text[self.emitted:end], max(self.emitted, end)
-        return TokenEvent(self.index, token_id, delta, reason)
+        return delta, reason
 
     def _find_stop(self, before: int) -> int | None:
         # earlier text was searched already: a new match must end inside the new characters
@@ -64,8 +83,9 @@ class Sequence:
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that could still grow into a stop string."""
-        return max((k for s in self.stop for k in range(min(len(s) - 1, len(self.text)), 0, -1)
-                    if self.text.endswith(s[:k])), default=0)
+        if not self.text:
+            return 0
+        return next((len(t) for t in self._stop_tails.get(self.text[-1], ()) if self.text.endswith(t)), 0)
 
     def result(self) -> Generation:
         return Generation(self.text, list(self.token_ids), list(self.prompt_ids), self.finish_reason or "length")

@@ -121,6 +121,29 @@ def test_stream_events(text_engine):
     assert text_engine.last_stats.new_tokens == 27 and text_engine.last_stats.tokens_per_s > 0
 
 
+def test_stats_split_prefill_and_decode(engine, monkeypatch):
+    """prefill_s ends at the step that gives the last prompt its first token (that step decodes too, so its
+    sequence already holds two tokens when the events are read); decode_s runs from there to the last token.
+    A clock that advances one second a Scheduler step: a 40-token prompt in chunks of 16 takes 3 steps."""
+    from types import SimpleNamespace
+
+    from monokernel.runtime.scheduler import Scheduler
+
+    steps = [0]
+    step = Scheduler.step
+
+    def counted(self):
+        steps[0] += 1
+        return step(self)
+
+    monkeypatch.setattr(Scheduler, "step", counted)
+    monkeypatch.setattr("monokernel.runtime.engine.time", SimpleNamespace(perf_counter=lambda: float(steps[0])))
+    engine.prefill_chunk = 16
+    engine.generate_ids([[(7 * i + 3) % VOCAB for i in range(40)], [5]], max_new_tokens=4)
+    st = engine.last_stats
+    assert (st.prefill_s, st.decode_s, st.decode_steps, st.new_tokens) == (3.0, 2.0, 3, 8)
+
+
 def test_eos_stops_one_sequence_only(weights):
     ref = Engine.from_weights(weights).generate_ids(PROMPTS, max_new_tokens=10)
     eos = ref[0].token_ids[3]
