@@ -53,18 +53,25 @@ def test_logits_match_reference(name, batch, overrides, dtype):
     c_ref, c_mk = prefilled(ref, batch, max_seq, lengths, gen)
     # small chunks: many active KV splits, and positions crossing split boundaries
     mk = _decoder(w, c_mk, min_kv_chunk=8 if dtype == torch.bfloat16 else 128, **overrides)
+    _steps_match_reference(mk, ref, c_ref, c_mk, lengths, gen, (name, batch))
+
+
+def _steps_match_reference(mk, ref, c_ref, c_mk, lengths, gen, what, steps: int = 4):
+    """Free-running steps from random tokens, each step's logits (poisoned first) and its new K rows against the
+    reference's, the tokens the argmax of the logits."""
+    batch, spec = len(lengths), ref.spec
     pos = torch.tensor(lengths, device="cuda")
     tok = torch.randint(0, spec.vocab_size, (batch,), generator=gen).cuda()
-    for _ in range(4):
+    for _ in range(steps):
         mk.logits.fill_(float("nan"))
         nxt, logits = mk.step(tok, pos)
         expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
         assert torch.isfinite(logits).all()
         # bf16/fp16: both round at the same points; only fp32 summation order differs
-        assert rel_norm(logits, expect) < HALF_TOL, (name, batch)
+        assert rel_norm(logits, expect) < HALF_TOL, what
         assert torch.equal(nxt, logits.argmax(-1))
         for b in range(batch):
-            n = lengths[b] + 1
+            n = int(pos[b]) + 1
             assert rel_norm(c_mk.k[:, b, :, :n], c_ref.k[:, b, :, :n]) < HALF_TOL
         tok, pos = expect.argmax(-1), pos + 1
 
@@ -90,15 +97,7 @@ def test_seg_prefetch_logits_match_reference(name, batch, inputs, dtype):
     mk = _decoder(w, c_mk, seg_prefetch=1, input_smem_budget=budget, mma_kseg_max=160)
     assert mk.plan.gemv[Op.DOWN].seg_staged and mk.plan.smem.input_len >= 2 * 192
     assert mk.plan.gemv[Op.QKV].in_smem == (inputs == "down-staged")
-    pos = torch.tensor(lengths, device="cuda")
-    tok = torch.randint(0, spec.vocab_size, (batch,), generator=gen).cuda()
-    for _ in range(4):
-        mk.logits.fill_(float("nan"))
-        nxt, logits = mk.step(tok, pos)
-        expect = ref.forward(tok[:, None], pos, c_ref)[:, 0]
-        assert torch.isfinite(logits).all() and rel_norm(logits, expect) < HALF_TOL, (name, batch, inputs)
-        assert torch.equal(nxt, logits.argmax(-1))
-        tok, pos = expect.argmax(-1), pos + 1
+    _steps_match_reference(mk, ref, c_ref, c_mk, lengths, gen, (name, batch, inputs))
 
 
 def _greedy_runs(w, steps: int, teacher_forced: bool, prompt_ids: list[int] | None = None):
