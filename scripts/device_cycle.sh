@@ -10,10 +10,11 @@
 #   serve              the server tests (the megakernel behind the OpenAI API, through the openai client)
 #   ab-topk            perf note 38: greedy against top-k 50 steps, 8B and 1B, batch 1 and 8
 #   ab-seg-prefetch    perf note 40: seg_prefetch off and on, two rounds, 8B batch 8
+#   profile-default    the default model's step by the kernel's stamps: kernel or host? (perf note 39)
 # Kernels are compiled there (16 cores: ~20 s for 16 kernels of the 8B preset) into /tmp/mkc, which lasts as
 # long as the machine stays warm.
 set -o pipefail
-step=${1:?usage: device_cycle.sh part1|suite|serve|ab-topk|ab-seg-prefetch}
+step=${1:?usage: device_cycle.sh part1|suite|serve|ab-topk|ab-seg-prefetch|profile-default}
 OUT=${OUT:?set by the device tool}
 mkdir -p "$OUT" /tmp/mkc
 export PYTHONUNBUFFERED=1 MONOKERNEL_CACHE_DIR=/tmp/mkc PYTHONPATH="/tmp/site:$PWD:$PWD/scripts"
@@ -57,5 +58,11 @@ case $step in
     timeout 300 python3 scripts/profile_megakernel.py "${k[@]}" --variant "" --variant seg_prefetch=1 --variant "" \
       --variant seg_prefetch=1 --json "$OUT/seg-prefetch.json" > "$OUT/seg-prefetch.log" 2>&1
     grep 'ms/step' "$OUT/seg-prefetch.log" ;;
+  profile-default)
+    install
+    k=(--models default --weights int4-g32-min --batch 1,4 --context 512)
+    pre "${k[@]}"
+    timeout 200 python3 scripts/profile_megakernel.py "${k[@]}" --json "$OUT/default.json" > "$OUT/default.log" 2>&1
+    grep -E 'ms/step|QKV|ATTN|GATEUP|DOWN|LMHEAD' "$OUT/default.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

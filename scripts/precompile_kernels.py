@@ -9,16 +9,15 @@ import argparse
 from concurrent.futures import ProcessPoolExecutor
 
 from monokernel.codegen.fit import fit_kernel
-from monokernel.models.presets import preset
 from monokernel.schedule.inputs import GpuInfo, KernelInputs
 from monokernel.schedule.tuning import Tuning
-from profile_megakernel import EXTRA_SEQ   # the same cache length as the profile run
+from profile_megakernel import EXTRA_SEQ, model_spec   # the same cache length and models as the profile run
 
 
 def build(job):
     name, fmt, batch, max_seq, var, gpu, t = job
     knobs = ",".join(kv for kv in var.split(",") if kv != "launch=plain")   # profile_megakernel's launch variant
-    k = fit_kernel(KernelInputs(preset(name), batch * t, max_seq, fmt, "bf16", gpu, t), Tuning.parse(knobs),
+    k = fit_kernel(KernelInputs(model_spec(name), batch * t, max_seq, fmt, "bf16", gpu, t), Tuning.parse(knobs),
                    allow_spills=True)
     return (f"{name} {fmt} b{batch} t{t} max_seq {max_seq} [{var}]: {k.compiled.registers} of {k.register_cap} registers, "
             f"{k.compiled.spill_bytes} B spilled")

@@ -15,7 +15,7 @@ import numpy as np
 
 import torch
 
-from monokernel.models.presets import preset
+from monokernel.models.load import load_spec
 from monokernel.models.weights import quantize_weights, random_weights
 from monokernel.runtime.kv_cache import KVCache
 from monokernel.runtime.mega import MegaDecoder
@@ -23,6 +23,11 @@ from monokernel.schedule.tuning import Tuning
 
 
 EXTRA_SEQ = 64   # cache positions past the context
+
+
+def model_spec(name: str):
+    """A preset by name, or "default": the bundled model's shape (its layers are GGUF Q4_1: --weights int4-g32-min)."""
+    return load_spec(None if name == "default" else f"preset:{name}")
 
 
 def time_steps(mk: MegaDecoder, tok, pos, steps: int) -> float:
@@ -40,7 +45,7 @@ def time_steps(mk: MegaDecoder, tok, pos, steps: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b")
+    ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b", help="presets, or default (the bundled model)")
     ap.add_argument("--batch", default="1")
     ap.add_argument("--context", default="512")
     ap.add_argument("--variant", action="append", default=None,
@@ -55,7 +60,7 @@ def main():
     args = ap.parse_args()
     rows = []
     for name in args.models.split(","):
-        spec = preset(name)
+        spec = model_spec(name)
         w = random_weights(spec, torch.bfloat16, "cuda", seed=0)
         for fmt in args.weights.split(","):
             profile_format(args, name, spec, w if fmt == "bf16" else quantize_weights(w, fmt), fmt, rows)
