@@ -10,7 +10,8 @@
 #   serve              the server tests (the megakernel behind the OpenAI API, through the openai client)
 #   ab-topk            perf note 38: greedy against top-k 50 steps, 8B and 1B, batch 1 and 8
 #   ab-seg-prefetch    perf note 40: seg_prefetch off and on, two rounds, 8B batch 8
-#   profile-default    the default model's step by the kernel's stamps: kernel or host? (perf note 39)
+#   profile-default    the default model's step by the kernel's stamps: kernel or host? (perf note 39; its shape
+#                      comes from the model wheel: after part1, carrying .part2 and .whl, as suite)
 # Kernels are compiled there (16 cores: ~20 s for 16 kernels of the 8B preset) into /tmp/mkc, which lasts as
 # long as the machine stays warm.
 set -o pipefail
