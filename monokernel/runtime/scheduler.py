@@ -257,7 +257,7 @@ class Scheduler:
         chosen, logits = self.decoder.step(ids[0], ids[1])
         chosen = chosen.tolist()   # one copy to the host for every greedy or in-kernel sampled row
         self.stats.decode_steps += 1
-        return [self.took(r, r.choose(logits[r.slot] if r.reads_logits else None, chosen[r.slot])) for r in running]
+        return [self._choose(r, logits[r.slot] if r.reads_logits else None, chosen[r.slot]) for r in running]
 
     def _set_sampling(self, drawn: list[Request | None]) -> None:
         """The decoder's sampling for the rows `drawn` names (an in-kernel request, else greedy). Its arguments
@@ -271,7 +271,7 @@ class Scheduler:
                                   [None if r is None else r.params.top_p for r in drawn])
         self._sampling_rows = drawn
 
-    def _choose(self, r: Request, logits: torch.Tensor, token: int | None = None) -> RequestEvent:
+    def _choose(self, r: Request, logits: torch.Tensor | None, token: int | None = None) -> RequestEvent:
         return self.took(r, r.choose(logits, token))
 
     def took(self, r: Request, ev: RequestEvent) -> RequestEvent:

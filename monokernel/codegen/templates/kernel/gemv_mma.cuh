@@ -283,10 +283,7 @@ __device__ bool gemv_mma_flush_task(const Params& p, const Task& t, const T* in,
       } else if constexpr (STAGE) {
         consumer_sync();                     // the previous segment's readers are done
         // asynchronous copies (L2 -> shared, no registers): the whole segment in flight, one round trip
-        for (int i = threadIdx.x; i < B * (klen / 8); i += NCT) {
-          const int b = i / (klen / 8), j = i % (klen / 8);
-          cp_async16(seg_in + seg_vec<KSEG>(b, j) * 8, in + (size_t)b * Gemv<OP>::IN_STRIDE + k0 + j * 8);
-        }
+        stage_segment<OP>(seg_in, in, k0, klen);
         cp_async_wait_all();
         consumer_sync();
       }
@@ -294,12 +291,9 @@ __device__ bool gemv_mma_flush_task(const Params& p, const Task& t, const T* in,
       const T* x1 = in + (size_t)(g + 8) * Gemv<OP>::IN_STRIDE + k0;
       // the 8 inputs at segment offset k (a multiple of 8) of sequences g and g + 8
       auto ldx = [&](int k, bool kin, uint4& a0, uint4& a1) {
-        if constexpr (PREFETCH) {
+        if constexpr (STAGE) {               // xoff stays 0 without PREFETCH
           a0 = kin && g < B ? xs[xoff + seg_vec<KSEG>(g, (unsigned)k / 8)] : zero;
           a1 = B > 8 && kin && g + 8 < B ? xs[xoff + seg_vec<KSEG>(g + 8, (unsigned)k / 8)] : zero;
-        } else if constexpr (STAGE) {
-          a0 = kin && g < B ? xs[seg_vec<KSEG>(g, (unsigned)k / 8)] : zero;
-          a1 = B > 8 && kin && g + 8 < B ? xs[seg_vec<KSEG>(g + 8, (unsigned)k / 8)] : zero;
         } else {
           a0 = kin && g < B ? ld_in<OP>(x0 + k) : zero;
           a1 = B > 8 && kin && g + 8 < B ? ld_in<OP>(x1 + k) : zero;
