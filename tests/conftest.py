@@ -168,3 +168,17 @@ def needs_default_model() -> None:
         default_model_path()
     except MonokernelError as e:
         pytest.skip(str(e).splitlines()[0])
+
+
+def mega_sampling_stand_in(batch: int, vocab: int, **fields):
+    """What MegaDecoder.set_sampling and _host_draws read and write, without a kernel: a `self` for calling them
+    on the CPU (MegaDecoder.set_sampling(fake, ...)); `fields` adds what a test's call needs besides."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from monokernel import gumbel
+
+    return SimpleNamespace(plan=SimpleNamespace(batch=batch, spec=SimpleNamespace(vocab_size=vocab)), stream=None,
+                           _sampling_asked=None, _sampling_words=np.zeros((batch, gumbel.SAMPLE_WORDS), np.uint32),
+                           _any_filtered=False, sampling=torch.zeros(batch, gumbel.SAMPLE_WORDS, dtype=torch.int32),
+                           **fields)

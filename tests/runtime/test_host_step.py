@@ -4,7 +4,6 @@ record of whether any row asks for top-k / top-p. Each against the obvious rule 
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from monokernel.runtime.sampling import SamplingParams
 from monokernel.runtime.scheduler import Scheduler
 from monokernel.runtime.sequence import Sequence
 
-from conftest import ENGINE_SPEC as SPEC
+from conftest import ENGINE_SPEC as SPEC, mega_sampling_stand_in
 
 PROMPTS = [[3, 17, 9, 44, 5, 21, 8], [30], [12, 7, 7, 58, 1, 2, 3, 4, 5, 6, 7, 8, 9], [5, 5, 6], [40, 41]]
 
@@ -243,10 +242,8 @@ def test_megadecoder_host_draws_follow_the_words():
 
     B, V = 3, 80
     logits = torch.randn(B, V, generator=torch.Generator().manual_seed(0))
-    fake = SimpleNamespace(plan=SimpleNamespace(batch=B, spec=SimpleNamespace(vocab_size=V)), stream=None,
-                           _sampling_asked=None, _sampling_words=np.zeros((B, gumbel.SAMPLE_WORDS), np.uint32),
-                           _any_filtered=False, sampling=torch.zeros(B, gumbel.SAMPLE_WORDS, dtype=torch.int32),
-                           host_draw=torch.tensor([0, 1, 0], dtype=torch.int32), logits=logits, last_host_draws=[])
+    fake = mega_sampling_stand_in(B, V, host_draw=torch.tensor([0, 1, 0], dtype=torch.int32), logits=logits,
+                                  last_host_draws=[])
     out, positions = torch.tensor([4, 5, 6], dtype=torch.int32), torch.tensor([10, 11, 12])
     temps, seeds = [0.7, 1.1, 0.0], [5, 6, 7]
     MegaDecoder.set_sampling(fake, temps, seeds, [None, 20, None], [None, 0.95, None])

@@ -16,7 +16,7 @@ from monokernel.runtime.kv_cache import KVCache
 from monokernel.runtime.sampling import SamplingParams
 from monokernel.runtime.scheduler import Scheduler
 
-from conftest import ENGINE_SPEC as SPEC
+from conftest import ENGINE_SPEC as SPEC, mega_sampling_stand_in
 
 PROMPTS = [[3, 17, 9, 44, 5, 21, 8], [30], [12, 7, 7, 58, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
 
@@ -128,15 +128,11 @@ def test_megadecoder_set_sampling_writes_the_words():
     gumbel.sampling_words of its arguments, top-k/top-p included, for the plan's rows; an unchanged call copies
     nothing; a bad top_p raises and leaves the words. (Its arguments once went to sampling_words out of order,
     which only the GPU tests saw.)"""
-    from types import SimpleNamespace
-
     import numpy as np
     from monokernel.runtime.mega import MegaDecoder
 
     B, V = 3, 50
-    fake = SimpleNamespace(plan=SimpleNamespace(batch=B, spec=SimpleNamespace(vocab_size=V)), stream=None,
-                           _sampling_asked=None, _sampling_words=np.zeros((B, gumbel.SAMPLE_WORDS), np.uint32),
-                           sampling=torch.zeros(B, gumbel.SAMPLE_WORDS, dtype=torch.int32))
+    fake = mega_sampling_stand_in(B, V)
     args = ([0.7, 0.0, 1.3], [5, 6, 7], [None, 3, 10], [0.9, None, None])
     MegaDecoder.set_sampling(fake, *args)
     want = gumbel.sampling_words(args[0], args[1], B, args[2], args[3], vocab_size=V)
