@@ -37,8 +37,9 @@ class Tuning:
     seg_staging: bool = True                # tensor-core ops with a global input stage it K segment-wise
     # Segment staging double-buffered: the next K segment's input copies (cp.async) go out while the current
     # segment's chunks run, so the down projection at batch 8 stops waiting an L2 round trip at each of its
-    # segments' starts (perf note 40); the input area then holds two segments. 16-bit weights only.
-    seg_prefetch: bool = False
+    # segments' starts (perf note 40); the input area then holds two segments. 16-bit weights only. None: on
+    # where the area already holds two segments, so the ring keeps its slots (rules.py).
+    seg_prefetch: bool | None = None
     # Attention: KV splits per (sequence, kv head) and the fewest keys a split takes; key groups per warp
     # and softmax update; P.V unroll over a group's keys; the key walk on tensor cores; the position and
     # RoPE computed before the QKV wait.

@@ -266,20 +266,27 @@ def test_bitwise_deterministic():
     assert torch.equal(runs[0][2], runs[1][2])
 
 
-@pytest.mark.parametrize("knobs", [{}, {"seg_prefetch": 1}], ids=["default", "seg-prefetch"])
-@pytest.mark.parametrize("batch", [8, 16])
-def test_large_batch_preset(batch, knobs):
-    """A large-batch preset matches the reference. llama-3.2-1b at batch 8/16: tensor cores, the down projection's
-    input staged from global memory one K segment at a time (segment-major chunks, accumulators kept across
-    segments), and with seg_prefetch=1 the next segment staged while the current one runs (perf note 40)."""
-    w = random_weights(preset("llama-3.2-1b"), torch.bfloat16, "cuda", seed=2)
+# (preset, batch, knobs, seg_prefetch as planned): 1B with the knob forced on (it costs ring slots there, so its
+# rule leaves it off); 8B at batch 4 and 8 by the rule alone, on (the input area already holds two segments)
+LARGE_BATCH = [("llama-3.2-1b", 8, {}, False), ("llama-3.2-1b", 8, {"seg_prefetch": 1}, True),
+               ("llama-3.2-1b", 16, {}, False), ("llama-3.2-1b", 16, {"seg_prefetch": 1}, True),
+               ("llama-3.1-8b", 4, {}, True), ("llama-3.1-8b", 8, {}, True)]
+
+
+@pytest.mark.parametrize("name, batch, knobs, prefetch", LARGE_BATCH,
+                         ids=[f"{n[6:]}-b{b}-{'seg-prefetch' if k else 'default'}" for n, b, k, _ in LARGE_BATCH])
+def test_large_batch_preset(name, batch, knobs, prefetch):
+    """A large-batch preset matches the reference: tensor cores, the down projection's input staged from global
+    memory one K segment at a time (segment-major chunks, accumulators kept across segments), and with
+    seg_prefetch the next segment staged while the current one runs (perf note 40)."""
+    w = random_weights(preset(name), torch.bfloat16, "cuda", seed=2)
     ref = ReferenceModel(w)
     gen = torch.Generator().manual_seed(batch)
     lengths = [int(x) for x in torch.randint(1, 200, (batch,), generator=gen)]
     c_ref, c_mk = prefilled(ref, batch, 256, lengths, gen)
     mk = _decoder(w, c_mk, **knobs)
     assert mk.plan.tuning.gemv_mma and not mk.plan.gemv[Op.DOWN].in_smem and mk.plan.gemv[Op.DOWN].seg_staged
-    assert mk.plan.tuning.seg_prefetch == bool(knobs)
+    assert mk.plan.tuning.seg_prefetch is prefetch
     pos = torch.tensor(lengths, device="cuda")
     tok = torch.randint(0, w.spec.vocab_size, (batch,), generator=gen).cuda()
     for _ in range(6):

@@ -69,7 +69,7 @@ def test_seg_prefetch_fits(name, batch):
     """seg_prefetch=1 (perf note 40): the input area holds two staged segments wherever an op stages them, the
     layout still fits with a ring of at least two slots, and the schedule builds; the ops' paths are the
     default's. At 8B batch 8 the area already held two (B x 4096 for the RMSNorm ops): no ring slot lost."""
-    base = plan_for(preset(name), batch, 4096)
+    base = plan_for(preset(name), batch, 4096, seg_prefetch=0)
     on = plan_for(preset(name), batch, 4096, seg_prefetch=1)
     assert on.smem.total <= on.gpu.smem_per_block and on.smem.ring_stages >= 2
     # (the ring a slot shorter may turn the L2 lookahead's rule, and with it the tiles, at 1B)
@@ -85,6 +85,24 @@ def test_seg_prefetch_fits(name, batch):
     if (name, batch) == ("llama-3.1-8b", 8):
         assert on.smem == base.smem and on.gemv == base.gemv
         assert [op for op in GEMV_OPS if on.gemv[op].seg_staged] == [Op.DOWN]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 8, 12, 13, 16])
+def test_seg_prefetch_rule(name, batch):
+    """seg_prefetch left to its rule: on exactly where a 16-bit kernel stages an op's input and the layout with two
+    segments is the layout with one (8B at batch 4-12: down alone staged, measured -1.4 % at b8, perf note 40);
+    off where the second segment would cost ring slots (1B and 3B at b8, 8B at b16), unmeasured there."""
+    p = plan_for(preset(name), batch, 4096)
+    off, on = plan_for(preset(name), batch, 4096, seg_prefetch=0), plan_for(preset(name), batch, 4096, seg_prefetch=1)
+    free = any(g.seg_staged for g in off.gemv.values()) and on.smem == off.smem
+    assert p.tuning.seg_prefetch is free
+    assert p.smem == off.smem
+    if name == "llama-3.1-8b":
+        assert free is (4 <= batch <= 12)
+    if name in ("llama-3.2-1b", "llama-3.2-3b"):
+        assert not free
+    assert plan_for(preset(name), batch, 4096, "int4-g128", "bf16").tuning.seg_prefetch is False
 
 
 def test_seg_prefetch_refused_for_quantised_weights():
