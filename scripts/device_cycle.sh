@@ -9,7 +9,8 @@
 #   suite              carry .part2 and .whl: the default model and the wheels installed, then `pytest -m gpu`
 #   serve              the server tests (the megakernel behind the OpenAI API, through the openai client)
 #   ab-topk            perf note 38: greedy against top-k 50 steps, 8B and 1B, batch 1 and 8
-#   ab-seg-prefetch    perf note 40: seg_prefetch off and on, two rounds, 8B batch 8
+#   ab-seg-prefetch    perf note 40: the seg_prefetch rule's kernels against seg_prefetch=0, two rounds, 8B batch
+#                      4, 8 and 12 (the rule's batches; b8 measured -1.4 %, b4 and b12 not yet)
 #   profile-default    the default model's step by the kernel's stamps: kernel or host? (perf note 39; its shape
 #                      comes from the model wheel: after part1, carrying .part2 and .whl, as suite)
 # Kernels are compiled there (16 cores: ~20 s for 16 kernels of the 8B preset) into /tmp/mkc, which lasts as
@@ -54,10 +55,10 @@ case $step in
     grep -h -E 'ms/step|LMHEAD|ARGMAX' "$OUT"/topk-*.log ;;
   ab-seg-prefetch)
     install
-    k=(--models llama-3.1-8b --batch 8 --context 512)
-    pre "${k[@]}" --variant "" --variant seg_prefetch=1
-    timeout 300 python3 scripts/profile_megakernel.py "${k[@]}" --variant "" --variant seg_prefetch=1 --variant "" \
-      --variant seg_prefetch=1 --json "$OUT/seg-prefetch.json" > "$OUT/seg-prefetch.log" 2>&1
+    k=(--models llama-3.1-8b --batch 4,8,12 --context 512)
+    pre "${k[@]}" --variant "" --variant seg_prefetch=0
+    timeout 300 python3 scripts/profile_megakernel.py "${k[@]}" --variant "" --variant seg_prefetch=0 --variant "" \
+      --variant seg_prefetch=0 --json "$OUT/seg-prefetch.json" > "$OUT/seg-prefetch.log" 2>&1
     grep 'ms/step' "$OUT/seg-prefetch.log" ;;
   profile-default)
     install

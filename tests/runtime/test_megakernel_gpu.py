@@ -29,12 +29,13 @@ def _decoder(weights, cache, **overrides):
 # the attention key walk on CUDA cores (tensor cores are derived wherever a kv head has at most 8 query heads);
 # the L2 lookahead's helper blocks (forced on: the tiny rings hold whole gate/up tiles, so it is derived off),
 # sitting out the MLP (the default) or taking the gate/up rows and down tiles the chain blocks leave; and the
-# next step's lookahead off (derived on from batch 3)
+# next step's lookahead off (derived on from batch 3); the O projection's input staged a segment at a time
+# without seg_prefetch (its rule turns it on there: test_seg_prefetch_logits_match_reference covers it on)
 PATHS = [(1, {}), (3, {}), (16, {}), (2, {"gemv_mma": 1}), (5, {"gemv_mma": 0}),
          (1, {"attn_mma": 0}), (4, {"attn_mma": 0}),
          (1, {"l2_lookahead_kb": 64}), (3, {"l2_lookahead_kb": 64, "helpers_skip": frozenset()}), (3, {"next_step_lookahead": 0}),
          (1, {"input_smem_budget": 0}), (9, {"input_smem_budget": 0}),
-         (3, {"input_smem_budget": 2304, "mma_kseg_max": 160}),
+         (3, {"input_smem_budget": 2304, "mma_kseg_max": 160, "seg_prefetch": 0}),
          (3, {"input_smem_budget": 0, "mma_kseg_max": 160}), (9, {"input_smem_budget": 0, "seg_staging": 0})]
 
 

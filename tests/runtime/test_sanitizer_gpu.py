@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 # + 32); and every op's input staged that way, in an area of its own (no input fits in shared memory), the
 # RMSNorm ones from the global scratch
 CONFIGS = {"default": ("qwen3", ""), "gqa": ("llama", ""), "cuda-core-walk": ("qwen3", "attn_mma=0"),
-           "seg-staged": ("qwen3", "input_smem_budget=2304,mma_kseg_max=160"),
+           "seg-staged": ("qwen3", "input_smem_budget=2304,mma_kseg_max=160,seg_prefetch=0"),
            "all-seg-staged": ("qwen3", "input_smem_budget=0,mma_kseg_max=160"),
            # the same two with the next segment's copies in flight while a segment runs (perf note 40): a task's
            # first copies go out before its first barrier, so the input area's last readers must be done by then
